@@ -1,0 +1,49 @@
+// The per-sample affine kernel family (DESIGN.md section 1).
+//
+// For K inputs and M outputs of one shape, viewed as [G, N] (G groups, usually the batch):
+//
+//     out[m][g, i] = sum_k coeffs[g, m, k] * in[k][g, i]
+//
+// with the sum taken in the order k = 0, 1, ..., K-1 in the math type (fp32, or fp64 for fp64
+// storage) and no fused multiply-add, so that CPU results equal the eager PyTorch expressions
+// bit for bit. affine_dot is the reduction that the backward needs:
+//
+//     dot[g, m, k] = sum_i a[m][g, i] * b[k][g, i]
+//
+// computed in a fixed order, so the result is the same bits whatever the thread count.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <vector>
+
+namespace fastflow {
+
+// Arity limits of the compiled kernels; the Python layer checks the same numbers.
+constexpr int64_t kMaxInputs = 4;
+constexpr int64_t kMaxOutputs = 4;
+
+void affine_cpu(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
+                const std::vector<at::Tensor>& outputs);
+at::Tensor affine_dot_cpu(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b,
+                          int64_t groups);
+
+// Hint the kernel to back a fresh CPU tensor with transparent huge pages (no-op elsewhere).
+void advise_huge_pages(const at::Tensor& t);
+
+#ifdef FASTFLOW_WITH_CUDA
+void affine_cuda(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
+                 const std::vector<at::Tensor>& outputs);
+#endif
+
+// Shared argument checks: every kernel entry point validates its tensors so that a bad call
+// from Python raises instead of reading out of bounds.
+void check_affine_args(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
+                       const std::vector<at::Tensor>& outputs, c10::DeviceType device);
+
+// The floating type the kernels compute in for a storage type.
+inline at::ScalarType math_type(at::ScalarType storage) {
+  return storage == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace fastflow

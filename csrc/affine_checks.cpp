@@ -1,0 +1,44 @@
+#include "affine.h"
+
+namespace fastflow {
+
+void check_affine_args(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
+                       const std::vector<at::Tensor>& outputs, c10::DeviceType device) {
+  const auto k = static_cast<int64_t>(inputs.size());
+  const auto m = static_cast<int64_t>(outputs.size());
+  TORCH_CHECK(k >= 1 && k <= kMaxInputs, "fastflow affine: expected 1 to ", kMaxInputs,
+              " inputs, got ", k);
+  TORCH_CHECK(m >= 1 && m <= kMaxOutputs, "fastflow affine: expected 1 to ", kMaxOutputs,
+              " outputs, got ", m);
+  const auto& ref = inputs[0];
+  TORCH_CHECK(at::isFloatingType(ref.scalar_type()),
+              "fastflow affine: inputs must be floating point, got ", ref.scalar_type());
+  auto check_stream = [&](const at::Tensor& x, const char* what) {
+    TORCH_CHECK(x.device().type() == device, "fastflow affine: ", what, " is on ", x.device(),
+                ", expected a ", c10::DeviceTypeName(device), " tensor");
+    TORCH_CHECK(x.scalar_type() == ref.scalar_type(), "fastflow affine: ", what, " has dtype ",
+                x.scalar_type(), ", expected ", ref.scalar_type());
+    TORCH_CHECK(x.numel() == ref.numel(), "fastflow affine: ", what, " has ", x.numel(),
+                " elements, expected ", ref.numel());
+    TORCH_CHECK(x.is_contiguous(), "fastflow affine: ", what, " must be contiguous");
+  };
+  for (const auto& x : inputs) check_stream(x, "an input");
+  for (const auto& y : outputs) check_stream(y, "an output");
+
+  TORCH_CHECK(coeffs.dim() == 3 && coeffs.size(1) == m && coeffs.size(2) == k,
+              "fastflow affine: coeffs must have shape [G, ", m, ", ", k, "], got ",
+              coeffs.sizes());
+  TORCH_CHECK(coeffs.scalar_type() == math_type(ref.scalar_type()),
+              "fastflow affine: coeffs must be ", math_type(ref.scalar_type()), " for ",
+              ref.scalar_type(), " inputs, got ", coeffs.scalar_type());
+  TORCH_CHECK(coeffs.device() == ref.device(), "fastflow affine: coeffs is on ", coeffs.device(),
+              ", inputs on ", ref.device());
+  TORCH_CHECK(coeffs.is_contiguous(), "fastflow affine: coeffs must be contiguous");
+  const int64_t groups = coeffs.size(0);
+  TORCH_CHECK(groups >= 1 || ref.numel() == 0,
+              "fastflow affine: coeffs needs at least one group for non-empty inputs");
+  TORCH_CHECK(groups == 0 || ref.numel() % groups == 0, "fastflow affine: ", ref.numel(),
+              " elements do not split into ", groups, " groups");
+}
+
+}  // namespace fastflow

@@ -1,0 +1,20 @@
+// Entry point of fastflow._C. The op schemas, fake kernels and autograd live in
+// fastflow/_ops.py; this module only exposes the compiled kernels, which that module calls from
+// the dispatcher's CPU and CUDA kernels. Import torch before importing this module.
+#include "affine.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastflow compiled kernels (CPU, and CUDA where built)";
+  m.attr("max_inputs") = fastflow::kMaxInputs;
+  m.attr("max_outputs") = fastflow::kMaxOutputs;
+  m.def("affine_cpu", &fastflow::affine_cpu, "outputs[m] = sum_k coeffs[g, m, k] * inputs[k]");
+  m.def("affine_dot_cpu", &fastflow::affine_dot_cpu, "per-group dot products [G, len(a), len(b)]");
+  m.def("advise_huge_pages", &fastflow::advise_huge_pages,
+        "ask for transparent huge pages behind a fresh CPU tensor");
+#ifdef FASTFLOW_WITH_CUDA
+  m.attr("cuda_built") = true;
+  m.def("affine_cuda", &fastflow::affine_cuda, "outputs[m] = sum_k coeffs[g, m, k] * inputs[k]");
+#else
+  m.attr("cuda_built") = false;
+#endif
+}

@@ -1,0 +1,15 @@
+"""fastflow: fused kernels for flow-matching generative models.
+
+    >>> import torch, fastflow
+    >>> x1 = torch.randn(8, 3, 16, 16); x0 = torch.randn_like(x1); t = torch.rand(8)
+    >>> x_t, u_t = fastflow.interpolate(x0, x1, t)            # one pass instead of five
+    >>> fastflow.backends()                                   # which kernels can run here
+"""
+import torch  # noqa: F401  (the compiled extension needs torch loaded first)
+
+from . import _ops, paths, reference
+from ._backends import BackendStatus, backends
+from .interpolation import interpolate
+
+__version__ = "0.1.0"
+__all__ = ["BackendStatus", "backends", "interpolate", "paths", "reference"]

@@ -1,0 +1,169 @@
+"""The backends, what each needs, and which one runs a given call.
+
+    reference  plain PyTorch (fastflow.reference): any device, always there
+    cpu        the C++ kernels of the compiled extension fastflow._C, on CPU tensors
+    triton     the Triton kernels (fastflow._triton), on CUDA tensors, or on CPU tensors under
+               TRITON_INTERPRET=1 (how the tests check them without a GPU)
+    cuda       the CUDA C++ kernels of fastflow._C, where the extension was built with CUDA
+
+CPU tensors go to ``cpu`` when the extension is built, else to ``reference``; CUDA tensors go to
+``triton``, else ``cuda``, else ``reference``. ``FASTFLOW_BACKEND=<name>`` forces one, read at
+every call, and fails loudly when the forced backend cannot run on the tensors it is given.
+"""
+import importlib
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+NAMES = ("reference", "cpu", "triton", "cuda")
+ENV_VAR = "FASTFLOW_BACKEND"
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """Whether a backend can run in this process, and why (not)."""
+
+    name: str
+    available: bool
+    reason: str
+
+    def __str__(self):
+        return f"{self.name}: {'available' if self.available else 'unavailable'} ({self.reason})"
+
+
+@lru_cache(maxsize=None)
+def _extension():
+    """The compiled module fastflow._C, or the reason it cannot be loaded."""
+    if os.environ.get("FASTFLOW_SKIP_EXTENSION", "0") == "1":
+        return None, "extension not built (FASTFLOW_SKIP_EXTENSION=1)"
+    try:
+        return importlib.import_module("fastflow._C"), None
+    except ImportError as exc:
+        return None, f"extension not built ({exc})"
+
+
+@lru_cache(maxsize=None)
+def _triton():
+    try:
+        return importlib.import_module("fastflow._triton.affine"), None
+    except ImportError as exc:
+        return None, f"triton not importable ({exc})"
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _status(name, device_type):
+    """(available, reason) of backend `name` for tensors on `device_type` ("cpu", "cuda", ...)."""
+    if name == "reference":
+        return True, "plain PyTorch"
+    if name == "cpu":
+        ext, why = _extension()
+        if ext is None:
+            return False, why
+        return device_type == "cpu", "C++ kernels" if device_type == "cpu" else "CPU tensors only"
+    if name == "triton":
+        mod, why = _triton()
+        if mod is None:
+            return False, why
+        if device_type == "cuda":
+            return True, "Triton kernels"
+        if device_type == "cpu" and _interpreting():
+            return True, "Triton interpreter (TRITON_INTERPRET=1)"
+        return False, "no CUDA device" if device_type == "cpu" else f"no Triton for {device_type}"
+    if name == "cuda":
+        ext, why = _extension()
+        if ext is None:
+            return False, why
+        if not ext.cuda_built:
+            return False, "extension built without CUDA"
+        return device_type == "cuda", "CUDA C++ kernels" if device_type == "cuda" else "no CUDA device"
+    raise ValueError(f"{ENV_VAR} must be one of {', '.join(NAMES)}; got {name!r}")
+
+
+def backends():
+    """Report every backend for this process: ``{name: BackendStatus}``.
+
+    A backend is available if it can run on the default device of its kind (CUDA where a GPU is
+    present, else CPU). Example::
+
+        >>> for status in fastflow.backends().values():
+        ...     print(status)
+        reference: available (plain PyTorch)
+        cpu: available (C++ kernels)
+        triton: unavailable (no CUDA device)
+        cuda: unavailable (extension built without CUDA)
+    """
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    report = {}
+    for name in NAMES:
+        kind = "cpu" if name == "cpu" else device_type
+        report[name] = BackendStatus(name, *_status(name, kind))
+    return report
+
+
+def select(device):
+    """Name of the backend that runs a call on tensors of `device`."""
+    forced = os.environ.get(ENV_VAR, "").strip().lower()
+    if forced:
+        available, reason = _status(forced, device.type)
+        if not available:
+            raise RuntimeError(f"{ENV_VAR}={forced} cannot run on {device} tensors: {reason}")
+        return forced
+    for name in _DEFAULT_ORDER.get(device.type, ()):
+        if _status(name, device.type)[0]:
+            return name
+    return "reference"
+
+
+_DEFAULT_ORDER = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
+
+
+def kernels(name):
+    """The kernels of backend `name`: an object with ``affine(inputs, coeffs, outputs)``, which
+    writes into `outputs`, and ``affine_dot(a, b, groups)``, which returns the dot products."""
+    return _KERNELS[name]()
+
+
+class _Kernels:
+    def __init__(self, affine, affine_dot):
+        self.affine = affine
+        self.affine_dot = affine_dot
+
+
+def _reference_kernels():
+    from . import reference
+
+    def affine(inputs, coeffs, outputs):
+        for out, value in zip(outputs, reference.affine(inputs, coeffs)):
+            out.copy_(value)
+
+    return _Kernels(affine, reference.affine_dot)
+
+
+def _cpu_kernels():
+    ext = _extension()[0]
+    return _Kernels(ext.affine_cpu, ext.affine_dot_cpu)
+
+
+def _cuda_kernels():
+    # The dot products of the backward are Triton's where it is installed, else the reference's.
+    ext = _extension()[0]
+    dot = _triton()[0].affine_dot if _triton()[0] is not None else _reference_kernels().affine_dot
+    return _Kernels(ext.affine_cuda, dot)
+
+
+def _triton_kernels():
+    mod = _triton()[0]
+    return _Kernels(mod.affine, mod.affine_dot)
+
+
+_KERNELS = {
+    "reference": lru_cache(maxsize=None)(_reference_kernels),
+    "cpu": lru_cache(maxsize=None)(_cpu_kernels),
+    "cuda": lru_cache(maxsize=None)(_cuda_kernels),
+    "triton": lru_cache(maxsize=None)(_triton_kernels),
+}

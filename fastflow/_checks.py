@@ -1,0 +1,59 @@
+"""Argument checks shared by the public ops: each error names the argument and what was expected."""
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_stream(x, name):
+    """A floating tensor of rank >= 1 that the kernels can stream."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a float16, bfloat16, float32 or float64 tensor, "
+                        f"got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError(f"{name}: expected a tensor with a batch dimension, got a 0-d tensor")
+
+
+def check_like(x, ref, name, ref_name):
+    """`x` is a tensor with the shape, dtype and device of `ref`."""
+    check_stream(x, name)
+    if x.shape != ref.shape:
+        raise ValueError(f"{name}: expected shape {tuple(ref.shape)} (the shape of {ref_name}), "
+                         f"got {tuple(x.shape)}")
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {x.dtype}")
+    if x.device != ref.device:
+        raise ValueError(f"{name}: expected a tensor on {ref.device} (the device of {ref_name}), "
+                         f"got {x.device}")
+
+
+def batch_time(t, x, name="t"):
+    """t as a 1-D tensor of length 1 (one time for the whole batch) or B = x.shape[0], on x's
+    device, in a dtype fit for computing coefficients (fp64 where the device has it).
+
+    Accepts a Python number, a 0-d tensor, or a tensor of shape [B] or [B, 1, ..., 1] with at
+    most x.dim() dimensions. Gradients flow back to a tensor t.
+    """
+    work = torch.float32 if x.device.type == "mps" else torch.float64
+    if isinstance(t, numbers.Real) and not isinstance(t, bool):
+        return torch.full((1,), float(t), dtype=work, device=x.device)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a float or a tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+    batch = x.shape[0]
+    if t.numel() != 1:
+        per_sample = t.dim() >= 1 and t.shape[0] == batch and t.numel() == batch
+        if not per_sample or t.dim() > x.dim():
+            raise ValueError(f"{name}: expected a scalar, shape [{batch}] or [{batch}, 1, ...] "
+                             f"(one time per sample of a batch of {batch}), got shape "
+                             f"{tuple(t.shape)}")
+    elif t.dim() > x.dim():
+        raise ValueError(f"{name}: has {t.dim()} dimensions, more than the {x.dim()} of the data")
+    if t.device != x.device:
+        if t.numel() != 1 or t.device.type != "cpu":
+            raise ValueError(f"{name}: expected a tensor on {x.device}, got {t.device}")
+    return t.reshape(-1).to(device=x.device, dtype=work)

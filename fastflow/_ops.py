@@ -1,0 +1,155 @@
+"""The dispatcher ops of fastflow: schemas, device kernels, fake kernels and autograd, in one place.
+
+    fastflow::affine(Tensor[] inputs, Tensor coeffs) -> Tensor[]
+        outputs[m] = sum_k coeffs[g, m, k] * inputs[k], per group g of the inputs viewed as [G, n]
+    fastflow::affine_out(Tensor[] inputs, Tensor coeffs, Tensor(a!)[] out) -> ()
+        the same, written into preallocated tensors
+    fastflow::affine_dot(Tensor[] a, Tensor[] b, int groups) -> Tensor
+        dot[g, m, k] = sum_i a[m][g, i] * b[k][g, i], the reduction of affine's backward
+
+Coefficients are [G, M, K] in the math type (fp32, or fp64 for fp64 tensors). Every higher-level
+op of the package (interpolation, losses, conversions, sampler steps) computes its coefficients
+from t in plain PyTorch and calls these, so autograd reaches t through them.
+
+The device kernels are chosen per call by fastflow._backends. They are registered as one
+CompositeExplicitAutograd kernel that picks the backend from the device and FASTFLOW_BACKEND.
+"""
+import torch
+
+from . import _backends
+
+MAX_INPUTS = 4
+MAX_OUTPUTS = 4
+
+_lib = torch.library.Library("fastflow", "DEF")
+_lib.define("affine(Tensor[] inputs, Tensor coeffs) -> Tensor[]")
+_lib.define("affine_out(Tensor[] inputs, Tensor coeffs, Tensor(a!)[] out) -> ()")
+_lib.define("affine_dot(Tensor[] a, Tensor[] b, int groups) -> Tensor")
+
+
+def math_dtype(dtype):
+    """The type the kernels compute in for tensors stored as `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _shares_memory(x, y):
+    return x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+
+
+def _run_affine(inputs, coeffs, outputs):
+    """Run the selected backend, writing `outputs`; handles layouts the kernels do not take."""
+    kernels = _backends.kernels(_backends.select(inputs[0].device))
+    inputs = [x.contiguous() for x in inputs]
+    # Kernels stream contiguous memory and, with several outputs, may write an output before
+    # reading every input at that index: stage through fresh buffers when that could bite.
+    staged = []
+    for out in outputs:
+        overlaps = any(_shares_memory(out, x) for x in inputs)
+        same_place = any(out.data_ptr() == x.data_ptr() and out.stride() == x.stride()
+                         for x in inputs)
+        unsafe = overlaps and (len(outputs) > 1 or not same_place)
+        if out.is_contiguous() and not unsafe:
+            staged.append(out)
+        else:
+            staged.append(torch.empty(out.shape, dtype=out.dtype, device=out.device))
+    kernels.affine(inputs, coeffs.contiguous(), staged)
+    for out, buf in zip(outputs, staged):
+        if buf is not out:
+            out.copy_(buf)
+
+
+# Fresh CPU outputs at least this large get transparent huge pages (see csrc/huge_pages.cpp).
+_HUGE_PAGE_BYTES = 4 << 20
+
+
+def _empty_output(x):
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out.device.type == "cpu" and out.nbytes >= _HUGE_PAGE_BYTES:
+        ext, _ = _backends._extension()
+        if ext is not None:
+            ext.advise_huge_pages(out)
+    return out
+
+
+def _affine(inputs, coeffs):
+    outputs = [_empty_output(inputs[0]) for _ in range(coeffs.shape[1])]
+    _run_affine(inputs, coeffs, outputs)
+    return outputs
+
+
+def _affine_out(inputs, coeffs, out):
+    _run_affine(inputs, coeffs, out)
+
+
+def _affine_dot(a, b, groups):
+    kernels = _backends.kernels(_backends.select(a[0].device))
+    return kernels.affine_dot([x.contiguous() for x in a], [x.contiguous() for x in b], groups)
+
+
+_lib.impl("affine", _affine, "CompositeExplicitAutograd")
+_lib.impl("affine_out", _affine_out, "CompositeExplicitAutograd")
+_lib.impl("affine_dot", _affine_dot, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fastflow::affine")
+def _affine_fake(inputs, coeffs):
+    x = inputs[0]
+    return [torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(coeffs.shape[1])]
+
+
+@torch.library.register_fake("fastflow::affine_out")
+def _affine_out_fake(inputs, coeffs, out):
+    return None
+
+
+@torch.library.register_fake("fastflow::affine_dot")
+def _affine_dot_fake(a, b, groups):
+    return a[0].new_empty((groups, len(a), len(b)), dtype=math_dtype(a[0].dtype))
+
+
+def _affine_setup_context(ctx, inputs, output):
+    xs, coeffs = inputs
+    ctx.input_needs_grad = [x.requires_grad for x in xs]
+    ctx.coeffs_needs_grad = coeffs.requires_grad
+    # The inputs are needed only for the gradient of the coefficients.
+    ctx.save_for_backward(coeffs, *(xs if coeffs.requires_grad else ()))
+    ctx.set_materialize_grads(False)
+
+
+def _affine_backward(ctx, grads):
+    """Again affine (grad_in[k] = sum_m C[m, k] grad_out[m]) plus per-sample dot products
+    (grad_C[m, k] = <grad_out[m], in[k]>). Outputs that got no gradient are skipped."""
+    coeffs, *xs = ctx.saved_tensors
+    grad_inputs = [None] * len(ctx.input_needs_grad)
+    present = [m for m, g in enumerate(grads) if g is not None]
+    if not present:
+        return grad_inputs, None
+    gs = [grads[m] for m in present]
+    wanted = [k for k, needed in enumerate(ctx.input_needs_grad) if needed]
+    if wanted:
+        transposed = coeffs[:, present][:, :, wanted].transpose(1, 2).contiguous()
+        for k, g in zip(wanted, torch.ops.fastflow.affine(gs, transposed)):
+            grad_inputs[k] = g
+    grad_coeffs = None
+    if ctx.coeffs_needs_grad:
+        dots = torch.ops.fastflow.affine_dot(gs, xs, coeffs.shape[0])
+        if len(present) == len(grads):
+            grad_coeffs = dots
+        else:
+            grad_coeffs = coeffs.new_zeros(coeffs.shape)
+            grad_coeffs[:, present] = dots
+    return grad_inputs, grad_coeffs
+
+
+torch.library.register_autograd("fastflow::affine", _affine_backward,
+                                setup_context=_affine_setup_context)
+
+
+def affine(inputs, coeffs):
+    """``outputs[m] = sum_k coeffs[:, m, k] * inputs[k]`` (see the module docstring)."""
+    return torch.ops.fastflow.affine(list(inputs), coeffs)
+
+
+def affine_out(inputs, coeffs, out):
+    torch.ops.fastflow.affine_out(list(inputs), coeffs, list(out))
+    return out

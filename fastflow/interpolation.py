@@ -1,0 +1,68 @@
+"""Fused interpolation plus target: (x_t, u_t) from (x0, x1[, noise]) in one pass."""
+import torch
+
+from . import _ops
+from ._checks import batch_time, check_like, check_stream
+from .paths import get_path
+
+
+def interpolate(x0, x1, t, path=None, noise=None, out=None):
+    """Sample a point of a probability path and its regression target in one fused pass.
+
+    For an affine path ``x_t = alpha_t x1 + sigma_t x0`` and ``u_t = d_alpha_t x1 + d_sigma_t x0``
+    (plus a noise term for ConstantNoise and SchrodingerBridge); t = 0 is the noise x0 and t = 1
+    the data x1. Reads each input once and writes each output once; math in fp32 (fp64 for
+    fp64), outputs in the dtype of x1.
+
+    Args:
+        x0: noise (source sample), any shape with a leading batch dimension.
+        x1: data (target sample), same shape, dtype and device as x0.
+        t: a float, a 0-d tensor, or one time per sample as [B] or [B, 1, ..., 1]; broadcast
+            over the non-batch dimensions. Differentiable.
+        path: a ``fastflow.paths.Path`` or one of the names "cond_ot" (default), "polynomial",
+            "cosine", "linear_vp", "vp", "target_cfm", "constant_noise", "schrodinger_bridge".
+        noise: the extra Gaussian sample of paths with ``uses_noise`` (like x1); None otherwise.
+        out: optional pair of preallocated tensors (x_t, u_t) like x1, written in place and
+            returned; skips the allocation (and, on CPU, its page faults) in training loops.
+            Not differentiable, like every ``out=`` in PyTorch.
+
+    Returns:
+        (x_t, u_t), each shaped and typed like x1.
+
+    Example::
+
+        >>> x1 = torch.randn(64, 3, 32, 32)
+        >>> x0 = torch.randn_like(x1)
+        >>> t = torch.rand(64)
+        >>> x_t, u_t = fastflow.interpolate(x0, x1, t)          # CondOT: t x1 + (1-t) x0, x1 - x0
+        >>> x_t, u_t = fastflow.interpolate(x0, x1, t, path="cosine")
+    """
+    path = get_path(path)
+    check_stream(x1, "x1")
+    check_like(x0, x1, "x0", "x1")
+    inputs = [x0, x1]
+    if path.uses_noise:
+        if noise is None:
+            raise ValueError(f"noise: {path!r} needs a noise tensor like x1, e.g. "
+                             f"torch.randn_like(x1)")
+        check_like(noise, x1, "noise", "x1")
+        inputs.append(noise)
+    elif noise is not None:
+        raise ValueError(f"noise: {path!r} has no noise term; pass noise=None or use "
+                         f"ConstantNoise / SchrodingerBridge")
+    coeffs = path.coefficients(batch_time(t, x1)).to(_ops.math_dtype(x1.dtype))
+    if out is None:
+        x_t, u_t = _ops.affine(inputs, coeffs)
+        return x_t, u_t
+    _check_out(out, x1, inputs, coeffs)
+    return tuple(_ops.affine_out(inputs, coeffs, out))
+
+
+def _check_out(out, x1, inputs, coeffs):
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise TypeError("out: expected a pair of tensors (x_t, u_t)")
+    for name, o in zip(("out[0]", "out[1]"), out):
+        check_like(o, x1, name, "x1")
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (*inputs, coeffs)):
+        raise RuntimeError("out: interpolate(..., out=...) does not support automatic "
+                           "differentiation; call it under torch.no_grad() or without out=")

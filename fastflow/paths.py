@@ -1,0 +1,209 @@
+"""Probability paths from noise x0 (t = 0) to data x1 (t = 1), DESIGN.md section 3.
+
+An affine Gaussian path is given by two schedules:
+
+    x_t = alpha_t * x1 + sigma_t * x0          u_t = d_alpha_t * x1 + d_sigma_t * x0
+
+and each path object is callable on a t tensor, returning ``(alpha_t, sigma_t, d_alpha_t,
+d_sigma_t)``. Paths with an extra noise term (torchcfm's I-CFM and Schrodinger bridge) also read
+a third tensor ``noise``. Every path turns t into the per-sample coefficient matrix that the
+fused kernels consume::
+
+    >>> path = fastflow.paths.Cosine()
+    >>> alpha, sigma, d_alpha, d_sigma = path(torch.tensor([0.0, 0.5, 1.0]))
+    >>> path.coefficients(torch.tensor([0.5])).shape      # [B, outputs (x_t, u_t), inputs]
+    torch.Size([1, 2, 2])
+
+Paths are plain PyTorch and differentiable in t. Some derivatives are infinite at an end of
+[0, 1] (LinearVP and VP at t = 1, Polynomial with n < 1 at t = 0): that is the math of the path,
+and the target there is inf or nan exactly as the eager formula gives it.
+"""
+import math
+
+import torch
+
+__all__ = ["Path", "AffinePath", "CondOT", "Polynomial", "Cosine", "LinearVP", "VP", "TargetCFM",
+           "ConstantNoise", "SchrodingerBridge", "get_path"]
+
+
+class Path:
+    """Base of all paths: maps t [G] to coefficients [G, 2, K] over the inputs (x0, x1[, noise])."""
+
+    #: Whether the path reads a third input ``noise`` beside x0 and x1.
+    uses_noise = False
+
+    def coefficients(self, t):
+        """Rows (x_t, u_t), columns (x0, x1[, noise]) for each entry of the 1-D tensor t."""
+        raise NotImplementedError
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+class AffinePath(Path):
+    """x_t = alpha_t x1 + sigma_t x0; subclasses define ``__call__(t) -> (alpha, sigma, d_alpha,
+    d_sigma)``."""
+
+    def __call__(self, t):
+        raise NotImplementedError
+
+    def coefficients(self, t):
+        alpha, sigma, d_alpha, d_sigma = self(t)
+        x_t = torch.stack([sigma, alpha], dim=-1)
+        u_t = torch.stack([d_sigma, d_alpha], dim=-1)
+        return torch.stack([x_t, u_t], dim=-2)
+
+
+class CondOT(AffinePath):
+    """Conditional optimal transport: alpha_t = t, sigma_t = 1 - (1 - sigma_min) t.
+
+    With sigma_min = 0 this is the rectified-flow line x_t = t x1 + (1 - t) x0, target x1 - x0,
+    computed bit-identically to those eager expressions on CPU in fp32.
+    """
+
+    def __init__(self, sigma_min=0.0):
+        if not 0.0 <= sigma_min < 1.0:
+            raise ValueError(f"CondOT: sigma_min must be in [0, 1), got {sigma_min}")
+        self.sigma_min = float(sigma_min)
+
+    def __call__(self, t):
+        one = torch.ones_like(t)
+        slope = 1.0 - self.sigma_min
+        return t, 1 - slope * t, one, -slope * one
+
+
+class TargetCFM(CondOT):
+    """torchcfm's TargetConditionalFlowMatcher (Lipman et al.): mu_t = t x1, sigma_t =
+    1 - (1 - sigma) t, target (x1 - (1 - sigma) x_t) / sigma_t.
+
+    Here x0 is the Gaussian sample that torchcfm calls epsilon; the target then simplifies to
+    x1 - (1 - sigma) x0, which makes this CondOT with sigma_min = sigma.
+    """
+
+    def __init__(self, sigma=0.0):
+        super().__init__(sigma_min=sigma)
+
+
+class Polynomial(AffinePath):
+    """alpha_t = t^n, sigma_t = 1 - t^n (flow_matching's PolynomialConvexScheduler)."""
+
+    def __init__(self, n=2.0):
+        if isinstance(n, bool) or not isinstance(n, (int, float)):
+            raise TypeError(f"Polynomial: n must be a number, got {type(n).__name__}")
+        if not n > 0:
+            raise ValueError(f"Polynomial: n must be positive, got {n}")
+        self.n = float(n)
+
+    def __call__(self, t):
+        alpha = t ** self.n
+        d_alpha = self.n * t ** (self.n - 1.0)
+        return alpha, 1 - alpha, d_alpha, -d_alpha
+
+
+class Cosine(AffinePath):
+    """alpha_t = sin(pi t / 2), sigma_t = cos(pi t / 2)."""
+
+    def __call__(self, t):
+        angle = (math.pi / 2) * t
+        sin, cos = torch.sin(angle), torch.cos(angle)
+        return sin, cos, (math.pi / 2) * cos, -(math.pi / 2) * sin
+
+
+class LinearVP(AffinePath):
+    """alpha_t = t, sigma_t = sqrt(1 - t^2): variance preserving with a linear mean."""
+
+    def __call__(self, t):
+        sigma = torch.sqrt(1 - t ** 2)
+        return t, sigma, torch.ones_like(t), -t / sigma
+
+
+class VP(AffinePath):
+    """The variance-preserving path of score SDEs with a linear beta schedule:
+    alpha_t = exp(-T/2), T = (1-t)^2 (beta_max - beta_min)/2 + (1-t) beta_min,
+    sigma_t = sqrt(1 - alpha_t^2)."""
+
+    def __init__(self, beta_min=0.1, beta_max=20.0):
+        if not 0.0 <= beta_min <= beta_max:
+            raise ValueError(f"VP: need 0 <= beta_min <= beta_max, got beta_min={beta_min}, "
+                             f"beta_max={beta_max}")
+        self.beta_min = float(beta_min)
+        self.beta_max = float(beta_max)
+
+    def __call__(self, t):
+        s = 1 - t
+        spread = self.beta_max - self.beta_min
+        big_t = 0.5 * s ** 2 * spread + s * self.beta_min
+        d_big_t = -s * spread - self.beta_min
+        alpha = torch.exp(-0.5 * big_t)
+        sigma = torch.sqrt(1 - torch.exp(-big_t))
+        d_alpha = -0.5 * d_big_t * alpha
+        d_sigma = 0.5 * d_big_t * torch.exp(-big_t) / sigma
+        return alpha, sigma, d_alpha, d_sigma
+
+
+class ConstantNoise(Path):
+    """torchcfm's ConditionalFlowMatcher (I-CFM): x_t = t x1 + (1 - t) x0 + sigma * noise,
+    target x1 - x0."""
+
+    uses_noise = True
+
+    def __init__(self, sigma=0.0):
+        if sigma < 0:
+            raise ValueError(f"ConstantNoise: sigma must be >= 0, got {sigma}")
+        self.sigma = float(sigma)
+
+    def coefficients(self, t):
+        one = torch.ones_like(t)
+        x_t = torch.stack([1 - t, t, self.sigma * one], dim=-1)
+        u_t = torch.stack([-one, one, 0 * one], dim=-1)
+        return torch.stack([x_t, u_t], dim=-2)
+
+
+class SchrodingerBridge(Path):
+    """torchcfm's SchrodingerBridgeConditionalFlowMatcher: x_t = t x1 + (1 - t) x0 + s_t noise
+    with s_t = sigma sqrt(t (1 - t)); target x1 - x0 + (1 - 2t) / (2 t (1 - t) + 1e-8) * s_t noise.
+    """
+
+    uses_noise = True
+
+    def __init__(self, sigma=1.0):
+        if sigma <= 0:
+            raise ValueError(f"SchrodingerBridge: sigma must be positive, got {sigma}")
+        self.sigma = float(sigma)
+
+    def coefficients(self, t):
+        one = torch.ones_like(t)
+        s_t = self.sigma * torch.sqrt(t * (1 - t))
+        ratio = (1 - 2 * t) / (2 * t * (1 - t) + 1e-8)
+        x_t = torch.stack([1 - t, t, s_t], dim=-1)
+        u_t = torch.stack([-one, one, ratio * s_t], dim=-1)
+        return torch.stack([x_t, u_t], dim=-2)
+
+
+_BY_NAME = {
+    "cond_ot": CondOT,
+    "polynomial": Polynomial,
+    "cosine": Cosine,
+    "linear_vp": LinearVP,
+    "vp": VP,
+    "target_cfm": TargetCFM,
+    "constant_noise": ConstantNoise,
+    "schrodinger_bridge": SchrodingerBridge,
+}
+
+
+def get_path(path=None):
+    """A Path from a Path, a name (with the default parameters of its class), or None (CondOT)."""
+    if path is None:
+        return CondOT()
+    if isinstance(path, Path):
+        return path
+    if isinstance(path, str):
+        try:
+            return _BY_NAME[path]()
+        except KeyError:
+            raise ValueError(f"path: unknown name {path!r}; expected one of "
+                             f"{', '.join(map(repr, _BY_NAME))} or a fastflow.paths.Path") from None
+    raise TypeError(f"path: expected a fastflow.paths.Path, a name or None, got "
+                    f"{type(path).__name__}")

@@ -1,0 +1,8 @@
+"""Plain PyTorch versions of every fastflow op: the oracle of the tests and the fallback backend.
+
+Written for reading, not speed: each function states its formula in eager PyTorch.
+"""
+from ._affine import affine, affine_dot
+from ._interpolation import interpolate
+
+__all__ = ["affine", "affine_dot", "interpolate"]

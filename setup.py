@@ -1,0 +1,62 @@
+"""Build fastflow: the pure-Python package plus the compiled extension fastflow._C.
+
+Environment switches:
+  FASTFLOW_SKIP_EXTENSION=1     install the pure-Python package only (reference on CPU, Triton on GPU)
+  FASTFLOW_BUILD_CUDA=auto|0|1  compile csrc/*.cu; auto builds them when torch has CUDA and a CUDA
+                                toolkit is found, 1 insists (and fails without them), 0 never does
+
+Install torch first, then: pip install --no-build-isolation -e .
+"""
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PACKAGES = ["fastflow", "fastflow.reference", "fastflow._triton"]
+PACKAGE_DIR = {"fastflow._triton": "triton_kernels"}
+
+
+def _want_cuda(torch_cuda_version, cuda_home):
+    mode = os.environ.get("FASTFLOW_BUILD_CUDA", "auto").lower()
+    if mode not in ("auto", "0", "1"):
+        raise SystemExit(f"FASTFLOW_BUILD_CUDA must be auto, 0 or 1, got {mode!r}")
+    available = torch_cuda_version is not None and cuda_home is not None
+    if mode == "1" and not available:
+        raise SystemExit("FASTFLOW_BUILD_CUDA=1 but torch has no CUDA or no CUDA toolkit was found "
+                         f"(torch.version.cuda={torch_cuda_version}, CUDA_HOME={cuda_home})")
+    return mode == "1" or (mode == "auto" and available)
+
+
+def _extensions():
+    if os.environ.get("FASTFLOW_SKIP_EXTENSION", "0") == "1":
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    # -ffp-contract=off: no fused multiply-add, so CPU results equal eager PyTorch bit for bit.
+    # No -march flags: the wheel must run on any x86-64 or aarch64 machine.
+    cxx = ["-O3", "-ffp-contract=off", "-fopenmp", "-DAT_PARALLEL_OPENMP=1", "-std=c++17"]
+    extra = {"cxx": cxx}
+    sources = list(cpu_sources)
+    ext_type = cpp_extension.CppExtension
+    if cuda_sources and _want_cuda(torch.version.cuda, cpp_extension.CUDA_HOME):
+        sources += cuda_sources
+        ext_type = cpp_extension.CUDAExtension
+        cxx.append("-DFASTFLOW_WITH_CUDA")
+        extra["nvcc"] = ["-O3", "-DFASTFLOW_WITH_CUDA", "-std=c++17", "--expt-relaxed-constexpr"]
+    ext = ext_type("fastflow._C", sources, extra_compile_args=extra,
+                   extra_link_args=["-fopenmp"], include_dirs=[os.path.join(ROOT, "csrc")])
+    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
+    return [ext], {"build_ext": build_ext}
+
+
+ext_modules, cmdclass = _extensions()
+setup(
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

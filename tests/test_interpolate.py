@@ -1,0 +1,256 @@
+"""fastflow.interpolate on every backend against the reference, plus its edge cases and errors."""
+import pytest
+import torch
+
+import fastflow
+from fastflow import paths
+from fastflow.reference import interpolate as reference_interpolate
+
+from conftest import DTYPES, assert_close_to_reference
+
+ALL_PATHS = [paths.CondOT(), paths.CondOT(sigma_min=0.1), paths.Polynomial(3.0), paths.Cosine(),
+             paths.LinearVP(), paths.VP(), paths.TargetCFM(0.05), paths.ConstantNoise(0.2),
+             paths.SchrodingerBridge(0.7)]
+
+
+def _make(shape, dtype, device, path, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    x1 = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    noise = torch.randn(shape, generator=g).to(device=device, dtype=dtype) if path.uses_noise else None
+    # Away from the ends, where some paths have infinite derivatives (tested separately).
+    t_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    t = (0.1 + 0.8 * torch.rand(shape[0], generator=g)).to(device=device, dtype=t_dtype)
+    return x0, x1, t, noise
+
+
+def _fp64_reference(x0, x1, t, path, noise):
+    up = (lambda x: None if x is None else x.double())
+    return reference_interpolate(up(x0), up(x1), t.double(), path, up(noise))
+
+
+@pytest.mark.parametrize("path", ALL_PATHS, ids=repr)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_fp64_reference(backend, path, dtype):
+    x0, x1, t, noise = _make((4, 3, 33), dtype, backend, path)
+    x_t, u_t = fastflow.interpolate(x0, x1, t, path=path, noise=noise)
+    ref_x, ref_u = _fp64_reference(x0, x1, t, path, noise)
+    assert_close_to_reference(x_t, ref_x, dtype)
+    assert_close_to_reference(u_t, ref_u, dtype)
+
+
+@pytest.mark.parametrize("t_form", ["batch", "column", "float", "0-d", "one"])
+def test_cond_ot_is_bit_identical_to_eager_on_cpu(t_form, monkeypatch):
+    for name in ("cpu", "reference"):
+        monkeypatch.setenv("FASTFLOW_BACKEND", name)
+        x0, x1 = torch.randn(2, 5, 7, 9), torch.randn(2, 5, 7, 9)
+        t_batch = torch.rand(5)
+        t = {"batch": t_batch, "column": t_batch.view(5, 1, 1), "float": 0.3, "0-d": t_batch[0],
+             "one": t_batch[:1]}[t_form]
+        x0, x1 = x0[0], x1[1]
+        tt = t if not torch.is_tensor(t) or t.dim() == 0 else t.reshape(-1, 1, 1)
+        x_t, u_t = fastflow.interpolate(x0, x1, t)
+        assert torch.equal(x_t, tt * x1 + (1 - tt) * x0), name
+        assert torch.equal(u_t, x1 - x0), name
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (1, 1), (3, 1, 5), (2, 3, 4, 5), (2, 1, 3, 1, 5),
+                                   (1, 4097), (5, 1000), (0,), (0, 3), (3, 0, 2)], ids=str)
+def test_shapes(backend, shape):
+    path = paths.SchrodingerBridge(0.5)
+    x0, x1, t, noise = _make(shape, torch.float32, backend, path) if shape[0] else (
+        torch.randn(shape, device=backend), torch.randn(shape, device=backend),
+        torch.rand(0, device=backend), torch.randn(shape, device=backend))
+    x_t, u_t = fastflow.interpolate(x0, x1, t, path=path, noise=noise)
+    ref_x, ref_u = _fp64_reference(x0, x1, t, path, noise)
+    assert_close_to_reference(x_t, ref_x, torch.float32)
+    assert_close_to_reference(u_t, ref_u, torch.float32)
+
+
+def test_non_contiguous_and_broadcast_inputs(backend):
+    base = torch.randn(6, 5, 4, device=backend)
+    x0 = base.transpose(1, 2)                                  # permuted, [6, 4, 5]
+    x1 = torch.randn(6, 4, 10, device=backend)[..., ::2]       # strided
+    noise = torch.randn(1, 4, 5, device=backend).expand(6, 4, 5)  # stride-0 batch
+    t = torch.rand(6, 2, device=backend)[:, 0]                  # strided t
+    path = paths.ConstantNoise(0.3)
+    x_t, u_t = fastflow.interpolate(x0, x1, t, path=path, noise=noise)
+    ref_x, ref_u = _fp64_reference(x0, x1, t, path, noise)
+    assert_close_to_reference(x_t, ref_x, torch.float32)
+    assert_close_to_reference(u_t, ref_u, torch.float32)
+
+
+def test_many_tiny_samples(backend):
+    # 2-D toy data: blocks span many samples and gather their coefficients per element.
+    x0, x1, t, _ = _make((3000, 2), torch.float32, backend, paths.Cosine())
+    x_t, u_t = fastflow.interpolate(x0, x1, t, path="cosine")
+    ref_x, ref_u = _fp64_reference(x0, x1, t, paths.Cosine(), None)
+    assert_close_to_reference(x_t, ref_x, torch.float32)
+    assert_close_to_reference(u_t, ref_u, torch.float32)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS, ids=repr)
+def test_gradients_match_reference_autograd(backend, path):
+    x0, x1, t, noise = _make((3, 2, 5), torch.float64, backend, path, seed=1)
+    leaves = [x.clone().requires_grad_() for x in (x0, x1, t) + ((noise,) if noise is not None else ())]
+    ref_leaves = [x.detach().clone().requires_grad_() for x in leaves]
+    w_x, w_u = torch.randn_like(x0), torch.randn_like(x0)
+
+    def loss(fn, xs):
+        x_t, u_t = fn(xs[0], xs[1], xs[2], path, xs[3] if len(xs) > 3 else None)
+        return (x_t * w_x).sum() + (u_t * w_u).sum()
+
+    grads = torch.autograd.grad(loss(fastflow.interpolate, leaves), leaves)
+    ref_grads = torch.autograd.grad(loss(reference_interpolate, ref_leaves), ref_leaves)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
+def test_gradient_of_one_output_only(backend):
+    x0, x1, t, _ = _make((4, 6), torch.float32, backend, paths.CondOT())
+    t.requires_grad_()
+    x1.requires_grad_()
+    x_t, _ = fastflow.interpolate(x0, x1, t)
+    x_t.sum().backward()
+    torch.testing.assert_close(t.grad, (x1 - x0).sum(1).detach())
+    torch.testing.assert_close(x1.grad, t.detach()[:, None].expand(4, 6))
+    assert x0.grad is None
+
+
+def test_gradcheck(backend):
+    x0, x1, t, noise = _make((2, 3), torch.float64, backend, paths.SchrodingerBridge())
+    inputs = tuple(x.requires_grad_() for x in (x0, x1, t, noise))
+    fn = (lambda a, b, s, n: fastflow.interpolate(a, b, s, path="schrodinger_bridge", noise=n))
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_out_matches_fresh_outputs_and_is_returned(backend):
+    x0, x1, t, _ = _make((3, 65), torch.float32, backend, paths.Cosine())
+    buffers = (torch.empty_like(x1), torch.empty_like(x1))
+    x_t, u_t = fastflow.interpolate(x0, x1, t, path="cosine", out=buffers)
+    assert x_t is buffers[0] and u_t is buffers[1]
+    ref = fastflow.interpolate(x0, x1, t, path="cosine")
+    assert torch.equal(x_t, ref[0]) and torch.equal(u_t, ref[1])
+
+
+def test_out_may_alias_inputs_or_be_strided(backend):
+    x0, x1, t, _ = _make((3, 40), torch.float32, backend, paths.VP())
+    expected = fastflow.interpolate(x0, x1, t, path="vp")
+    strided = torch.empty(3, 80, device=backend)[:, ::2]
+    a, b = x0.clone(), x1.clone()
+    x_t, u_t = fastflow.interpolate(a, b, t, path="vp", out=(b, a))  # outputs swap the inputs
+    assert torch.equal(x_t, expected[0]) and torch.equal(u_t, expected[1])
+    fastflow.interpolate(x0, x1, t, path="vp", out=(strided, torch.empty_like(x1)))
+    assert torch.equal(strided, expected[0])
+
+
+def test_torch_compile_fullgraph(backend):
+    x0, x1, t, _ = _make((4, 3, 8), torch.float32, backend, paths.Cosine())
+    t.requires_grad_()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(x0, x1, t):
+        x_t, u_t = fastflow.interpolate(x0, x1, t, path=paths.Cosine())
+        return ((x_t - u_t) ** 2).mean()
+
+    loss = step(x0, x1, t)
+    loss.backward()
+    t_ref = t.detach().clone().requires_grad_()
+    x_ref, u_ref = reference_interpolate(x0, x1, t_ref, paths.Cosine())
+    ref = ((x_ref - u_ref) ** 2).mean()
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(t.grad, t_ref.grad)
+
+
+def test_torch_compile_inductor_with_out(backend):
+    x0, x1, t, _ = _make((4, 16), torch.float32, backend, paths.CondOT())
+    out = (torch.empty_like(x1), torch.empty_like(x1))
+    compiled = torch.compile(lambda a, b, s: fastflow.interpolate(a, b, s, out=out), fullgraph=True)
+    compiled(x0, x1, t)
+    tt = t[:, None]
+    torch.testing.assert_close(out[0], tt * x1 + (1 - tt) * x0)
+    torch.testing.assert_close(out[1], x1 - x0)
+
+
+@pytest.mark.parametrize("t", [-0.0, 0.0, 1.0])
+@pytest.mark.parametrize("path", [paths.CondOT(), paths.Cosine(), paths.Polynomial(2.0)], ids=repr)
+def test_ends_of_the_path(path, t):
+    x0, x1 = torch.randn(2, 3), torch.randn(2, 3)
+    x_t, _ = fastflow.interpolate(x0, x1, t, path=path)
+    torch.testing.assert_close(x_t, x1 if t == 1.0 else x0, atol=1e-7, rtol=0)
+
+
+def test_infinite_derivative_at_the_end_follows_the_formula():
+    x0, x1 = torch.randn(2, 3), torch.randn(2, 3)
+    _, u_t = fastflow.interpolate(x0, x1, 1.0, path="vp")
+    _, ref_u = reference_interpolate(x0, x1, 1.0, "vp")
+    assert torch.equal(u_t.isnan(), ref_u.isnan()) and torch.equal(u_t.isinf(), ref_u.isinf())
+
+
+class TestBadInput:
+    def test_shape_mismatch(self):
+        with pytest.raises(ValueError, match="x0: expected shape"):
+            fastflow.interpolate(torch.randn(2, 3), torch.randn(2, 4), 0.5)
+
+    def test_dtype_mismatch(self):
+        with pytest.raises(TypeError, match="x0: expected dtype torch.float32"):
+            fastflow.interpolate(torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3), 0.5)
+
+    def test_device_mismatch(self):
+        with pytest.raises(ValueError, match="x0: expected a tensor on cpu"):
+            fastflow.interpolate(torch.randn(2, 3, device="meta"), torch.randn(2, 3), 0.5)
+
+    @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
+    def test_non_float_data(self, dtype):
+        x = torch.zeros(2, 3, dtype=dtype)
+        with pytest.raises(TypeError, match="x1: expected a float16, bfloat16, float32 or float64"):
+            fastflow.interpolate(x, x, 0.5)
+
+    def test_integer_t(self):
+        with pytest.raises(TypeError, match="t: expected a floating-point tensor"):
+            fastflow.interpolate(torch.randn(2, 3), torch.randn(2, 3), torch.tensor([0, 1]))
+
+    @pytest.mark.parametrize("shape", [(3,), (2, 3), (1, 2), (2, 1, 1, 1)])
+    def test_t_of_wrong_length_or_shape(self, shape):
+        with pytest.raises(ValueError, match=r"t: expected a scalar, shape \[2\]|t: has 4 dim"):
+            fastflow.interpolate(torch.randn(2, 3), torch.randn(2, 3), torch.rand(shape))
+
+    def test_t_on_another_device(self):
+        with pytest.raises(ValueError, match="t: expected a tensor on cpu"):
+            fastflow.interpolate(torch.randn(2, 3), torch.randn(2, 3), torch.rand(2, device="meta"))
+
+    def test_zero_dim_data(self):
+        with pytest.raises(ValueError, match="x1: expected a tensor with a batch dimension"):
+            fastflow.interpolate(torch.tensor(1.0), torch.tensor(2.0), 0.5)
+
+    def test_unknown_path_name(self):
+        with pytest.raises(ValueError, match="path: unknown name 'straight'"):
+            fastflow.interpolate(torch.randn(2, 3), torch.randn(2, 3), 0.5, path="straight")
+
+    def test_path_of_wrong_type(self):
+        with pytest.raises(TypeError, match="path: expected a fastflow.paths.Path"):
+            fastflow.interpolate(torch.randn(2, 3), torch.randn(2, 3), 0.5, path=3)
+
+    @pytest.mark.parametrize("n", [-1.0, 0, -2])
+    def test_non_positive_polynomial_power(self, n):
+        with pytest.raises(ValueError, match="Polynomial: n must be positive"):
+            paths.Polynomial(n)
+
+    def test_noise_missing_or_unexpected(self):
+        x = torch.randn(2, 3)
+        with pytest.raises(ValueError, match="noise: .* needs a noise tensor"):
+            fastflow.interpolate(x, x, 0.5, path="schrodinger_bridge")
+        with pytest.raises(ValueError, match="noise: .* has no noise term"):
+            fastflow.interpolate(x, x, 0.5, noise=x)
+        with pytest.raises(ValueError, match="noise: expected shape"):
+            fastflow.interpolate(x, x, 0.5, path="constant_noise", noise=torch.randn(2, 2))
+
+    def test_bad_out(self):
+        x = torch.randn(2, 3)
+        with pytest.raises(TypeError, match="out: expected a pair"):
+            fastflow.interpolate(x, x, 0.5, out=torch.empty(2, 3))
+        with pytest.raises(ValueError, match=r"out\[1\]: expected shape"):
+            fastflow.interpolate(x, x, 0.5, out=(torch.empty(2, 3), torch.empty(3, 2)))
+        with pytest.raises(RuntimeError, match="does not support automatic differentiation"):
+            fastflow.interpolate(x.requires_grad_(), x, 0.5, out=(torch.empty(2, 3), torch.empty(2, 3)))

@@ -1,0 +1,89 @@
+"""The per-sample affine family in Triton (DESIGN.md section 1).
+
+    out[m][g, i] = sum_k coeffs[g, m, k] * in[k][g, i]        inputs and outputs viewed as [G, n]
+
+One kernel, specialised at compile time on the arity (K inputs, M outputs) and on how a block
+finds its coefficients: when a sample spans at least a block, every block lies inside one sample
+and loads its K*M coefficients once as scalars; for tiny samples (2-D toy data, say) a block
+covers many samples and gathers coefficients per element. Offsets are int64 throughout.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# The interpreter pays per program, not per element: big blocks keep CPU tests fast.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_BLOCK = 4096 if _INTERPRETING else 1024
+_NUM_WARPS = 4
+
+
+@triton.jit
+def _affine_kernel(ins, outs, coeffs_ptr, numel, n, K: tl.constexpr, M: tl.constexpr,
+                   BLOCK: tl.constexpr, TILE_IN_GROUP: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    if TILE_IN_GROUP:
+        tiles_per_group = tl.cdiv(n, BLOCK)
+        g = pid // tiles_per_group
+        start = g * n + (pid % tiles_per_group) * BLOCK
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < (g + 1) * n
+        coeff_base = coeffs_ptr + g * (M * K)
+    else:
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        # Clamp so masked-off lanes still point at a real sample: coefficient loads need no mask.
+        coeff_base = coeffs_ptr + (tl.minimum(offs, numel - 1) // n) * (M * K)
+    for m in tl.static_range(M):
+        c = tl.load(coeff_base + m * K)
+        acc = c * tl.load(ins[0] + offs, mask=mask).to(c.dtype)
+        for k in tl.static_range(1, K):
+            c = tl.load(coeff_base + m * K + k)
+            acc = acc + c * tl.load(ins[k] + offs, mask=mask).to(c.dtype)
+        tl.store(outs[m] + offs, acc.to(outs[m].dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dot_kernel(a, b, partial_ptr, n, tiles_per_group, M: tl.constexpr, K: tl.constexpr,
+                BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    g = pid // tiles_per_group
+    offs = g * n + (pid % tiles_per_group) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < (g + 1) * n
+    for m in tl.static_range(M):
+        am = tl.load(a[m] + offs, mask=mask, other=0).to(ACC_DTYPE)
+        for k in tl.static_range(K):
+            bk = tl.load(b[k] + offs, mask=mask, other=0).to(ACC_DTYPE)
+            tl.store(partial_ptr + pid * (M * K) + m * K + k, tl.sum(am * bk, axis=0))
+
+
+def affine(inputs, coeffs, outputs):
+    """Write ``outputs[m] = sum_k coeffs[:, m, k] * inputs[k]`` (contiguous tensors, one shape)."""
+    numel = inputs[0].numel()
+    if numel == 0:
+        return
+    groups = coeffs.shape[0]
+    n = numel // groups
+    tile_in_group = n >= _BLOCK // 2
+    grid = (groups * triton.cdiv(n, _BLOCK),) if tile_in_group else (triton.cdiv(numel, _BLOCK),)
+    _affine_kernel[grid](tuple(inputs), tuple(outputs), coeffs, numel, n, K=len(inputs),
+                         M=len(outputs), BLOCK=_BLOCK, TILE_IN_GROUP=tile_in_group,
+                         num_warps=_NUM_WARPS)
+
+
+def affine_dot(a, b, groups):
+    """Per-group dot products ``[groups, len(a), len(b)]`` in the math type of the inputs."""
+    math = torch.float64 if a[0].dtype == torch.float64 else torch.float32
+    numel = a[0].numel()
+    if numel == 0 or groups == 0:
+        return torch.zeros(groups, len(a), len(b), dtype=math, device=a[0].device)
+    n = numel // groups
+    block = min(_BLOCK, triton.next_power_of_2(n))
+    tiles_per_group = triton.cdiv(n, block)
+    partial = torch.empty(groups, tiles_per_group, len(a), len(b), dtype=math, device=a[0].device)
+    _dot_kernel[(groups * tiles_per_group,)](
+        tuple(a), tuple(b), partial, n, tiles_per_group, M=len(a), K=len(b), BLOCK=block,
+        ACC_DTYPE=tl.float64 if math == torch.float64 else tl.float32, num_warps=_NUM_WARPS)
+    # Fold the per-tile sums in a fixed order, in fp64: deterministic run to run.
+    return partial.double().sum(dim=1).to(math)
