@@ -9,6 +9,8 @@ Install torch first, then: pip install --no-build-isolation -e .
 """
 import glob
 import os
+import re
+import subprocess
 
 from setuptools import setup
 
@@ -17,15 +19,39 @@ PACKAGES = ["fastflow", "fastflow.reference", "fastflow._triton"]
 PACKAGE_DIR = {"fastflow._triton": "triton_kernels"}
 
 
+def _nvcc_release(cuda_home):
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{found[1]}.{found[2]}" if found else None
+
+
 def _want_cuda(torch_cuda_version, cuda_home):
     mode = os.environ.get("FASTFLOW_BUILD_CUDA", "auto").lower()
     if mode not in ("auto", "0", "1"):
         raise SystemExit(f"FASTFLOW_BUILD_CUDA must be auto, 0 or 1, got {mode!r}")
-    available = torch_cuda_version is not None and cuda_home is not None
-    if mode == "1" and not available:
-        raise SystemExit("FASTFLOW_BUILD_CUDA=1 but torch has no CUDA or no CUDA toolkit was found "
-                         f"(torch.version.cuda={torch_cuda_version}, CUDA_HOME={cuda_home})")
-    return mode == "1" or (mode == "auto" and available)
+    if mode == "0":
+        return False
+    problem = None
+    if torch_cuda_version is None or cuda_home is None:
+        problem = ("torch has no CUDA or no CUDA toolkit was found "
+                   f"(torch.version.cuda={torch_cuda_version}, CUDA_HOME={cuda_home})")
+    else:
+        # torch refuses to build extensions with a toolkit of another CUDA major version.
+        release = _nvcc_release(cuda_home)
+        if release is None or release.split(".")[0] != torch_cuda_version.split(".")[0]:
+            problem = (f"the CUDA toolkit at {cuda_home} (nvcc {release}) does not match the CUDA "
+                       f"{torch_cuda_version} that torch was built with")
+    if problem is None:
+        return True
+    if mode == "1":
+        raise SystemExit(f"FASTFLOW_BUILD_CUDA=1 but {problem}")
+    if torch_cuda_version is not None:
+        print(f"fastflow: building without the CUDA kernels: {problem}")
+    return False
 
 
 def _extensions():
@@ -37,8 +63,10 @@ def _extensions():
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     # -ffp-contract=off: no fused multiply-add, so CPU results equal eager PyTorch bit for bit.
-    # No -march flags: the wheel must run on any x86-64 or aarch64 machine.
-    cxx = ["-O3", "-ffp-contract=off", "-fopenmp", "-DAT_PARALLEL_OPENMP=1", "-std=c++17"]
+    # No -march flags: the wheel must run on any x86-64 or aarch64 machine. No -std flag either:
+    # unless one is given, cpp_extension adds (to g++ and nvcc) the standard that the installed
+    # torch's headers are written for; C++20 in recent releases, where C++17 warns or fails.
+    cxx = ["-O3", "-ffp-contract=off", "-fopenmp", "-DAT_PARALLEL_OPENMP=1"]
     extra = {"cxx": cxx}
     sources = list(cpu_sources)
     ext_type = cpp_extension.CppExtension
@@ -46,7 +74,8 @@ def _extensions():
         sources += cuda_sources
         ext_type = cpp_extension.CUDAExtension
         cxx.append("-DFASTFLOW_WITH_CUDA")
-        extra["nvcc"] = ["-O3", "-DFASTFLOW_WITH_CUDA", "-std=c++17", "--expt-relaxed-constexpr"]
+        # Target GPUs come from TORCH_CUDA_ARCH_LIST, else from the GPUs visible at build time.
+        extra["nvcc"] = ["-O3", "-DFASTFLOW_WITH_CUDA", "--expt-relaxed-constexpr"]
     ext = ext_type("fastflow._C", sources, extra_compile_args=extra,
                    extra_link_args=["-fopenmp"], include_dirs=[os.path.join(ROOT, "csrc")])
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)

@@ -15,6 +15,8 @@
 
 #include <torch/extension.h>
 
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace fastflow {
@@ -27,6 +29,22 @@ void affine_cpu(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
                 const std::vector<at::Tensor>& outputs);
 at::Tensor affine_dot_cpu(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b,
                           int64_t groups);
+
+// Calls f(std::integral_constant<int, K>{}, std::integral_constant<int, M>{}) for runtime k, m
+// within the arity limits, so that every kernel is compiled with its loops over K and M unrolled.
+// Callers validate k and m first (check_affine_args); other values call nothing.
+template <typename F, int K = 1, int M = 1>
+void dispatch_arity(int64_t k, int64_t m, F&& f) {
+  if constexpr (K <= kMaxInputs && M <= kMaxOutputs) {
+    if (k == K && m == M) {
+      f(std::integral_constant<int, K>{}, std::integral_constant<int, M>{});
+    } else if (M < kMaxOutputs) {
+      dispatch_arity<F, K, M + 1>(k, m, std::forward<F>(f));
+    } else {
+      dispatch_arity<F, K + 1, 1>(k, m, std::forward<F>(f));
+    }
+  }
+}
 
 // Hint the kernel to back a fresh CPU tensor with transparent huge pages (no-op elsewhere).
 void advise_huge_pages(const at::Tensor& t);

@@ -16,6 +16,8 @@ void check_affine_args(const std::vector<at::Tensor>& inputs, const at::Tensor& 
   auto check_stream = [&](const at::Tensor& x, const char* what) {
     TORCH_CHECK(x.device().type() == device, "fastflow affine: ", what, " is on ", x.device(),
                 ", expected a ", c10::DeviceTypeName(device), " tensor");
+    TORCH_CHECK(x.device() == ref.device(), "fastflow affine: ", what, " is on ", x.device(),
+                ", the first input on ", ref.device());
     TORCH_CHECK(x.scalar_type() == ref.scalar_type(), "fastflow affine: ", what, " has dtype ",
                 x.scalar_type(), ", expected ", ref.scalar_type());
     TORCH_CHECK(x.numel() == ref.numel(), "fastflow affine: ", what, " has ", x.numel(),

@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <array>
 #include <type_traits>
-#include <utility>
 
 namespace fastflow {
 namespace {
@@ -24,19 +23,6 @@ constexpr int64_t kTile = 256;
 constexpr int kLanes = 8;
 // Elements per deterministic partial sum of affine_dot (fixed, independent of thread count).
 constexpr int64_t kDotChunk = 1 << 14;
-
-template <typename F, int K = 1, int M = 1>
-void dispatch_arity(int64_t k, int64_t m, F&& f) {
-  if constexpr (K <= kMaxInputs && M <= kMaxOutputs) {
-    if (k == K && m == M) {
-      f(std::integral_constant<int, K>{}, std::integral_constant<int, M>{});
-    } else if (M < kMaxOutputs) {
-      dispatch_arity<F, K, M + 1>(k, m, std::forward<F>(f));
-    } else {
-      dispatch_arity<F, K + 1, 1>(k, m, std::forward<F>(f));
-    }
-  }
-}
 
 template <typename scalar_t, typename math_t, int K, int M>
 void affine_span(const std::array<const scalar_t*, K>& in, const std::array<scalar_t*, M>& out,

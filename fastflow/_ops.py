@@ -32,6 +32,42 @@ def math_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_streams(tensors, what, count_limit, ref):
+    if not 1 <= len(tensors) <= count_limit:
+        raise ValueError(f"fastflow affine: expected 1 to {count_limit} {what}, got {len(tensors)}")
+    for x in tensors:
+        if x.dtype != ref.dtype or x.numel() != ref.numel() or x.device != ref.device:
+            raise ValueError(f"fastflow affine: {what} must share dtype, element count and device; "
+                             f"got {x.dtype}/{x.numel()}/{x.device} beside "
+                             f"{ref.dtype}/{ref.numel()}/{ref.device}")
+
+
+def _check_affine_args(inputs, coeffs, num_outputs, outputs=()):
+    """The checks of csrc/affine_checks.cpp, for every backend: kernels index the coefficients
+    by (group, output, input) and would read out of bounds on a mismatch."""
+    ref = inputs[0] if inputs else None
+    _check_streams(inputs, "inputs", MAX_INPUTS, ref)
+    if ref.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"fastflow affine: inputs must be floating point, got {ref.dtype}")
+    if outputs:
+        _check_streams(outputs, "outputs", MAX_OUTPUTS, ref)
+    elif not 1 <= num_outputs <= MAX_OUTPUTS:
+        raise ValueError(f"fastflow affine: expected 1 to {MAX_OUTPUTS} outputs, got {num_outputs}")
+    if coeffs.dim() != 3 or tuple(coeffs.shape[1:]) != (num_outputs, len(inputs)):
+        raise ValueError(f"fastflow affine: coeffs must have shape [G, {num_outputs}, "
+                         f"{len(inputs)}], got {list(coeffs.shape)}")
+    if coeffs.dtype != math_dtype(ref.dtype) or coeffs.device != ref.device:
+        raise ValueError(f"fastflow affine: coeffs must be {math_dtype(ref.dtype)} on "
+                         f"{ref.device}, got {coeffs.dtype} on {coeffs.device}")
+    _check_groups(ref, coeffs.shape[0])
+
+
+def _check_groups(ref, groups):
+    if groups < 0 or (groups == 0 and ref.numel() != 0) or (groups > 0 and ref.numel() % groups):
+        raise ValueError(f"fastflow affine: {ref.numel()} elements do not split into {groups} "
+                         f"groups")
+
+
 def _shares_memory(x, y):
     return x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
 
@@ -72,16 +108,25 @@ def _empty_output(x):
 
 
 def _affine(inputs, coeffs):
+    _check_affine_args(inputs, coeffs, coeffs.shape[1] if coeffs.dim() == 3 else 0)
     outputs = [_empty_output(inputs[0]) for _ in range(coeffs.shape[1])]
     _run_affine(inputs, coeffs, outputs)
     return outputs
 
 
 def _affine_out(inputs, coeffs, out):
+    _check_affine_args(inputs, coeffs, len(out), out)
     _run_affine(inputs, coeffs, out)
 
 
+def _check_dot_args(a, b, groups):
+    _check_streams(a, "dot operands", MAX_OUTPUTS, a[0] if a else None)
+    _check_streams(b, "dot operands", MAX_INPUTS, a[0])
+    _check_groups(a[0], groups)
+
+
 def _affine_dot(a, b, groups):
+    _check_dot_args(a, b, groups)
     kernels = _backends.kernels(_backends.select(a[0].device))
     return kernels.affine_dot([x.contiguous() for x in a], [x.contiguous() for x in b], groups)
 
@@ -93,17 +138,19 @@ _lib.impl("affine_dot", _affine_dot, "CompositeExplicitAutograd")
 
 @torch.library.register_fake("fastflow::affine")
 def _affine_fake(inputs, coeffs):
+    _check_affine_args(inputs, coeffs, coeffs.shape[1] if coeffs.dim() == 3 else 0)
     x = inputs[0]
     return [torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(coeffs.shape[1])]
 
 
 @torch.library.register_fake("fastflow::affine_out")
 def _affine_out_fake(inputs, coeffs, out):
-    return None
+    _check_affine_args(inputs, coeffs, len(out), out)
 
 
 @torch.library.register_fake("fastflow::affine_dot")
 def _affine_dot_fake(a, b, groups):
+    _check_dot_args(a, b, groups)
     return a[0].new_empty((groups, len(a), len(b)), dtype=math_dtype(a[0].dtype))
 
 

@@ -149,7 +149,7 @@ class ConstantNoise(Path):
     uses_noise = True
 
     def __init__(self, sigma=0.0):
-        if sigma < 0:
+        if not sigma >= 0:
             raise ValueError(f"ConstantNoise: sigma must be >= 0, got {sigma}")
         self.sigma = float(sigma)
 
@@ -168,7 +168,7 @@ class SchrodingerBridge(Path):
     uses_noise = True
 
     def __init__(self, sigma=1.0):
-        if sigma <= 0:
+        if not sigma > 0:
             raise ValueError(f"SchrodingerBridge: sigma must be positive, got {sigma}")
         self.sigma = float(sigma)
 

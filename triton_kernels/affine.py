@@ -45,17 +45,21 @@ def _affine_kernel(ins, outs, coeffs_ptr, numel, n, K: tl.constexpr, M: tl.const
 
 
 @triton.jit
-def _dot_kernel(a, b, partial_ptr, n, tiles_per_group, M: tl.constexpr, K: tl.constexpr,
-                BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr):
+def _dot_kernel(a, b, partial_ptr, groups, n, tiles_per_group, M: tl.constexpr, K: tl.constexpr,
+                ROWS: tl.constexpr, BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    # A [ROWS, BLOCK] tile: ROWS groups side by side when samples are small, else one group
+    # split into tiles_per_group blocks. Each program writes its partial sums per (group, tile).
     pid = tl.program_id(0).to(tl.int64)
-    g = pid // tiles_per_group
-    offs = g * n + (pid % tiles_per_group) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < (g + 1) * n
+    rows = (pid // tiles_per_group) * ROWS + tl.arange(0, ROWS)
+    cols = (pid % tiles_per_group) * BLOCK + tl.arange(0, BLOCK)
+    offs = rows[:, None] * n + cols[None, :]
+    mask = (rows[:, None] < groups) & (cols[None, :] < n)
+    out = partial_ptr + (rows * tiles_per_group + pid % tiles_per_group) * (M * K)
     for m in tl.static_range(M):
         am = tl.load(a[m] + offs, mask=mask, other=0).to(ACC_DTYPE)
         for k in tl.static_range(K):
             bk = tl.load(b[k] + offs, mask=mask, other=0).to(ACC_DTYPE)
-            tl.store(partial_ptr + pid * (M * K) + m * K + k, tl.sum(am * bk, axis=0))
+            tl.store(out + m * K + k, tl.sum(am * bk, axis=1), mask=rows < groups)
 
 
 def affine(inputs, coeffs, outputs):
@@ -80,10 +84,12 @@ def affine_dot(a, b, groups):
         return torch.zeros(groups, len(a), len(b), dtype=math, device=a[0].device)
     n = numel // groups
     block = min(_BLOCK, triton.next_power_of_2(n))
+    rows = _BLOCK // block
     tiles_per_group = triton.cdiv(n, block)
     partial = torch.empty(groups, tiles_per_group, len(a), len(b), dtype=math, device=a[0].device)
-    _dot_kernel[(groups * tiles_per_group,)](
-        tuple(a), tuple(b), partial, n, tiles_per_group, M=len(a), K=len(b), BLOCK=block,
-        ACC_DTYPE=tl.float64 if math == torch.float64 else tl.float32, num_warps=_NUM_WARPS)
+    grid = (triton.cdiv(groups, rows) * tiles_per_group,)
+    _dot_kernel[grid](tuple(a), tuple(b), partial, groups, n, tiles_per_group, M=len(a), K=len(b),
+                      ROWS=rows, BLOCK=block, num_warps=_NUM_WARPS,
+                      ACC_DTYPE=tl.float64 if math == torch.float64 else tl.float32)
     # Fold the per-tile sums in a fixed order, in fp64: deterministic run to run.
     return partial.double().sum(dim=1).to(math)

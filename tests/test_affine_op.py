@@ -1,0 +1,263 @@
+"""The dispatcher ops fastflow::affine, affine_out and affine_dot on every backend, and the
+argument checks of the C++ kernels behind them."""
+import itertools
+
+import pytest
+import torch
+
+import fastflow  # noqa: F401  (registers the ops)
+from fastflow import _backends, _ops
+from fastflow.reference import affine as reference_affine
+from fastflow.reference import affine_dot as reference_affine_dot
+
+from conftest import DTYPES, TOLERANCE, assert_close_to_reference
+
+ARITIES = list(itertools.product(range(1, _ops.MAX_INPUTS + 1), range(1, _ops.MAX_OUTPUTS + 1)))
+DOT_ARITIES = [(1, 1), (1, 4), (4, 1), (2, 3), (4, 4)]
+
+# (shape, per_sample): groups G = B = shape[0] when per_sample, else G = 1. Under the Triton
+# interpreter a block holds 4096 elements and tiles one group when n >= 2048: n = 2 with many
+# groups takes the per-element gather path (two blocks straddling groups), n > 4096 the
+# tile-in-group path with a masked tail; G = 1 covers one huge group and one tiny one.
+LAYOUTS = {
+    "n2-G=B": ((2500, 2), True),
+    "n4099-G=B": ((2, 4099), True),
+    "n4500-G=1": ((3, 1500), False),
+    "n15-G=1": ((3, 5), False),
+}
+# affine_dot under the Triton interpreter costs one program per group: fewer tiny groups.
+DOT_LAYOUTS = {
+    "n2-G=B": ((8, 2), True),
+    "n4099-G=B": ((2, 4099), True),
+    "n8198-G=1": ((2, 4099), False),
+}
+
+
+def _groups(shape, per_sample):
+    return shape[0] if per_sample else 1
+
+
+def _streams(count, shape, dtype, device, seed):
+    """Inputs uniform in [-1, 1]: with sum_k |C[m, k]| <= 1 (see _coeffs) every partial sum
+    stays in [-1, 1], so fp32 rounding is provably inside the 1e-6 tolerance."""
+    g = torch.Generator().manual_seed(seed)
+    return [(2 * torch.rand(shape, generator=g, dtype=torch.float64) - 1).to(device, dtype)
+            for _ in range(count)]
+
+
+def _coeffs(groups, m, k, dtype, device, seed=100):
+    g = torch.Generator().manual_seed(seed)
+    c = 2 * torch.rand(groups, m, k, generator=g, dtype=torch.float64) - 1
+    c = c / c.abs().sum(dim=2, keepdim=True)
+    return c.to(device=device, dtype=_ops.math_dtype(dtype))
+
+
+def _case(k, m, shape, per_sample, dtype, device):
+    inputs = _streams(k, shape, dtype, device, seed=10 * k + m)
+    return inputs, _coeffs(_groups(shape, per_sample), m, k, dtype, device)
+
+
+def _fp64_reference(inputs, coeffs):
+    return reference_affine([x.double() for x in inputs], coeffs.double())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k,m", ARITIES, ids=str)
+def test_affine_matches_fp64_reference(backend, k, m, dtype, layout):
+    inputs, coeffs = _case(k, m, *layout, dtype, backend)
+    outputs = torch.ops.fastflow.affine(inputs, coeffs)
+    expected = _fp64_reference(inputs, coeffs)
+    assert len(outputs) == m
+    for out, ref in zip(outputs, expected):
+        assert_close_to_reference(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k,m", ARITIES, ids=str)
+def test_cpu_kernel_is_bit_identical_to_eager(k, m, dtype, monkeypatch):
+    # DESIGN.md section 1: the C++ kernels sum the terms in order without contraction, so they
+    # equal the eager formula (the reference at the storage dtype) bit for bit.
+    if not _backends._status("cpu", "cpu")[0]:
+        pytest.skip(_backends._status("cpu", "cpu")[1])
+    monkeypatch.setenv(_backends.ENV_VAR, "cpu")
+    inputs, coeffs = _case(k, m, (7, 301), True, dtype, "cpu")
+    outputs = torch.ops.fastflow.affine(inputs, coeffs)
+    for out, ref in zip(outputs, reference_affine(inputs, coeffs), strict=True):
+        assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("layout", [LAYOUTS["n2-G=B"], LAYOUTS["n4099-G=B"]], ids=["n2", "n4099"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k,m", [(1, 1), (3, 2), (4, 4)], ids=str)
+def test_affine_out_writes_the_same_values(backend, k, m, dtype, layout):
+    inputs, coeffs = _case(k, m, *layout, dtype, backend)
+    out = [torch.full_like(inputs[0], float("nan")) for _ in range(m)]
+    assert torch.ops.fastflow.affine_out(inputs, coeffs, out) is None
+    for o, fresh in zip(out, torch.ops.fastflow.affine(inputs, coeffs)):
+        assert torch.equal(o, fresh)
+
+
+def _assert_dot_close(actual, a, b, groups):
+    """Dot products cancel: scale the error by max(1, sum_i |a_i b_i|), the sum's condition."""
+    expected = reference_affine_dot([x.double() for x in a], [x.double() for x in b], groups)
+    magnitude = reference_affine_dot([x.double().abs() for x in a],
+                                     [x.double().abs() for x in b], groups)
+    math = _ops.math_dtype(a[0].dtype)
+    assert actual.shape == (groups, len(a), len(b)) and actual.dtype == math
+    err = ((actual.double().cpu() - expected) / magnitude.clamp(min=1)).abs().max().item()
+    assert err <= TOLERANCE[math], f"scaled error {err:.3g} > {TOLERANCE[math]:.1g}"
+
+
+@pytest.mark.parametrize("layout", DOT_LAYOUTS.values(), ids=DOT_LAYOUTS.keys())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,k", DOT_ARITIES, ids=str)
+def test_affine_dot_matches_reference(backend, m, k, dtype, layout):
+    shape, per_sample = layout
+    a = _streams(m, shape, dtype, backend, seed=1)
+    b = _streams(k, shape, dtype, backend, seed=2)
+    groups = _groups(shape, per_sample)
+    _assert_dot_close(torch.ops.fastflow.affine_dot(a, b, groups), a, b, groups)
+
+
+def _determinism_case(device):
+    # Several kDotChunk-sized chunks per group and several parallel tasks on the CPU kernels.
+    a = _streams(2, (2, 40000), torch.float32, device, seed=3)
+    b = _streams(3, (2, 40000), torch.float32, device, seed=4)
+    coeffs = _coeffs(2, 2, 3, torch.float32, device)
+    return lambda: (*torch.ops.fastflow.affine(b, coeffs), torch.ops.fastflow.affine_dot(a, b, 2),
+                    torch.ops.fastflow.affine_dot(a, b, 1))
+
+
+def _assert_same_bits(first, second):
+    for x, y in zip(first, second, strict=True):
+        assert torch.equal(x.view(torch.int32), y.view(torch.int32))
+
+
+def test_repeated_calls_give_the_same_bits(backend):
+    run = _determinism_case(backend)
+    _assert_same_bits(run(), run())
+
+
+def test_cpu_results_do_not_depend_on_thread_count(monkeypatch):
+    if not _backends._status("cpu", "cpu")[0]:
+        pytest.skip(_backends._status("cpu", "cpu")[1])
+    monkeypatch.setenv(_backends.ENV_VAR, "cpu")
+    run = _determinism_case("cpu")
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(run())
+    finally:
+        torch.set_num_threads(before)
+    assert torch.get_num_threads() == before
+    _assert_same_bits(*results)
+
+
+def test_opcheck_affine(backend):
+    inputs = [x.requires_grad_() for x in _streams(3, (3, 5), torch.float32, backend, seed=5)]
+    coeffs = _coeffs(3, 2, 3, torch.float32, backend).requires_grad_()
+    torch.library.opcheck(torch.ops.fastflow.affine.default, (inputs, coeffs))
+
+
+def test_opcheck_affine_out(backend):
+    inputs = _streams(2, (3, 5), torch.float32, backend, seed=6)
+    out = [torch.empty(3, 5, device=backend) for _ in range(3)]
+    torch.library.opcheck(torch.ops.fastflow.affine_out.default,
+                          (inputs, _coeffs(3, 3, 2, torch.float32, backend), out))
+
+
+def test_opcheck_affine_dot(backend):
+    a = _streams(2, (3, 5), torch.float32, backend, seed=7)
+    b = _streams(3, (3, 5), torch.float32, backend, seed=8)
+    torch.library.opcheck(torch.ops.fastflow.affine_dot.default, (a, b, 3))
+
+
+def _extension():
+    ext, reason = _backends._extension()
+    if ext is None:
+        pytest.skip(reason)
+    return ext
+
+
+def test_cpp_arity_limits_equal_python_ones():
+    ext = _extension()
+    assert (ext.max_inputs, ext.max_outputs) == (_ops.MAX_INPUTS, _ops.MAX_OUTPUTS)
+
+
+def _f32(*shape):
+    return torch.zeros(shape)
+
+
+# Each entry: (inputs, coeffs, outputs) of one bad call to fastflow._C.affine_cpu.
+BAD_CPU_CALLS = {
+    "mismatched numel": ([_f32(6), _f32(5)], _f32(1, 1, 2), [_f32(6)]),
+    "output numel": ([_f32(6)], _f32(1, 1, 1), [_f32(7)]),
+    "coeffs rank": ([_f32(6)], _f32(1, 1), [_f32(6)]),
+    "coeffs M": ([_f32(6)], _f32(1, 2, 1), [_f32(6)]),
+    "coeffs K": ([_f32(6), _f32(6)], _f32(1, 1, 1), [_f32(6)]),
+    "coeffs fp64 for fp32": ([_f32(6)], _f32(1, 1, 1).double(), [_f32(6)]),
+    "coeffs fp16 for fp16": ([_f32(6).half()], _f32(1, 1, 1).half(), [_f32(6).half()]),
+    "non-contiguous input": ([_f32(3, 4).t()], _f32(1, 1, 1), [_f32(4, 3)]),
+    "non-contiguous output": ([_f32(4, 3)], _f32(1, 1, 1), [_f32(3, 4).t()]),
+    "non-contiguous coeffs": ([_f32(6)] * 2, _f32(1, 2, 2).transpose(1, 2), [_f32(6), _f32(6)]),
+    "too many inputs": ([_f32(6)] * 5, _f32(1, 1, 5), [_f32(6)]),
+    "too many outputs": ([_f32(6)], _f32(1, 5, 1), [_f32(6) for _ in range(5)]),
+    "no inputs": ([], _f32(1, 1, 0), [_f32(6)]),
+    "no outputs": ([_f32(6)], _f32(1, 0, 1), []),
+    "groups do not divide numel": ([_f32(7)], _f32(2, 1, 1), [_f32(7)]),
+    "no groups": ([_f32(7)], _f32(0, 1, 1), [_f32(7)]),
+    "integer input": ([torch.zeros(6, dtype=torch.int32)], _f32(1, 1, 1),
+                      [torch.zeros(6, dtype=torch.int32)]),
+    "input dtypes differ": ([_f32(6), _f32(6).double()], _f32(1, 1, 2), [_f32(6)]),
+    "output dtype differs": ([_f32(6)], _f32(1, 1, 1), [_f32(6).half()]),
+}
+
+
+@pytest.mark.parametrize("args", BAD_CPU_CALLS.values(), ids=BAD_CPU_CALLS.keys())
+def test_cpu_kernel_rejects_bad_calls(args):
+    with pytest.raises(RuntimeError, match="fastflow affine"):
+        _extension().affine_cpu(*args)
+
+
+# Each entry: (a, b, groups) of one bad call to fastflow._C.affine_dot_cpu.
+BAD_CPU_DOT_CALLS = {
+    "mismatched numel": ([_f32(6)], [_f32(5)], 1),
+    "empty side": ([], [_f32(6)], 1),
+    "negative groups": ([_f32(6)], [_f32(6)], -1),
+    "groups do not divide numel": ([_f32(7)], [_f32(7)], 2),
+    "too many on a side": ([_f32(6)] * 5, [_f32(6)], 1),
+    "non-contiguous": ([_f32(3, 4).t()], [_f32(4, 3)], 1),
+    "dtypes differ": ([_f32(6)], [_f32(6).double()], 1),
+}
+
+
+@pytest.mark.parametrize("args", BAD_CPU_DOT_CALLS.values(), ids=BAD_CPU_DOT_CALLS.keys())
+def test_cpu_dot_kernel_rejects_bad_calls(args):
+    with pytest.raises(RuntimeError, match="fastflow affine"):
+        _extension().affine_dot_cpu(*args)
+
+
+def test_cpu_kernel_still_works_after_bad_calls():
+    ext = _extension()
+    x, out = torch.arange(6.0), torch.empty(6)
+    ext.affine_cpu([x], torch.full((2, 1, 1), 2.0), [out])
+    assert torch.equal(out, 2 * x)
+
+
+OP_LEVEL_BAD_CALLS = {k: v for k, v in BAD_CPU_CALLS.items() if "non-contiguous" not in k}
+# Faults in the `out` list itself: affine allocates its outputs, so these concern affine_out only.
+OUT_ONLY_FAULTS = {"output numel", "output dtype differs", "coeffs M"}
+
+
+@pytest.mark.parametrize("case", OP_LEVEL_BAD_CALLS)
+def test_ops_reject_bad_calls_on_every_backend(backend, case):
+    inputs, coeffs, outputs = ([x.to(backend) for x in part] if isinstance(part, list) else
+                               part.to(backend) for part in OP_LEVEL_BAD_CALLS[case])
+    with pytest.raises(ValueError, match="fastflow affine"):
+        torch.ops.fastflow.affine_out(inputs, coeffs, outputs)
+    if case not in OUT_ONLY_FAULTS:
+        with pytest.raises(ValueError, match="fastflow affine"):
+            torch.ops.fastflow.affine(inputs, coeffs)

@@ -1,0 +1,120 @@
+"""fastflow.backends(), backend selection and FASTFLOW_BACKEND, and the fallback when the
+extension is not built."""
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fastflow
+from fastflow import _backends
+
+SKIP_EXTENSION = os.environ.get("FASTFLOW_SKIP_EXTENSION", "0") == "1"
+
+
+def test_backends_reports_every_backend_with_a_reason():
+    report = fastflow.backends()
+    assert list(report) == ["reference", "cpu", "triton", "cuda"]
+    for name, status in report.items():
+        assert isinstance(status, fastflow.BackendStatus)
+        assert status.name == name and isinstance(status.available, bool)
+        assert isinstance(status.reason, str) and status.reason
+        assert str(status) == (f"{name}: {'available' if status.available else 'unavailable'} "
+                               f"({status.reason})")
+    assert report["reference"].available
+
+
+def test_cpu_backend_is_built():
+    # A broken build must fail here rather than silently fall back to the reference.
+    status = fastflow.backends()["cpu"]
+    if SKIP_EXTENSION:
+        assert not status.available and "extension not built" in status.reason
+    else:
+        assert status.available, status.reason
+        assert _backends.select(torch.device("cpu")) == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the report of a CPU-only machine")
+def test_gpu_backends_on_a_cpu_machine():
+    report = fastflow.backends()
+    assert not report["cuda"].available
+    if not SKIP_EXTENSION:
+        assert report["cuda"].reason == "extension built without CUDA"
+    # The test session runs Triton in its interpreter (see conftest.py).
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    assert report["triton"].available == (interpreting and _backends._triton()[0] is not None)
+
+
+def test_default_selection_without_the_variable(monkeypatch):
+    monkeypatch.delenv(_backends.ENV_VAR, raising=False)
+    assert _backends.select(torch.device("cpu")) == ("reference" if SKIP_EXTENSION else "cpu")
+    assert _backends.select(torch.device("meta")) == "reference"
+
+
+@pytest.mark.parametrize("value,expected", [("reference", "reference"),
+                                            (" Reference ", "reference"), ("", None)])
+def test_forcing_is_read_at_every_call(monkeypatch, value, expected):
+    monkeypatch.setenv(_backends.ENV_VAR, value)
+    default = "reference" if SKIP_EXTENSION else "cpu"
+    assert _backends.select(torch.device("cpu")) == (expected or default)
+
+
+def test_unknown_backend_name(monkeypatch):
+    monkeypatch.setenv(_backends.ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match="FASTFLOW_BACKEND must be one of .*'bogus'"):
+        _backends.select(torch.device("cpu"))
+    with pytest.raises(ValueError, match="FASTFLOW_BACKEND"):
+        fastflow.interpolate(torch.randn(2, 3), torch.randn(2, 3), 0.5)
+
+
+def test_forced_cuda_on_cpu_tensors(monkeypatch):
+    monkeypatch.setenv(_backends.ENV_VAR, "cuda")
+    reason = _backends._status("cuda", "cpu")[1]
+    assert reason
+    message = rf"FASTFLOW_BACKEND=cuda cannot run on cpu tensors: .*{re.escape(reason)}"
+    with pytest.raises(RuntimeError, match=message):
+        fastflow.interpolate(torch.randn(2, 3), torch.randn(2, 3), 0.5)
+
+
+def test_forced_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv(_backends.ENV_VAR, "triton")
+    with pytest.raises(RuntimeError, match="FASTFLOW_BACKEND=triton cannot run on cpu tensors"):
+        _backends.select(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if _backends._triton()[0] is not None:
+        assert _backends.select(torch.device("cpu")) == "triton"
+
+
+def test_forced_cpu_on_other_devices(monkeypatch):
+    monkeypatch.setenv(_backends.ENV_VAR, "cpu")
+    with pytest.raises(RuntimeError, match="FASTFLOW_BACKEND=cpu cannot run on meta tensors"):
+        _backends.select(torch.device("meta"))
+
+
+_WITHOUT_EXTENSION = textwrap.dedent("""
+    import sys
+    import torch
+    import fastflow
+    status = fastflow.backends()["cpu"]
+    assert not status.available and "extension not built" in status.reason, status
+    assert "fastflow._C" not in sys.modules
+    assert fastflow._backends.select(torch.device("cpu")) == "reference"
+    x0, x1, t = torch.randn(4, 3, 5), torch.randn(4, 3, 5), torch.rand(4)
+    x_t, u_t = fastflow.interpolate(x0, x1, t)
+    tt = t[:, None, None]
+    assert torch.equal(x_t, tt * x1 + (1 - tt) * x0) and torch.equal(u_t, x1 - x0)
+    print("ok", status)
+""")
+
+
+def test_import_and_interpolate_without_the_extension():
+    env = {k: v for k, v in os.environ.items() if k != _backends.ENV_VAR}
+    env["FASTFLOW_SKIP_EXTENSION"] = "1"
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_EXTENSION], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok cpu: unavailable (extension not built")

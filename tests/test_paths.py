@@ -1,0 +1,191 @@
+"""fastflow.paths against closed forms written out here (DESIGN.md section 3) and torchcfm's
+formulas for the extra-noise paths."""
+import math
+
+import pytest
+import torch
+
+import fastflow
+from fastflow import paths
+from fastflow.reference import interpolate as reference_interpolate
+
+from conftest import assert_close_to_reference
+
+T_GRID = [0.0, 1e-3, 0.1, 0.25, 0.5, 0.75, 0.9, 0.999, 1.0]
+
+
+def _vp(beta_min, beta_max):
+    def schedule(t):
+        big_t = (1 - t) ** 2 * (beta_max - beta_min) / 2 + (1 - t) * beta_min
+        alpha = math.exp(-big_t / 2)
+        return alpha, math.sqrt(1 - alpha ** 2)
+    return schedule
+
+
+# (path, t -> (alpha_t, sigma_t)) with the table of DESIGN.md section 3, in Python floats.
+AFFINE_PATHS = [
+    (paths.CondOT(), lambda t: (t, 1 - t)),
+    (paths.CondOT(sigma_min=0.1), lambda t: (t, 1 - 0.9 * t)),
+    (paths.Polynomial(1), lambda t: (t, 1 - t)),
+    (paths.Polynomial(2.5), lambda t: (t ** 2.5, 1 - t ** 2.5)),
+    (paths.Cosine(), lambda t: (math.sin(math.pi * t / 2), math.cos(math.pi * t / 2))),
+    (paths.LinearVP(), lambda t: (t, math.sqrt(1 - t * t))),
+    (paths.VP(), _vp(0.1, 20.0)),
+    (paths.VP(beta_min=0.5, beta_max=5.0), _vp(0.5, 5.0)),
+    (paths.VP(beta_min=1.0, beta_max=1.0), _vp(1.0, 1.0)),
+    (paths.TargetCFM(0.05), lambda t: (t, 1 - 0.95 * t)),
+]
+AFFINE_IDS = [repr(p) for p, _ in AFFINE_PATHS]
+
+
+def _t(values=T_GRID, requires_grad=False):
+    return torch.tensor(values, dtype=torch.float64, requires_grad=requires_grad)
+
+
+@pytest.mark.parametrize("path,closed_form", AFFINE_PATHS, ids=AFFINE_IDS)
+def test_schedules_match_closed_form(path, closed_form):
+    alpha, sigma, _, _ = path(_t())
+    expected = torch.tensor([closed_form(t) for t in T_GRID], dtype=torch.float64)
+    torch.testing.assert_close(alpha, expected[:, 0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sigma, expected[:, 1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", [p for p, _ in AFFINE_PATHS], ids=AFFINE_IDS)
+def test_derivatives_match_autograd(path):
+    # Endpoints included. Where autograd is not finite (LinearVP: -inf, VP: nan from 0 * inf at
+    # t = 1) the derivative is infinite too; elsewhere the two agree.
+    t = _t(requires_grad=True)
+    alpha, sigma, d_alpha, d_sigma = path(t)
+    for value, derivative in ((alpha, d_alpha), (sigma, d_sigma)):
+        grad, = torch.autograd.grad(value.sum(), t, retain_graph=True)
+        finite = grad.isfinite()
+        torch.testing.assert_close(derivative[finite], grad[finite], rtol=1e-10, atol=1e-12)
+        assert derivative[~finite].isinf().all()
+    assert d_alpha.isfinite().all()
+
+
+# (path, alpha(0), sigma(0), alpha(1), sigma(1), atol): VP reaches pure noise only approximately.
+ENDS = [
+    (paths.CondOT(), 0.0, 1.0, 1.0, 0.0, 0.0),
+    (paths.CondOT(sigma_min=0.1), 0.0, 1.0, 1.0, 0.1, 1e-16),
+    (paths.Polynomial(2.5), 0.0, 1.0, 1.0, 0.0, 0.0),
+    (paths.Cosine(), 0.0, 1.0, 1.0, 0.0, 1e-15),
+    (paths.LinearVP(), 0.0, 1.0, 1.0, 0.0, 0.0),
+    (paths.TargetCFM(0.05), 0.0, 1.0, 1.0, 0.05, 1e-16),
+    (paths.VP(), 0.0, 1.0, 1.0, 0.0, 1e-2),
+]
+
+
+@pytest.mark.parametrize("path,alpha0,sigma0,alpha1,sigma1,atol", ENDS,
+                         ids=[repr(e[0]) for e in ENDS])
+def test_ends_of_the_schedules(path, alpha0, sigma0, alpha1, sigma1, atol):
+    alpha, sigma, _, _ = path(_t([0.0, 1.0]))
+    torch.testing.assert_close(alpha, _t([alpha0, alpha1]), rtol=0, atol=atol)
+    torch.testing.assert_close(sigma, _t([sigma0, sigma1]), rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("path", [paths.Cosine(), paths.LinearVP(), paths.VP(),
+                                  paths.VP(0.5, 5.0)], ids=repr)
+def test_variance_preserving_paths(path):
+    alpha, sigma, _, _ = path(_t())
+    torch.testing.assert_close(alpha ** 2 + sigma ** 2, torch.ones_like(alpha), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("path", [p for p, _ in AFFINE_PATHS], ids=AFFINE_IDS)
+def test_coefficients_layout(path):
+    # Rows (x_t, u_t), columns (x0, x1): x_t = sigma x0 + alpha x1, u_t = d_sigma x0 + d_alpha x1.
+    t = _t([0.2, 0.6])
+    alpha, sigma, d_alpha, d_sigma = path(t)
+    expected = torch.stack([torch.stack([sigma, alpha], 1), torch.stack([d_sigma, d_alpha], 1)], 1)
+    assert torch.equal(path.coefficients(t), expected)
+
+
+def _torchcfm(path, x0, x1, t, eps):
+    """(x_t, u_t) as torchcfm writes them, with t broadcast as [B, 1, ...]."""
+    t = t.reshape(-1, *([1] * (x1.dim() - 1)))
+    if isinstance(path, paths.ConstantNoise):                   # ConditionalFlowMatcher (I-CFM)
+        return t * x1 + (1 - t) * x0 + path.sigma * eps, x1 - x0
+    if isinstance(path, paths.SchrodingerBridge):
+        s_t = path.sigma * torch.sqrt(t * (1 - t))
+        x_t = t * x1 + (1 - t) * x0 + s_t * eps
+        return x_t, x1 - x0 + (1 - 2 * t) / (2 * t * (1 - t) + 1e-8) * s_t * eps
+    # TargetConditionalFlowMatcher, its Gaussian sample being x0.
+    sigma = path.sigma_min
+    s = 1 - (1 - sigma) * t
+    x_t = t * x1 + s * x0
+    return x_t, (x1 - (1 - sigma) * x_t) / s
+
+
+NOISE_PATHS = [paths.ConstantNoise(), paths.ConstantNoise(0.3), paths.SchrodingerBridge(),
+               paths.SchrodingerBridge(0.5), paths.TargetCFM(0.1), paths.TargetCFM(0.02)]
+
+
+@pytest.mark.parametrize("path", NOISE_PATHS, ids=repr)
+def test_torchcfm_formulas(backend, path):
+    g = torch.Generator().manual_seed(0)
+    x0, x1, eps = (torch.randn(5, 3, 4, generator=g, dtype=torch.float64).to(backend)
+                   for _ in range(3))
+    t = torch.tensor([0.0, 0.1, 0.5, 0.77, 1.0], dtype=torch.float64, device=backend)
+    noise = eps if path.uses_noise else None
+    expected = _torchcfm(path, x0, x1, t, eps if path.uses_noise else torch.zeros_like(x0))
+    for fn in (reference_interpolate, fastflow.interpolate):
+        for got, want in zip(fn(x0, x1, t, path=path, noise=noise), expected, strict=True):
+            assert_close_to_reference(got, want, torch.float64)
+
+
+# name -> (class, attributes that DESIGN.md or torchcfm's defaults fix)
+NAMES = {
+    "cond_ot": (paths.CondOT, {"sigma_min": 0.0}),
+    "polynomial": (paths.Polynomial, {}),
+    "cosine": (paths.Cosine, {}),
+    "linear_vp": (paths.LinearVP, {}),
+    "vp": (paths.VP, {"beta_min": 0.1, "beta_max": 20.0}),
+    "target_cfm": (paths.TargetCFM, {"sigma_min": 0.0}),
+    "constant_noise": (paths.ConstantNoise, {"sigma": 0.0}),
+    "schrodinger_bridge": (paths.SchrodingerBridge, {"sigma": 1.0}),
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_get_path_by_name(name):
+    cls, attributes = NAMES[name]
+    path = paths.get_path(name)
+    assert type(path) is cls
+    assert attributes.items() <= vars(path).items()
+
+
+def test_get_path_of_none_and_of_a_path():
+    default = paths.get_path(None)
+    assert type(default) is paths.CondOT and default.sigma_min == 0.0
+    cosine = paths.Cosine()
+    assert paths.get_path(cosine) is cosine
+
+
+@pytest.mark.parametrize("arg,error", [("CondOT", ValueError), ("", ValueError), (3, TypeError),
+                                       (paths.Cosine, TypeError)], ids=repr)
+def test_get_path_rejects(arg, error):
+    with pytest.raises(error, match="path: "):
+        paths.get_path(arg)
+
+
+BAD_ARGUMENTS = [
+    (paths.CondOT, {"sigma_min": -0.1}, ValueError, "CondOT: sigma_min"),
+    (paths.CondOT, {"sigma_min": 1.0}, ValueError, "CondOT: sigma_min"),
+    (paths.CondOT, {"sigma_min": 1.5}, ValueError, "CondOT: sigma_min"),
+    (paths.TargetCFM, {"sigma": 1.0}, ValueError, "sigma_min must be in"),
+    (paths.VP, {"beta_min": 2.0, "beta_max": 1.0}, ValueError, "VP: need 0 <= beta_min <= beta_"),
+    (paths.VP, {"beta_min": -0.1}, ValueError, "VP: need 0 <= beta_min"),
+    (paths.Polynomial, {"n": "2"}, TypeError, "Polynomial: n must be a number"),
+    (paths.Polynomial, {"n": None}, TypeError, "Polynomial: n must be a number"),
+    (paths.Polynomial, {"n": True}, TypeError, "Polynomial: n must be a number"),
+    (paths.ConstantNoise, {"sigma": -0.1}, ValueError, "ConstantNoise: sigma must be >= 0"),
+    (paths.SchrodingerBridge, {"sigma": 0.0}, ValueError, "SchrodingerBridge: sigma must be pos"),
+    (paths.SchrodingerBridge, {"sigma": -1.0}, ValueError, "SchrodingerBridge: sigma must be pos"),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs,error,message", BAD_ARGUMENTS,
+                         ids=[f"{c.__name__}-{k}" for c, k, _, _ in BAD_ARGUMENTS])
+def test_bad_constructor_arguments(cls, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        cls(**kwargs)
