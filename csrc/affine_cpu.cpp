@@ -13,9 +13,9 @@
 namespace fastflow {
 namespace {
 
-// Elements per parallel task: large enough to amortise scheduling, small enough to balance
-// two to a few dozen threads on 16M-element tensors.
-constexpr int64_t kGrain = 1 << 16;
+// Smallest span worth handing to another thread: about the size where the fork-join overhead
+// of OpenMP is repaid on two cores; larger ranges are split evenly over all threads.
+constexpr int64_t kGrain = 1 << 14;
 // Elements per register/L1 tile inside a task.
 constexpr int64_t kTile = 256;
 // Independent accumulators per dot product: lets the compiler vectorise the reduction without

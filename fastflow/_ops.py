@@ -68,30 +68,10 @@ def _check_groups(ref, groups):
                          f"groups")
 
 
-def _shares_memory(x, y):
-    return x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
-
-
-def _run_affine(inputs, coeffs, outputs):
-    """Run the selected backend, writing `outputs`; handles layouts the kernels do not take."""
+def _launch(inputs, coeffs, outputs):
+    """Run the selected backend's kernel on contiguous streams, writing contiguous `outputs`."""
     kernels = _backends.kernels(_backends.select(inputs[0].device))
-    inputs = [x.contiguous() for x in inputs]
-    # Kernels stream contiguous memory and, with several outputs, may write an output before
-    # reading every input at that index: stage through fresh buffers when that could bite.
-    staged = []
-    for out in outputs:
-        overlaps = any(_shares_memory(out, x) for x in inputs)
-        same_place = any(out.data_ptr() == x.data_ptr() and out.stride() == x.stride()
-                         for x in inputs)
-        unsafe = overlaps and (len(outputs) > 1 or not same_place)
-        if out.is_contiguous() and not unsafe:
-            staged.append(out)
-        else:
-            staged.append(torch.empty(out.shape, dtype=out.dtype, device=out.device))
-    kernels.affine(inputs, coeffs.contiguous(), staged)
-    for out, buf in zip(outputs, staged):
-        if buf is not out:
-            out.copy_(buf)
+    kernels.affine([x.contiguous() for x in inputs], coeffs.contiguous(), outputs)
 
 
 # Fresh CPU outputs at least this large get transparent huge pages (see csrc/huge_pages.cpp).
@@ -110,13 +90,32 @@ def _empty_output(x):
 def _affine(inputs, coeffs):
     _check_affine_args(inputs, coeffs, coeffs.shape[1] if coeffs.dim() == 3 else 0)
     outputs = [_empty_output(inputs[0]) for _ in range(coeffs.shape[1])]
-    _run_affine(inputs, coeffs, outputs)
+    _launch(inputs, coeffs, outputs)
     return outputs
 
 
 def _affine_out(inputs, coeffs, out):
     _check_affine_args(inputs, coeffs, len(out), out)
-    _run_affine(inputs, coeffs, out)
+    staged = [o if _writable_in_place(o, inputs, len(out)) else torch.empty_like(
+        o, memory_format=torch.contiguous_format) for o in out]
+    _launch(inputs, coeffs, staged)
+    for o, buf in zip(out, staged):
+        if buf is not o:
+            o.copy_(buf)
+
+
+def _writable_in_place(out, inputs, num_outputs):
+    """Whether the kernels can write `out` directly. They stream contiguous memory, and with
+    several outputs may write one before reading every input at that index: an output that
+    shares memory with an input is safe only as the single output, exactly on top of it."""
+    if not out.is_contiguous():
+        return False
+    base = out.untyped_storage().data_ptr()
+    for x in inputs:
+        if x.untyped_storage().data_ptr() == base and (
+                num_outputs > 1 or x.data_ptr() != out.data_ptr() or not x.is_contiguous()):
+            return False
+    return True
 
 
 def _check_dot_args(a, b, groups):

@@ -50,9 +50,7 @@ class AffinePath(Path):
 
     def coefficients(self, t):
         alpha, sigma, d_alpha, d_sigma = self(t)
-        x_t = torch.stack([sigma, alpha], dim=-1)
-        u_t = torch.stack([d_sigma, d_alpha], dim=-1)
-        return torch.stack([x_t, u_t], dim=-2)
+        return torch.stack([sigma, alpha, d_sigma, d_alpha], dim=-1).view(-1, 2, 2)
 
 
 class CondOT(AffinePath):
@@ -155,9 +153,7 @@ class ConstantNoise(Path):
 
     def coefficients(self, t):
         one = torch.ones_like(t)
-        x_t = torch.stack([1 - t, t, self.sigma * one], dim=-1)
-        u_t = torch.stack([-one, one, 0 * one], dim=-1)
-        return torch.stack([x_t, u_t], dim=-2)
+        return torch.stack([1 - t, t, self.sigma * one, -one, one, 0 * one], dim=-1).view(-1, 2, 3)
 
 
 class SchrodingerBridge(Path):
@@ -176,9 +172,7 @@ class SchrodingerBridge(Path):
         one = torch.ones_like(t)
         s_t = self.sigma * torch.sqrt(t * (1 - t))
         ratio = (1 - 2 * t) / (2 * t * (1 - t) + 1e-8)
-        x_t = torch.stack([1 - t, t, s_t], dim=-1)
-        u_t = torch.stack([-one, one, ratio * s_t], dim=-1)
-        return torch.stack([x_t, u_t], dim=-2)
+        return torch.stack([1 - t, t, s_t, -one, one, ratio * s_t], dim=-1).view(-1, 2, 3)
 
 
 _BY_NAME = {
