@@ -66,7 +66,8 @@ def _extensions():
     # No -march flags: the wheel must run on any x86-64 or aarch64 machine. No -std flag either:
     # unless one is given, cpp_extension adds (to g++ and nvcc) the standard that the installed
     # torch's headers are written for; C++20 in recent releases, where C++17 warns or fails.
-    cxx = ["-O3", "-ffp-contract=off", "-fopenmp", "-DAT_PARALLEL_OPENMP=1"]
+    # -g0: Python's default -g makes the many kernel instantiations slow to build and 30 MB big.
+    cxx = ["-O3", "-g0", "-ffp-contract=off", "-fopenmp", "-DAT_PARALLEL_OPENMP=1"]
     extra = {"cxx": cxx}
     sources = list(cpu_sources)
     ext_type = cpp_extension.CppExtension

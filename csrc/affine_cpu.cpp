@@ -5,6 +5,7 @@
 #include "affine.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/bit_cast.h>
 
 #include <algorithm>
 #include <array>
@@ -24,6 +25,29 @@ constexpr int kLanes = 8;
 // Elements per deterministic partial sum of affine_dot (fixed, independent of thread count).
 constexpr int64_t kDotChunk = 1 << 14;
 
+// Storage <-> math conversions. bfloat16 is written as the integer ops it is, which the
+// auto-vectoriser handles; c10's own conversion branches on NaN per element and stays scalar.
+// Rounding is c10's: to nearest even, NaN to 0x7FC0, so results match eager PyTorch.
+template <typename math_t, typename scalar_t>
+inline math_t load_as(scalar_t v) {
+  return static_cast<math_t>(v);
+}
+template <>
+inline float load_as<float, c10::BFloat16>(c10::BFloat16 v) {
+  return c10::bit_cast<float>(static_cast<uint32_t>(v.x) << 16);
+}
+template <typename scalar_t, typename math_t>
+inline scalar_t store_as(math_t v) {
+  return static_cast<scalar_t>(v);
+}
+template <>
+inline c10::BFloat16 store_as<c10::BFloat16, float>(float v) {
+  const uint32_t u = c10::bit_cast<uint32_t>(v);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t bits = (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded;
+  return c10::BFloat16(static_cast<uint16_t>(bits), c10::BFloat16::from_bits());
+}
+
 template <typename scalar_t, typename math_t, int K, int M>
 void affine_span(const std::array<const scalar_t*, K>& in, const std::array<scalar_t*, M>& out,
                  const math_t* c, int64_t lo, int64_t hi) {
@@ -32,7 +56,7 @@ void affine_span(const std::array<const scalar_t*, K>& in, const std::array<scal
     math_t x[K][kTile];
     for (int k = 0; k < K; ++k) {
       const scalar_t* src = in[k] + j0;
-      for (int64_t i = 0; i < n; ++i) x[k][i] = static_cast<math_t>(src[i]);
+      for (int64_t i = 0; i < n; ++i) x[k][i] = load_as<math_t>(src[i]);
     }
     for (int m = 0; m < M; ++m) {
       const math_t* cm = c + m * K;
@@ -40,7 +64,7 @@ void affine_span(const std::array<const scalar_t*, K>& in, const std::array<scal
       for (int64_t i = 0; i < n; ++i) {
         math_t acc = cm[0] * x[0][i];
         for (int k = 1; k < K; ++k) acc = acc + cm[k] * x[k][i];
-        dst[i] = static_cast<scalar_t>(acc);
+        dst[i] = store_as<scalar_t>(acc);
       }
     }
   }
