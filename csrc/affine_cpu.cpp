@@ -3,9 +3,9 @@
 // cannot alias the streamed tensors), and the missing contraction keeps results bit-identical
 // to eager PyTorch.
 #include "affine.h"
+#include "float_bits.h"
 
 #include <ATen/Parallel.h>
-#include <c10/util/bit_cast.h>
 
 #include <algorithm>
 #include <array>
@@ -24,29 +24,6 @@ constexpr int64_t kTile = 256;
 constexpr int kLanes = 8;
 // Elements per deterministic partial sum of affine_dot (fixed, independent of thread count).
 constexpr int64_t kDotChunk = 1 << 14;
-
-// Storage <-> math conversions. bfloat16 is written as the integer ops it is, which the
-// auto-vectoriser handles; c10's own conversion branches on NaN per element and stays scalar.
-// Rounding is c10's: to nearest even, NaN to 0x7FC0, so results match eager PyTorch.
-template <typename math_t, typename scalar_t>
-inline math_t load_as(scalar_t v) {
-  return static_cast<math_t>(v);
-}
-template <>
-inline float load_as<float, c10::BFloat16>(c10::BFloat16 v) {
-  return c10::bit_cast<float>(static_cast<uint32_t>(v.x) << 16);
-}
-template <typename scalar_t, typename math_t>
-inline scalar_t store_as(math_t v) {
-  return static_cast<scalar_t>(v);
-}
-template <>
-inline c10::BFloat16 store_as<c10::BFloat16, float>(float v) {
-  const uint32_t u = c10::bit_cast<uint32_t>(v);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  const uint32_t bits = (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded;
-  return c10::BFloat16(static_cast<uint16_t>(bits), c10::BFloat16::from_bits());
-}
 
 template <typename scalar_t, typename math_t, int K, int M>
 void affine_span(const std::array<const scalar_t*, K>& in, const std::array<scalar_t*, M>& out,
@@ -116,12 +93,12 @@ void dot_kernel(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>&
         for (int m = 0; m < M; ++m)
           for (int k = 0; k < K; ++k)
             for (int l = 0; l < kLanes; ++l)
-              acc[m][k][l] += static_cast<acc_t>(pa[m][j + l]) * static_cast<acc_t>(pb[k][j + l]);
+              acc[m][k][l] += load_as<acc_t>(pa[m][j + l]) * load_as<acc_t>(pb[k][j + l]);
       }
       for (int l = 0; j < hi; ++j, ++l)
         for (int m = 0; m < M; ++m)
           for (int k = 0; k < K; ++k)
-            acc[m][k][l] += static_cast<acc_t>(pa[m][j]) * static_cast<acc_t>(pb[k][j]);
+            acc[m][k][l] += load_as<acc_t>(pa[m][j]) * load_as<acc_t>(pb[k][j]);
       acc_t* dst = partial.data() + task * M * K;
       for (int m = 0; m < M; ++m)
         for (int k = 0; k < K; ++k) {

@@ -9,7 +9,8 @@ import torch  # noqa: F401  (the compiled extension needs torch loaded first)
 
 from . import _ops, paths, reference
 from ._backends import BackendStatus, backends
+from .conversions import convert
 from .interpolation import interpolate
 
 __version__ = "0.1.0"
-__all__ = ["BackendStatus", "backends", "interpolate", "paths", "reference"]
+__all__ = ["BackendStatus", "backends", "convert", "interpolate", "paths", "reference"]

@@ -3,6 +3,7 @@
 Written for reading, not speed: each function states its formula in eager PyTorch.
 """
 from ._affine import affine, affine_dot
+from ._conversions import convert
 from ._interpolation import interpolate
 
-__all__ = ["affine", "affine_dot", "interpolate"]
+__all__ = ["affine", "affine_dot", "convert", "interpolate"]

@@ -1,0 +1,93 @@
+"""Converting a network's prediction between velocity, noise, data and score (DESIGN.md section 4).
+
+On an affine path x_t = alpha_t x1 + sigma_t x0, every kind of prediction is affine in
+(x_t, pred): the data estimate x1^ and noise estimate x0^ follow from (x_t, pred) by solving
+
+    x_t = alpha x1^ + sigma x0^        v = d_alpha x1^ + d_sigma x0^        score = -x0^ / sigma
+
+and the requested kind is read back from (x1^, x0^). fastflow builds that 2-coefficient row per
+sample in PyTorch (differentiable in t) and runs it through the fused affine kernel: one read of
+x_t and pred, one write.
+"""
+import torch
+
+from . import _ops
+from ._checks import batch_time, check_like, check_stream
+from .paths import AffinePath, get_path
+
+KINDS = ("velocity", "epsilon", "data", "score")
+
+
+def _check_kind(kind, name):
+    if kind not in KINDS:
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, KINDS))}, got {kind!r}")
+
+
+def _safe(x, eps):
+    """x moved away from 0 by at least eps, keeping its sign (0 counts as positive)."""
+    return torch.where(x < 0, x.clamp(max=-eps), x.clamp(min=eps))
+
+
+def conversion_coefficients(path, t, src, dst, eps=1e-6):
+    """Per-sample [G, 1, 2] coefficients of dst over (x_t, pred of kind src) at times t [G]."""
+    alpha, sigma, d_alpha, d_sigma = path(t)
+    one, zero = torch.ones_like(t), torch.zeros_like(t)
+    # (data, noise) estimates as rows over (x_t, pred).
+    if src == "data":
+        data = (zero, one)
+        noise = (1 / _safe(sigma, eps), -alpha / _safe(sigma, eps))
+    elif src == "epsilon":
+        noise = (zero, one)
+        data = (1 / _safe(alpha, eps), -sigma / _safe(alpha, eps))
+    elif src == "score":
+        noise = (zero, -sigma)
+        data = (1 / _safe(alpha, eps), sigma ** 2 / _safe(alpha, eps))
+    else:  # velocity: invert [[alpha, sigma], [d_alpha, d_sigma]]
+        det = _safe(alpha * d_sigma - sigma * d_alpha, eps)
+        data = (d_sigma / det, -sigma / det)
+        noise = (-d_alpha / det, alpha / det)
+    if dst == "data":
+        row = data
+    elif dst == "epsilon":
+        row = noise
+    elif dst == "score":
+        row = tuple(-c / _safe(sigma, eps) for c in noise)
+    else:
+        row = tuple(d_alpha * cd + d_sigma * cn for cd, cn in zip(data, noise))
+    return torch.stack(row, dim=-1).view(-1, 1, 2)
+
+
+def convert(pred, x_t, t, path=None, src="epsilon", dst="velocity", eps=1e-6):
+    """Convert a prediction of kind `src` at (x_t, t) into kind `dst`, in one fused pass.
+
+    Kinds: "velocity" (u_t), "epsilon" (the noise x0), "data" (x1) and "score"
+    (grad log p_t = -x0 / sigma_t). Differentiable in pred, x_t and t.
+
+    Divisions by alpha_t, sigma_t (and, from velocity, by alpha d_sigma - sigma d_alpha) are
+    unsafe where these vanish, at an end of [0, 1] for most paths: each divisor is moved away
+    from zero to at least `eps` in magnitude, so the result stays finite (and large) there.
+
+    Args:
+        pred: the network output, any shape with a leading batch dimension.
+        x_t: the point it was evaluated at; shape, dtype and device of pred.
+        t: a float, a 0-d tensor, [B] or [B, 1, ..., 1].
+        path: an affine path (``fastflow.paths.AffinePath``) or its name; default CondOT.
+        src, dst: the kinds to convert from and to.
+        eps: the smallest magnitude a divisor is allowed.
+
+    Example::
+
+        >>> eps_hat = model(x_t, t)                                  # a noise-predicting net
+        >>> v = fastflow.convert(eps_hat, x_t, t, src="epsilon", dst="velocity")
+    """
+    path = get_path(path)
+    if not isinstance(path, AffinePath):
+        raise TypeError(f"path: conversions need an affine path (alpha_t, sigma_t), got {path!r}")
+    _check_kind(src, "src")
+    _check_kind(dst, "dst")
+    check_stream(pred, "pred")
+    check_like(x_t, pred, "x_t", "pred")
+    t = batch_time(t, pred)
+    coeffs = conversion_coefficients(path, t, src, dst, eps).to(_ops.math_dtype(pred.dtype))
+    (out,) = _ops.affine([x_t, pred], coeffs)
+    return out
