@@ -88,7 +88,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", default=",".join(str(1 << p) for p in range(16, 27, 2)))
-    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--dtypes", default="fp32,bf16,fp16")
     args = parser.parse_args()
     device = torch.device(args.device)
     rows = run(device, [int(s) for s in args.sizes.split(",")], args.dtypes.split(","))
