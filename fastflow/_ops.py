@@ -7,9 +7,9 @@
     fastflow::affine_dot(Tensor[] a, Tensor[] b, int groups) -> Tensor
         dot[g, m, k] = sum_i a[m][g, i] * b[k][g, i], the reduction of affine's backward
 
-Coefficients are [G, M, K] in the math type (fp32, or fp64 for fp64 tensors). Every higher-level
-op of the package (interpolation, losses, conversions, sampler steps) computes its coefficients
-from t in plain PyTorch and calls these, so autograd reaches t through them.
+Coefficients are [G, M, K] in the math type (fp32, or fp64 for fp64 tensors). The public ops
+(interpolation and conversions so far; losses and sampler steps are to be built the same way)
+compute their coefficients from t in plain PyTorch and call these, so autograd reaches t.
 
 The device kernels are chosen per call by fastflow._backends. They are registered as one
 CompositeExplicitAutograd kernel that picks the backend from the device and FASTFLOW_BACKEND.
@@ -17,6 +17,7 @@ CompositeExplicitAutograd kernel that picks the backend from the device and FAST
 import torch
 
 from . import _backends
+from ._checks import FLOAT_DTYPES
 
 MAX_INPUTS = 4
 MAX_OUTPUTS = 4
@@ -47,7 +48,7 @@ def _check_affine_args(inputs, coeffs, num_outputs, outputs=()):
     by (group, output, input) and would read out of bounds on a mismatch."""
     ref = inputs[0] if inputs else None
     _check_streams(inputs, "inputs", MAX_INPUTS, ref)
-    if ref.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    if ref.dtype not in FLOAT_DTYPES:
         raise ValueError(f"fastflow affine: inputs must be floating point, got {ref.dtype}")
     if outputs:
         _check_streams(outputs, "outputs", MAX_OUTPUTS, ref)
