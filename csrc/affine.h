@@ -29,6 +29,9 @@ void affine_cpu(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
                 const std::vector<at::Tensor>& outputs);
 at::Tensor affine_dot_cpu(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b,
                           int64_t groups);
+// sum_i (sum_k coeffs[g, 0, k] * in[k][g, i])^2 per group g: the squared norm of one affine
+// output, never written out. The reduction of the fused losses.
+at::Tensor affine_sqnorm_cpu(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs);
 
 // Calls f(std::integral_constant<int, K>{}, std::integral_constant<int, M>{}) for runtime k, m
 // within the arity limits, so that every kernel is compiled with its loops over K and M unrolled.

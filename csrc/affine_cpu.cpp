@@ -70,6 +70,44 @@ void affine_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coef
   });
 }
 
+// W sums per group, each over the group's n elements, in a fixed order: the group is cut into
+// chunks of kDotChunk elements whatever the thread count, span(lo, hi, sums) adds a chunk's
+// contributions to sums[0..W), and the chunks of a group are folded in order. The same bits come
+// out on one thread or many.
+template <typename acc_t, int W, typename Span>
+void grouped_sums(int64_t groups, int64_t n, acc_t* out, const Span& span) {
+  const int64_t chunks = std::max<int64_t>(1, (n + kDotChunk - 1) / kDotChunk);
+  std::vector<acc_t> partial(static_cast<size_t>(groups * chunks * W), acc_t(0));
+  at::parallel_for(0, groups * chunks, std::max<int64_t>(1, kGrain / std::max<int64_t>(n, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t g = task / chunks;
+      const int64_t lo = g * n + (task % chunks) * kDotChunk;
+      span(lo, std::min(lo + kDotChunk, (g + 1) * n), partial.data() + task * W);
+    }
+  });
+  for (int64_t g = 0; g < groups; ++g)
+    for (int w = 0; w < W; ++w) {
+      acc_t s = 0;
+      for (int64_t c = 0; c < chunks; ++c) s += partial[(g * chunks + c) * W + w];
+      out[g * W + w] = s;
+    }
+}
+
+// Sums v(j) for j in [lo, hi) into kLanes independent accumulators, then folds them: lets the
+// compiler vectorise the reduction without reassociating it.
+template <typename acc_t, typename Value>
+acc_t lane_sum(int64_t lo, int64_t hi, const Value& v) {
+  acc_t acc[kLanes] = {};
+  int64_t j = lo;
+  for (; j + kLanes <= hi; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += v(j + l);
+  for (int l = 0; j < hi; ++j, ++l) acc[l] += v(j);
+  acc_t s = 0;
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
 template <typename scalar_t, typename acc_t, int K, int M>
 void dot_kernel(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b,
                 int64_t groups, at::Tensor& result) {
@@ -77,48 +115,36 @@ void dot_kernel(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>&
   std::array<const scalar_t*, K> pb;
   for (int m = 0; m < M; ++m) pa[m] = a[m].const_data_ptr<scalar_t>();
   for (int k = 0; k < K; ++k) pb[k] = b[k].const_data_ptr<scalar_t>();
-  const int64_t n = a[0].numel() / groups;
-  const int64_t chunks = std::max<int64_t>(1, (n + kDotChunk - 1) / kDotChunk);
-  std::vector<acc_t> partial(static_cast<size_t>(groups * chunks * M * K), acc_t(0));
-
-  at::parallel_for(0, groups * chunks, std::max<int64_t>(1, kGrain / std::max<int64_t>(n, 1)),
-                   [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t g = task / chunks;
-      const int64_t lo = g * n + (task % chunks) * kDotChunk;
-      const int64_t hi = std::min(lo + kDotChunk, (g + 1) * n);
-      acc_t acc[M][K][kLanes] = {};
-      int64_t j = lo;
-      for (; j + kLanes <= hi; j += kLanes) {
-        for (int m = 0; m < M; ++m)
-          for (int k = 0; k < K; ++k)
-            for (int l = 0; l < kLanes; ++l)
-              acc[m][k][l] += load_as<acc_t>(pa[m][j + l]) * load_as<acc_t>(pb[k][j + l]);
-      }
-      for (int l = 0; j < hi; ++j, ++l)
-        for (int m = 0; m < M; ++m)
-          for (int k = 0; k < K; ++k)
-            acc[m][k][l] += load_as<acc_t>(pa[m][j]) * load_as<acc_t>(pb[k][j]);
-      acc_t* dst = partial.data() + task * M * K;
-      for (int m = 0; m < M; ++m)
-        for (int k = 0; k < K; ++k) {
-          acc_t s = 0;
-          for (int l = 0; l < kLanes; ++l) s += acc[m][k][l];
-          dst[m * K + k] = s;
-        }
-    }
-  });
-
-  // Fold the partial sums of each group in chunk order: the result does not depend on how the
-  // tasks were spread over threads.
-  auto out = result.accessor<acc_t, 3>();
-  for (int64_t g = 0; g < groups; ++g)
+  grouped_sums<acc_t, M * K>(groups, a[0].numel() / groups, result.mutable_data_ptr<acc_t>(),
+                             [&](int64_t lo, int64_t hi, acc_t* sums) {
     for (int m = 0; m < M; ++m)
-      for (int k = 0; k < K; ++k) {
-        acc_t s = 0;
-        for (int64_t c = 0; c < chunks; ++c) s += partial[(g * chunks + c) * M * K + m * K + k];
-        out[g][m][k] = s;
-      }
+      for (int k = 0; k < K; ++k)
+        sums[m * K + k] = lane_sum<acc_t>(lo, hi, [&](int64_t j) {
+          return load_as<acc_t>(pa[m][j]) * load_as<acc_t>(pb[k][j]);
+        });
+  });
+}
+
+// Sum over each group of r^2, r = sum_k coeffs[g, 0, k] * in[k] computed exactly as affine
+// computes an output (math type, order k = 0..K-1), the square accumulated in fp64.
+template <typename scalar_t, int K>
+void sqnorm_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
+                   at::Tensor& result) {
+  using math_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  std::array<const scalar_t*, K> in;
+  for (int k = 0; k < K; ++k) in[k] = inputs[k].const_data_ptr<scalar_t>();
+  const math_t* c = coeffs.const_data_ptr<math_t>();
+  const int64_t groups = coeffs.size(0);
+  const int64_t n = inputs[0].numel() / groups;
+  grouped_sums<double, 1>(groups, n, result.mutable_data_ptr<double>(),
+                          [&](int64_t lo, int64_t hi, double* sum) {
+    const math_t* cg = c + (lo / n) * K;
+    *sum = lane_sum<double>(lo, hi, [&](int64_t j) {
+      math_t r = cg[0] * load_as<math_t>(in[0][j]);
+      for (int k = 1; k < K; ++k) r = r + cg[k] * load_as<math_t>(in[k][j]);
+      return static_cast<double>(r) * static_cast<double>(r);
+    });
+  });
 }
 
 }  // namespace
@@ -157,6 +183,22 @@ at::Tensor affine_dot_cpu(const std::vector<at::Tensor>& a, const std::vector<at
     });
   }
   return sums.to(math);
+}
+
+at::Tensor affine_sqnorm_cpu(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs) {
+  TORCH_CHECK(!inputs.empty(), "fastflow affine_sqnorm: needs at least one input");
+  // A residual is affine's single output: the same checks, with a placeholder for it.
+  check_affine_args(inputs, coeffs, {inputs[0]}, c10::kCPU);
+  at::Tensor sums = at::zeros({coeffs.size(0)}, inputs[0].options().dtype(at::kDouble));
+  if (inputs[0].numel() != 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, inputs[0].scalar_type(),
+                                    "affine_sqnorm_cpu", [&] {
+      dispatch_arity(inputs.size(), 1, [&](auto k, auto) {
+        sqnorm_kernel<scalar_t, decltype(k)::value>(inputs, coeffs, sums);
+      });
+    });
+  }
+  return sums.to(math_type(inputs[0].scalar_type()));
 }
 
 }  // namespace fastflow

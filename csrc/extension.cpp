@@ -9,6 +9,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("max_outputs") = fastflow::kMaxOutputs;
   m.def("affine_cpu", &fastflow::affine_cpu, "outputs[m] = sum_k coeffs[g, m, k] * inputs[k]");
   m.def("affine_dot_cpu", &fastflow::affine_dot_cpu, "per-group dot products [G, len(a), len(b)]");
+  m.def("affine_sqnorm_cpu", &fastflow::affine_sqnorm_cpu,
+        "per-group sum of squares of sum_k coeffs[g, 0, k] * inputs[k]");
   m.def("advise_huge_pages", &fastflow::advise_huge_pages,
         "ask for transparent huge pages behind a fresh CPU tensor");
 #ifdef FASTFLOW_WITH_CUDA

@@ -11,6 +11,8 @@ from . import _ops, paths, reference
 from ._backends import BackendStatus, backends
 from .conversions import convert
 from .interpolation import interpolate
+from .losses import flow_matching_loss
 
 __version__ = "0.1.0"
-__all__ = ["BackendStatus", "backends", "convert", "interpolate", "paths", "reference"]
+__all__ = ["BackendStatus", "backends", "convert", "flow_matching_loss", "interpolate", "paths",
+           "reference"]

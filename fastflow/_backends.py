@@ -124,14 +124,16 @@ _DEFAULT_ORDER = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
 
 def kernels(name):
     """The kernels of backend `name`: an object with ``affine(inputs, coeffs, outputs)``, which
-    writes into `outputs`, and ``affine_dot(a, b, groups)``, which returns the dot products."""
+    writes into `outputs`, and the reductions ``affine_dot(a, b, groups)`` and
+    ``affine_sqnorm(inputs, coeffs)``, which return their sums."""
     return _KERNELS[name]()
 
 
 class _Kernels:
-    def __init__(self, affine, affine_dot):
+    def __init__(self, affine, affine_dot, affine_sqnorm):
         self.affine = affine
         self.affine_dot = affine_dot
+        self.affine_sqnorm = affine_sqnorm
 
 
 def _reference_kernels():
@@ -141,24 +143,23 @@ def _reference_kernels():
         for out, value in zip(outputs, reference.affine(inputs, coeffs)):
             out.copy_(value)
 
-    return _Kernels(affine, reference.affine_dot)
+    return _Kernels(affine, reference.affine_dot, reference.affine_sqnorm)
 
 
 def _cpu_kernels():
     ext = _extension()[0]
-    return _Kernels(ext.affine_cpu, ext.affine_dot_cpu)
+    return _Kernels(ext.affine_cpu, ext.affine_dot_cpu, ext.affine_sqnorm_cpu)
 
 
 def _cuda_kernels():
-    # The dot products of the backward are Triton's where it is installed, else the reference's.
-    ext = _extension()[0]
-    dot = _triton()[0].affine_dot if _triton()[0] is not None else _reference_kernels().affine_dot
-    return _Kernels(ext.affine_cuda, dot)
+    # The reductions are Triton's where it is installed, else the reference's.
+    reductions = _triton_kernels() if _triton()[0] is not None else _reference_kernels()
+    return _Kernels(_extension()[0].affine_cuda, reductions.affine_dot, reductions.affine_sqnorm)
 
 
 def _triton_kernels():
     mod = _triton()[0]
-    return _Kernels(mod.affine, mod.affine_dot)
+    return _Kernels(mod.affine, mod.affine_dot, mod.affine_sqnorm)
 
 
 _KERNELS = {

@@ -6,6 +6,9 @@
         the same, written into preallocated tensors
     fastflow::affine_dot(Tensor[] a, Tensor[] b, int groups) -> Tensor
         dot[g, m, k] = sum_i a[m][g, i] * b[k][g, i], the reduction of affine's backward
+    fastflow::affine_sqnorm(Tensor[] inputs, Tensor coeffs) -> Tensor
+        sq[g] = sum_i r[g, i]^2 with r = affine(inputs, coeffs) (one output), never written:
+        the reduction of the fused losses
 
 Coefficients are [G, M, K] in the math type (fp32, or fp64 for fp64 tensors). The public ops
 (interpolation and conversions so far; losses and sampler steps are to be built the same way)
@@ -26,6 +29,7 @@ _lib = torch.library.Library("fastflow", "DEF")
 _lib.define("affine(Tensor[] inputs, Tensor coeffs) -> Tensor[]")
 _lib.define("affine_out(Tensor[] inputs, Tensor coeffs, Tensor(a!)[] out) -> ()")
 _lib.define("affine_dot(Tensor[] a, Tensor[] b, int groups) -> Tensor")
+_lib.define("affine_sqnorm(Tensor[] inputs, Tensor coeffs) -> Tensor")
 
 
 def math_dtype(dtype):
@@ -131,7 +135,14 @@ def _affine_dot(a, b, groups):
     return kernels.affine_dot([x.contiguous() for x in a], [x.contiguous() for x in b], groups)
 
 
+def _affine_sqnorm(inputs, coeffs):
+    _check_affine_args(inputs, coeffs, 1)
+    kernels = _backends.kernels(_backends.select(inputs[0].device))
+    return kernels.affine_sqnorm([x.contiguous() for x in inputs], coeffs.contiguous())
+
+
 _lib.impl("affine", _affine, "CompositeExplicitAutograd")
+_lib.impl("affine_sqnorm", _affine_sqnorm, "CompositeExplicitAutograd")
 _lib.impl("affine_out", _affine_out, "CompositeExplicitAutograd")
 _lib.impl("affine_dot", _affine_dot, "CompositeExplicitAutograd")
 
@@ -152,6 +163,12 @@ def _affine_out_fake(inputs, coeffs, out):
 def _affine_dot_fake(a, b, groups):
     _check_dot_args(a, b, groups)
     return a[0].new_empty((groups, len(a), len(b)), dtype=math_dtype(a[0].dtype))
+
+
+@torch.library.register_fake("fastflow::affine_sqnorm")
+def _affine_sqnorm_fake(inputs, coeffs):
+    _check_affine_args(inputs, coeffs, 1)
+    return coeffs.new_empty((coeffs.shape[0],))
 
 
 def _affine_setup_context(ctx, inputs, output):
@@ -192,9 +209,45 @@ torch.library.register_autograd("fastflow::affine", _affine_backward,
                                 setup_context=_affine_setup_context)
 
 
+def _sqnorm_setup_context(ctx, inputs, output):
+    xs, coeffs = inputs
+    ctx.input_needs_grad = [x.requires_grad for x in xs]
+    ctx.coeffs_needs_grad = coeffs.requires_grad
+    ctx.save_for_backward(coeffs, *xs)
+
+
+def _sqnorm_backward(ctx, grad):
+    """With r = sum_j c_j x_j and L = g * sum_i r_i^2 per group:
+    dL/dx_k = 2 g c_k r = sum_j (2 g c_k c_j) x_j, again affine, and
+    dL/dc_k = 2 g <r, x_k> = 2 g sum_j c_j <x_j, x_k>, from the inputs' Gram matrix."""
+    coeffs, *xs = ctx.saved_tensors
+    row = coeffs[:, 0]                                    # [G, K]
+    scale = 2 * grad.to(coeffs.dtype)[:, None]            # [G, 1]
+    grad_inputs = [None] * len(xs)
+    wanted = [k for k, needed in enumerate(ctx.input_needs_grad) if needed]
+    if wanted:
+        mixing = (scale * row)[:, wanted, None] * row[:, None, :]     # [G, len(wanted), K]
+        for k, g in zip(wanted, torch.ops.fastflow.affine(xs, mixing.contiguous())):
+            grad_inputs[k] = g
+    grad_coeffs = None
+    if ctx.coeffs_needs_grad:
+        gram = torch.ops.fastflow.affine_dot(xs, xs, coeffs.shape[0])  # [G, K, K]
+        grad_coeffs = (scale * torch.einsum("gjk,gj->gk", gram, row))[:, None, :]
+    return grad_inputs, grad_coeffs
+
+
+torch.library.register_autograd("fastflow::affine_sqnorm", _sqnorm_backward,
+                                setup_context=_sqnorm_setup_context)
+
+
 def affine(inputs, coeffs):
     """``outputs[m] = sum_k coeffs[:, m, k] * inputs[k]`` (see the module docstring)."""
     return torch.ops.fastflow.affine(list(inputs), coeffs)
+
+
+def affine_sqnorm(inputs, coeffs):
+    """Per-group sum of squares of ``sum_k coeffs[:, 0, k] * inputs[k]`` (see the module docstring)."""
+    return torch.ops.fastflow.affine_sqnorm(list(inputs), coeffs)
 
 
 def affine_out(inputs, coeffs, out):

@@ -62,6 +62,31 @@ def _dot_kernel(a, b, partial_ptr, groups, n, tiles_per_group, M: tl.constexpr, 
             tl.store(out + m * K + k, tl.sum(am * bk, axis=1), mask=rows < groups)
 
 
+@triton.jit
+def _sqnorm_kernel(ins, coeffs_ptr, partial_ptr, groups, n, tiles_per_group, K: tl.constexpr,
+                   ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # Tiles as in _dot_kernel; the residual is affine's single output, squared and summed.
+    pid = tl.program_id(0).to(tl.int64)
+    rows = (pid // tiles_per_group) * ROWS + tl.arange(0, ROWS)
+    cols = (pid % tiles_per_group) * BLOCK + tl.arange(0, BLOCK)
+    offs = rows[:, None] * n + cols[None, :]
+    mask = (rows[:, None] < groups) & (cols[None, :] < n)
+    coeff = coeffs_ptr + tl.minimum(rows, groups - 1)[:, None] * K
+    c = tl.load(coeff)
+    r = c * tl.load(ins[0] + offs, mask=mask, other=0).to(c.dtype)
+    for k in tl.static_range(1, K):
+        c = tl.load(coeff + k)
+        r = r + c * tl.load(ins[k] + offs, mask=mask, other=0).to(c.dtype)
+    tl.store(partial_ptr + rows * tiles_per_group + pid % tiles_per_group, tl.sum(r * r, axis=1),
+             mask=rows < groups)
+
+
+def _reduction_grid(groups, n):
+    """(rows, block, tiles_per_group) of the [ROWS, BLOCK] tiles the reductions use."""
+    block = min(_BLOCK, triton.next_power_of_2(n))
+    return _BLOCK // block, block, triton.cdiv(n, block)
+
+
 def affine(inputs, coeffs, outputs):
     """Write ``outputs[m] = sum_k coeffs[:, m, k] * inputs[k]`` (contiguous tensors, one shape)."""
     numel = inputs[0].numel()
@@ -83,9 +108,7 @@ def affine_dot(a, b, groups):
     if numel == 0 or groups == 0:
         return torch.zeros(groups, len(a), len(b), dtype=math, device=a[0].device)
     n = numel // groups
-    block = min(_BLOCK, triton.next_power_of_2(n))
-    rows = _BLOCK // block
-    tiles_per_group = triton.cdiv(n, block)
+    rows, block, tiles_per_group = _reduction_grid(groups, n)
     partial = torch.empty(groups, tiles_per_group, len(a), len(b), dtype=math, device=a[0].device)
     grid = (triton.cdiv(groups, rows) * tiles_per_group,)
     _dot_kernel[grid](tuple(a), tuple(b), partial, groups, n, tiles_per_group, M=len(a), K=len(b),
@@ -93,3 +116,17 @@ def affine_dot(a, b, groups):
                       ACC_DTYPE=tl.float64 if math == torch.float64 else tl.float32)
     # Fold the per-tile sums in a fixed order, in fp64: deterministic run to run.
     return partial.double().sum(dim=1).to(math)
+
+
+def affine_sqnorm(inputs, coeffs):
+    """Per-group ``sum_i (sum_k coeffs[g, 0, k] * inputs[k][g, i])**2`` in the math type."""
+    groups, numel = coeffs.shape[0], inputs[0].numel()
+    if numel == 0 or groups == 0:
+        return torch.zeros(groups, dtype=coeffs.dtype, device=coeffs.device)
+    n = numel // groups
+    rows, block, tiles_per_group = _reduction_grid(groups, n)
+    partial = torch.empty(groups, tiles_per_group, dtype=coeffs.dtype, device=coeffs.device)
+    grid = (triton.cdiv(groups, rows) * tiles_per_group,)
+    _sqnorm_kernel[grid](tuple(inputs), coeffs, partial, groups, n, tiles_per_group,
+                         K=len(inputs), ROWS=rows, BLOCK=block, num_warps=_NUM_WARPS)
+    return partial.double().sum(dim=1).to(coeffs.dtype)

@@ -2,8 +2,10 @@
 
 Written for reading, not speed: each function states its formula in eager PyTorch.
 """
-from ._affine import affine, affine_dot
+from ._affine import affine, affine_dot, affine_sqnorm
 from ._conversions import convert
 from ._interpolation import interpolate
+from ._losses import flow_matching_loss
 
-__all__ = ["affine", "affine_dot", "convert", "interpolate"]
+__all__ = ["affine", "affine_dot", "affine_sqnorm", "convert", "flow_matching_loss",
+           "interpolate"]

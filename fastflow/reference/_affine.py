@@ -29,6 +29,13 @@ def affine_dot(a, b, groups):
     return torch.bmm(fa, fb.transpose(1, 2)).to(math)
 
 
+def affine_sqnorm(inputs, coeffs):
+    """Per-group ``sum_i r[g, i]**2`` of the single output r of ``affine(inputs, coeffs)``
+    (coeffs [G, 1, K]), with r rounded to the math type and the squares summed in fp64."""
+    (residual,) = affine([x.to(coeffs.dtype) for x in inputs], coeffs)
+    return _per_group(residual, coeffs.shape[0]).double().pow(2).sum(dim=1).to(coeffs.dtype)
+
+
 def _per_group(x, groups):
     """x viewed as [groups, n]; an empty batch has no groups."""
     return x.reshape(groups, x.numel() // groups if groups else 0)

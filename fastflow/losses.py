@@ -1,0 +1,99 @@
+"""The fused flow-matching loss: the regression target is built inside the reduction kernel.
+
+    loss_b = weight_b * mean_i (pred[b, i] - target[b, i])^2
+
+with the target of the chosen kind (velocity u_t, noise x0, data x1 or score -x0 / sigma_t) an
+affine function of (x0, x1[, noise]) per sample. The residual pred - target is one row of the
+affine family over (pred, x0, x1[, noise]); its squared norm per sample is reduced in the kernel
+(fp64 accumulation, fixed order: the same bits run to run), so neither the target nor the
+squared error is ever materialised. The backward is one more affine pass writing the
+gradients of the inputs that need them (dL/dpred first among them).
+"""
+import torch
+
+from . import _ops
+from ._checks import batch_time, check_like, check_stream
+from .conversions import KINDS, _check_kind, _safe
+from .paths import AffinePath, get_path
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def target_coefficients(path, t, prediction, eps=1e-6):
+    """[G, K] coefficients of the regression target of kind `prediction` over (x0, x1[, noise])."""
+    coeffs = path.coefficients(t)
+    if prediction == "velocity":
+        return coeffs[:, 1]
+    picks = torch.zeros_like(coeffs[:, 0])
+    if prediction == "epsilon":
+        picks[:, 0] = 1
+    elif prediction == "data":
+        picks[:, 1] = 1
+    else:  # score = -x0 / sigma_t
+        if not isinstance(path, AffinePath):
+            raise TypeError(f"prediction: 'score' needs an affine path (alpha_t, sigma_t), got {path!r}")
+        picks = torch.stack([-1 / _safe(path(t)[1], eps), torch.zeros_like(t)], dim=-1)
+    return picks
+
+
+def flow_matching_loss(pred, x0, x1, t, path=None, prediction="velocity", noise=None, weight=None,
+                       reduction="mean"):
+    """Mean squared error between a network output and the flow-matching target, fused.
+
+    Args:
+        pred: the network output at x_t, shaped like x1.
+        x0, x1, t, path, noise: as in ``fastflow.interpolate``, which built the network's input.
+        prediction: what the network predicts: "velocity" (default), "epsilon" (the noise x0),
+            "data" (x1) or "score" (-x0 / sigma_t, affine paths only).
+        weight: None or one weight per sample, shape [B].
+        reduction: "mean" (over samples and elements), "sum" (of the per-sample losses) or
+            "none" (the [B] per-sample losses).
+
+    Returns:
+        The loss in fp32 (fp64 for fp64 inputs), whatever the input dtype. Differentiable in
+        pred, x0, x1, noise, t and weight.
+
+    Example::
+
+        >>> x_t, _ = fastflow.interpolate(x0, x1, t, out=buffers)     # or without out=
+        >>> loss = fastflow.flow_matching_loss(model(x_t, t), x0, x1, t)
+        >>> loss.backward()
+    """
+    path = get_path(path)
+    _check_kind(prediction, "prediction")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {', '.join(map(repr, REDUCTIONS))}, got "
+                         f"{reduction!r}")
+    check_stream(x1, "x1")
+    check_like(pred, x1, "pred", "x1")
+    check_like(x0, x1, "x0", "x1")
+    inputs = [pred, x0, x1]
+    if path.uses_noise:
+        if noise is None:
+            raise ValueError(f"noise: {path!r} needs the noise tensor that built x_t")
+        check_like(noise, x1, "noise", "x1")
+        inputs.append(noise)
+    elif noise is not None:
+        raise ValueError(f"noise: {path!r} has no noise term; pass noise=None")
+    batch = x1.shape[0]
+    math = _ops.math_dtype(x1.dtype)
+    t = batch_time(t, x1).expand(batch)  # one group per sample, for per-sample losses
+    target = target_coefficients(path, t, prediction)
+    residual = torch.cat([torch.ones_like(target[:, :1]), -target], dim=1)[:, None, :].to(math)
+    per_sample = _ops.affine_sqnorm(inputs, residual) / (x1.numel() // batch if batch else 0)
+    if weight is not None:
+        per_sample = per_sample * _check_weight(weight, batch, x1.device).to(math)
+    if reduction == "none":
+        return per_sample
+    return per_sample.mean() if reduction == "mean" else per_sample.sum()
+
+
+def _check_weight(weight, batch, device):
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise TypeError(f"weight: expected a floating-point tensor of shape [{batch}]")
+    if weight.shape != (batch,):
+        raise ValueError(f"weight: expected shape [{batch}] (one weight per sample), got "
+                         f"{tuple(weight.shape)}")
+    if weight.device != device:
+        raise ValueError(f"weight: expected a tensor on {device}, got {weight.device}")
+    return weight

@@ -1,0 +1,146 @@
+"""fastflow.flow_matching_loss and its reduction op, against the eager reference."""
+import pytest
+import torch
+
+import fastflow
+from fastflow import paths
+from fastflow.losses import REDUCTIONS
+from fastflow.reference import flow_matching_loss as reference_loss
+
+from conftest import DTYPES
+
+PREDICTIONS = ("velocity", "epsilon", "data", "score")
+# Losses are reduced in fp32 whatever the storage type: the error is the inputs' rounding.
+LOSS_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-5,
+                  torch.bfloat16: 1e-5}
+
+
+def _batch(shape, dtype, device, path, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0, x1, pred = (torch.randn(shape, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+    noise = torch.randn(shape, generator=g).to(device=device, dtype=dtype) if path.uses_noise else None
+    t_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    t = (0.1 + 0.8 * torch.rand(shape[0], generator=g)).to(device=device, dtype=t_dtype)
+    weight = torch.rand(shape[0], generator=g).to(device=device, dtype=t_dtype)
+    return pred, x0, x1, t, noise, weight
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference(backend, dtype, prediction):
+    path = paths.Cosine()
+    pred, x0, x1, t, _, weight = _batch((5, 3, 7), dtype, backend, path)
+    for reduction in REDUCTIONS:
+        for w in (None, weight):
+            got = fastflow.flow_matching_loss(pred, x0, x1, t, path, prediction, weight=w,
+                                              reduction=reduction)
+            up = [x.double() for x in (pred, x0, x1, t)]
+            want = reference_loss(*up, path, prediction, weight=None if w is None else w.double(),
+                                  reduction=reduction)
+            assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+            torch.testing.assert_close(got.double(), want, rtol=LOSS_TOLERANCE[dtype], atol=1e-12)
+
+
+@pytest.mark.parametrize("path", [paths.CondOT(), paths.VP(), paths.ConstantNoise(0.3),
+                                  paths.SchrodingerBridge(0.5)], ids=repr)
+def test_paths_with_and_without_noise(backend, path):
+    pred, x0, x1, t, noise, _ = _batch((4, 33), torch.float32, backend, path, seed=2)
+    got = fastflow.flow_matching_loss(pred, x0, x1, t, path, noise=noise, reduction="none")
+    want = reference_loss(pred, x0, x1, t, path, noise=noise, reduction="none")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_matches_torch_mse_loss_and_scalar_t():
+    pred, x0, x1 = torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8)
+    loss = fastflow.flow_matching_loss(pred, x0, x1, 0.25)
+    torch.testing.assert_close(loss, torch.nn.functional.mse_loss(pred, x1 - x0))
+    assert fastflow.flow_matching_loss(pred, x0, x1, 0.25, reduction="none").shape == (3,)
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_gradients_match_reference_autograd(backend, prediction):
+    path = paths.SchrodingerBridge(0.8) if prediction != "score" else paths.Cosine()
+    pred, x0, x1, t, noise, weight = _batch((3, 2, 5), torch.float64, backend, path, seed=1)
+    tensors = [pred, x0, x1, t, weight] + ([noise] if noise is not None else [])
+    leaves = [x.clone().requires_grad_() for x in tensors]
+    ref_leaves = [x.clone().requires_grad_() for x in tensors]
+
+    def loss(fn, xs):
+        return fn(xs[0], xs[1], xs[2], xs[3], path, prediction, noise=xs[5] if len(xs) > 5 else None,
+                  weight=xs[4])
+
+    # t does not reach the epsilon and data targets: its gradient is then zero for both.
+    grads = torch.autograd.grad(loss(fastflow.flow_matching_loss, leaves), leaves,
+                                materialize_grads=True)
+    ref_grads = torch.autograd.grad(loss(reference_loss, ref_leaves), ref_leaves,
+                                    materialize_grads=True)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_gradient_dtype_follows_the_inputs(backend):
+    pred, x0, x1, t, _, _ = _batch((4, 8), torch.bfloat16, backend, paths.CondOT())
+    pred.requires_grad_()
+    fastflow.flow_matching_loss(pred, x0, x1, t).backward()
+    want = 2 * (pred.detach().float() - (x1 - x0).float()) / pred.numel()
+    assert pred.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(pred.grad.float(), want, rtol=2e-2, atol=1e-4)
+
+
+def test_deterministic(backend):
+    pred, x0, x1, t, _, _ = _batch((3, 5000), torch.float32, backend, paths.CondOT())
+    first = fastflow.flow_matching_loss(pred, x0, x1, t, reduction="none")
+    assert torch.equal(first, fastflow.flow_matching_loss(pred, x0, x1, t, reduction="none"))
+
+
+def test_opcheck_affine_sqnorm(backend):
+    xs = [torch.randn(4, 6, device=backend) for _ in range(3)]
+    coeffs = torch.randn(4, 1, 3, device=backend, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastflow.affine_sqnorm.default,
+                          ([xs[0].requires_grad_(), xs[1], xs[2]], coeffs))
+
+
+def test_compiled_training_step():
+    model = torch.nn.Linear(6, 6)
+    x1 = torch.randn(8, 6)
+
+    @torch.compile(fullgraph=True)
+    def step(x0, x1, t):
+        x_t, _ = fastflow.interpolate(x0, x1, t)
+        return fastflow.flow_matching_loss(model(x_t), x0, x1, t)
+
+    x0, t = torch.randn_like(x1), torch.rand(8)
+    step(x0, x1, t).backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    x_t = t[:, None] * x1 + (1 - t[:, None]) * x0
+    torch.nn.functional.mse_loss(model(x_t), x1 - x0).backward()
+    for g, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g, p.grad)
+
+
+class TestBadInput:
+    def setup_method(self):
+        self.x = torch.randn(2, 3)
+
+    def test_unknown_prediction_or_reduction(self):
+        with pytest.raises(ValueError, match="prediction: expected one of"):
+            fastflow.flow_matching_loss(self.x, self.x, self.x, 0.5, prediction="noise")
+        with pytest.raises(ValueError, match="reduction: expected one of"):
+            fastflow.flow_matching_loss(self.x, self.x, self.x, 0.5, reduction="avg")
+
+    def test_pred_shape(self):
+        with pytest.raises(ValueError, match="pred: expected shape"):
+            fastflow.flow_matching_loss(torch.randn(2, 4), self.x, self.x, 0.5)
+
+    @pytest.mark.parametrize("weight,error", [(torch.ones(3), ValueError),
+                                              (torch.ones(2, 1), ValueError),
+                                              (torch.ones(2, dtype=torch.int64), TypeError)])
+    def test_weight(self, weight, error):
+        with pytest.raises(error, match="weight: expected"):
+            fastflow.flow_matching_loss(self.x, self.x, self.x, 0.5, weight=weight)
+
+    def test_score_needs_an_affine_path(self):
+        with pytest.raises(TypeError, match="prediction: 'score' needs an affine path"):
+            fastflow.flow_matching_loss(self.x, self.x, self.x, 0.5, path="constant_noise",
+                                        prediction="score", noise=self.x)
