@@ -33,9 +33,10 @@ def allocator_setting(device):
     return "THP" if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else "default"
 
 
-def time_ms(fn, device, reps=None, min_time=0.5):
-    """Median wall time of fn() in ms, after warm-up; CUDA timed with events."""
-    for _ in range(2):
+def time_ms(fn, device, reps=None, min_time=0.5, warmup=5):
+    """Median wall time of fn() in ms, after warm-up (on CPU the first calls that allocate fresh
+    huge pages run up to 2x slower until the kernel's pool settles); CUDA timed with events."""
+    for _ in range(warmup):
         fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -57,7 +58,7 @@ def time_ms(fn, device, reps=None, min_time=0.5):
     t0 = time.perf_counter()
     fn()
     once = (time.perf_counter() - t0) * 1e3
-    reps = reps or max(5, min(200, int(min_time * 1e3 / max(once, 1e-3))))
+    reps = reps or max(10, min(200, int(min_time * 1e3 / max(once, 1e-3))))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -73,6 +74,52 @@ def copy_bandwidth_gbps(device, nbytes):
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), device)
     return 2 * src.nbytes / ms / 1e6
+
+
+def measure(device, dtype_name, numel, variants, moved_bytes, copy_gbps, extra=None):
+    """Time each variant (a no-argument callable) and return one result row per variant.
+    `moved_bytes` is the minimum traffic of the op; speedups are against the variants named
+    "eager" and "torch.compile", which every benchmark includes. extra(name) adds columns."""
+    ms = {name: time_ms(fn, device) for name, fn in variants.items()}
+    rows = []
+    for name in variants:
+        gbps = moved_bytes / ms[name] / 1e6
+        rows.append({
+            "device": device_name(device), "allocator": allocator_setting(device), **versions(),
+            "dtype": dtype_name, "numel": numel, "variant": name, "ms": ms[name], "GB/s": gbps,
+            "vs eager": ms["eager"] / ms[name], "vs compile": ms["torch.compile"] / ms[name],
+            "copy GB/s": copy_gbps, "of copy bw": gbps / copy_gbps, **(extra(name) if extra else {}),
+        })
+    return rows
+
+
+def report(rows, op, title, device):
+    """Print the table, write results/<op>_<device>_<allocator>.csv and the plot beside it."""
+    first = rows[0]
+    print(f"# {title} on {first['device']}, allocator {first['allocator']}, torch {first['torch']}, "
+          f"triton {first['triton']}")
+    columns = ["dtype", "numel", "variant", "ms", "GB/s", "vs eager", "vs compile", "of copy bw"]
+    print_table(rows, columns + [c for c in first if c not in columns and c not in _CONTEXT])
+    name = f"{op}_{slug(device.type)}_{slug(first['allocator'])}"
+    print("wrote", write_csv(name, rows))
+    plot_gbps(rows, os.path.join(RESULTS, f"{name}.png"), title)
+
+
+_CONTEXT = ("device", "allocator", "torch", "triton", "copy GB/s")
+
+
+def main(run, op, title, doc, sizes, dtypes):
+    """Command line of a benchmark script: --device, --sizes, --dtypes, then run and report."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sizes", default=",".join(str(n) for n in sizes))
+    parser.add_argument("--dtypes", default=",".join(dtypes))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    rows = run(device, [int(n) for n in args.sizes.split(",")], args.dtypes.split(","))
+    report(rows, op, title, device)
 
 
 def versions():
@@ -92,6 +139,30 @@ def write_csv(name, rows):
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def plot_gbps(rows, path, title):
+    """Effective GB/s against size, one panel per dtype, one line per variant, copy dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = sorted({r["dtype"] for r in rows})
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes):
+        for variant in dict.fromkeys(r["variant"] for r in rows):
+            sel = [r for r in rows if r["dtype"] == dtype and r["variant"] == variant]
+            ax.plot([r["numel"] for r in sel], [r["GB/s"] for r in sel], marker="o", label=variant)
+        sel = [r for r in rows if r["dtype"] == dtype and r["variant"] == rows[0]["variant"]]
+        ax.plot([r["numel"] for r in sel], [r["copy GB/s"] for r in sel], "k--", label="copy")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("elements per tensor")
+        ax.set_ylabel("effective GB/s")
+        ax.set_title(f"{title}, {dtype}")
+        ax.legend()
+    fig.suptitle(f"{rows[0]['device']}, allocator {rows[0]['allocator']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def print_table(rows, columns):

@@ -10,9 +10,11 @@ import torch  # noqa: F401  (the compiled extension needs torch loaded first)
 from . import _ops, paths, reference
 from ._backends import BackendStatus, backends
 from .conversions import convert
+from .flow_map import flow_map_loss
 from .interpolation import interpolate
 from .losses import flow_matching_loss
+from .matcher import FlowMatcher, FlowSample
 
 __version__ = "0.1.0"
-__all__ = ["BackendStatus", "backends", "convert", "flow_matching_loss", "interpolate", "paths",
-           "reference"]
+__all__ = ["BackendStatus", "FlowMatcher", "FlowSample", "backends", "convert", "flow_map_loss",
+           "flow_matching_loss", "interpolate", "paths", "reference"]

@@ -1,0 +1,87 @@
+"""Flow-map matching (DESIGN.md section 4): a network phi(x, s, t) that jumps from time s to t.
+
+    match        |phi(x0, 0, t) - x_t|^2                       the jump from noise lands on the path
+    consistency  |phi(phi(x_s, s, u), u, t) - phi(x_s, s, t)|^2  two jumps equal one (s <= u <= t)
+    identity     |phi(x_t, t, t) - x_t|^2                      a jump of length zero stays put
+
+Each term is a per-sample mean of squares reduced by the fused kernel (the match target x_t is
+built inside it, never materialised) and the total is their weighted sum.
+"""
+import torch
+
+from . import _ops
+from ._checks import batch_time, check_like, check_stream
+from .losses import REDUCTIONS
+from .paths import AffinePath, get_path
+
+
+def _mean_square(inputs, rows, batch):
+    """Per-sample mean of (sum_k rows[:, k] * inputs[k])^2, fused."""
+    coeffs = rows[:, None, :].to(_ops.math_dtype(inputs[0].dtype))
+    return _ops.affine_sqnorm(inputs, coeffs) / (inputs[0].numel() // batch if batch else 0)
+
+
+def flow_map_loss(model, x0, x1, t, s=None, u=None, path=None, match_weight=1.0,
+                  consistency_weight=1.0, identity_weight=1.0, reduction="mean", **model_kwargs):
+    """Weighted sum of the match, consistency and identity losses of a two-time map.
+
+    Args:
+        model: called as ``model(x, s, t, **model_kwargs)`` with s and t [B] tensors; returns
+            the state at time t of the trajectory through x at time s.
+        x0, x1: noise and data samples, same shape, dtype and device.
+        t: the target time of the jumps, a float or one per sample.
+        s, u: start and intermediate times of the consistency term (default 0 and (s + t) / 2);
+            x_s, the start point, is the path at s.
+        path: an affine path or its name (default CondOT).
+        match_weight, consistency_weight, identity_weight: weights of the terms; a zero weight
+            skips that term's network calls.
+        reduction: "mean", "sum" or "none" (per sample), as in ``flow_matching_loss``.
+
+    Example::
+
+        >>> loss = fastflow.flow_map_loss(phi, x0, x1, torch.rand(B))
+        >>> loss.backward()
+    """
+    path = get_path(path)
+    if not isinstance(path, AffinePath):
+        raise TypeError(f"path: flow-map matching needs an affine path, got {path!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {', '.join(map(repr, REDUCTIONS))}, got "
+                         f"{reduction!r}")
+    check_stream(x1, "x1")
+    check_like(x0, x1, "x0", "x1")
+    batch = x1.shape[0]
+    times = {name: (batch_time(v, x1).expand(batch) if v is not None else None)
+             for name, v in (("t", t), ("s", s), ("u", u))}
+    t = times["t"]
+    s = times["s"] if times["s"] is not None else torch.zeros_like(t)
+    u = times["u"] if times["u"] is not None else (s + t) / 2
+    model_t, model_s, model_u = (v.to(torch.float32 if x1.dtype != torch.float64 else x1.dtype)
+                                 for v in (t, s, u))
+
+    def location(at):
+        return path.coefficients(at)[:, 0]  # [B, 2] over (x0, x1)
+
+    one = torch.ones_like(t)[:, None]
+    total = x1.new_zeros((batch,), dtype=_ops.math_dtype(x1.dtype))
+    if match_weight:
+        jump = model(x0, torch.zeros_like(model_t), model_t, **model_kwargs)
+        check_like(jump, x1, "model output", "x1")
+        rows = torch.cat([one, -location(t)], dim=1)
+        total = total + match_weight * _mean_square([jump, x0, x1], rows, batch)
+    if consistency_weight or identity_weight:
+        points = torch.stack([location(s), location(t)], dim=1).to(_ops.math_dtype(x1.dtype))
+        x_s, x_t = _ops.affine([x0, x1], points)
+    if consistency_weight:
+        two_jumps = model(model(x_s, model_s, model_u, **model_kwargs), model_u, model_t,
+                          **model_kwargs)
+        one_jump = model(x_s, model_s, model_t, **model_kwargs)
+        rows = torch.cat([one, -one], dim=1)
+        total = total + consistency_weight * _mean_square([two_jumps, one_jump], rows, batch)
+    if identity_weight:
+        stay = model(x_t, model_t, model_t, **model_kwargs)
+        rows = torch.cat([one, -one], dim=1)
+        total = total + identity_weight * _mean_square([stay, x_t], rows, batch)
+    if reduction == "none":
+        return total
+    return total.mean() if reduction == "mean" else total.sum()

@@ -1,0 +1,38 @@
+"""Reference of fastflow.flow_map_loss, term by term in eager PyTorch."""
+import torch
+
+from .._checks import batch_time
+from ..paths import get_path
+
+
+def flow_map_loss(model, x0, x1, t, s=None, u=None, path=None, match_weight=1.0,
+                  consistency_weight=1.0, identity_weight=1.0, reduction="mean", **model_kwargs):
+    path = get_path(path)
+    batch = x1.shape[0]
+    math = torch.float64 if x1.dtype == torch.float64 else torch.float32
+    t = batch_time(t, x1).expand(batch)
+    s = batch_time(s, x1).expand(batch) if s is not None else torch.zeros_like(t)
+    u = batch_time(u, x1).expand(batch) if u is not None else (s + t) / 2
+    call_t, call_s, call_u = (v.to(math) for v in (t, s, u))
+
+    def on_path(at):
+        alpha, sigma, _, _ = path(at.view(-1, *([1] * (x1.dim() - 1))))
+        return (alpha.to(math) * x1.to(math) + sigma.to(math) * x0.to(math)).to(x1.dtype)
+
+    def mean_square(a, b):
+        return ((a.to(math) - b.to(math)) ** 2).reshape(batch, -1).mean(dim=1)
+
+    total = torch.zeros(batch, dtype=math, device=x1.device)
+    if match_weight:
+        jump = model(x0, torch.zeros_like(call_t), call_t, **model_kwargs)
+        total = total + match_weight * mean_square(jump, on_path(t))
+    if consistency_weight:
+        x_s = on_path(s)
+        two = model(model(x_s, call_s, call_u, **model_kwargs), call_u, call_t, **model_kwargs)
+        total = total + consistency_weight * mean_square(two, model(x_s, call_s, call_t, **model_kwargs))
+    if identity_weight:
+        x_t = on_path(t)
+        total = total + identity_weight * mean_square(model(x_t, call_t, call_t, **model_kwargs), x_t)
+    if reduction == "none":
+        return total
+    return total.mean() if reduction == "mean" else total.sum()

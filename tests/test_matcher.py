@@ -1,0 +1,114 @@
+"""FlowMatcher: draws, the training loss, and reproducibility."""
+import pytest
+import torch
+
+import fastflow
+from fastflow import paths
+from fastflow.reference import flow_matching_loss as reference_loss
+from fastflow.reference import interpolate as reference_interpolate
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self, dim=6):
+        super().__init__()
+        self.net = torch.nn.Linear(dim + 1, dim)
+
+    def forward(self, x, t, scale=1.0):
+        return scale * self.net(torch.cat([x, t[:, None].to(x.dtype)], dim=1))
+
+
+@pytest.mark.parametrize("path,prediction", [("cond_ot", "velocity"), ("cosine", "epsilon"),
+                                             ("vp", "data"), ("linear_vp", "score"),
+                                             (paths.SchrodingerBridge(0.5), "velocity")])
+def test_loss_equals_the_reference_on_the_same_draws(backend, path, prediction):
+    torch.manual_seed(0)
+    model = Tiny().to(backend)
+    x1 = torch.randn(8, 6, device=backend)
+    fm = fastflow.FlowMatcher(path=path, prediction=prediction, time_sampler="logit_normal")
+    loss = fm.loss(model, x1, generator=torch.Generator(backend).manual_seed(3), scale=0.5)
+    # The same draws, in the documented order: x0, t, then the path's noise.
+    g = torch.Generator(backend).manual_seed(3)
+    x0 = torch.randn(x1.shape, device=backend, generator=g)
+    t = torch.sigmoid(torch.randn(8, device=backend, generator=g))
+    noise = torch.randn(x1.shape, device=backend, generator=g) if fm.path.uses_noise else None
+    x_t, _ = reference_interpolate(x0, x1, t, fm.path, noise)
+    want = reference_loss(model(x_t, t, scale=0.5), x0, x1, t, fm.path, prediction, noise=noise)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+
+
+def test_reproducible_with_a_generator():
+    model, x1 = Tiny(), torch.randn(5, 6)
+    fm = fastflow.FlowMatcher()
+    first = fm.loss(model, x1, generator=torch.Generator().manual_seed(7))
+    again = fm.loss(model, x1, generator=torch.Generator().manual_seed(7))
+    other = fm.loss(model, x1, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_gradients_reach_the_model():
+    model, x1 = Tiny(), torch.randn(16, 6)
+    x0 = torch.randn_like(x1)
+    torch.manual_seed(1)
+    fastflow.FlowMatcher().loss(model, x1, x0=x0).backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch.manual_seed(1)
+    t = torch.rand(16)
+    x_t = t[:, None] * x1 + (1 - t[:, None]) * x0
+    torch.nn.functional.mse_loss(model(x_t, t), x1 - x0).backward()
+    for g, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g, p.grad)
+
+
+@pytest.mark.parametrize("prediction", ["velocity", "epsilon", "data", "score"])
+def test_sample_location_and_target(backend, prediction):
+    x0, x1 = torch.randn(4, 3, 5, device=backend), torch.randn(4, 3, 5, device=backend)
+    t = torch.rand(4, device=backend) * 0.8 + 0.1
+    fm = fastflow.FlowMatcher(path="cosine", prediction=prediction)
+    sample = fm.sample_location_and_target(x0, x1, t)
+    x_t, u_t = reference_interpolate(x0, x1, t, "cosine")
+    sigma = paths.Cosine()(t)[1].view(4, 1, 1)
+    target = {"velocity": u_t, "epsilon": x0, "data": x1, "score": -x0 / sigma}[prediction]
+    torch.testing.assert_close(sample.x_t, x_t)
+    torch.testing.assert_close(sample.target, target, rtol=1e-5, atol=1e-6)
+    assert sample.t is t and sample.noise is None
+
+
+def test_time_samplers():
+    fm = fastflow.FlowMatcher(time_sampler="logit_normal", logit_mean=1.0, logit_std=0.5)
+    t = fm.sample_t(20000, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert 0 < t.min() and t.max() < 1
+    torch.testing.assert_close(torch.logit(t).mean(), torch.tensor(1.0), atol=0.02, rtol=0)
+    calls = []
+    custom = fastflow.FlowMatcher(time_sampler=lambda b, d, g: calls.append(b) or torch.full((b,), 0.5))
+    custom.loss(Tiny(), torch.randn(3, 6))
+    assert calls == [3]
+
+
+def test_sigma_selects_the_noisy_path():
+    assert isinstance(fastflow.FlowMatcher(sigma=0.1).path, paths.ConstantNoise)
+    assert fastflow.FlowMatcher("schrodinger_bridge", sigma=0.3).path.sigma == 0.3
+    assert isinstance(fastflow.FlowMatcher("target_cfm", sigma=0.2).path, paths.TargetCFM)
+    with pytest.raises(ValueError, match="sigma: path 'cosine' has no noise level"):
+        fastflow.FlowMatcher("cosine", sigma=0.1)
+    with pytest.raises(ValueError, match="sigma: give the noise level to the Path"):
+        fastflow.FlowMatcher(paths.CondOT(), sigma=0.1)
+
+
+def test_compiled_training_step():
+    model, x1 = Tiny(), torch.randn(8, 6)
+    fm = fastflow.FlowMatcher(path="cosine")
+    step = torch.compile(lambda x1, x0: fm.loss(model, x1, x0=x0), fullgraph=True)
+    step(x1, torch.randn_like(x1)).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="time_sampler: expected one of"):
+        fastflow.FlowMatcher(time_sampler="beta")
+    with pytest.raises(ValueError, match="prediction: expected one of"):
+        fastflow.FlowMatcher(prediction="x0")
+    with pytest.raises(ValueError, match="logit_std: must be positive"):
+        fastflow.FlowMatcher(logit_std=0.0)
+    with pytest.raises(ValueError, match="x0: expected shape"):
+        fastflow.FlowMatcher().loss(Tiny(), torch.randn(3, 6), x0=torch.randn(3, 5))
