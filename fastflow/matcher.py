@@ -102,10 +102,10 @@ class FlowMatcher:
         (drawn when None), the target is of the matcher's prediction kind, noise is the extra
         sample of noisy paths (else None). One fused pass."""
         x0, t, noise = self._draw(x1, x0, t, generator)
-        coeffs = self.path.coefficients(batch_time(t, x1).expand(x1.shape[0]))
-        target = target_coefficients(self.path, batch_time(t, x1).expand(x1.shape[0]),
-                                     self.prediction)
-        both = torch.stack([coeffs[:, 0], target], dim=1).to(_ops.math_dtype(x1.dtype))
+        times = batch_time(t, x1).expand(x1.shape[0])
+        location = self.path.coefficients(times)[:, 0]
+        target = target_coefficients(self.path, times, self.prediction)
+        both = torch.stack([location, target], dim=1).to(_ops.math_dtype(x1.dtype))
         x_t, target = _ops.affine(self._inputs(x0, x1, noise), both)
         return FlowSample(t, x_t, target, noise)
 
