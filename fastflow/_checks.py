@@ -57,3 +57,19 @@ def batch_time(t, x, name="t"):
         if t.numel() != 1 or t.device.type != "cpu":
             raise ValueError(f"{name}: expected a tensor on {x.device}, got {t.device}")
     return t.reshape(-1).to(device=x.device, dtype=work)
+
+
+def path_inputs(path, x0, x1, noise):
+    """The streams a path reads, (x0, x1[, noise]), after checking them against x1."""
+    check_stream(x1, "x1")
+    check_like(x0, x1, "x0", "x1")
+    if not path.uses_noise:
+        if noise is not None:
+            raise ValueError(f"noise: {path!r} has no noise term; pass noise=None or use "
+                             f"ConstantNoise / SchrodingerBridge")
+        return [x0, x1]
+    if noise is None:
+        raise ValueError(f"noise: {path!r} needs a noise tensor like x1 (the one that built "
+                         f"x_t), e.g. torch.randn_like(x1)")
+    check_like(noise, x1, "noise", "x1")
+    return [x0, x1, noise]

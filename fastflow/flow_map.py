@@ -10,15 +10,9 @@ built inside it, never materialised) and the total is their weighted sum.
 import torch
 
 from . import _ops
-from ._checks import batch_time, check_like, check_stream
-from .losses import REDUCTIONS
+from ._checks import batch_time, check_like, path_inputs
+from .losses import check_reduction, mean_square, reduce
 from .paths import AffinePath, get_path
-
-
-def _mean_square(inputs, rows, batch):
-    """Per-sample mean of (sum_k rows[:, k] * inputs[k])^2, fused."""
-    coeffs = rows[:, None, :].to(_ops.math_dtype(inputs[0].dtype))
-    return _ops.affine_sqnorm(inputs, coeffs) / (inputs[0].numel() // batch if batch else 0)
 
 
 def flow_map_loss(model, x0, x1, t, s=None, u=None, path=None, match_weight=1.0,
@@ -45,11 +39,8 @@ def flow_map_loss(model, x0, x1, t, s=None, u=None, path=None, match_weight=1.0,
     path = get_path(path)
     if not isinstance(path, AffinePath):
         raise TypeError(f"path: flow-map matching needs an affine path, got {path!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {', '.join(map(repr, REDUCTIONS))}, got "
-                         f"{reduction!r}")
-    check_stream(x1, "x1")
-    check_like(x0, x1, "x0", "x1")
+    check_reduction(reduction)
+    path_inputs(path, x0, x1, None)
     batch = x1.shape[0]
     times = {name: (batch_time(v, x1).expand(batch) if v is not None else None)
              for name, v in (("t", t), ("s", s), ("u", u))}
@@ -68,7 +59,7 @@ def flow_map_loss(model, x0, x1, t, s=None, u=None, path=None, match_weight=1.0,
         jump = model(x0, torch.zeros_like(model_t), model_t, **model_kwargs)
         check_like(jump, x1, "model output", "x1")
         rows = torch.cat([one, -location(t)], dim=1)
-        total = total + match_weight * _mean_square([jump, x0, x1], rows, batch)
+        total = total + match_weight * mean_square([jump, x0, x1], rows)
     if consistency_weight or identity_weight:
         points = torch.stack([location(s), location(t)], dim=1).to(_ops.math_dtype(x1.dtype))
         x_s, x_t = _ops.affine([x0, x1], points)
@@ -77,11 +68,9 @@ def flow_map_loss(model, x0, x1, t, s=None, u=None, path=None, match_weight=1.0,
                           **model_kwargs)
         one_jump = model(x_s, model_s, model_t, **model_kwargs)
         rows = torch.cat([one, -one], dim=1)
-        total = total + consistency_weight * _mean_square([two_jumps, one_jump], rows, batch)
+        total = total + consistency_weight * mean_square([two_jumps, one_jump], rows)
     if identity_weight:
         stay = model(x_t, model_t, model_t, **model_kwargs)
         rows = torch.cat([one, -one], dim=1)
-        total = total + identity_weight * _mean_square([stay, x_t], rows, batch)
-    if reduction == "none":
-        return total
-    return total.mean() if reduction == "mean" else total.sum()
+        total = total + identity_weight * mean_square([stay, x_t], rows)
+    return reduce(total, reduction)

@@ -2,7 +2,7 @@
 import torch
 
 from . import _ops
-from ._checks import batch_time, check_like, check_stream
+from ._checks import batch_time, check_like, path_inputs
 from .paths import get_path
 
 
@@ -38,18 +38,7 @@ def interpolate(x0, x1, t, path=None, noise=None, out=None):
         >>> x_t, u_t = fastflow.interpolate(x0, x1, t, path="cosine")
     """
     path = get_path(path)
-    check_stream(x1, "x1")
-    check_like(x0, x1, "x0", "x1")
-    inputs = [x0, x1]
-    if path.uses_noise:
-        if noise is None:
-            raise ValueError(f"noise: {path!r} needs a noise tensor like x1, e.g. "
-                             f"torch.randn_like(x1)")
-        check_like(noise, x1, "noise", "x1")
-        inputs.append(noise)
-    elif noise is not None:
-        raise ValueError(f"noise: {path!r} has no noise term; pass noise=None or use "
-                         f"ConstantNoise / SchrodingerBridge")
+    inputs = path_inputs(path, x0, x1, noise)
     coeffs = path.coefficients(batch_time(t, x1)).to(_ops.math_dtype(x1.dtype))
     if out is None:
         x_t, u_t = _ops.affine(inputs, coeffs)

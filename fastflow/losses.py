@@ -12,8 +12,8 @@ gradients of the inputs that need them (dL/dpred first among them).
 import torch
 
 from . import _ops
-from ._checks import batch_time, check_like, check_stream
-from .conversions import KINDS, _check_kind, _safe
+from ._checks import batch_time, check_like, path_inputs
+from .conversions import _check_kind, _safe
 from .paths import AffinePath, get_path
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -61,28 +61,35 @@ def flow_matching_loss(pred, x0, x1, t, path=None, prediction="velocity", noise=
     """
     path = get_path(path)
     _check_kind(prediction, "prediction")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {', '.join(map(repr, REDUCTIONS))}, got "
-                         f"{reduction!r}")
-    check_stream(x1, "x1")
+    check_reduction(reduction)
+    inputs = path_inputs(path, x0, x1, noise)
     check_like(pred, x1, "pred", "x1")
-    check_like(x0, x1, "x0", "x1")
-    inputs = [pred, x0, x1]
-    if path.uses_noise:
-        if noise is None:
-            raise ValueError(f"noise: {path!r} needs the noise tensor that built x_t")
-        check_like(noise, x1, "noise", "x1")
-        inputs.append(noise)
-    elif noise is not None:
-        raise ValueError(f"noise: {path!r} has no noise term; pass noise=None")
     batch = x1.shape[0]
     math = _ops.math_dtype(x1.dtype)
     t = batch_time(t, x1).expand(batch)  # one group per sample, for per-sample losses
     target = target_coefficients(path, t, prediction)
-    residual = torch.cat([torch.ones_like(target[:, :1]), -target], dim=1)[:, None, :].to(math)
-    per_sample = _ops.affine_sqnorm(inputs, residual) / (x1.numel() // batch if batch else 0)
+    residual = torch.cat([torch.ones_like(target[:, :1]), -target], dim=1)
+    per_sample = mean_square([pred] + inputs, residual)
     if weight is not None:
         per_sample = per_sample * _check_weight(weight, batch, x1.device).to(math)
+    return reduce(per_sample, reduction)
+
+
+def check_reduction(reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {', '.join(map(repr, REDUCTIONS))}, got "
+                         f"{reduction!r}")
+
+
+def mean_square(inputs, rows):
+    """Per-sample mean of (sum_k rows[:, k] * inputs[k])^2 over each sample's elements, fused:
+    rows is [B, K] and the combination is never written out."""
+    batch = rows.shape[0]
+    coeffs = rows[:, None, :].to(_ops.math_dtype(inputs[0].dtype))
+    return _ops.affine_sqnorm(inputs, coeffs) / (inputs[0].numel() // batch if batch else 0)
+
+
+def reduce(per_sample, reduction):
     if reduction == "none":
         return per_sample
     return per_sample.mean() if reduction == "mean" else per_sample.sum()

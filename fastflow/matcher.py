@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _ops
-from ._checks import batch_time, check_like, check_stream
+from ._checks import batch_time, check_stream, path_inputs
 from .conversions import _check_kind
 from .losses import flow_matching_loss, target_coefficients
 from .paths import ConstantNoise, Path, SchrodingerBridge, TargetCFM, get_path
@@ -86,16 +86,12 @@ class FlowMatcher:
         check_stream(x1, "x1")
         if x0 is None:
             x0 = torch.randn(x1.shape, dtype=x1.dtype, device=x1.device, generator=generator)
-        check_like(x0, x1, "x0", "x1")
         if t is None:
             t = self.sample_t(x1.shape[0], x1.device, generator)
         noise = None
         if self.path.uses_noise:
             noise = torch.randn(x1.shape, dtype=x1.dtype, device=x1.device, generator=generator)
         return x0, t, noise
-
-    def _inputs(self, x0, x1, noise):
-        return [x0, x1] + ([noise] if noise is not None else [])
 
     def sample_location_and_target(self, x0, x1, t=None, generator=None):
         """(t, x_t, target, noise) for users who call the network themselves; x0 is the noise
@@ -106,7 +102,7 @@ class FlowMatcher:
         location = self.path.coefficients(times)[:, 0]
         target = target_coefficients(self.path, times, self.prediction)
         both = torch.stack([location, target], dim=1).to(_ops.math_dtype(x1.dtype))
-        x_t, target = _ops.affine(self._inputs(x0, x1, noise), both)
+        x_t, target = _ops.affine(path_inputs(self.path, x0, x1, noise), both)
         return FlowSample(t, x_t, target, noise)
 
     def loss(self, model, x1, x0=None, generator=None, reduction="mean", weight=None,
@@ -115,7 +111,7 @@ class FlowMatcher:
         the fused loss against the target of the matcher's prediction kind."""
         x0, t, noise = self._draw(x1, x0, None, generator)
         location = self.path.coefficients(batch_time(t, x1))[:, :1].to(_ops.math_dtype(x1.dtype))
-        (x_t,) = _ops.affine(self._inputs(x0, x1, noise), location)
+        (x_t,) = _ops.affine(path_inputs(self.path, x0, x1, noise), location)
         pred = model(x_t, t, **model_kwargs)
         return flow_matching_loss(pred, x0, x1, t, self.path, self.prediction, noise=noise,
                                   weight=weight, reduction=reduction)

@@ -10,7 +10,7 @@ from fastflow import paths
 from fastflow.conversions import KINDS
 from fastflow.reference import convert as reference_convert
 
-from conftest import DTYPES, assert_close_to_reference
+from conftest import DTYPES
 
 AFFINE_PATHS = [paths.CondOT(), paths.CondOT(0.1), paths.Polynomial(2.0), paths.Cosine(),
                 paths.LinearVP(), paths.VP()]

@@ -45,16 +45,23 @@ def _affine_kernel(ins, outs, coeffs_ptr, numel, n, K: tl.constexpr, M: tl.const
 
 
 @triton.jit
-def _dot_kernel(a, b, partial_ptr, groups, n, tiles_per_group, M: tl.constexpr, K: tl.constexpr,
-                ROWS: tl.constexpr, BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    # A [ROWS, BLOCK] tile: ROWS groups side by side when samples are small, else one group
-    # split into tiles_per_group blocks. Each program writes its partial sums per (group, tile).
+def _reduction_tile(groups, n, tiles_per_group, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's [ROWS, BLOCK] tile of the reductions: ROWS groups side by side when samples
+    are small, else one group split into tiles_per_group blocks. Returns the groups (rows), the
+    element offsets and mask, and the index of each row's partial sum in [groups, tiles]."""
     pid = tl.program_id(0).to(tl.int64)
     rows = (pid // tiles_per_group) * ROWS + tl.arange(0, ROWS)
     cols = (pid % tiles_per_group) * BLOCK + tl.arange(0, BLOCK)
     offs = rows[:, None] * n + cols[None, :]
     mask = (rows[:, None] < groups) & (cols[None, :] < n)
-    out = partial_ptr + (rows * tiles_per_group + pid % tiles_per_group) * (M * K)
+    return rows, offs, mask, rows * tiles_per_group + pid % tiles_per_group
+
+
+@triton.jit
+def _dot_kernel(a, b, partial_ptr, groups, n, tiles_per_group, M: tl.constexpr, K: tl.constexpr,
+                ROWS: tl.constexpr, BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    rows, offs, mask, slot = _reduction_tile(groups, n, tiles_per_group, ROWS, BLOCK)
+    out = partial_ptr + slot * (M * K)
     for m in tl.static_range(M):
         am = tl.load(a[m] + offs, mask=mask, other=0).to(ACC_DTYPE)
         for k in tl.static_range(K):
@@ -65,20 +72,15 @@ def _dot_kernel(a, b, partial_ptr, groups, n, tiles_per_group, M: tl.constexpr, 
 @triton.jit
 def _sqnorm_kernel(ins, coeffs_ptr, partial_ptr, groups, n, tiles_per_group, K: tl.constexpr,
                    ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    # Tiles as in _dot_kernel; the residual is affine's single output, squared and summed.
-    pid = tl.program_id(0).to(tl.int64)
-    rows = (pid // tiles_per_group) * ROWS + tl.arange(0, ROWS)
-    cols = (pid % tiles_per_group) * BLOCK + tl.arange(0, BLOCK)
-    offs = rows[:, None] * n + cols[None, :]
-    mask = (rows[:, None] < groups) & (cols[None, :] < n)
+    # The residual is affine's single output, squared and summed per row.
+    rows, offs, mask, slot = _reduction_tile(groups, n, tiles_per_group, ROWS, BLOCK)
     coeff = coeffs_ptr + tl.minimum(rows, groups - 1)[:, None] * K
     c = tl.load(coeff)
     r = c * tl.load(ins[0] + offs, mask=mask, other=0).to(c.dtype)
     for k in tl.static_range(1, K):
         c = tl.load(coeff + k)
         r = r + c * tl.load(ins[k] + offs, mask=mask, other=0).to(c.dtype)
-    tl.store(partial_ptr + rows * tiles_per_group + pid % tiles_per_group, tl.sum(r * r, axis=1),
-             mask=rows < groups)
+    tl.store(partial_ptr + slot, tl.sum(r * r, axis=1), mask=rows < groups)
 
 
 def _reduction_grid(groups, n):
