@@ -3,6 +3,11 @@
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 TOOLS = triton ninja pybind11 numpy pytest hypothesis matplotlib
+# Libraries the tests compare against (tests/test_schedules.py: diffusers' flow-match scheduler).
+# Installed --no-deps so that they can never replace the torch above; PEER_NEEDS is what they
+# import (none of it pulls torch), with diffusers' own bounds, and scipy for the beta sigmas.
+PEERS = diffusers==0.42.1
+PEER_NEEDS = "huggingface_hub>=1.32,<3" "safetensors>=0.8" importlib_metadata regex requests filelock Pillow scipy
 
 .PHONY: install test bench clean
 
@@ -11,6 +16,8 @@ install:
 	@# pin the CPU release, since an unpinned `pip install torch` pulls a multi-GB CUDA build.
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==$(TORCH_VERSION)"
 	$(PYTHON) -m pip install -q $(TOOLS)
+	$(PYTHON) -m pip install -q $(PEER_NEEDS)
+	$(PYTHON) -m pip install -q --no-deps $(PEERS)
 	$(PYTHON) -m pip install -q --no-build-isolation -e .
 	$(PYTHON) -c "import fastflow; [print(s) for s in fastflow.backends().values()]"
 

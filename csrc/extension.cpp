@@ -2,6 +2,7 @@
 // fastflow/_ops.py; this module only exposes the compiled kernels, which that module calls from
 // the dispatcher's CPU and CUDA kernels. Import torch before importing this module.
 #include "affine.h"
+#include "embedding.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastflow compiled kernels (CPU, and CUDA where built)";
@@ -11,6 +12,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("affine_dot_cpu", &fastflow::affine_dot_cpu, "per-group dot products [G, len(a), len(b)]");
   m.def("affine_sqnorm_cpu", &fastflow::affine_sqnorm_cpu,
         "per-group sum of squares of sum_k coeffs[g, 0, k] * inputs[k]");
+  m.def("sinusoid_cpu", &fastflow::sinusoid_cpu,
+        "out[b] = [sin a, cos a] (or [cos a, sin a]) with a = (t[b] * freqs) * scale");
+  m.def("sinusoid_backward_cpu", &fastflow::sinusoid_backward_cpu,
+        "(grad_t, grad_freqs) of sinusoid_cpu");
   m.def("advise_huge_pages", &fastflow::advise_huge_pages,
         "ask for transparent huge pages behind a fresh CPU tensor");
 #ifdef FASTFLOW_WITH_CUDA

@@ -7,14 +7,16 @@
 """
 import torch  # noqa: F401  (the compiled extension needs torch loaded first)
 
-from . import _ops, paths, reference
+from . import _ops, embeddings, nn, paths, reference
 from ._backends import BackendStatus, backends
 from .conversions import convert
+from .embeddings import fourier_embedding, timestep_embedding
 from .flow_map import flow_map_loss
 from .interpolation import interpolate
 from .losses import flow_matching_loss
 from .matcher import FlowMatcher, FlowSample
 
 __version__ = "0.1.0"
-__all__ = ["BackendStatus", "FlowMatcher", "FlowSample", "backends", "convert", "flow_map_loss",
-           "flow_matching_loss", "interpolate", "paths", "reference"]
+__all__ = ["BackendStatus", "FlowMatcher", "FlowSample", "backends", "convert", "embeddings",
+           "flow_map_loss", "flow_matching_loss", "fourier_embedding", "interpolate", "nn", "paths",
+           "reference", "timestep_embedding"]

@@ -12,7 +12,7 @@ every call, and fails loudly when the forced backend cannot run on the tensors i
 """
 import importlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
@@ -46,8 +46,10 @@ def _extension():
 
 @lru_cache(maxsize=None)
 def _triton():
+    """The Triton kernel modules (affine, embedding), or the reason they cannot be imported."""
     try:
-        return importlib.import_module("fastflow._triton.affine"), None
+        return tuple(importlib.import_module(f"fastflow._triton.{name}")
+                     for name in ("affine", "embedding")), None
     except ImportError as exc:
         return None, f"triton not importable ({exc})"
 
@@ -123,17 +125,21 @@ _DEFAULT_ORDER = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
 
 
 def kernels(name):
-    """The kernels of backend `name`: an object with ``affine(inputs, coeffs, outputs)``, which
-    writes into `outputs`, and the reductions ``affine_dot(a, b, groups)`` and
-    ``affine_sqnorm(inputs, coeffs)``, which return their sums."""
+    """The kernels of backend `name`: an object with ``affine(inputs, coeffs, outputs)`` and
+    ``sinusoid(t, freqs, scale, cos_first, out)``, which write into their last argument, and
+    ``affine_dot(a, b, groups)``, ``affine_sqnorm(inputs, coeffs)`` and
+    ``sinusoid_backward(grad, t, freqs, scale, cos_first, t_grad, freqs_grad)``, which return
+    their results."""
     return _KERNELS[name]()
 
 
+@dataclass(frozen=True)
 class _Kernels:
-    def __init__(self, affine, affine_dot, affine_sqnorm):
-        self.affine = affine
-        self.affine_dot = affine_dot
-        self.affine_sqnorm = affine_sqnorm
+    affine: object
+    affine_dot: object
+    affine_sqnorm: object
+    sinusoid: object
+    sinusoid_backward: object
 
 
 def _reference_kernels():
@@ -143,23 +149,30 @@ def _reference_kernels():
         for out, value in zip(outputs, reference.affine(inputs, coeffs)):
             out.copy_(value)
 
-    return _Kernels(affine, reference.affine_dot, reference.affine_sqnorm)
+    def sinusoid(t, freqs, scale, cos_first, out):
+        out.copy_(reference.sinusoid(t, freqs, scale, cos_first, out.shape[1]))
+
+    return _Kernels(affine, reference.affine_dot, reference.affine_sqnorm, sinusoid,
+                    reference.sinusoid_backward)
 
 
 def _cpu_kernels():
     ext = _extension()[0]
-    return _Kernels(ext.affine_cpu, ext.affine_dot_cpu, ext.affine_sqnorm_cpu)
+    return _Kernels(ext.affine_cpu, ext.affine_dot_cpu, ext.affine_sqnorm_cpu, ext.sinusoid_cpu,
+                    ext.sinusoid_backward_cpu)
 
 
 def _cuda_kernels():
-    # The reductions are Triton's where it is installed, else the reference's.
-    reductions = _triton_kernels() if _triton()[0] is not None else _reference_kernels()
-    return _Kernels(_extension()[0].affine_cuda, reductions.affine_dot, reductions.affine_sqnorm)
+    # Only the affine map has a CUDA C++ kernel: the rest is Triton's where it is installed, else
+    # the reference's.
+    rest = _triton_kernels() if _triton()[0] is not None else _reference_kernels()
+    return replace(rest, affine=_extension()[0].affine_cuda)
 
 
 def _triton_kernels():
-    mod = _triton()[0]
-    return _Kernels(mod.affine, mod.affine_dot, mod.affine_sqnorm)
+    affine, embedding = _triton()[0]
+    return _Kernels(affine.affine, affine.affine_dot, affine.affine_sqnorm, embedding.sinusoid,
+                    embedding.sinusoid_backward)
 
 
 _KERNELS = {

@@ -9,10 +9,17 @@
     fastflow::affine_sqnorm(Tensor[] inputs, Tensor coeffs) -> Tensor
         sq[g] = sum_i r[g, i]^2 with r = affine(inputs, coeffs) (one output), never written:
         the reduction of the fused losses
+    fastflow::sinusoid(Tensor t, Tensor freqs, float scale, bool cos_first, int dim,
+                       ScalarType dtype) -> Tensor
+        out[b] = [sin a, cos a] (or [cos a, sin a]) with a = (t[b] * freqs) * scale, [B, dim],
+        dim = 2H or 2H + 1 (a zero last column): every sinusoidal time embedding
+    fastflow::sinusoid_backward(Tensor grad, Tensor t, Tensor freqs, float scale, bool cos_first,
+                                bool t_grad, bool freqs_grad) -> (Tensor, Tensor)
+        its gradients to t and freqs (empty where not asked for), in one pass over grad
 
 Coefficients are [G, M, K] in the math type (fp32, or fp64 for fp64 tensors). The public ops
-(interpolation and conversions so far; losses and sampler steps are to be built the same way)
-compute their coefficients from t in plain PyTorch and call these, so autograd reaches t.
+(interpolation, conversions, losses) compute their coefficients from t in plain PyTorch and
+call these, so autograd reaches t.
 
 The device kernels are chosen per call by fastflow._backends. They are registered as one
 CompositeExplicitAutograd kernel that picks the backend from the device and FASTFLOW_BACKEND.
@@ -30,6 +37,10 @@ _lib.define("affine(Tensor[] inputs, Tensor coeffs) -> Tensor[]")
 _lib.define("affine_out(Tensor[] inputs, Tensor coeffs, Tensor(a!)[] out) -> ()")
 _lib.define("affine_dot(Tensor[] a, Tensor[] b, int groups) -> Tensor")
 _lib.define("affine_sqnorm(Tensor[] inputs, Tensor coeffs) -> Tensor")
+_lib.define("sinusoid(Tensor t, Tensor freqs, float scale, bool cos_first, int dim, "
+            "ScalarType dtype) -> Tensor")
+_lib.define("sinusoid_backward(Tensor grad, Tensor t, Tensor freqs, float scale, bool cos_first, "
+            "bool t_grad, bool freqs_grad) -> (Tensor, Tensor)")
 
 
 def math_dtype(dtype):
@@ -83,8 +94,9 @@ def _launch(inputs, coeffs, outputs):
 _HUGE_PAGE_BYTES = 4 << 20
 
 
-def _empty_output(x):
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+def _empty_output(x, shape=None, dtype=None):
+    """A fresh tensor like `x` (or of `shape` and `dtype` on x's device)."""
+    out = torch.empty(x.shape if shape is None else shape, dtype=dtype or x.dtype, device=x.device)
     if out.device.type == "cpu" and out.nbytes >= _HUGE_PAGE_BYTES:
         ext, _ = _backends._extension()
         if ext is not None:
@@ -141,6 +153,42 @@ def _affine_sqnorm(inputs, coeffs):
     return kernels.affine_sqnorm([x.contiguous() for x in inputs], coeffs.contiguous())
 
 
+def _check_sinusoid_args(t, freqs, dim, dtype):
+    """The checks of csrc/embedding_cpu.cpp, for every backend."""
+    if t.dim() != 1 or t.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"fastflow sinusoid: t must be a 1-D float32 or float64 tensor, got "
+                         f"{t.dtype} of shape {list(t.shape)}")
+    if freqs.dim() != 1 or freqs.dtype != t.dtype or freqs.device != t.device:
+        raise ValueError(f"fastflow sinusoid: freqs must be 1-D {t.dtype} on {t.device}, got "
+                         f"{freqs.dtype} of shape {list(freqs.shape)} on {freqs.device}")
+    half = freqs.shape[0]
+    if dim not in (2 * half, 2 * half + 1):
+        raise ValueError(f"fastflow sinusoid: dim must be {2 * half} or {2 * half + 1} for "
+                         f"{half} frequencies, got {dim}")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"fastflow sinusoid: dtype must be floating point, got {dtype}")
+
+
+def _sinusoid(t, freqs, scale, cos_first, dim, dtype):
+    _check_sinusoid_args(t, freqs, dim, dtype)
+    out = _empty_output(t, (t.shape[0], dim), dtype)
+    kernels = _backends.kernels(_backends.select(t.device))
+    kernels.sinusoid(t.contiguous(), freqs.contiguous(), scale, cos_first, out)
+    return out
+
+
+def _sinusoid_backward(grad, t, freqs, scale, cos_first, t_grad, freqs_grad):
+    _check_sinusoid_args(t, freqs, grad.shape[-1] if grad.dim() == 2 else -1, grad.dtype)
+    if grad.shape[0] != t.shape[0]:
+        raise ValueError(f"fastflow sinusoid: grad must have {t.shape[0]} rows, got "
+                         f"{list(grad.shape)}")
+    kernels = _backends.kernels(_backends.select(t.device))
+    return kernels.sinusoid_backward(grad.contiguous(), t.contiguous(), freqs.contiguous(), scale,
+                                     cos_first, t_grad, freqs_grad)
+
+
+_lib.impl("sinusoid", _sinusoid, "CompositeExplicitAutograd")
+_lib.impl("sinusoid_backward", _sinusoid_backward, "CompositeExplicitAutograd")
 _lib.impl("affine", _affine, "CompositeExplicitAutograd")
 _lib.impl("affine_sqnorm", _affine_sqnorm, "CompositeExplicitAutograd")
 _lib.impl("affine_out", _affine_out, "CompositeExplicitAutograd")
@@ -169,6 +217,37 @@ def _affine_dot_fake(a, b, groups):
 def _affine_sqnorm_fake(inputs, coeffs):
     _check_affine_args(inputs, coeffs, 1)
     return coeffs.new_empty((coeffs.shape[0],))
+
+
+@torch.library.register_fake("fastflow::sinusoid")
+def _sinusoid_fake(t, freqs, scale, cos_first, dim, dtype):
+    _check_sinusoid_args(t, freqs, dim, dtype)
+    return t.new_empty((t.shape[0], dim), dtype=dtype)
+
+
+@torch.library.register_fake("fastflow::sinusoid_backward")
+def _sinusoid_backward_fake(grad, t, freqs, scale, cos_first, t_grad, freqs_grad):
+    _check_sinusoid_args(t, freqs, grad.shape[-1] if grad.dim() == 2 else -1, grad.dtype)
+    return t.new_empty((t.shape[0] if t_grad else 0,)), freqs.new_empty(
+        (freqs.shape[0] if freqs_grad else 0,))
+
+
+def _sinusoid_setup_context(ctx, inputs, output):
+    t, freqs, scale, cos_first, _, _ = inputs
+    ctx.scale, ctx.cos_first = scale, cos_first
+    ctx.save_for_backward(t, freqs)
+
+
+def _sinusoid_grad(ctx, grad):
+    t, freqs = ctx.saved_tensors
+    t_grad, freqs_grad = ctx.needs_input_grad[:2]
+    grad_t, grad_freqs = torch.ops.fastflow.sinusoid_backward(
+        grad, t, freqs, ctx.scale, ctx.cos_first, t_grad, freqs_grad)
+    return (grad_t if t_grad else None), (grad_freqs if freqs_grad else None), None, None, None, None
+
+
+torch.library.register_autograd("fastflow::sinusoid", _sinusoid_grad,
+                                setup_context=_sinusoid_setup_context)
 
 
 def _affine_setup_context(ctx, inputs, output):
@@ -253,3 +332,9 @@ def affine_sqnorm(inputs, coeffs):
 def affine_out(inputs, coeffs, out):
     torch.ops.fastflow.affine_out(list(inputs), coeffs, list(out))
     return out
+
+
+def sinusoid(t, freqs, scale, cos_first, dim, dtype):
+    """``[sin a, cos a]`` (or ``[cos a, sin a]``) of ``a = (t[:, None] * freqs) * scale``, [B, dim]
+    (see the module docstring)."""
+    return torch.ops.fastflow.sinusoid(t, freqs, float(scale), bool(cos_first), int(dim), dtype)

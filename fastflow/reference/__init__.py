@@ -4,9 +4,12 @@ Written for reading, not speed: each function states its formula in eager PyTorc
 """
 from ._affine import affine, affine_dot, affine_sqnorm
 from ._conversions import convert
+from ._embeddings import (adm_timestep_embedding, fourier_embedding, sinusoid,
+                          sinusoid_backward, timestep_embedding)
 from ._flow_map import flow_map_loss
 from ._interpolation import interpolate
 from ._losses import flow_matching_loss
 
-__all__ = ["affine", "affine_dot", "affine_sqnorm", "convert", "flow_map_loss", "flow_matching_loss",
-           "interpolate"]
+__all__ = ["adm_timestep_embedding", "affine", "affine_dot", "affine_sqnorm", "convert",
+           "flow_map_loss", "flow_matching_loss", "fourier_embedding", "interpolate", "sinusoid",
+           "sinusoid_backward", "timestep_embedding"]
