@@ -1,12 +1,14 @@
 // The per-sample affine kernel family (DESIGN.md section 1).
 //
-// For K inputs and M outputs of one shape, viewed as [G, N] (G groups, usually the batch):
+// For K inputs and M outputs of one element count, viewed as [G, N] (G groups, usually the batch):
 //
 //     out[m][g, i] = sum_k coeffs[g, m, k] * in[k][g, i]
 //
-// with the sum taken in the order k = 0, 1, ..., K-1 in the math type (fp32, or fp64 for fp64
-// storage) and no fused multiply-add, so that CPU results equal the eager PyTorch expressions
-// bit for bit. affine_dot is the reduction that the backward needs:
+// with the sum taken in the order k = 0, 1, ..., K-1 in the math type (fp32, or fp64 when a
+// stream is fp64) and no fused multiply-add, so that CPU results equal the eager PyTorch
+// expressions bit for bit. The CPU kernel takes each stream in its own float type (a sampler
+// keeps its state in fp32 and reads a bf16 model's output in the same pass); the other kernels
+// take one type for all. affine_dot is the reduction that the backward needs:
 //
 //     dot[g, m, k] = sum_i a[m][g, i] * b[k][g, i]
 //
@@ -21,8 +23,9 @@
 
 namespace fastflow {
 
-// Arity limits of the compiled kernels; the Python layer checks the same numbers.
-constexpr int64_t kMaxInputs = 4;
+// Arity limits of the compiled kernels; the Python layer checks the same numbers. Five inputs
+// cover a guided multistage sampler step: state, stage input, two model outputs, accumulator.
+constexpr int64_t kMaxInputs = 5;
 constexpr int64_t kMaxOutputs = 4;
 
 void affine_cpu(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
@@ -58,13 +61,14 @@ void affine_cuda(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs
 #endif
 
 // Shared argument checks: every kernel entry point validates its tensors so that a bad call
-// from Python raises instead of reading out of bounds.
+// from Python raises instead of reading out of bounds. `one_dtype` requires a single float type
+// for all streams; otherwise each may have its own.
 void check_affine_args(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
-                       const std::vector<at::Tensor>& outputs, c10::DeviceType device);
+                       const std::vector<at::Tensor>& outputs, c10::DeviceType device,
+                       bool one_dtype = true);
 
-// The floating type the kernels compute in for a storage type.
-inline at::ScalarType math_type(at::ScalarType storage) {
-  return storage == at::kDouble ? at::kDouble : at::kFloat;
-}
+// The floating type the kernels compute in: fp64 when a stream is stored in fp64, else fp32.
+at::ScalarType math_type(const std::vector<at::Tensor>& inputs,
+                         const std::vector<at::Tensor>& outputs);
 
 }  // namespace fastflow

@@ -2,8 +2,17 @@
 
 namespace fastflow {
 
+at::ScalarType math_type(const std::vector<at::Tensor>& inputs,
+                         const std::vector<at::Tensor>& outputs) {
+  for (const auto* streams : {&inputs, &outputs})
+    for (const auto& x : *streams)
+      if (x.scalar_type() == at::kDouble) return at::kDouble;
+  return at::kFloat;
+}
+
 void check_affine_args(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
-                       const std::vector<at::Tensor>& outputs, c10::DeviceType device) {
+                       const std::vector<at::Tensor>& outputs, c10::DeviceType device,
+                       bool one_dtype) {
   const auto k = static_cast<int64_t>(inputs.size());
   const auto m = static_cast<int64_t>(outputs.size());
   TORCH_CHECK(k >= 1 && k <= kMaxInputs, "fastflow affine: expected 1 to ", kMaxInputs,
@@ -11,15 +20,18 @@ void check_affine_args(const std::vector<at::Tensor>& inputs, const at::Tensor& 
   TORCH_CHECK(m >= 1 && m <= kMaxOutputs, "fastflow affine: expected 1 to ", kMaxOutputs,
               " outputs, got ", m);
   const auto& ref = inputs[0];
-  TORCH_CHECK(at::isFloatingType(ref.scalar_type()),
-              "fastflow affine: inputs must be floating point, got ", ref.scalar_type());
   auto check_stream = [&](const at::Tensor& x, const char* what) {
+    const auto type = x.scalar_type();
+    TORCH_CHECK(type == at::kFloat || type == at::kDouble || type == at::kHalf ||
+                    type == at::kBFloat16,
+                "fastflow affine: ", what, " must be float16, bfloat16, float32 or float64, got ",
+                type);
     TORCH_CHECK(x.device().type() == device, "fastflow affine: ", what, " is on ", x.device(),
                 ", expected a ", c10::DeviceTypeName(device), " tensor");
     TORCH_CHECK(x.device() == ref.device(), "fastflow affine: ", what, " is on ", x.device(),
                 ", the first input on ", ref.device());
-    TORCH_CHECK(x.scalar_type() == ref.scalar_type(), "fastflow affine: ", what, " has dtype ",
-                x.scalar_type(), ", expected ", ref.scalar_type());
+    TORCH_CHECK(!one_dtype || type == ref.scalar_type(), "fastflow affine: ", what,
+                " has dtype ", type, ", expected ", ref.scalar_type());
     TORCH_CHECK(x.numel() == ref.numel(), "fastflow affine: ", what, " has ", x.numel(),
                 " elements, expected ", ref.numel());
     TORCH_CHECK(x.is_contiguous(), "fastflow affine: ", what, " must be contiguous");
@@ -30,9 +42,9 @@ void check_affine_args(const std::vector<at::Tensor>& inputs, const at::Tensor& 
   TORCH_CHECK(coeffs.dim() == 3 && coeffs.size(1) == m && coeffs.size(2) == k,
               "fastflow affine: coeffs must have shape [G, ", m, ", ", k, "], got ",
               coeffs.sizes());
-  TORCH_CHECK(coeffs.scalar_type() == math_type(ref.scalar_type()),
-              "fastflow affine: coeffs must be ", math_type(ref.scalar_type()), " for ",
-              ref.scalar_type(), " inputs, got ", coeffs.scalar_type());
+  const auto math = math_type(inputs, outputs);
+  TORCH_CHECK(coeffs.scalar_type() == math, "fastflow affine: coeffs must be ", math, " for ",
+              ref.scalar_type(), " streams, got ", coeffs.scalar_type());
   TORCH_CHECK(coeffs.device() == ref.device(), "fastflow affine: coeffs is on ", coeffs.device(),
               ", inputs on ", ref.device());
   TORCH_CHECK(coeffs.is_contiguous(), "fastflow affine: coeffs must be contiguous");

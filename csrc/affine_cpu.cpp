@@ -1,7 +1,8 @@
 // CPU kernels of the affine family. Built with -O3 -ffp-contract=off and no -march flags: the
 // tile loops below are written so that the compiler's auto-vectoriser handles them (local tiles
 // cannot alias the streamed tensors), and the missing contraction keeps results bit-identical
-// to eager PyTorch.
+// to eager PyTorch. Streams are converted to and from the math type a tile at a time, so each
+// may have its own float type at the cost of one switch per tile.
 #include "affine.h"
 #include "float_bits.h"
 
@@ -25,36 +26,71 @@ constexpr int kLanes = 8;
 // Elements per deterministic partial sum of affine_dot (fixed, independent of thread count).
 constexpr int64_t kDotChunk = 1 << 14;
 
-template <typename scalar_t, typename math_t, int K, int M>
-void affine_span(const std::array<const scalar_t*, K>& in, const std::array<scalar_t*, M>& out,
+// A contiguous stream of any float type, moved a tile at a time between memory and math_t.
+struct Stream {
+  void* data;
+  at::ScalarType type;
+};
+
+template <typename Visit>
+void visit_float_type(at::ScalarType type, const Visit& visit) {
+  switch (type) {
+    case at::kFloat: return visit(float{});
+    case at::kDouble: return visit(double{});
+    case at::kHalf: return visit(c10::Half{});
+    case at::kBFloat16: return visit(c10::BFloat16{});
+    default: TORCH_CHECK(false, "fastflow affine: unsupported stream type ", type);
+  }
+}
+
+template <typename math_t>
+void load_tile(const Stream& s, int64_t j0, int64_t n, math_t* dst) {
+  visit_float_type(s.type, [&](auto zero) {
+    using scalar_t = decltype(zero);
+    const scalar_t* src = static_cast<const scalar_t*>(s.data) + j0;
+    for (int64_t i = 0; i < n; ++i) dst[i] = load_as<math_t>(src[i]);
+  });
+}
+
+template <typename math_t>
+void store_tile(const Stream& s, int64_t j0, int64_t n, const math_t* src) {
+  visit_float_type(s.type, [&](auto zero) {
+    using scalar_t = decltype(zero);
+    scalar_t* dst = static_cast<scalar_t*>(s.data) + j0;
+    for (int64_t i = 0; i < n; ++i) dst[i] = store_as<scalar_t>(src[i]);
+  });
+}
+
+// Every input tile is loaded before any output tile is stored, so an output may lie exactly on
+// top of an input (a sampler updates its state in place).
+template <typename math_t, int K, int M>
+void affine_span(const std::array<Stream, K>& in, const std::array<Stream, M>& out,
                  const math_t* c, int64_t lo, int64_t hi) {
   for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
     const int64_t n = std::min(kTile, hi - j0);
     math_t x[K][kTile];
-    for (int k = 0; k < K; ++k) {
-      const scalar_t* src = in[k] + j0;
-      for (int64_t i = 0; i < n; ++i) x[k][i] = load_as<math_t>(src[i]);
-    }
+    math_t y[M][kTile];
+    for (int k = 0; k < K; ++k) load_tile(in[k], j0, n, x[k]);
     for (int m = 0; m < M; ++m) {
       const math_t* cm = c + m * K;
-      scalar_t* dst = out[m] + j0;
       for (int64_t i = 0; i < n; ++i) {
         math_t acc = cm[0] * x[0][i];
         for (int k = 1; k < K; ++k) acc = acc + cm[k] * x[k][i];
-        dst[i] = store_as<scalar_t>(acc);
+        y[m][i] = acc;
       }
     }
+    for (int m = 0; m < M; ++m) store_tile(out[m], j0, n, y[m]);
   }
 }
 
-template <typename scalar_t, int K, int M>
+template <typename math_t, int K, int M>
 void affine_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
                    const std::vector<at::Tensor>& outputs) {
-  using math_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  std::array<const scalar_t*, K> in;
-  std::array<scalar_t*, M> out;
-  for (int k = 0; k < K; ++k) in[k] = inputs[k].const_data_ptr<scalar_t>();
-  for (int m = 0; m < M; ++m) out[m] = outputs[m].mutable_data_ptr<scalar_t>();
+  std::array<Stream, K> in;
+  std::array<Stream, M> out;
+  for (int k = 0; k < K; ++k)
+    in[k] = {const_cast<void*>(inputs[k].const_data_ptr()), inputs[k].scalar_type()};
+  for (int m = 0; m < M; ++m) out[m] = {outputs[m].mutable_data_ptr(), outputs[m].scalar_type()};
   const math_t* c = coeffs.const_data_ptr<math_t>();
   const int64_t numel = inputs[0].numel();
   const int64_t n = numel / coeffs.size(0);
@@ -64,7 +100,7 @@ void affine_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coef
     for (int64_t lo = begin; lo < end;) {
       const int64_t g = lo / n;
       const int64_t hi = std::min(end, (g + 1) * n);
-      affine_span<scalar_t, math_t, K, M>(in, out, c + g * M * K, lo, hi);
+      affine_span<math_t, K, M>(in, out, c + g * M * K, lo, hi);
       lo = hi;
     }
   });
@@ -151,13 +187,15 @@ void sqnorm_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coef
 
 void affine_cpu(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
                 const std::vector<at::Tensor>& outputs) {
-  check_affine_args(inputs, coeffs, outputs, c10::kCPU);
+  check_affine_args(inputs, coeffs, outputs, c10::kCPU, /*one_dtype=*/false);
   if (inputs[0].numel() == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, inputs[0].scalar_type(), "affine_cpu",
-                                  [&] {
-    dispatch_arity(inputs.size(), outputs.size(), [&](auto k, auto m) {
-      affine_kernel<scalar_t, decltype(k)::value, decltype(m)::value>(inputs, coeffs, outputs);
-    });
+  dispatch_arity(inputs.size(), outputs.size(), [&](auto k, auto m) {
+    constexpr int K = decltype(k)::value, M = decltype(m)::value;
+    if (coeffs.scalar_type() == at::kDouble) {
+      affine_kernel<double, K, M>(inputs, coeffs, outputs);
+    } else {
+      affine_kernel<float, K, M>(inputs, coeffs, outputs);
+    }
   });
 }
 
@@ -167,7 +205,7 @@ at::Tensor affine_dot_cpu(const std::vector<at::Tensor>& a, const std::vector<at
   TORCH_CHECK(groups >= 0, "fastflow affine_dot: groups must be non-negative, got ", groups);
   // The dot reads streams like affine's inputs and outputs: reuse those checks with a
   // placeholder coefficient tensor of the expected shape.
-  const auto math = math_type(a[0].scalar_type());
+  const auto math = math_type(a, b);
   check_affine_args(b, at::empty({groups, static_cast<int64_t>(a.size()),
                                   static_cast<int64_t>(b.size())}, b[0].options().dtype(math)),
                     a, c10::kCPU);
@@ -198,7 +236,7 @@ at::Tensor affine_sqnorm_cpu(const std::vector<at::Tensor>& inputs, const at::Te
       });
     });
   }
-  return sums.to(math_type(inputs[0].scalar_type()));
+  return sums.to(math_type(inputs, {}));
 }
 
 }  // namespace fastflow

@@ -124,6 +124,12 @@ def select(device):
 _DEFAULT_ORDER = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
 
 
+def fallback_for_mixed_dtypes(device):
+    """The CUDA C++ kernel takes one float type for all streams: mixed calls go to Triton where
+    it can run, else to the reference."""
+    return "triton" if _status("triton", device.type)[0] else "reference"
+
+
 def kernels(name):
     """The kernels of backend `name`: an object with ``affine(inputs, coeffs, outputs)`` and
     ``sinusoid(t, freqs, scale, cos_first, out)``, which write into their last argument, and
@@ -146,7 +152,8 @@ def _reference_kernels():
     from . import reference
 
     def affine(inputs, coeffs, outputs):
-        for out, value in zip(outputs, reference.affine(inputs, coeffs)):
+        # Results in the math type, rounded once by the copy into each output's own type.
+        for out, value in zip(outputs, reference.affine(inputs, coeffs, dtype=coeffs.dtype)):
             out.copy_(value)
 
     def sinusoid(t, freqs, scale, cos_first, out):

@@ -3,7 +3,9 @@
     fastflow::affine(Tensor[] inputs, Tensor coeffs) -> Tensor[]
         outputs[m] = sum_k coeffs[g, m, k] * inputs[k], per group g of the inputs viewed as [G, n]
     fastflow::affine_out(Tensor[] inputs, Tensor coeffs, Tensor(a!)[] out) -> ()
-        the same, written into preallocated tensors
+        the same, written into preallocated tensors; here every stream may have its own float
+        type (a sampler's fp32 state beside a bf16 model's output), and the last output may be an
+        input (updated in place)
     fastflow::affine_dot(Tensor[] a, Tensor[] b, int groups) -> Tensor
         dot[g, m, k] = sum_i a[m][g, i] * b[k][g, i], the reduction of affine's backward
     fastflow::affine_sqnorm(Tensor[] inputs, Tensor coeffs) -> Tensor
@@ -17,7 +19,7 @@
                                 bool t_grad, bool freqs_grad) -> (Tensor, Tensor)
         its gradients to t and freqs (empty where not asked for), in one pass over grad
 
-Coefficients are [G, M, K] in the math type (fp32, or fp64 for fp64 tensors). The public ops
+Coefficients are [G, M, K] in the math type (fp32, or fp64 when a stream is fp64). The public ops
 (interpolation, conversions, losses) compute their coefficients from t in plain PyTorch and
 call these, so autograd reaches t.
 
@@ -29,7 +31,7 @@ import torch
 from . import _backends
 from ._checks import FLOAT_DTYPES
 
-MAX_INPUTS = 4
+MAX_INPUTS = 5
 MAX_OUTPUTS = 4
 
 _lib = torch.library.Library("fastflow", "DEF")
@@ -48,33 +50,41 @@ def math_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_streams(tensors, what, count_limit, ref):
+def streams_math_dtype(*streams):
+    """The type the kernels compute in for these streams: fp64 if one is fp64, else fp32."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in streams) else torch.float32
+
+
+def _check_streams(tensors, what, count_limit, ref, one_dtype=True):
     if not 1 <= len(tensors) <= count_limit:
         raise ValueError(f"fastflow affine: expected 1 to {count_limit} {what}, got {len(tensors)}")
     for x in tensors:
-        if x.dtype != ref.dtype or x.numel() != ref.numel() or x.device != ref.device:
-            raise ValueError(f"fastflow affine: {what} must share dtype, element count and device; "
-                             f"got {x.dtype}/{x.numel()}/{x.device} beside "
+        if x.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"fastflow affine: {what} must be floating point, got {x.dtype}")
+        if (one_dtype and x.dtype != ref.dtype) or x.numel() != ref.numel() or x.device != ref.device:
+            shared = "dtype, element count and device" if one_dtype else "element count and device"
+            raise ValueError(f"fastflow affine: {what} must share {shared}; got "
+                             f"{x.dtype}/{x.numel()}/{x.device} beside "
                              f"{ref.dtype}/{ref.numel()}/{ref.device}")
 
 
-def _check_affine_args(inputs, coeffs, num_outputs, outputs=()):
+def _check_affine_args(inputs, coeffs, num_outputs, outputs=(), one_dtype=True):
     """The checks of csrc/affine_checks.cpp, for every backend: kernels index the coefficients
-    by (group, output, input) and would read out of bounds on a mismatch."""
+    by (group, output, input) and would read out of bounds on a mismatch. With one_dtype=False
+    (affine_out) every stream may have its own float type."""
     ref = inputs[0] if inputs else None
-    _check_streams(inputs, "inputs", MAX_INPUTS, ref)
-    if ref.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"fastflow affine: inputs must be floating point, got {ref.dtype}")
+    _check_streams(inputs, "inputs", MAX_INPUTS, ref, one_dtype)
     if outputs:
-        _check_streams(outputs, "outputs", MAX_OUTPUTS, ref)
+        _check_streams(outputs, "outputs", MAX_OUTPUTS, ref, one_dtype)
     elif not 1 <= num_outputs <= MAX_OUTPUTS:
         raise ValueError(f"fastflow affine: expected 1 to {MAX_OUTPUTS} outputs, got {num_outputs}")
     if coeffs.dim() != 3 or tuple(coeffs.shape[1:]) != (num_outputs, len(inputs)):
         raise ValueError(f"fastflow affine: coeffs must have shape [G, {num_outputs}, "
                          f"{len(inputs)}], got {list(coeffs.shape)}")
-    if coeffs.dtype != math_dtype(ref.dtype) or coeffs.device != ref.device:
-        raise ValueError(f"fastflow affine: coeffs must be {math_dtype(ref.dtype)} on "
-                         f"{ref.device}, got {coeffs.dtype} on {coeffs.device}")
+    math = streams_math_dtype(*inputs, *outputs)
+    if coeffs.dtype != math or coeffs.device != ref.device:
+        raise ValueError(f"fastflow affine: coeffs must be {math} on {ref.device}, got "
+                         f"{coeffs.dtype} on {coeffs.device}")
     _check_groups(ref, coeffs.shape[0])
 
 
@@ -86,7 +96,10 @@ def _check_groups(ref, groups):
 
 def _launch(inputs, coeffs, outputs):
     """Run the selected backend's kernel on contiguous streams, writing contiguous `outputs`."""
-    kernels = _backends.kernels(_backends.select(inputs[0].device))
+    name = _backends.select(inputs[0].device)
+    if name == "cuda" and len({x.dtype for x in (*inputs, *outputs)}) > 1:
+        name = _backends.fallback_for_mixed_dtypes(inputs[0].device)
+    kernels = _backends.kernels(name)
     kernels.affine([x.contiguous() for x in inputs], coeffs.contiguous(), outputs)
 
 
@@ -112,25 +125,27 @@ def _affine(inputs, coeffs):
 
 
 def _affine_out(inputs, coeffs, out):
-    _check_affine_args(inputs, coeffs, len(out), out)
-    staged = [o if _writable_in_place(o, inputs, len(out)) else torch.empty_like(
-        o, memory_format=torch.contiguous_format) for o in out]
+    _check_affine_args(inputs, coeffs, len(out), out, one_dtype=False)
+    staged = [o if _writable_in_place(o, inputs, last=m == len(out) - 1) else torch.empty_like(
+        o, memory_format=torch.contiguous_format) for m, o in enumerate(out)]
     _launch(inputs, coeffs, staged)
     for o, buf in zip(out, staged):
         if buf is not o:
             o.copy_(buf)
 
 
-def _writable_in_place(out, inputs, num_outputs):
-    """Whether the kernels can write `out` directly. They stream contiguous memory, and with
-    several outputs may write one before reading every input at that index: an output that
-    shares memory with an input is safe only as the single output, exactly on top of it."""
+def _writable_in_place(out, inputs, last):
+    """Whether the kernels can write `out` directly. They stream contiguous memory and read every
+    input at an index before writing the last output there (earlier outputs may be written
+    before the inputs are read again for the next), so an output that shares memory with an
+    input is safe as the last output, exactly on top of it (same start and type, contiguous)."""
     if not out.is_contiguous():
         return False
     base = out.untyped_storage().data_ptr()
     for x in inputs:
         if x.untyped_storage().data_ptr() == base and (
-                num_outputs > 1 or x.data_ptr() != out.data_ptr() or not x.is_contiguous()):
+                not last or x.data_ptr() != out.data_ptr() or x.dtype != out.dtype
+                or not x.is_contiguous()):
             return False
     return True
 
@@ -204,13 +219,13 @@ def _affine_fake(inputs, coeffs):
 
 @torch.library.register_fake("fastflow::affine_out")
 def _affine_out_fake(inputs, coeffs, out):
-    _check_affine_args(inputs, coeffs, len(out), out)
+    _check_affine_args(inputs, coeffs, len(out), out, one_dtype=False)
 
 
 @torch.library.register_fake("fastflow::affine_dot")
 def _affine_dot_fake(a, b, groups):
     _check_dot_args(a, b, groups)
-    return a[0].new_empty((groups, len(a), len(b)), dtype=math_dtype(a[0].dtype))
+    return a[0].new_empty((groups, len(a), len(b)), dtype=streams_math_dtype(*a, *b))
 
 
 @torch.library.register_fake("fastflow::affine_sqnorm")

@@ -18,6 +18,7 @@ match diffusers' and ADM's to within an ulp or two of sin and cos.
 Gradients reach t (``d sin(a)/dt = freq * scale * cos(a)``) and the frequencies (learned Fourier
 W) through a fused backward; double backward is not supported.
 """
+import functools
 import math
 import numbers
 
@@ -78,9 +79,20 @@ def timestep_embedding(t, dim, *, max_period=10000, flip_sin_to_cos=False, downs
     if half and half == downscale_freq_shift:
         raise ValueError(f"downscale_freq_shift: equal to dim // 2 = {half}, which divides by zero "
                          f"(diffusers returns NaN here); use a larger dim or a smaller shift")
-    exponent = -math.log(max_period) * torch.arange(0, half, dtype=t.dtype, device=t.device)
-    freqs = torch.exp(exponent / (half - downscale_freq_shift))
+    frequencies = _sinusoidal_frequencies
+    if not torch.compiler.is_compiling():  # traced graphs compute them inline, eager calls reuse them
+        frequencies = _cached_frequencies
+    freqs = frequencies(half, float(max_period), float(downscale_freq_shift), t.dtype, t.device)
     return _ops.sinusoid(t, freqs, scale, flip_sin_to_cos, dim, _out_dtype(dtype, t))
+
+
+def _sinusoidal_frequencies(half, max_period, downscale_freq_shift, dtype, device):
+    """diffusers' frequencies, operation for operation (so the same bits)."""
+    exponent = -math.log(max_period) * torch.arange(0, half, dtype=dtype, device=device)
+    return torch.exp(exponent / (half - downscale_freq_shift))
+
+
+_cached_frequencies = functools.lru_cache(maxsize=64)(_sinusoidal_frequencies)
 
 
 def fourier_embedding(t, W, *, log=False, flip_sin_to_cos=False, dtype=None):

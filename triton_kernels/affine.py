@@ -2,8 +2,8 @@
 
     out[m][g, i] = sum_k coeffs[g, m, k] * in[k][g, i]        inputs and outputs viewed as [G, n]
 
-One kernel, specialised at compile time on the arity (K inputs, M outputs) and on how a block
-finds its coefficients: when a sample spans at least a block, every block lies inside one sample
+One kernel, specialised at compile time on the arity (K inputs, M outputs), on the float type
+of each stream (they may differ) and on how a block finds its coefficients: when a sample spans at least a block, every block lies inside one sample
 and loads its K*M coefficients once as scalars; for tiny samples (2-D toy data, say) a block
 covers many samples and gathers coefficients per element. Offsets are int64 throughout.
 """
@@ -35,6 +35,8 @@ def _affine_kernel(ins, outs, coeffs_ptr, numel, n, K: tl.constexpr, M: tl.const
         mask = offs < numel
         # Clamp so masked-off lanes still point at a real sample: coefficient loads need no mask.
         coeff_base = coeffs_ptr + (tl.minimum(offs, numel - 1) // n) * (M * K)
+    # Output m is stored before the inputs are read for output m + 1 (the cache serves the
+    # re-reads): only the last output may lie on top of an input.
     for m in tl.static_range(M):
         c = tl.load(coeff_base + m * K)
         acc = c * tl.load(ins[0] + offs, mask=mask).to(c.dtype)

@@ -2,12 +2,13 @@
 import torch
 
 
-def affine(inputs, coeffs):
+def affine(inputs, coeffs, dtype=None):
     """``out[m] = sum_k coeffs[:, m, k] * inputs[k]`` per group, in the math type of `coeffs`.
 
-    inputs: K tensors of one shape, viewed as [G, n] with G = coeffs.shape[0].
-    coeffs: [G, M, K]. Returns M tensors shaped and typed like inputs[0]. The sum runs over k in
-    order, with a separate multiply and add per term, as eager PyTorch would write it.
+    inputs: K tensors of one element count (any float types), viewed as [G, n] with
+    G = coeffs.shape[0]. coeffs: [G, M, K]. Returns M tensors shaped like inputs[0], in `dtype`
+    (by default that of inputs[0]). The sum runs over k in order, with a separate multiply and
+    add per term, as eager PyTorch would write it.
     """
     groups, num_out, num_in = coeffs.shape
     flat = [_per_group(x, groups).to(coeffs.dtype) for x in inputs]
@@ -16,7 +17,7 @@ def affine(inputs, coeffs):
         acc = coeffs[:, m, 0:1] * flat[0]
         for k in range(1, num_in):
             acc = acc + coeffs[:, m, k:k + 1] * flat[k]
-        outputs.append(acc.to(inputs[0].dtype).reshape(inputs[0].shape))
+        outputs.append(acc.to(dtype or inputs[0].dtype).reshape(inputs[0].shape))
     return outputs
 
 
