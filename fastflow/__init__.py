@@ -7,7 +7,7 @@
 """
 import torch  # noqa: F401  (the compiled extension needs torch loaded first)
 
-from . import _ops, embeddings, nn, paths, reference
+from . import _ops, embeddings, nn, paths, reference, schedules
 from ._backends import BackendStatus, backends
 from .conversions import convert
 from .embeddings import fourier_embedding, timestep_embedding
@@ -15,8 +15,9 @@ from .flow_map import flow_map_loss
 from .interpolation import interpolate
 from .losses import flow_matching_loss
 from .matcher import FlowMatcher, FlowSample
+from .sampling import Sampler, sample
 
 __version__ = "0.1.0"
 __all__ = ["BackendStatus", "FlowMatcher", "FlowSample", "backends", "convert", "embeddings",
            "flow_map_loss", "flow_matching_loss", "fourier_embedding", "interpolate", "nn", "paths",
-           "reference", "timestep_embedding"]
+           "reference", "sample", "Sampler", "schedules", "timestep_embedding"]

@@ -9,7 +9,8 @@ from ._embeddings import (adm_timestep_embedding, fourier_embedding, sinusoid,
 from ._flow_map import flow_map_loss
 from ._interpolation import interpolate
 from ._losses import flow_matching_loss
+from ._sampling import sample
 
 __all__ = ["adm_timestep_embedding", "affine", "affine_dot", "affine_sqnorm", "convert",
-           "flow_map_loss", "flow_matching_loss", "fourier_embedding", "interpolate", "sinusoid",
-           "sinusoid_backward", "timestep_embedding"]
+           "flow_map_loss", "flow_matching_loss", "fourier_embedding", "interpolate", "sample",
+           "sinusoid", "sinusoid_backward", "timestep_embedding"]

@@ -1,0 +1,496 @@
+"""ODE samplers with fused steps: Euler, midpoint, Heun, RK4 (DESIGN.md section 6).
+
+A step of an explicit Runge-Kutta method is linear in the state and in what the model returns:
+the stage inputs, the guidance (v_u + w (v_c - v_u)), the conversion of a noise, data or score
+prediction into a velocity, and the update x + h sum_j b_j k_j are all per-sample affine
+combinations of a few streams. So after each model call the sampler runs one fused pass
+(``affine_out``) that reads the model's output(s) and the fp32 state once and writes the next
+model input (in the model's dtype) and the updated state or accumulator, in place. The
+coefficients of every pass are computed once, on the device, before the loop; the loop itself
+never synchronises with the host, and on CUDA it can be recorded as one CUDA graph
+(``capture=True``) and replayed for new inputs of the same shape.
+
+    >>> x = fastflow.sample(model, torch.randn(16, 2), steps=50, method="heun")
+    >>> sampler = fastflow.Sampler(model, sigmas=fastflow.schedules.flow_match_sigmas(28),
+    ...                            method="euler", time_convention="sigma", time_scale=1000,
+    ...                            guidance_scale=3.5)
+    >>> images = sampler(latents, uncond_kwargs={"y": null_labels}, y=labels)
+"""
+import numbers
+import warnings
+
+import torch
+
+from . import _ops
+from ._tableaus import TABLEAUS
+from .conversions import KINDS, conversion_coefficients
+from .paths import AffinePath, get_path
+
+__all__ = ["METHODS", "Sampler", "sample"]
+
+METHODS = tuple(TABLEAUS)
+GUIDANCE = ("cfg", "cfg_zero_star")
+TIME_CONVENTIONS = ("t", "sigma")
+# Kernel arity: a pass that would need more streams is split (the velocity is stored first).
+_MAX_IN, _MAX_OUT = _ops.MAX_INPUTS, _ops.MAX_OUTPUTS
+# CFG-Zero*: alpha = <v_c, v_u> / (|v_u|^2 + _ZERO_STAR_EPS), per sample.
+_ZERO_STAR_EPS = 1e-8
+
+
+def sample(model, x_init, *, model_kwargs=None, uncond_kwargs=None, **options):
+    """Integrate the model's flow from x_init and return the final state in x_init's dtype.
+
+    ``fastflow.sample(model, x_init, steps=N, method=m)`` integrates from t = 0 (noise) to
+    t = 1 (data) on a uniform grid of N steps; ``time_grid=`` takes an explicit grid instead.
+    The model is called as ``model(x, t, **model_kwargs)`` with t a [B] tensor on x's device.
+    Every other option is the :class:`Sampler`'s; this is ``Sampler(model, **options)(x_init,
+    uncond_kwargs=uncond_kwargs, **model_kwargs)``.
+    """
+    return Sampler(model, **options)(x_init, uncond_kwargs=uncond_kwargs, **(model_kwargs or {}))
+
+
+class Sampler:
+    """A reusable sampler: validates its options and computes every step's coefficients once,
+    keeps static buffers per input shape, and runs the loop without host synchronisation.
+
+    Args:
+        model: called as ``model(x, t, **kwargs)``, x in x_init's dtype, t a [B] tensor.
+        method: "euler", "midpoint", "heun", "rk4" (classic) or "rk4_38" (Kutta's 3/8 rule,
+            torchdiffeq's "rk4").
+        steps: number of steps of a uniform grid from t = 0 to 1 (1 to 0 with reverse=True).
+        time_grid: explicit grid t_0, ..., t_N (1-D, strictly monotone; decreasing integrates
+            from data towards noise, for inversion). t = 0 is noise, t = 1 is data.
+        sigmas: a diffusers-style decreasing sigma grid (e.g. from
+            ``fastflow.schedules.flow_match_sigmas``), used as the grid t = 1 - sigma.
+            Exactly one of steps, time_grid and sigmas.
+        reverse: with steps, integrate from t = 1 to 0.
+        prediction: what the model returns: "velocity" (default), "epsilon", "data" or "score",
+            converted to a velocity on `path` inside the fused pass.
+        path: the affine path of a non-velocity prediction (default CondOT).
+        time_convention: "t" (default) gives the model t; "sigma" gives it 1 - t and reads a
+            velocity prediction as dx/dsigma = -dx/dt (diffusers' flow-matching models).
+        time_scale: multiplies the time the model sees (1000 for diffusers' transformers).
+        guidance_scale: classifier-free guidance scale w: a float, a [B] tensor (per sample)
+            or a callable ``w(t) -> float or [B] tensor`` evaluated once per step when the
+            sampler is built. None disables guidance.
+        guidance: "cfg" (v_u + w (v_c - v_u)) or "cfg_zero_star" (the unconditional
+            prediction first projected on the conditional one, per sample).
+        guidance_interval: (t_lo, t_hi): guide only the steps starting inside it; the others
+            use the conditional prediction alone (and skip the unconditional call).
+        zero_init_steps: CFG-Zero*'s zero init: the first steps use a zero prediction.
+        doubled_batch: call the model once on a doubled batch [uncond; cond] (the diffusers
+            convention: the kwargs must then describe 2B samples) instead of twice.
+        state_dtype: dtype of the integrated state; default float32 (float64 for float64 x).
+        callback: ``callback(step, t, x)`` after every `callback_every` steps, x the state.
+        return_intermediates: also return the states after every step, [N + 1, *x.shape].
+        progress: show a tqdm progress bar (if tqdm is installed).
+        capture: on CUDA, record the whole loop as one CUDA graph on the first call for a
+            shape and replay it afterwards (model kwargs are copied into static buffers); on
+            other devices the loop runs normally.
+    """
+
+    def __init__(self, model, *, method="euler", steps=None, time_grid=None, sigmas=None,
+                 reverse=False, prediction="velocity", path=None, time_convention="t",
+                 time_scale=1.0, guidance_scale=None, guidance="cfg", guidance_interval=None,
+                 zero_init_steps=0, doubled_batch=False, state_dtype=None, callback=None,
+                 callback_every=1, return_intermediates=False, progress=False, capture=False):
+        if not callable(model):
+            raise TypeError(f"model: expected a callable model(x, t, **kwargs), got "
+                            f"{type(model).__name__}")
+        if method not in TABLEAUS:
+            raise ValueError(f"method: expected one of {', '.join(map(repr, METHODS))}, got "
+                             f"{method!r}")
+        if prediction not in KINDS:
+            raise ValueError(f"prediction: expected one of {', '.join(map(repr, KINDS))}, got "
+                             f"{prediction!r}")
+        if time_convention not in TIME_CONVENTIONS:
+            raise ValueError(f"time_convention: expected 't' or 'sigma', got {time_convention!r}")
+        if guidance not in GUIDANCE:
+            raise ValueError(f"guidance: expected 'cfg' or 'cfg_zero_star', got {guidance!r}")
+        if doubled_batch and guidance_scale is None:
+            raise ValueError("doubled_batch: needs a guidance_scale (the doubled batch is the "
+                             "[unconditional; conditional] pair of classifier-free guidance)")
+        if callback_every < 1 or not isinstance(callback_every, numbers.Integral):
+            raise ValueError(f"callback_every: expected a positive integer, got {callback_every!r}")
+        if callback is not None and not callable(callback):
+            raise TypeError("callback: expected a callable callback(step, t, x)")
+        self.model = model
+        self.method = method
+        self.prediction = prediction
+        self.path = get_path(path)
+        if prediction != "velocity" and not isinstance(self.path, AffinePath):
+            raise TypeError(f"path: converting a {prediction!r} prediction needs an affine path, "
+                            f"got {self.path!r}")
+        self.time_convention = time_convention
+        self.time_scale = float(time_scale)
+        self.grid = _host_grid(steps, time_grid, sigmas, reverse)
+        self.guidance_scale = guidance_scale
+        self.zero_star = guidance == "cfg_zero_star"
+        self.doubled_batch = bool(doubled_batch)
+        self.zero_init_steps = int(zero_init_steps)
+        self.guided_steps = self._guided_steps(guidance_interval)
+        self.state_dtype = state_dtype
+        self.callback, self.callback_every = callback, int(callback_every)
+        self.return_intermediates = return_intermediates
+        self.progress = progress
+        self.capture = capture
+        self._tables = {}   # (device, math dtype) -> per-step coefficients on the device
+        self._graphs = {}   # input signature -> captured CUDA graph and its static tensors
+
+    # ---------------------------------------------------------------- setup (host, once)
+
+    def _guided_steps(self, interval):
+        steps = len(self.grid) - 1
+        if self.guidance_scale is None:
+            return [False] * steps
+        if interval is None:
+            return [True] * steps
+        if len(interval) != 2 or interval[0] > interval[1]:
+            raise ValueError(f"guidance_interval: expected (t_lo, t_hi) with t_lo <= t_hi, got "
+                             f"{interval!r}")
+        # A doubled batch evaluates both halves anyway: outside the interval it weighs them 0, 1.
+        return [self.doubled_batch or interval[0] <= t <= interval[1] for t in self.grid[:-1]]
+
+    def _passes(self, stage, guided, shared):
+        """The fused passes after stage `stage`'s model call, as ({output: combo}, copies) with
+        each combo {stream: coefficient per step} over named streams, and copies (dst, src) of
+        buffers to make after the pass:
+
+            x     the state                      S    this stage's input, fp32 (stage > 0)
+            P     the model's prediction         Pu, Pc  its unconditional and conditional ones
+            K<l>  a stored stage velocity        F    the accumulated update x + h sum b_l k_l
+            M     the next model input           S+   the next stage's input, fp32
+            Kcur  this stage's velocity, stored when one pass would need too many streams
+        """
+        c, a, b = TABLEAUS[self.method]
+        last = stage == len(c) - 1
+        h = [t1 - t0 for t0, t1 in zip(self.grid[:-1], self.grid[1:])]
+        alpha, beta = self._velocity_rows(stage)
+        here = "x" if stage == 0 else "S"
+        k = {} if self.prediction == "velocity" else {here: alpha}
+        for name in (("Pu", "Pc") if guided else ("P",)):
+            k[name] = beta
+        out = {}
+        if not last:
+            nxt = {"x": [1.0] * len(h)}
+            for l, a_l in enumerate(a[stage + 1]):
+                if a_l:
+                    term = k if l == stage else {f"K{l}": [1.0] * len(h)}
+                    _add(nxt, term, [a_l * hi for hi in h])
+            needs_fp32 = self.prediction != "velocity" or shared
+            if not shared:
+                out.update({m: nxt for m in (("Mu", "Mc") if self.doubled_batch else ("M",))})
+            if needs_fp32:
+                out["S+"] = nxt
+            if any(a[m][stage] for m in range(stage + 2, len(c))):
+                out[f"K{stage}"] = k
+        carried = any(b[:stage])
+        update = {"F": [1.0] * len(h)} if carried else {"x": [1.0] * len(h)}
+        if b[stage]:
+            _add(update, k, [b[stage] * hi for hi in h])
+        if last:
+            if not shared:
+                out.update({m: update for m in (("Mu", "Mc") if self.doubled_batch else ("M",))})
+            out["x"] = update
+        elif carried or b[stage]:
+            out["F"] = update
+        copies = []
+        if len(out) > _MAX_OUT:  # the conditional half of a doubled model input is a copy
+            del out["Mc"]
+            copies.append(("Mc", "Mu"))
+        if len(_streams(out)) > _MAX_IN:
+            # Store the velocity first; the rest then reads it as one stream.
+            stored = {name: _substitute(combo, k) for name, combo in out.items()}
+            return [({"Kcur": k}, []), (stored, copies)]
+        return [(out, copies)]
+
+    def _velocity_rows(self, stage):
+        """Per step, the velocity k = alpha * x_stage + beta * prediction at the stage's time."""
+        c = TABLEAUS[self.method][0][stage]
+        taus = [t0 + c * (t1 - t0) for t0, t1 in zip(self.grid[:-1], self.grid[1:])]
+        if self.prediction == "velocity":
+            sign = -1.0 if self.time_convention == "sigma" else 1.0
+            return [0.0] * len(taus), [sign] * len(taus)
+        rows = conversion_coefficients(self.path, torch.tensor(taus, dtype=torch.float64),
+                                       self.prediction, "velocity")[:, 0]
+        return rows[:, 0].tolist(), rows[:, 1].tolist()
+
+    def _plan(self, device, math):
+        """Every stage's passes with their coefficients on the device: [steps, G, M, K] tables,
+        G = 1 unless the guidance is per sample."""
+        key = (device, math)
+        if key in self._tables:
+            return self._tables[key]
+        stages = len(TABLEAUS[self.method][0])
+        steps = len(self.grid) - 1
+        weights = self._guidance_weights(device, math)
+        plan = {}
+        for guided in {*self.guided_steps}:
+            for shared in (False, True):
+                plan[guided, shared] = [
+                    [_Pass(p, copies, steps, weights if guided else None, self.zero_init_steps,
+                           device, math) for p, copies in self._passes(j, guided, shared)]
+                    for j in range(stages)]
+        c = TABLEAUS[self.method][0]
+        taus = torch.tensor([[t0 + cj * (t1 - t0) for cj in c]
+                             for t0, t1 in zip(self.grid[:-1], self.grid[1:])], dtype=torch.float64)
+        model_t = (taus if self.time_convention == "t" else 1 - taus) * self.time_scale
+        self._tables[key] = plan, model_t.to(device=device, dtype=math)
+        return self._tables[key]
+
+    def _guidance_weights(self, device, math):
+        """Per step, the scale w as a [steps, G] tensor (G = 1 or B), or None without guidance."""
+        if self.guidance_scale is None:
+            return None
+        scale = self.guidance_scale
+        per_step = [scale(t) if callable(scale) else scale for t in self.grid[:-1]]
+        rows = [torch.as_tensor(w, dtype=math).reshape(-1).to(device) for w in per_step]
+        if len({r.numel() for r in rows}) > 1:
+            raise ValueError("guidance_scale: every step must give one scale or one per sample")
+        return torch.stack(rows)
+
+    # ---------------------------------------------------------------- the loop
+
+    def __call__(self, x_init, uncond_kwargs=None, **model_kwargs):
+        """Sample from x_init ([B, ...] noise, or data with a reversed grid). Returns the final
+        state in x_init's dtype (and the [N + 1, ...] intermediates if asked)."""
+        if not isinstance(x_init, torch.Tensor) or not x_init.is_floating_point() or x_init.dim() < 1:
+            raise TypeError("x_init: expected a floating tensor [B, ...]")
+        guided_anywhere = any(self.guided_steps)
+        if guided_anywhere and not self.doubled_batch and uncond_kwargs is None:
+            raise ValueError("uncond_kwargs: guidance needs the unconditional call's keyword "
+                             "arguments (e.g. uncond_kwargs={'y': null_labels}); pass {} if the "
+                             "model takes none, or use doubled_batch=True")
+        if self.capture and x_init.device.type == "cuda":
+            if self.callback is not None or self.progress:
+                raise ValueError("capture: a captured loop cannot call back to the host; drop "
+                                 "callback and progress, or capture=False")
+            return self._replay(x_init, uncond_kwargs or {}, model_kwargs)
+        return self._run(x_init, uncond_kwargs or {}, model_kwargs)
+
+    def _run(self, x_init, uncond_kwargs, model_kwargs):
+        state_dtype = self.state_dtype or (torch.float64 if x_init.dtype == torch.float64
+                                           else torch.float32)
+        math = _ops.streams_math_dtype(x_init, torch.empty(0, dtype=state_dtype))
+        plan, model_t = self._plan(x_init.device, math)
+        batch = x_init.shape[0]
+        shared = x_init.dtype == state_dtype and not self.doubled_batch
+        buf = {"x": x_init.to(state_dtype, copy=True)}
+        buf["F"] = torch.empty_like(buf["x"])
+        if not shared:
+            model_in = torch.empty((2 * batch if self.doubled_batch else batch, *x_init.shape[1:]),
+                                   dtype=x_init.dtype, device=x_init.device)
+            buf.update(M=model_in, Mu=model_in[:batch], Mc=model_in[batch:])
+            model_in[:batch].copy_(x_init)
+            if self.doubled_batch:
+                model_in[batch:].copy_(x_init)
+        stage_bufs = [torch.empty_like(buf["x"]) for _ in range(2)]
+        stored = {}
+        steps = len(self.grid) - 1
+        trail = None
+        if self.return_intermediates:
+            trail = torch.empty((steps + 1, *x_init.shape), dtype=x_init.dtype, device=x_init.device)
+            trail[0].copy_(x_init)
+        for i in _progress(range(steps), self.progress):
+            guided = self.guided_steps[i]
+            for j, passes in enumerate(plan[guided, shared]):
+                buf["S"], buf["S+"] = stage_bufs[j % 2], stage_bufs[(j + 1) % 2]
+                if shared:
+                    x_model = buf["x"] if j == 0 else buf["S"]
+                else:
+                    x_model = buf["M"]
+                t = model_t[i, j].expand(x_model.shape[0])
+                preds = self._predict(x_model, t, guided, uncond_kwargs, model_kwargs, batch)
+                buf.update(preds)
+                g = None
+                if self.zero_star and guided:
+                    g = _zero_star_weights(preds["Pu"], preds["Pc"], batch)
+                for p in passes:
+                    for name in p.outputs:
+                        if name.startswith("K"):
+                            buf[name] = stored.setdefault(name, torch.empty_like(buf["x"]))
+                    p.run(buf, i, g)
+            if trail is not None:
+                trail[i + 1].copy_(buf["x"])
+            if self.callback is not None and (i + 1) % self.callback_every == 0:
+                self.callback(i + 1, self.grid[i + 1], buf["x"])
+        out = buf["x"].to(x_init.dtype, copy=True)
+        return (out, trail) if trail is not None else out
+
+    def _predict(self, x, t, guided, uncond_kwargs, model_kwargs, batch):
+        """The model's output(s) for this stage: {"P"} or {"Pu", "Pc"}, contiguous, checked."""
+        want = (batch, *x.shape[1:])
+        if self.doubled_batch:
+            out = _checked(self.model(x, t, **model_kwargs), (2 * batch, *want[1:]), x)
+            if not guided:
+                return {"P": out[batch:]}
+            return {"Pu": out[:batch], "Pc": out[batch:]}
+        cond = _checked(self.model(x, t, **model_kwargs), want, x)
+        if not guided:
+            return {"P": cond}
+        return {"Pu": _checked(self.model(x, t, **uncond_kwargs), want, x), "Pc": cond}
+
+    def _replay(self, x_init, uncond_kwargs, model_kwargs):
+        """Capture the loop as a CUDA graph on the first call for this signature, then replay."""
+        key = (tuple(x_init.shape), x_init.dtype, x_init.device, _signature(model_kwargs),
+               _signature(uncond_kwargs))
+        if key not in self._graphs:
+            static_x = x_init.clone()
+            static_kw, static_uncond = _static(model_kwargs), _static(uncond_kwargs)
+            side = torch.cuda.Stream(device=x_init.device)
+            side.wait_stream(torch.cuda.current_stream(x_init.device))
+            with torch.cuda.stream(side):  # warm up (lazy inits, autotuning) outside the graph
+                self._run(static_x, static_uncond, static_kw)
+            torch.cuda.current_stream(x_init.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                result = self._run(static_x, static_uncond, static_kw)
+            self._graphs[key] = graph, static_x, static_kw, static_uncond, result
+        graph, static_x, static_kw, static_uncond, result = self._graphs[key]
+        static_x.copy_(x_init)
+        _copy_into(static_kw, model_kwargs)
+        _copy_into(static_uncond, uncond_kwargs)
+        graph.replay()
+        if isinstance(result, tuple):
+            return tuple(r.clone() for r in result)
+        return result.clone()
+
+
+class _Pass:
+    """One fused affine pass of a stage: named input and output streams and, per step, the
+    [G, M, K] coefficients on the device. Columns of Pu and Pc hold the prediction's weight in
+    the velocity and are scaled by the guidance weights (1 - w, w): once here for a static
+    scale, or per call for CFG-Zero*."""
+
+    def __init__(self, outputs, copies, steps, weights, zero_init_steps, device, math):
+        # The output that may lie on top of an input (x or F, updated in place) goes last.
+        self.outputs = sorted(outputs, key=lambda name: name in ("x", "F"))
+        self.copies = copies
+        self.inputs = _streams(outputs)
+        table = torch.tensor([[[outputs[o].get(s, [0.0] * steps)[i] for s in self.inputs]
+                               for o in self.outputs] for i in range(steps)], dtype=torch.float64)
+        self.guided_cols = [self.inputs.index(s) for s in ("Pu", "Pc") if s in self.inputs]
+        scale = torch.ones(steps, 1, len(self.inputs), dtype=torch.float64)
+        scale[:zero_init_steps, :, [k for k, s in enumerate(self.inputs) if s[0] == "P"]] = 0
+        table = table[:, None] * scale[:, :, None, :]           # [steps, 1, M, K]
+        if self.guided_cols and weights is not None:
+            w = weights.double().cpu()                          # [steps, G]
+            u, c = self.guided_cols
+            cols = torch.ones(steps, w.shape[1], len(self.inputs), dtype=torch.float64)
+            cols[:, :, u], cols[:, :, c] = 1 - w, w
+            table = table * cols[:, :, None, :]                 # [steps, G, M, K]
+        self.base = table.to(device=device, dtype=math)
+        self.uncond_col = self.guided_cols[0] if self.guided_cols else None
+
+    def run(self, buf, step, zero_star=None):
+        coeffs = self.base[step]
+        if zero_star is not None and self.uncond_col is not None:
+            # CFG-Zero*: the unconditional column is scaled by alpha per sample.
+            factor = torch.ones(zero_star.shape[0], 1, len(self.inputs), dtype=coeffs.dtype,
+                                device=coeffs.device)
+            factor[:, 0, self.uncond_col] = zero_star
+            coeffs = coeffs * factor
+        _ops.affine_out_unchecked([buf[s] for s in self.inputs], coeffs.contiguous(),
+                                  [buf[o] for o in self.outputs])
+        for dst, src in self.copies:
+            buf[dst].copy_(buf[src])
+
+
+def _zero_star_weights(uncond, cond, batch):
+    """alpha_b = <v_c, v_u> / |v_u|^2 per sample (CFG-Zero*), on the device, no host sync."""
+    dots = torch.ops.fastflow.affine_dot([cond, uncond], [uncond], batch)[:, :, 0]
+    return dots[:, 0] / (dots[:, 1] + _ZERO_STAR_EPS)
+
+
+def _add(combo, term, scale):
+    """combo += scale * term, coefficient lists per step."""
+    for name, coeff in term.items():
+        current = combo.setdefault(name, [0.0] * len(scale))
+        combo[name] = [cur + s * c for cur, s, c in zip(current, scale, coeff)]
+
+
+def _substitute(combo, k):
+    """combo with the velocity k's terms replaced by the stored stream Kcur. Every combo that
+    mentions k does so as a multiple: recover the multiple from any of k's streams."""
+    probe = next(name for name in k if name[0] == "P")   # prediction streams appear only in k
+    if probe not in combo:
+        return combo
+    factor = [c / kc if kc else 0.0 for c, kc in zip(combo[probe], k[probe])]
+    rest = {name: coeff for name, coeff in combo.items() if name not in k}
+    # x may be both in k (stage 0, non-velocity prediction) and in the combo on its own.
+    if "x" in k and "x" in combo:
+        rest["x"] = [c - f * kc for c, f, kc in zip(combo["x"], factor, k["x"])]
+    rest["Kcur"] = factor
+    return rest
+
+
+def _streams(outputs):
+    """The input streams the outputs read, in a fixed order."""
+    order = ["x", "S", "F", "Kcur", "K0", "K1", "K2", "P", "Pu", "Pc"]
+    used = {name for combo in outputs.values() for name in combo}
+    return [name for name in order if name in used]
+
+
+def _checked(out, shape, x):
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"model: expected an output of shape {shape}, got {got}")
+    if not out.is_floating_point() or out.device != x.device:
+        raise ValueError(f"model: expected a floating tensor on {x.device}, got {out.dtype} on "
+                         f"{out.device}")
+    return out.contiguous()
+
+
+def _host_grid(steps, time_grid, sigmas, reverse):
+    """The t grid as Python floats (read once, when the sampler is built)."""
+    given = [name for name, v in (("steps", steps), ("time_grid", time_grid), ("sigmas", sigmas))
+             if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"steps, time_grid, sigmas: give exactly one, got "
+                         f"{', '.join(given) or 'none'}")
+    if steps is not None:
+        if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps: expected a positive integer, got {steps!r}")
+        grid = torch.linspace(0, 1, steps + 1, dtype=torch.float64).tolist()
+        return grid[::-1] if reverse else grid
+    if reverse:
+        raise ValueError("reverse: only with steps; give a decreasing time_grid instead")
+    name, values = ("time_grid", time_grid) if time_grid is not None else ("sigmas", sigmas)
+    values = torch.as_tensor(values)
+    if values.dim() != 1 or values.numel() < 2 or not values.is_floating_point():
+        raise ValueError(f"{name}: expected a 1-D floating grid of at least 2 points, got shape "
+                         f"{tuple(values.shape)} and dtype {values.dtype}")
+    grid = values.double().cpu().tolist()
+    if name == "sigmas":
+        grid = [1.0 - s for s in grid]
+    diffs = [t1 - t0 for t0, t1 in zip(grid[:-1], grid[1:])]
+    if not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
+        raise ValueError(f"{name}: expected a strictly monotone grid, got {values.tolist()}")
+    return grid
+
+
+def _progress(steps, show):
+    if not show:
+        return steps
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        warnings.warn("progress=True needs tqdm (pip install tqdm); sampling without a bar",
+                      stacklevel=3)
+        return steps
+    return tqdm(steps, desc="sampling")
+
+
+def _signature(kwargs):
+    return tuple(sorted((k, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (k, v)
+                        for k, v in kwargs.items()))
+
+
+def _static(kwargs):
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
+def _copy_into(static, kwargs):
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor):
+            static[k].copy_(v)

@@ -1,0 +1,297 @@
+"""fastflow.sample / Sampler: against the plain reference loop, torchdiffeq and diffusers'
+Euler scheduler; convergence order on a Gaussian flow with an exact solution; guidance math;
+intermediates, callbacks, capture; bad input."""
+import itertools
+import math
+
+import pytest
+import torch
+
+import fastflow
+from fastflow import reference
+
+METHODS = ["euler", "midpoint", "heun", "rk4", "rk4_38"]
+
+
+class Net(torch.nn.Module):
+    """A small smooth model of (x, t) with an optional additive condition y."""
+
+    def __init__(self, dim=2, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = torch.nn.Sequential(torch.nn.Linear(dim + 1, 32), torch.nn.Tanh(),
+                                       torch.nn.Linear(32, dim))
+        self.calls = 0
+
+    def forward(self, x, t, y=None):
+        self.calls += 1
+        out = self.net.to(x.dtype)(torch.cat([x, t[:, None].to(x.dtype)], dim=1))
+        return out if y is None else out + y.to(out.dtype)
+
+
+def _scaled_error(out, ref):
+    return ((out.double() - ref.double()).abs() / ref.double().abs().clamp(min=1)).max().item()
+
+
+GUIDANCE = {
+    "none": ({}, {}),
+    "cfg": (dict(guidance_scale=2.5), dict(guidance_scale=2.5)),
+    "per-sample": (dict(guidance_scale=torch.linspace(0, 3, 8)),
+                   dict(guidance_scale=torch.linspace(0, 3, 8))),
+    "zero-star": (dict(guidance_scale=3.0, guidance="cfg_zero_star", zero_init_steps=1),
+                  dict(guidance_scale=3.0, cfg_zero_star=True, zero_init_steps=1)),
+    "doubled": (dict(guidance_scale=2.0, doubled_batch=True),
+                dict(guidance_scale=2.0, doubled_batch=True)),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("prediction,convention", [("velocity", "t"), ("velocity", "sigma"),
+                                                   ("epsilon", "t"), ("data", "sigma"),
+                                                   ("score", "t")])
+def test_matches_reference_loop(backend, method, prediction, convention):
+    model = Net()
+    x0 = torch.randn(8, 2, device=backend)
+    model.to(backend)
+    # Away from the ends, where noise and data predictions divide by alpha_t or sigma_t.
+    grid = torch.linspace(0.05, 0.95, 5).tolist()
+    y = torch.randn(8, 2, device=backend)
+    for name, (ours, theirs) in GUIDANCE.items():
+        kwargs = {"y": torch.cat([torch.zeros_like(y), y]) if name == "doubled" else y}
+        common = dict(method=method, prediction=prediction, path="cosine",
+                      time_convention=convention)
+        with torch.no_grad():
+            out = fastflow.sample(model, x0, time_grid=torch.tensor(grid), model_kwargs=kwargs,
+                                  uncond_kwargs={}, **common, **ours)
+            ref = reference.sample(model, x0, grid, model_kwargs=kwargs, uncond_kwargs={},
+                                   **common, **theirs)
+        assert out.dtype == x0.dtype and out.shape == x0.shape
+        tol = 2e-6 if prediction == "velocity" else 1e-4  # conversions amplify rounding ~20x
+        assert _scaled_error(out, ref) < tol, name
+
+
+@pytest.mark.parametrize("model_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_fp32_state_with_a_16_bit_model(backend, method, model_dtype):
+    model = Net().to(backend)
+    x0 = torch.randn(16, 2, device=backend).to(model_dtype)
+    with torch.no_grad():
+        out = fastflow.sample(model, x0, steps=8, method=method)
+        ref = reference.sample(model, x0, torch.linspace(0, 1, 9).tolist(), method=method)
+        low = reference.sample(model, x0, torch.linspace(0, 1, 9).tolist(), method=method,
+                               state_dtype=model_dtype)
+    assert out.dtype == model_dtype
+    # The model sees the same rounded inputs: equal up to the final rounding to 16 bits.
+    assert _scaled_error(out, ref) <= 2 ** -7
+    exact = reference.sample(model, x0.float(), torch.linspace(0, 1, 9).tolist(), method=method)
+    assert _scaled_error(out, exact) <= _scaled_error(low, exact) + 2 ** -8
+
+
+class GaussianFlow:
+    """The CondOT marginal velocity from N(0, 1) to N(m, s^2): affine in x, with the exact flow
+    x(1) = m + s x(0)."""
+
+    def __init__(self, m=0.7, s=0.4):
+        self.m, self.s = m, s
+
+    def __call__(self, x, t):
+        t = t[:, None].to(x.dtype)
+        var = t ** 2 * self.s ** 2 + (1 - t) ** 2
+        d_var = 2 * t * self.s ** 2 - 2 * (1 - t)
+        return self.m + d_var / (2 * var) * (x - t * self.m)
+
+
+def _rates(field, x0, truth, method, steps):
+    errors = [(fastflow.sample(field, x0, steps=n, method=method) - truth).abs().max().item()
+              for n in steps]
+    return [math.log2(e0 / e1) for e0, e1 in zip(errors, errors[1:])]
+
+
+ORDERS = [("euler", 1), ("midpoint", 2), ("heun", 2), ("rk4", 4), ("rk4_38", 4)]
+
+
+@pytest.mark.parametrize("method,order", ORDERS)
+def test_convergence_order_on_a_gaussian_flow(method, order):
+    """At least the method's order against the exact solution (midpoint's leading error term
+    happens to vanish on this flow: it converges at order 3 here)."""
+    flow = GaussianFlow(m=1.0, s=1.5)
+    x0 = torch.randn(64, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    rates = _rates(flow, x0, flow.m + flow.s * x0, method, (16, 32, 64))
+    assert all(r > order - 0.25 for r in rates), rates
+
+
+@pytest.mark.parametrize("method,order", ORDERS)
+def test_convergence_order_on_a_nonlinear_field(method, order):
+    field = lambda x, t: torch.cos(x) + t[:, None]  # noqa: E731
+    x0 = torch.randn(64, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    truth = fastflow.sample(field, x0, steps=2048, method="rk4")
+    rates = _rates(field, x0, truth, method, (8, 16, 32))
+    assert all(abs(r - order) < 0.25 for r in rates), rates
+
+
+@pytest.mark.parametrize("ours,theirs", [("euler", "euler"), ("midpoint", "midpoint"),
+                                          ("rk4_38", "rk4")])
+def test_parity_with_torchdiffeq(ours, theirs):
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    model = Net()
+    x0 = torch.randn(32, 2)
+    grid = torch.linspace(0, 1, 11)
+    with torch.no_grad():
+        out = fastflow.sample(model, x0, time_grid=grid, method=ours)
+        ref = torchdiffeq.odeint(lambda t, x: model(x, t.expand(x.shape[0])), x0, grid,
+                                 method=theirs)[-1]
+    assert _scaled_error(out, ref) < 2e-6
+
+
+def test_euler_on_diffusers_sigmas_is_diffusers_scheduler_loop():
+    schedulers = pytest.importorskip("diffusers.schedulers.scheduling_flow_match_euler_discrete")
+    scheduler = schedulers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(12)
+    model = Net()
+    x = torch.randn(8, 2)
+    sigmas = fastflow.schedules.flow_match_sigmas(12, shift=3.0)
+    with torch.no_grad():
+        out = fastflow.sample(model, x, sigmas=sigmas, time_convention="sigma", time_scale=1000)
+        for timestep in scheduler.timesteps:
+            v = model(x, timestep.expand(x.shape[0]))
+            x = scheduler.step(v, timestep, x).prev_sample
+    assert _scaled_error(out, x) < 2e-6
+
+
+def test_guidance_math_on_constant_predictions():
+    """One Euler step from 0 with constant predictions u (unconditional) and c (conditional)."""
+    u, c = torch.tensor([[1.0, -2.0]]), torch.tensor([[3.0, 0.5]])
+    model = lambda x, t, cond: (c if cond else u).expand_as(x)  # noqa: E731
+    x0 = torch.zeros(1, 2)
+    out = fastflow.sample(model, x0, steps=1, guidance_scale=4.0,
+                          model_kwargs={"cond": True}, uncond_kwargs={"cond": False})
+    torch.testing.assert_close(out, u + 4.0 * (c - u))
+    out = fastflow.sample(model, x0, steps=1, guidance_scale=4.0, guidance="cfg_zero_star",
+                          model_kwargs={"cond": True}, uncond_kwargs={"cond": False})
+    alpha = (c * u).sum() / (u * u).sum()
+    torch.testing.assert_close(out, alpha * u + 4.0 * (c - alpha * u))
+    out = fastflow.sample(model, x0, steps=1, guidance_scale=4.0, zero_init_steps=1,
+                          model_kwargs={"cond": True}, uncond_kwargs={"cond": False})
+    assert (out == 0).all()
+
+
+def test_guidance_interval_skips_the_unconditional_call():
+    model = Net()
+    x0 = torch.randn(4, 2)
+    y = torch.randn(4, 2)
+    with torch.no_grad():
+        out = fastflow.sample(model, x0, steps=10, guidance_scale=3.0,
+                              guidance_interval=(0.25, 0.65), model_kwargs={"y": y},
+                              uncond_kwargs={})
+    # Steps start at 0, 0.1, ..., 0.9: four of them (0.3 .. 0.6) inside the interval.
+    assert model.calls == 10 + 4
+    ref = reference.sample(model, x0, torch.linspace(0, 1, 11).tolist(), guidance_scale=3.0,
+                           guidance_interval=(0.25, 0.65), model_kwargs={"y": y},
+                           uncond_kwargs={})
+    assert _scaled_error(out, ref) < 2e-6
+
+
+def test_per_step_guidance_scale():
+    model = Net()
+    x0, y = torch.randn(4, 2), torch.randn(4, 2)
+    schedule = lambda t: 1.0 + 4.0 * t  # noqa: E731
+    with torch.no_grad():
+        out = fastflow.sample(model, x0, steps=5, guidance_scale=schedule, model_kwargs={"y": y},
+                              uncond_kwargs={})
+    x = x0.clone()
+    grid = torch.linspace(0, 1, 6).tolist()
+    with torch.no_grad():
+        for t0, t1 in zip(grid[:-1], grid[1:]):
+            t = torch.full((4,), t0)
+            v_u, v_c = model(x, t), model(x, t, y=y)
+            x = x + (t1 - t0) * (v_u + schedule(t0) * (v_c - v_u))
+    assert _scaled_error(out, x) < 2e-6
+
+
+def test_reverse_integration_inverts_the_forward_one():
+    model = Net()
+    x0 = torch.randn(16, 2, dtype=torch.float64)
+    with torch.no_grad():
+        data = fastflow.sample(model, x0, steps=40, method="rk4")
+        back = fastflow.sample(model, data, steps=40, method="rk4", reverse=True)
+        back_grid = fastflow.sample(model, data, time_grid=torch.linspace(1, 0, 41), method="rk4")
+    assert (back - x0).abs().max() < 1e-6
+    assert (back - back_grid).abs().max() < 1e-6
+
+
+def test_intermediates_callback_and_reuse():
+    model = Net()
+    seen = []
+    sampler = fastflow.Sampler(model, steps=6, method="midpoint", return_intermediates=True,
+                               callback=lambda i, t, x: seen.append((i, t, x.clone())),
+                               callback_every=2)
+    x0 = torch.randn(5, 2)
+    with torch.no_grad():
+        final, trail = sampler(x0)
+        again, _ = sampler(x0 + 1)
+    assert trail.shape == (7, 5, 2) and torch.equal(trail[0], x0) and torch.equal(trail[-1], final)
+    for n in range(1, 7):
+        step = fastflow.sample(model, x0, time_grid=torch.linspace(0, 1, 7)[:n + 1],
+                               method="midpoint")
+        assert _scaled_error(trail[n], step) < 1e-6
+    assert [i for i, _, _ in seen] == [2, 4, 6] * 2  # two calls
+    assert [t for _, t, _ in seen[:3]] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert torch.equal(seen[2][2], final)
+    assert not torch.equal(again, final)
+
+
+def test_capture_runs_uncaptured_off_cuda():
+    model = Net()
+    x0 = torch.randn(4, 2)
+    with torch.no_grad():
+        assert torch.equal(fastflow.sample(model, x0, steps=4, capture=True),
+                           fastflow.sample(model, x0, steps=4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_capture_replays_on_cuda_without_host_syncs():
+    model = Net().cuda()
+    y = torch.randn(64, 2, device="cuda")
+    sampler = fastflow.Sampler(model, steps=20, method="heun", guidance_scale=2.0, capture=True)
+    eager = fastflow.Sampler(model, steps=20, method="heun", guidance_scale=2.0)
+    with torch.no_grad():
+        for seed in range(3):
+            x0 = torch.randn(64, 2, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                got = sampler(x0, uncond_kwargs={}, y=y)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            assert _scaled_error(got, eager(x0, uncond_kwargs={}, y=y)) < 1e-6
+
+
+def test_bad_input():
+    model = Net()
+    x0 = torch.randn(4, 2)
+    cases = [
+        (dict(steps=4, method="dopri5"), ValueError, "method: expected one of"),
+        (dict(), ValueError, "give exactly one, got none"),
+        (dict(steps=4, time_grid=torch.linspace(0, 1, 5)), ValueError, "give exactly one"),
+        (dict(steps=0), ValueError, "steps: expected a positive integer"),
+        (dict(time_grid=torch.zeros(2, 3)), ValueError, "time_grid: expected a 1-D"),
+        (dict(time_grid=torch.tensor([0.0, 0.5, 0.4, 1.0])), ValueError, "strictly monotone"),
+        (dict(sigmas=torch.tensor([1.0, 0.3, 0.5, 0.0])), ValueError, "sigmas: expected a strictly"),
+        (dict(steps=4, prediction="noise"), ValueError, "prediction: expected one of"),
+        (dict(steps=4, time_convention="tau"), ValueError, "time_convention"),
+        (dict(steps=4, guidance="apg", guidance_scale=2.0), ValueError, "guidance: expected"),
+        (dict(steps=4, doubled_batch=True), ValueError, "doubled_batch: needs a guidance_scale"),
+        (dict(steps=4, guidance_scale=2.0, guidance_interval=(0.8, 0.2)), ValueError,
+         "guidance_interval"),
+        (dict(time_grid=torch.linspace(0, 1, 5), reverse=True), ValueError, "reverse: only"),
+    ]
+    for options, error, message in cases:
+        with pytest.raises(error, match=message):
+            fastflow.sample(model, x0, **options)
+    with pytest.raises(ValueError, match="uncond_kwargs: guidance needs"):
+        fastflow.sample(model, x0, steps=2, guidance_scale=2.0)
+    with pytest.raises(ValueError, match=r"model: expected an output of shape \(4, 2\)"):
+        fastflow.sample(lambda x, t: x[:, :1], x0, steps=2)
+    with pytest.raises(TypeError, match="model: expected a callable"):
+        fastflow.Sampler("model", steps=2)
+    with pytest.raises(TypeError, match="x_init"):
+        fastflow.sample(model, torch.zeros(4, 2, dtype=torch.long), steps=2)
