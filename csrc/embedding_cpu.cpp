@@ -2,13 +2,13 @@
 //
 // Eager PyTorch evaluates sin and cos with SLEEF's vectorised routines, so a scalar libm call per
 // element would lose to it. The fp32 path computes sin and cos together from one shared range
-// reduction, in a branch-free loop that the compiler vectorises, and on x86-64 with GCC the loop
-// is cloned for Haswell-class CPUs (AVX2) and picked at load time. With -ffp-contract=off both
-// clones round identically, so results do not depend on the CPU. Error: a few 1e-8 against sin
+// reduction, in a branch-free loop that the compiler vectorises and clones for AVX2
+// (simd_clones.h), so results do not depend on the CPU. Error: a few 1e-8 against sin
 // and cos of the same fp32 argument, for |a| <= kFastLimit; rows whose arguments can exceed that
 // (or are not finite) take the exact path: libm in double precision, rounded once.
 #include "embedding.h"
 #include "float_bits.h"
+#include "simd_clones.h"
 
 #include <ATen/Parallel.h>
 
@@ -25,12 +25,6 @@ constexpr int64_t kGrain = 1 << 14;
 constexpr int64_t kTile = 256;
 // Independent accumulators of a row sum: vectorisable without reassociation.
 constexpr int kLanes = 8;
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FASTFLOW_SIMD_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define FASTFLOW_SIMD_CLONES
-#endif
 
 // pi/2 in three parts with 8, 11 and 24 significant bits (Cephes): k * part is exact for
 // |k| < 2^13, which |a| <= kFastLimit guarantees, so the reduced argument is accurate to ~1e-7.
