@@ -11,7 +11,8 @@ from . import _ops, embeddings, nn, paths, reference, schedules
 from ._backends import BackendStatus, backends
 from .conversions import convert
 from .embeddings import fourier_embedding, timestep_embedding
-from .flow_map import flow_map_loss
+from .distributed import sample_distributed
+from .flow_map import flow_map_loss, sample_flow_map
 from .interpolation import interpolate
 from .losses import flow_matching_loss
 from .matcher import FlowMatcher, FlowSample
@@ -20,4 +21,5 @@ from .sampling import Sampler, sample
 __version__ = "0.1.0"
 __all__ = ["BackendStatus", "FlowMatcher", "FlowSample", "backends", "convert", "embeddings",
            "flow_map_loss", "flow_matching_loss", "fourier_embedding", "interpolate", "nn", "paths",
-           "reference", "sample", "Sampler", "schedules", "timestep_embedding"]
+           "reference", "sample", "sample_distributed", "sample_flow_map", "Sampler", "schedules",
+           "timestep_embedding"]

@@ -349,15 +349,19 @@ def affine_out(inputs, coeffs, out):
     return out
 
 
-def affine_out_unchecked(inputs, coeffs, out):
-    """affine_out without the dispatcher and the argument checks, for a caller that validated
-    its streams once and keeps to the aliasing rule (only the last output on top of an input):
-    the sampler's loop, where ~0.1 ms of dispatch per call would be most of a step's overhead.
-    Traced code (torch.compile) goes through the op."""
+def affine_out_launcher(device, mixed_dtypes):
+    """A function ``launch(inputs, coeffs, outputs)`` that runs affine_out's kernel directly,
+    without the dispatcher, the argument checks and the backend choice of every call: for a
+    caller that chose the backend once, validated its streams, passes contiguous tensors and
+    keeps to the aliasing rule (only the last output on top of an input). The sampler's loop
+    uses it: there the ~0.1 ms of dispatch per call would be most of a step's overhead. Traced
+    code (torch.compile) gets the op."""
     if torch.compiler.is_compiling():
-        torch.ops.fastflow.affine_out(list(inputs), coeffs, list(out))
-    else:
-        _launch(inputs, coeffs, out)
+        return lambda inputs, coeffs, out: torch.ops.fastflow.affine_out(inputs, coeffs, out)
+    name = _backends.select(device)
+    if name == "cuda" and mixed_dtypes:
+        name = _backends.fallback_for_mixed_dtypes(device)
+    return _backends.kernels(name).affine
 
 
 def sinusoid(t, freqs, scale, cos_first, dim, dtype):

@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from . import _ops
+from . import _noise, _ops
 from ._tableaus import TABLEAUS
 from .conversions import KINDS, conversion_coefficients
 from .paths import AffinePath, get_path
@@ -33,20 +33,24 @@ GUIDANCE = ("cfg", "cfg_zero_star")
 TIME_CONVENTIONS = ("t", "sigma")
 # Kernel arity: a pass that would need more streams is split (the velocity is stored first).
 _MAX_IN, _MAX_OUT = _ops.MAX_INPUTS, _ops.MAX_OUTPUTS
+# Built coefficient tables, shared by samplers with the same options (oldest dropped first).
+_PLANS = {}
+_PLAN_CACHE_SIZE = 32
 # CFG-Zero*: alpha = <v_c, v_u> / (|v_u|^2 + _ZERO_STAR_EPS), per sample.
 _ZERO_STAR_EPS = 1e-8
 
 
-def sample(model, x_init, *, model_kwargs=None, uncond_kwargs=None, **options):
+def sample(model, x_init, *, model_kwargs=None, uncond_kwargs=None, sample_ids=None, **options):
     """Integrate the model's flow from x_init and return the final state in x_init's dtype.
 
     ``fastflow.sample(model, x_init, steps=N, method=m)`` integrates from t = 0 (noise) to
     t = 1 (data) on a uniform grid of N steps; ``time_grid=`` takes an explicit grid instead.
     The model is called as ``model(x, t, **model_kwargs)`` with t a [B] tensor on x's device.
     Every other option is the :class:`Sampler`'s; this is ``Sampler(model, **options)(x_init,
-    uncond_kwargs=uncond_kwargs, **model_kwargs)``.
+    uncond_kwargs=uncond_kwargs, sample_ids=sample_ids, **model_kwargs)``.
     """
-    return Sampler(model, **options)(x_init, uncond_kwargs=uncond_kwargs, **(model_kwargs or {}))
+    return Sampler(model, **options)(x_init, uncond_kwargs=uncond_kwargs, sample_ids=sample_ids,
+                                     **(model_kwargs or {}))
 
 
 class Sampler:
@@ -78,6 +82,10 @@ class Sampler:
         guidance_interval: (t_lo, t_hi): guide only the steps starting inside it; the others
             use the conditional prediction alone (and skip the unconditional call).
         zero_init_steps: CFG-Zero*'s zero init: the first steps use a zero prediction.
+        stochastic: re-noise after every Euler step instead of following the ODE: from the data
+            estimate x1^ = x + (1 - t) v, x' = t' x1^ + (1 - t') eps (increasing grids, Euler).
+            The noise of sample b at step i depends only on (noise_seed, sample_ids[b], i).
+        noise_seed: the seed of that noise (a Python int).
         doubled_batch: call the model once on a doubled batch [uncond; cond] (the diffusers
             convention: the kwargs must then describe 2B samples) instead of twice.
         state_dtype: dtype of the integrated state; default float32 (float64 for float64 x).
@@ -92,8 +100,9 @@ class Sampler:
     def __init__(self, model, *, method="euler", steps=None, time_grid=None, sigmas=None,
                  reverse=False, prediction="velocity", path=None, time_convention="t",
                  time_scale=1.0, guidance_scale=None, guidance="cfg", guidance_interval=None,
-                 zero_init_steps=0, doubled_batch=False, state_dtype=None, callback=None,
-                 callback_every=1, return_intermediates=False, progress=False, capture=False):
+                 zero_init_steps=0, doubled_batch=False, stochastic=False, noise_seed=0,
+                 state_dtype=None, callback=None, callback_every=1, return_intermediates=False,
+                 progress=False, capture=False):
         if not callable(model):
             raise TypeError(f"model: expected a callable model(x, t, **kwargs), got "
                             f"{type(model).__name__}")
@@ -128,13 +137,17 @@ class Sampler:
         self.zero_star = guidance == "cfg_zero_star"
         self.doubled_batch = bool(doubled_batch)
         self.zero_init_steps = int(zero_init_steps)
+        self.stochastic, self.noise_seed = bool(stochastic), int(noise_seed)
+        if self.stochastic and (method != "euler" or self.grid[-1] < self.grid[0]):
+            raise ValueError("stochastic: re-noising is defined for method='euler' on an "
+                             "increasing time grid")
         self.guided_steps = self._guided_steps(guidance_interval)
+        self.guidance_host = self._guidance_host()
         self.state_dtype = state_dtype
         self.callback, self.callback_every = callback, int(callback_every)
         self.return_intermediates = return_intermediates
         self.progress = progress
         self.capture = capture
-        self._tables = {}   # (device, math dtype) -> per-step coefficients on the device
         self._graphs = {}   # input signature -> captured CUDA graph and its static tensors
 
     # ---------------------------------------------------------------- setup (host, once)
@@ -161,6 +174,7 @@ class Sampler:
             K<l>  a stored stage velocity        F    the accumulated update x + h sum b_l k_l
             M     the next model input           S+   the next stage's input, fp32
             Kcur  this stage's velocity, stored when one pass would need too many streams
+            E     the stochastic sampler's fresh noise
         """
         c, a, b = TABLEAUS[self.method]
         last = stage == len(c) - 1
@@ -188,6 +202,10 @@ class Sampler:
         update = {"F": [1.0] * len(h)} if carried else {"x": [1.0] * len(h)}
         if b[stage]:
             _add(update, k, [b[stage] * hi for hi in h])
+        if self.stochastic:  # Euler: x' = t' (x + (1 - t) v) + (1 - t') eps
+            t0s, t1s = self.grid[:-1], self.grid[1:]
+            update = {"x": list(t1s), "E": [1 - t1 for t1 in t1s]}
+            _add(update, k, [t1 * (1 - t0) for t0, t1 in zip(t0s, t1s)])
         if last:
             if not shared:
                 out.update({m: update for m in (("Mu", "Mc") if self.doubled_batch else ("M",))})
@@ -217,13 +235,17 @@ class Sampler:
 
     def _plan(self, device, math):
         """Every stage's passes with their coefficients on the device: [steps, G, M, K] tables,
-        G = 1 unless the guidance is per sample."""
-        key = (device, math)
-        if key in self._tables:
-            return self._tables[key]
+        G = 1 unless the guidance is per sample. Shared by samplers with the same options (a
+        one-shot ``fastflow.sample`` in a loop builds them once)."""
+        key = (device, math, self.method, tuple(self.grid), self.prediction, repr(self.path),
+               self.time_convention, self.time_scale, tuple(self.guided_steps),
+               self.zero_init_steps, self.doubled_batch, self.guidance_host, self.stochastic)
+        if key in _PLANS:
+            return _PLANS[key]
         stages = len(TABLEAUS[self.method][0])
         steps = len(self.grid) - 1
-        weights = self._guidance_weights(device, math)
+        weights = (None if self.guidance_host is None else
+                   torch.tensor(self.guidance_host, dtype=torch.float64))   # [steps, G]
         plan = {}
         for guided in {*self.guided_steps}:
             for shared in (False, True):
@@ -235,25 +257,29 @@ class Sampler:
         taus = torch.tensor([[t0 + cj * (t1 - t0) for cj in c]
                              for t0, t1 in zip(self.grid[:-1], self.grid[1:])], dtype=torch.float64)
         model_t = (taus if self.time_convention == "t" else 1 - taus) * self.time_scale
-        self._tables[key] = plan, model_t.to(device=device, dtype=math)
-        return self._tables[key]
+        if len(_PLANS) >= _PLAN_CACHE_SIZE:
+            del _PLANS[next(iter(_PLANS))]
+        _PLANS[key] = plan, _TimeViews(model_t.to(device=device, dtype=math))
+        return _PLANS[key]
 
-    def _guidance_weights(self, device, math):
-        """Per step, the scale w as a [steps, G] tensor (G = 1 or B), or None without guidance."""
+    def _guidance_host(self):
+        """Per step, the scale w as a tuple (one entry, or one per sample), read once here."""
         if self.guidance_scale is None:
             return None
         scale = self.guidance_scale
-        per_step = [scale(t) if callable(scale) else scale for t in self.grid[:-1]]
-        rows = [torch.as_tensor(w, dtype=math).reshape(-1).to(device) for w in per_step]
-        if len({r.numel() for r in rows}) > 1:
+        rows = [tuple(torch.as_tensor(scale(t) if callable(scale) else scale,
+                                      dtype=torch.float64).reshape(-1).tolist())
+                for t in self.grid[:-1]]
+        if len({len(r) for r in rows}) > 1:
             raise ValueError("guidance_scale: every step must give one scale or one per sample")
-        return torch.stack(rows)
+        return tuple(rows)
 
     # ---------------------------------------------------------------- the loop
 
-    def __call__(self, x_init, uncond_kwargs=None, **model_kwargs):
+    def __call__(self, x_init, uncond_kwargs=None, sample_ids=None, **model_kwargs):
         """Sample from x_init ([B, ...] noise, or data with a reversed grid). Returns the final
-        state in x_init's dtype (and the [N + 1, ...] intermediates if asked)."""
+        state in x_init's dtype (and the [N + 1, ...] intermediates if asked). sample_ids ([B]
+        integers, default 0..B-1) name the samples for the stochastic sampler's noise."""
         if not isinstance(x_init, torch.Tensor) or not x_init.is_floating_point() or x_init.dim() < 1:
             raise TypeError("x_init: expected a floating tensor [B, ...]")
         guided_anywhere = any(self.guided_steps)
@@ -265,15 +291,17 @@ class Sampler:
             if self.callback is not None or self.progress:
                 raise ValueError("capture: a captured loop cannot call back to the host; drop "
                                  "callback and progress, or capture=False")
-            return self._replay(x_init, uncond_kwargs or {}, model_kwargs)
-        return self._run(x_init, uncond_kwargs or {}, model_kwargs)
+            return self._replay(x_init, uncond_kwargs or {}, model_kwargs, sample_ids)
+        return self._run(x_init, uncond_kwargs or {}, model_kwargs, sample_ids)
 
-    def _run(self, x_init, uncond_kwargs, model_kwargs):
+    def _run(self, x_init, uncond_kwargs, model_kwargs, sample_ids=None):
         state_dtype = self.state_dtype or (torch.float64 if x_init.dtype == torch.float64
                                            else torch.float32)
         math = _ops.streams_math_dtype(x_init, torch.empty(0, dtype=state_dtype))
         plan, model_t = self._plan(x_init.device, math)
         batch = x_init.shape[0]
+        times = model_t.get(x_init.shape[0] * (2 if self.doubled_batch else 1))
+        launch = _ops.affine_out_launcher(x_init.device, mixed_dtypes=True)
         shared = x_init.dtype == state_dtype and not self.doubled_batch
         buf = {"x": x_init.to(state_dtype, copy=True)}
         buf["F"] = torch.empty_like(buf["x"])
@@ -285,8 +313,15 @@ class Sampler:
             if self.doubled_batch:
                 model_in[batch:].copy_(x_init)
         stage_bufs = [torch.empty_like(buf["x"]) for _ in range(2)]
-        stored = {}
+        for stages in plan.values():   # the stored velocities (K0, ..., Kcur)
+            for passes in stages:
+                for p in passes:
+                    for name in p.outputs:
+                        if name[0] == "K" and name not in buf:
+                            buf[name] = torch.empty_like(buf["x"])
         steps = len(self.grid) - 1
+        if self.stochastic:
+            ids = _sample_ids(sample_ids, batch, x_init.device)
         trail = None
         if self.return_intermediates:
             trail = torch.empty((steps + 1, *x_init.shape), dtype=x_init.dtype, device=x_init.device)
@@ -299,17 +334,16 @@ class Sampler:
                     x_model = buf["x"] if j == 0 else buf["S"]
                 else:
                     x_model = buf["M"]
-                t = model_t[i, j].expand(x_model.shape[0])
+                t = times[i][j]
                 preds = self._predict(x_model, t, guided, uncond_kwargs, model_kwargs, batch)
                 buf.update(preds)
                 g = None
+                if self.stochastic:
+                    buf["E"] = _noise.gaussian(self.noise_seed, ids, i, x_init.shape, state_dtype)
                 if self.zero_star and guided:
                     g = _zero_star_weights(preds["Pu"], preds["Pc"], batch)
                 for p in passes:
-                    for name in p.outputs:
-                        if name.startswith("K"):
-                            buf[name] = stored.setdefault(name, torch.empty_like(buf["x"]))
-                    p.run(buf, i, g)
+                    p.run(launch, buf, i, g)
             if trail is not None:
                 trail[i + 1].copy_(buf["x"])
             if self.callback is not None and (i + 1) % self.callback_every == 0:
@@ -330,24 +364,26 @@ class Sampler:
             return {"P": cond}
         return {"Pu": _checked(self.model(x, t, **uncond_kwargs), want, x), "Pc": cond}
 
-    def _replay(self, x_init, uncond_kwargs, model_kwargs):
+    def _replay(self, x_init, uncond_kwargs, model_kwargs, sample_ids):
         """Capture the loop as a CUDA graph on the first call for this signature, then replay."""
         key = (tuple(x_init.shape), x_init.dtype, x_init.device, _signature(model_kwargs),
                _signature(uncond_kwargs))
         if key not in self._graphs:
             static_x = x_init.clone()
+            static_ids = _sample_ids(sample_ids, x_init.shape[0], x_init.device).clone()
             static_kw, static_uncond = _static(model_kwargs), _static(uncond_kwargs)
             side = torch.cuda.Stream(device=x_init.device)
             side.wait_stream(torch.cuda.current_stream(x_init.device))
             with torch.cuda.stream(side):  # warm up (lazy inits, autotuning) outside the graph
-                self._run(static_x, static_uncond, static_kw)
+                self._run(static_x, static_uncond, static_kw, static_ids)
             torch.cuda.current_stream(x_init.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                result = self._run(static_x, static_uncond, static_kw)
-            self._graphs[key] = graph, static_x, static_kw, static_uncond, result
-        graph, static_x, static_kw, static_uncond, result = self._graphs[key]
+                result = self._run(static_x, static_uncond, static_kw, static_ids)
+            self._graphs[key] = graph, static_x, static_ids, static_kw, static_uncond, result
+        graph, static_x, static_ids, static_kw, static_uncond, result = self._graphs[key]
         static_x.copy_(x_init)
+        static_ids.copy_(_sample_ids(sample_ids, x_init.shape[0], x_init.device))
         _copy_into(static_kw, model_kwargs)
         _copy_into(static_uncond, uncond_kwargs)
         graph.replay()
@@ -374,26 +410,41 @@ class _Pass:
         scale[:zero_init_steps, :, [k for k, s in enumerate(self.inputs) if s[0] == "P"]] = 0
         table = table[:, None] * scale[:, :, None, :]           # [steps, 1, M, K]
         if self.guided_cols and weights is not None:
-            w = weights.double().cpu()                          # [steps, G]
+            w = weights
             u, c = self.guided_cols
             cols = torch.ones(steps, w.shape[1], len(self.inputs), dtype=torch.float64)
             cols[:, :, u], cols[:, :, c] = 1 - w, w
             table = table * cols[:, :, None, :]                 # [steps, G, M, K]
-        self.base = table.to(device=device, dtype=math)
+        # One contiguous [G, M, K] view per step, indexed without a tensor op in the loop.
+        self.per_step = list(table.to(device=device, dtype=math).contiguous().unbind(0))
         self.uncond_col = self.guided_cols[0] if self.guided_cols else None
 
-    def run(self, buf, step, zero_star=None):
-        coeffs = self.base[step]
+    def run(self, launch, buf, step, zero_star=None):
+        coeffs = self.per_step[step]
         if zero_star is not None and self.uncond_col is not None:
             # CFG-Zero*: the unconditional column is scaled by alpha per sample.
             factor = torch.ones(zero_star.shape[0], 1, len(self.inputs), dtype=coeffs.dtype,
                                 device=coeffs.device)
             factor[:, 0, self.uncond_col] = zero_star
             coeffs = coeffs * factor
-        _ops.affine_out_unchecked([buf[s] for s in self.inputs], coeffs.contiguous(),
-                                  [buf[o] for o in self.outputs])
+        launch([buf[s] for s in self.inputs], coeffs, [buf[o] for o in self.outputs])
         for dst, src in self.copies:
             buf[dst].copy_(buf[src])
+
+
+class _TimeViews:
+    """The model's time per (step, stage) as [B] views of one device table, made once per batch
+    size, so the loop hands the model a tensor without running an op."""
+
+    def __init__(self, table):
+        self.table = table
+        self.views = {}
+
+    def get(self, batch):
+        if batch not in self.views:
+            self.views[batch] = [[t.expand(batch) for t in row.unbind(0)]
+                                 for row in self.table.unbind(0)]
+        return self.views[batch]
 
 
 def _zero_star_weights(uncond, cond, batch):
@@ -424,20 +475,31 @@ def _substitute(combo, k):
     return rest
 
 
+def _sample_ids(ids, batch, device):
+    if ids is None:
+        return torch.arange(batch, device=device)
+    ids = torch.as_tensor(ids, device=device)
+    if ids.shape != (batch,) or ids.is_floating_point():
+        raise ValueError(f"sample_ids: expected {batch} integers, got {ids.dtype} of shape "
+                         f"{tuple(ids.shape)}")
+    return ids
+
+
 def _streams(outputs):
     """The input streams the outputs read, in a fixed order."""
-    order = ["x", "S", "F", "Kcur", "K0", "K1", "K2", "P", "Pu", "Pc"]
+    order = ["x", "S", "F", "Kcur", "K0", "K1", "K2", "P", "Pu", "Pc", "E"]
     used = {name for combo in outputs.values() for name in combo}
     return [name for name in order if name in used]
 
 
 def _checked(out, shape, x):
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape:
+    """The model's output, contiguous, after the checks that keep the fused pass in bounds (the
+    kernels check devices themselves)."""
+    if not isinstance(out, torch.Tensor) or out.shape != shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"model: expected an output of shape {shape}, got {got}")
-    if not out.is_floating_point() or out.device != x.device:
-        raise ValueError(f"model: expected a floating tensor on {x.device}, got {out.dtype} on "
-                         f"{out.device}")
+    if not out.is_floating_point():
+        raise ValueError(f"model: expected a floating output, got {out.dtype}")
     return out.contiguous()
 
 

@@ -283,6 +283,7 @@ def test_bad_input():
         (dict(steps=4, guidance_scale=2.0, guidance_interval=(0.8, 0.2)), ValueError,
          "guidance_interval"),
         (dict(time_grid=torch.linspace(0, 1, 5), reverse=True), ValueError, "reverse: only"),
+        (dict(steps=4, method="heun", stochastic=True), ValueError, "stochastic: re-noising"),
     ]
     for options, error, message in cases:
         with pytest.raises(error, match=message):
@@ -295,3 +296,53 @@ def test_bad_input():
         fastflow.Sampler("model", steps=2)
     with pytest.raises(TypeError, match="x_init"):
         fastflow.sample(model, torch.zeros(4, 2, dtype=torch.long), steps=2)
+
+
+def test_stochastic_sampling_renoises_with_batch_independent_noise():
+    model = Net()
+    x0 = torch.randn(6, 2)
+    with torch.no_grad():
+        out = fastflow.sample(model, x0, steps=5, stochastic=True, noise_seed=3)
+        # The formula, with the same noise.
+        x = x0.clone()
+        grid = torch.linspace(0, 1, 6).tolist()
+        for i, (t0, t1) in enumerate(zip(grid[:-1], grid[1:])):
+            v = model(x, torch.full((6,), t0))
+            eps = fastflow._noise.gaussian(3, torch.arange(6), i, x.shape)
+            x = t1 * (x + (1 - t0) * v) + (1 - t1) * eps
+        assert _scaled_error(out, x) < 2e-6
+        # A sample's result does not depend on the batch it was drawn in.
+        alone = fastflow.sample(model, x0[[4, 1]], steps=5, stochastic=True, noise_seed=3,
+                                sample_ids=torch.tensor([4, 1]))
+        assert torch.equal(alone, out[[4, 1]])
+        other_seed = fastflow.sample(model, x0, steps=5, stochastic=True, noise_seed=4)
+        assert not torch.allclose(other_seed, out)
+
+
+def test_counter_noise_is_standard_normal_and_reproducible():
+    ids = torch.arange(64)
+    z = fastflow._noise.gaussian(0, ids, 0, (64, 4096))
+    assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01
+    assert abs((z ** 4).mean().item() - 3) < 0.1                       # Gaussian kurtosis
+    assert torch.equal(z[10:20], fastflow._noise.gaussian(0, ids[10:20], 0, (10, 4096)))
+    other_step = fastflow._noise.gaussian(0, ids, 1, (64, 4096))
+    assert abs(torch.corrcoef(torch.stack([z.flatten(), other_step.flatten()]))[0, 1]) < 0.01
+    huge = fastflow._noise.gaussian(2 ** 40 + 5, torch.tensor([2 ** 33]), 7, (1, 8))
+    assert torch.isfinite(huge).all()
+
+
+def test_flow_map_sampler_composes_jumps():
+    # phi(x, s, t) = x + (t - s) * c: exact for a constant velocity c, any number of jumps.
+    c = torch.tensor([[0.5, -1.0]])
+    calls = []
+    phi = lambda x, s, t: (calls.append((s[0].item(), t[0].item())), x + (t - s)[:, None] * c)[1]  # noqa: E731
+    x0 = torch.randn(3, 2)
+    torch.testing.assert_close(fastflow.sample_flow_map(phi, x0), x0 + c)
+    assert calls == [(0.0, 1.0)]
+    calls.clear()
+    torch.testing.assert_close(fastflow.sample_flow_map(phi, x0, steps=4), x0 + c)
+    assert [s for s, _ in calls] == pytest.approx([0, 0.25, 0.5, 0.75])
+    back = fastflow.sample_flow_map(phi, x0 + c, time_grid=[1.0, 0.5, 0.0])
+    torch.testing.assert_close(back, x0)
+    with pytest.raises(ValueError, match="model: expected the map to return"):
+        fastflow.sample_flow_map(lambda x, s, t: x[:, :1], x0)
