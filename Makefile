@@ -4,11 +4,12 @@ PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 TOOLS = triton ninja pybind11 numpy pytest hypothesis matplotlib
 # Libraries the tests and benchmarks compare against (diffusers' schedules, scheduler and
-# embeddings; torchdiffeq's fixed-grid solvers; flow_matching's ODESolver). Installed --no-deps
-# so that they can never replace the torch above; PEER_NEEDS is what they import (none of it
-# pulls torch), with diffusers' own bounds, and scipy for the beta sigmas.
-PEERS = diffusers==0.42.1 torchdiffeq==0.2.5 flow_matching==1.0.10
-PEER_NEEDS = "huggingface_hub>=1.32,<3" "safetensors>=0.8" importlib_metadata regex requests filelock Pillow scipy
+# embeddings; torchdiffeq's fixed-grid solvers; flow_matching's ODESolver; torchcfm, whose own
+# tests run against fastflow.compat). Installed --no-deps so that they can never replace the
+# torch above; PEER_NEEDS is what they import (none of it pulls torch), with diffusers' own
+# bounds, scipy for the beta sigmas and POT for torchcfm's OT plan.
+PEERS = diffusers==0.42.1 torchdiffeq==0.2.5 flow_matching==1.0.10 torchcfm==1.0.7
+PEER_NEEDS = "huggingface_hub>=1.32,<3" "safetensors>=0.8" importlib_metadata regex requests filelock Pillow scipy pot
 
 .PHONY: install test bench clean
 
