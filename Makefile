@@ -7,9 +7,9 @@ TOOLS = triton ninja pybind11 numpy pytest hypothesis matplotlib
 # embeddings; torchdiffeq's fixed-grid solvers; flow_matching's ODESolver; torchcfm, whose own
 # tests run against fastflow.compat). Installed --no-deps so that they can never replace the
 # torch above; PEER_NEEDS is what they import (none of it pulls torch), with diffusers' own
-# bounds, scipy for the beta sigmas and POT for torchcfm's OT plan.
+# bounds, scipy for the beta sigmas, POT for torchcfm's OT plan, tqdm for flow_matching's solvers.
 PEERS = diffusers==0.42.1 torchdiffeq==0.2.5 flow_matching==1.0.10 torchcfm==1.0.7
-PEER_NEEDS = "huggingface_hub>=1.32,<3" "safetensors>=0.8" importlib_metadata regex requests filelock Pillow scipy pot
+PEER_NEEDS = "huggingface_hub>=1.32,<3" "safetensors>=0.8" importlib_metadata regex requests filelock Pillow scipy pot tqdm
 
 .PHONY: install test bench clean
 

@@ -303,7 +303,7 @@ class Sampler:
         times = model_t.get(x_init.shape[0] * (2 if self.doubled_batch else 1))
         launch = _ops.affine_out_launcher(x_init.device, mixed_dtypes=True)
         shared = x_init.dtype == state_dtype and not self.doubled_batch
-        buf = {"x": x_init.to(state_dtype, copy=True)}
+        buf = {"x": x_init.to(state_dtype, memory_format=torch.contiguous_format, copy=True)}
         buf["F"] = torch.empty_like(buf["x"])
         if not shared:
             model_in = torch.empty((2 * batch if self.doubled_batch else batch, *x_init.shape[1:]),

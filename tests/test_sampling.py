@@ -1,7 +1,6 @@
 """fastflow.sample / Sampler: against the plain reference loop, torchdiffeq and diffusers'
 Euler scheduler; convergence order on a Gaussian flow with an exact solution; guidance math;
 intermediates, callbacks, capture; bad input."""
-import itertools
 import math
 
 import pytest
@@ -238,6 +237,14 @@ def test_intermediates_callback_and_reuse():
     assert [t for _, t, _ in seen[:3]] == pytest.approx([1 / 3, 2 / 3, 1.0])
     assert torch.equal(seen[2][2], final)
     assert not torch.equal(again, final)
+
+
+def test_non_contiguous_and_channels_last_inputs():
+    model = lambda x, t: -x + t[:, None, None, None]  # noqa: E731
+    x0 = torch.randn(2, 3, 4, 5)
+    want = fastflow.sample(model, x0, steps=3, method="heun")
+    for x in (x0.to(memory_format=torch.channels_last), x0.transpose(2, 3).contiguous().transpose(2, 3)):
+        torch.testing.assert_close(fastflow.sample(model, x, steps=3, method="heun"), want)
 
 
 def test_capture_runs_uncaptured_off_cuda():
