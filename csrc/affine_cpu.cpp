@@ -84,25 +84,38 @@ void store_tile(const Stream& s, int64_t j0, int64_t n, const math_t* src) {
   });
 }
 
-// Every input tile is loaded before any output tile is stored, so an output may lie exactly on
-// top of an input (a sampler updates its state in place).
+// Streams stored in the math type are read and written in place; the others go through an L1
+// tile, converted. Outputs are computed in order and each reads the inputs at an index before
+// writing there, so the last output may lie exactly on top of an input (a sampler updates its
+// state in place); earlier ones must not alias an input.
 template <typename math_t, int K, int M>
 void affine_span(const std::array<Stream, K>& in, const std::array<Stream, M>& out,
                  const math_t* c, int64_t lo, int64_t hi) {
+  constexpr auto kMath = std::is_same_v<math_t, double> ? at::kDouble : at::kFloat;
   for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
     const int64_t n = std::min(kTile, hi - j0);
-    math_t x[K][kTile];
-    math_t y[M][kTile];
-    for (int k = 0; k < K; ++k) load_tile(in[k], j0, n, x[k]);
+    math_t x_tile[K][kTile];
+    math_t y_tile[kTile];
+    const math_t* x[K];
+    for (int k = 0; k < K; ++k) {
+      if (in[k].type == kMath) {
+        x[k] = static_cast<const math_t*>(in[k].data) + j0;
+      } else {
+        load_tile(in[k], j0, n, x_tile[k]);
+        x[k] = x_tile[k];
+      }
+    }
     for (int m = 0; m < M; ++m) {
+      const bool direct = out[m].type == kMath;
+      math_t* y = direct ? static_cast<math_t*>(out[m].data) + j0 : y_tile;
       const math_t* cm = c + m * K;
       for (int64_t i = 0; i < n; ++i) {
         math_t acc = cm[0] * x[0][i];
         for (int k = 1; k < K; ++k) acc = acc + cm[k] * x[k][i];
-        y[m][i] = acc;
+        y[i] = acc;
       }
+      if (!direct) store_tile(out[m], j0, n, y_tile);
     }
-    for (int m = 0; m < M; ++m) store_tile(out[m], j0, n, y[m]);
   }
 }
 
