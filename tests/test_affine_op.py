@@ -300,3 +300,68 @@ def test_ops_reject_bad_calls_on_every_backend(backend, case):
     if case not in OUT_ONLY_FAULTS:
         with pytest.raises(ValueError, match="fastflow affine"):
             torch.ops.fastflow.affine(inputs, coeffs)
+
+
+# Eager calls without gradients skip the dispatcher (fastflow._ops._dispatcher_adds_nothing);
+# whoever must see the op still sees it.
+
+def _interpolate_case(device="cpu"):
+    g = torch.Generator().manual_seed(7)
+    x0, x1 = (torch.randn(4, 3, generator=g).to(device) for _ in range(2))
+    return x0, x1, torch.rand(4, generator=g).to(device)
+
+
+def test_direct_eager_call_gives_the_dispatcher_call_bits(backend):
+    x0, x1, t = _interpolate_case()
+    coeffs = fastflow.paths.CondOT().coefficients(t.double()).float()
+    assert _ops._dispatcher_adds_nothing((x0, x1, coeffs))
+    direct = _ops.affine([x0, x1], coeffs)
+    dispatched = torch.ops.fastflow.affine([x0, x1], coeffs)
+    for a, b in zip(direct, dispatched):
+        assert torch.equal(a, b)
+
+
+def test_calls_that_need_the_dispatcher_take_it():
+    x0, x1, t = _interpolate_case()
+    assert not _ops._dispatcher_adds_nothing((x0, x1.requires_grad_(), t))
+    with torch.no_grad():
+        assert _ops._dispatcher_adds_nothing((x0, x1, t))
+    assert not _ops._dispatcher_adds_nothing((x0, torch.nn.Parameter(x1, requires_grad=False), t))
+    assert not _ops._dispatcher_adds_nothing((x0.to("meta"), x1.to("meta"), t.to("meta")))
+
+
+def test_dispatch_modes_see_the_op():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x0, x1, t = _interpolate_case()
+    with Recorder() as recorder:
+        fastflow.interpolate(x0, x1, t)
+    assert "fastflow.affine.default" in recorder.ops
+
+
+def test_fake_and_meta_tensors_take_the_fake_kernel():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x0, x1, t = _interpolate_case()
+    with FakeTensorMode() as mode:
+        fx0, fx1, ft = (mode.from_tensor(x) for x in (x0, x1, t))
+        x_t, u_t = fastflow.interpolate(fx0, fx1, ft)
+    assert x_t.shape == u_t.shape == x1.shape
+    x_t, _ = fastflow.interpolate(x0.to("meta"), x1.to("meta"), t.to("meta"))
+    assert x_t.device.type == "meta" and x_t.shape == x1.shape
+
+
+def test_the_profiler_records_the_op():
+    x0, x1, t = _interpolate_case()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fastflow.interpolate(x0, x1, t)
+    assert any(e.name == "fastflow::affine" for e in prof.events())
