@@ -27,6 +27,21 @@ constexpr int kLanes = 8;
 // Elements per deterministic partial sum of affine_dot (fixed, independent of thread count).
 constexpr int64_t kDotChunk = 1 << 14;
 
+// The [G, M, K] coefficients, read through their strides.
+template <typename math_t>
+struct Coeffs {
+  const math_t* data;
+  int64_t group_stride, m_stride, k_stride;
+
+  explicit Coeffs(const at::Tensor& c)
+      : data(c.const_data_ptr<math_t>()), group_stride(c.stride(0)), m_stride(c.stride(1)),
+        k_stride(c.stride(2)) {}
+  const math_t* group(int64_t g) const { return data + g * group_stride; }
+  math_t at(const math_t* group, int m, int k) const {
+    return group[m * m_stride + k * k_stride];
+  }
+};
+
 // A contiguous stream of any float type, moved a tile at a time between memory and math_t.
 struct Stream {
   void* data;
@@ -88,36 +103,70 @@ void store_tile(const Stream& s, int64_t j0, int64_t n, const math_t* src) {
 // tile, converted. Outputs are computed in order and each reads the inputs at an index before
 // writing there, so the last output may lie exactly on top of an input (a sampler updates its
 // state in place); earlier ones must not alias an input.
-template <typename math_t, int K, int M>
+//
+// n is the group size. With kSpansGroups false, [lo, hi)
+// lies in one group and each tile uses that group's coefficients; with it true (small groups),
+// a tile spans many groups and gets its coefficients per element, gathered into an L1 table
+// first. Both compute each output with the same operations in the same order.
+template <typename math_t, int K, int M, bool kSpansGroups>
 void affine_span(const std::array<Stream, K>& in, const std::array<Stream, M>& out,
-                 const math_t* c, int64_t lo, int64_t hi) {
+                 const Coeffs<math_t>& c, int64_t n, int64_t lo, int64_t hi) {
   constexpr auto kMath = std::is_same_v<math_t, double> ? at::kDouble : at::kFloat;
+  // One group's coefficients, copied out of their strides once per span.
+  math_t fixed[M * K];
+  if constexpr (!kSpansGroups) {
+    const math_t* cg = c.group(lo / n);
+    for (int m = 0; m < M; ++m)
+      for (int k = 0; k < K; ++k) fixed[m * K + k] = c.at(cg, m, k);
+  }
   for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
-    const int64_t n = std::min(kTile, hi - j0);
+    const int64_t len = std::min(kTile, hi - j0);
     math_t x_tile[K][kTile];
     math_t y_tile[kTile];
+    math_t c_tile[kSpansGroups ? M * K : 1][kSpansGroups ? kTile : 1];
+    if constexpr (kSpansGroups) {
+      // Walk the groups across the tile: one division per tile, none per element.
+      int64_t g = j0 / n, r = j0 - g * n;
+      for (int64_t i = 0; i < len; ++i) {
+        const math_t* cg = c.group(g);
+        for (int m = 0; m < M; ++m)
+          for (int k = 0; k < K; ++k) c_tile[m * K + k][i] = c.at(cg, m, k);
+        if (++r == n) {
+          r = 0;
+          ++g;
+        }
+      }
+    }
     const math_t* x[K];
     for (int k = 0; k < K; ++k) {
       if (in[k].type == kMath) {
         x[k] = static_cast<const math_t*>(in[k].data) + j0;
       } else {
-        load_tile(in[k], j0, n, x_tile[k]);
+        load_tile(in[k], j0, len, x_tile[k]);
         x[k] = x_tile[k];
       }
     }
     for (int m = 0; m < M; ++m) {
       const bool direct = out[m].type == kMath;
       math_t* y = direct ? static_cast<math_t*>(out[m].data) + j0 : y_tile;
-      const math_t* cm = c + m * K;
-      for (int64_t i = 0; i < n; ++i) {
-        math_t acc = cm[0] * x[0][i];
-        for (int k = 1; k < K; ++k) acc = acc + cm[k] * x[k][i];
+      const auto coeff = [&](int k, int64_t i) {
+        if constexpr (kSpansGroups) return c_tile[m * K + k][i];
+        else return fixed[m * K + k];
+      };
+      for (int64_t i = 0; i < len; ++i) {
+        math_t acc = coeff(0, i) * x[0][i];
+        for (int k = 1; k < K; ++k) acc = acc + coeff(k, i) * x[k][i];
         y[i] = acc;
       }
-      if (!direct) store_tile(out[m], j0, n, y_tile);
+      if (!direct) store_tile(out[m], j0, len, y_tile);
     }
   }
 }
+
+// Groups smaller than this get their coefficients per element (see affine_span): below it,
+// setting up a span per group (and its 16-bit conversion calls) costs more than the table.
+// Measured on 8K to 1M elements: 4x faster at n = 2, level near n = 16, slower at n = 32.
+constexpr int64_t kSmallGroup = 16;
 
 template <typename math_t, int K, int M>
 void affine_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
@@ -127,16 +176,19 @@ void affine_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coef
   for (int k = 0; k < K; ++k)
     in[k] = {const_cast<void*>(inputs[k].const_data_ptr()), inputs[k].scalar_type()};
   for (int m = 0; m < M; ++m) out[m] = {outputs[m].mutable_data_ptr(), outputs[m].scalar_type()};
-  const math_t* c = coeffs.const_data_ptr<math_t>();
+  const Coeffs<math_t> c(coeffs);
   const int64_t numel = inputs[0].numel();
   const int64_t n = numel / coeffs.size(0);
 
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+    if (n < kSmallGroup) {
+      affine_span<math_t, K, M, true>(in, out, c, n, begin, end);
+      return;
+    }
     // A task may straddle groups: walk it group by group so each span has fixed coefficients.
     for (int64_t lo = begin; lo < end;) {
-      const int64_t g = lo / n;
-      const int64_t hi = std::min(end, (g + 1) * n);
-      affine_span<math_t, K, M>(in, out, c + g * M * K, lo, hi);
+      const int64_t hi = std::min(end, (lo / n + 1) * n);
+      affine_span<math_t, K, M, false>(in, out, c, n, lo, hi);
       lo = hi;
     }
   });
@@ -205,12 +257,13 @@ void sqnorm_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coef
   using math_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   std::array<const scalar_t*, K> in;
   for (int k = 0; k < K; ++k) in[k] = inputs[k].const_data_ptr<scalar_t>();
-  const math_t* c = coeffs.const_data_ptr<math_t>();
+  const Coeffs<math_t> c(coeffs);
   const int64_t groups = coeffs.size(0);
   const int64_t n = inputs[0].numel() / groups;
   grouped_sums<double, 1>(groups, n, result.mutable_data_ptr<double>(),
                           [&](int64_t lo, int64_t hi, double* sum) {
-    const math_t* cg = c + (lo / n) * K;
+    math_t cg[K];
+    for (int k = 0; k < K; ++k) cg[k] = c.at(c.group(lo / n), 0, k);
     *sum = lane_sum<double>(lo, hi, [&](int64_t j) {
       math_t r = cg[0] * load_as<math_t>(in[0][j]);
       for (int k = 1; k < K; ++k) r = r + cg[k] * load_as<math_t>(in[k][j]);

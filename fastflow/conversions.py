@@ -54,7 +54,7 @@ def conversion_coefficients(path, t, src, dst, eps=1e-6):
         row = tuple(-c / _safe(sigma, eps) for c in noise)
     else:
         row = tuple(d_alpha * cd + d_sigma * cn for cd, cn in zip(data, noise))
-    return torch.stack(row, dim=-1).view(-1, 1, 2)
+    return _ops.coefficient_matrix(row, 1, 2)
 
 
 def convert(pred, x_t, t, path=None, src="epsilon", dst="velocity", eps=1e-6):

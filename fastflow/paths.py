@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from ._ops import coefficient_matrix
+
 __all__ = ["Path", "AffinePath", "CondOT", "Polynomial", "Cosine", "LinearVP", "VP", "TargetCFM",
            "ConstantNoise", "SchrodingerBridge", "get_path"]
 
@@ -50,7 +52,7 @@ class AffinePath(Path):
 
     def coefficients(self, t):
         alpha, sigma, d_alpha, d_sigma = self(t)
-        return torch.stack([sigma, alpha, d_sigma, d_alpha], dim=-1).view(-1, 2, 2)
+        return coefficient_matrix([sigma, alpha, d_sigma, d_alpha], 2, 2)
 
 
 class CondOT(AffinePath):
@@ -153,7 +155,7 @@ class ConstantNoise(Path):
 
     def coefficients(self, t):
         one = torch.ones_like(t)
-        return torch.stack([1 - t, t, self.sigma * one, -one, one, 0 * one], dim=-1).view(-1, 2, 3)
+        return coefficient_matrix([1 - t, t, self.sigma * one, -one, one, 0 * one], 2, 3)
 
 
 class SchrodingerBridge(Path):
@@ -172,7 +174,7 @@ class SchrodingerBridge(Path):
         one = torch.ones_like(t)
         s_t = self.sigma * torch.sqrt(t * (1 - t))
         ratio = (1 - 2 * t) / (2 * t * (1 - t) + 1e-8)
-        return torch.stack([1 - t, t, s_t, -one, one, ratio * s_t], dim=-1).view(-1, 2, 3)
+        return coefficient_matrix([1 - t, t, s_t, -one, one, ratio * s_t], 2, 3)
 
 
 _BY_NAME = {

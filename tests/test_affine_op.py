@@ -73,15 +73,19 @@ def test_affine_matches_fp64_reference(backend, k, m, dtype, layout):
         assert_close_to_reference(out, ref, dtype)
 
 
+# Samples of 301 elements take the span-per-group path of the C++ kernel, samples of 3 (and 15
+# in one group) the per-element coefficient table of small groups.
+@pytest.mark.parametrize("shape,per_sample", [((7, 301), True), ((300, 3), True), ((3, 5), False)],
+                         ids=["n301", "n3", "n15-G=1"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k,m", ARITIES, ids=str)
-def test_cpu_kernel_is_bit_identical_to_eager(k, m, dtype, monkeypatch):
+def test_cpu_kernel_is_bit_identical_to_eager(k, m, dtype, shape, per_sample, monkeypatch):
     # DESIGN.md section 1: the C++ kernels sum the terms in order without contraction, so they
     # equal the eager formula (the reference at the storage dtype) bit for bit.
     if not _backends._status("cpu", "cpu")[0]:
         pytest.skip(_backends._status("cpu", "cpu")[1])
     monkeypatch.setenv(_backends.ENV_VAR, "cpu")
-    inputs, coeffs = _case(k, m, (7, 301), True, dtype, "cpu")
+    inputs, coeffs = _case(k, m, shape, per_sample, dtype, "cpu")
     outputs = torch.ops.fastflow.affine(inputs, coeffs)
     for out, ref in zip(outputs, reference_affine(inputs, coeffs), strict=True):
         assert torch.equal(out, ref)
@@ -242,7 +246,6 @@ BAD_CPU_CALLS = {
     "coeffs fp16 for fp16": ([_f32(6).half()], _f32(1, 1, 1).half(), [_f32(6).half()]),
     "non-contiguous input": ([_f32(3, 4).t()], _f32(1, 1, 1), [_f32(4, 3)]),
     "non-contiguous output": ([_f32(4, 3)], _f32(1, 1, 1), [_f32(3, 4).t()]),
-    "non-contiguous coeffs": ([_f32(6)] * 2, _f32(1, 2, 2).transpose(1, 2), [_f32(6), _f32(6)]),
     "too many inputs": ([_f32(6)] * 6, _f32(1, 1, 6), [_f32(6)]),
     "too many outputs": ([_f32(6)], _f32(1, 5, 1), [_f32(6) for _ in range(5)]),
     "no inputs": ([], _f32(1, 1, 0), [_f32(6)]),
@@ -365,3 +368,23 @@ def test_the_profiler_records_the_op():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fastflow.interpolate(x0, x1, t)
     assert any(e.name == "fastflow::affine" for e in prof.events())
+
+
+@pytest.mark.parametrize("shape", [(40, 5), (4, 301)], ids=["small groups", "large groups"])
+@pytest.mark.parametrize("layout", ["entry-major", "transposed", "every other group"])
+def test_coefficients_may_have_any_strides(backend, layout, shape):
+    # The public ops build coefficients entry-major (_ops.coefficient_matrix); the CPU kernels
+    # read them through their strides, the others get them packed.
+    inputs, _ = _case(3, 2, shape, True, torch.float32, "cpu")
+    groups = shape[0]
+    if layout == "entry-major":
+        coeffs = _ops.coefficient_matrix(list(torch.randn(6, groups).unbind(0)), 2, 3)
+    elif layout == "transposed":
+        coeffs = torch.randn(groups, 3, 2).transpose(1, 2)
+    else:
+        coeffs = torch.randn(2 * groups, 2, 3)[::2]
+    assert not coeffs.is_contiguous()
+    for strided, packed in zip(_ops.affine(inputs, coeffs), _ops.affine(inputs, coeffs.contiguous())):
+        assert torch.equal(strided, packed)
+    (strided,) = [_ops.affine_sqnorm(inputs, coeffs[:, :1])]
+    assert torch.equal(strided, _ops.affine_sqnorm(inputs, coeffs[:, :1].contiguous()))

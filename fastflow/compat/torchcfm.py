@@ -111,8 +111,8 @@ def _fused(streams, rows):
                                   f"{c.numel()} values")
         return c.expand(batch)
 
-    coeffs = torch.stack([torch.stack([column(row.get(n, 0)) for n in names], -1)
-                          for row in rows], 1)
+    coeffs = _ops.coefficient_matrix([column(row.get(n, 0)) for row in rows for n in names],
+                                     len(rows), len(names))
     return _ops.affine([x.to(dtype) for x in xs], coeffs)
 
 
