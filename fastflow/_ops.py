@@ -271,7 +271,7 @@ def _sinusoid_setup_context(ctx, inputs, output):
 def _sinusoid_grad(ctx, grad):
     t, freqs = ctx.saved_tensors
     t_grad, freqs_grad = ctx.needs_input_grad[:2]
-    grad_t, grad_freqs = torch.ops.fastflow.sinusoid_backward(
+    grad_t, grad_freqs = sinusoid_backward(
         grad, t, freqs, ctx.scale, ctx.cos_first, t_grad, freqs_grad)
     return (grad_t if t_grad else None), (grad_freqs if freqs_grad else None), None, None, None, None
 
@@ -301,11 +301,11 @@ def _affine_backward(ctx, grads):
     wanted = [k for k, needed in enumerate(ctx.input_needs_grad) if needed]
     if wanted:
         transposed = coeffs[:, present][:, :, wanted].transpose(1, 2).contiguous()
-        for k, g in zip(wanted, torch.ops.fastflow.affine(gs, transposed)):
+        for k, g in zip(wanted, affine(gs, transposed)):
             grad_inputs[k] = g
     grad_coeffs = None
     if ctx.coeffs_needs_grad:
-        dots = torch.ops.fastflow.affine_dot(gs, xs, coeffs.shape[0])
+        dots = affine_dot(gs, xs, coeffs.shape[0])
         if len(present) == len(grads):
             grad_coeffs = dots
         else:
@@ -336,11 +336,11 @@ def _sqnorm_backward(ctx, grad):
     wanted = [k for k, needed in enumerate(ctx.input_needs_grad) if needed]
     if wanted:
         mixing = (scale * row)[:, wanted, None] * row[:, None, :]     # [G, len(wanted), K]
-        for k, g in zip(wanted, torch.ops.fastflow.affine(xs, mixing.contiguous())):
+        for k, g in zip(wanted, affine(xs, mixing.contiguous())):
             grad_inputs[k] = g
     grad_coeffs = None
     if ctx.coeffs_needs_grad:
-        gram = torch.ops.fastflow.affine_dot(xs, xs, coeffs.shape[0])  # [G, K, K]
+        gram = affine_dot(xs, xs, coeffs.shape[0])  # [G, K, K]
         grad_coeffs = (scale * torch.einsum("gjk,gj->gk", gram, row))[:, None, :]
     return grad_inputs, grad_coeffs
 
@@ -386,6 +386,14 @@ def affine_sqnorm(inputs, coeffs):
     return torch.ops.fastflow.affine_sqnorm(inputs, coeffs)
 
 
+def affine_dot(a, b, groups):
+    """``dot[g, m, k] = sum_i a[m][g, i] * b[k][g, i]`` (see the module docstring)."""
+    a, b = list(a), list(b)
+    if _dispatcher_adds_nothing((*a, *b)):
+        return _affine_dot(a, b, groups)
+    return torch.ops.fastflow.affine_dot(a, b, groups)
+
+
 def affine_out(inputs, coeffs, out):
     inputs, outputs = list(inputs), list(out)
     if _dispatcher_adds_nothing((*inputs, coeffs, *outputs)):
@@ -417,3 +425,11 @@ def sinusoid(t, freqs, scale, cos_first, dim, dtype):
     if _dispatcher_adds_nothing((t, freqs)):
         return _sinusoid(*args)
     return torch.ops.fastflow.sinusoid(*args)
+
+
+def sinusoid_backward(grad, t, freqs, scale, cos_first, t_grad, freqs_grad):
+    """The gradients of ``sinusoid`` to t and freqs (see the module docstring)."""
+    args = (grad, t, freqs, scale, cos_first, t_grad, freqs_grad)
+    if _dispatcher_adds_nothing((grad, t, freqs)):
+        return _sinusoid_backward(*args)
+    return torch.ops.fastflow.sinusoid_backward(*args)

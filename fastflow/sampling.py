@@ -449,7 +449,7 @@ class _TimeViews:
 
 def _zero_star_weights(uncond, cond, batch):
     """alpha_b = <v_c, v_u> / |v_u|^2 per sample (CFG-Zero*), on the device, no host sync."""
-    dots = torch.ops.fastflow.affine_dot([cond, uncond], [uncond], batch)[:, :, 0]
+    dots = _ops.affine_dot([cond, uncond], [uncond], batch)[:, :, 0]
     return dots[:, 0] / (dots[:, 1] + _ZERO_STAR_EPS)
 
 

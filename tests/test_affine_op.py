@@ -388,3 +388,11 @@ def test_coefficients_may_have_any_strides(backend, layout, shape):
         assert torch.equal(strided, packed)
     (strided,) = [_ops.affine_sqnorm(inputs, coeffs[:, :1])]
     assert torch.equal(strided, _ops.affine_sqnorm(inputs, coeffs[:, :1].contiguous()))
+
+
+def test_backward_of_the_streams_is_differentiable_again(backend):
+    # The backward runs affine again (through the dispatcher when create_graph records it).
+    g = torch.Generator().manual_seed(3)
+    x, y = (torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    coeffs = torch.randn(3, 2, 2, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradgradcheck(lambda a, b: _ops.affine([a, b], coeffs), (x, y))
