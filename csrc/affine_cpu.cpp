@@ -195,15 +195,23 @@ void affine_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coef
 }
 
 // W sums per group, each over the group's n elements, in a fixed order: the group is cut into
-// chunks of kDotChunk elements whatever the thread count, span(lo, hi, sums) adds a chunk's
-// contributions to sums[0..W), and the chunks of a group are folded in order. The same bits come
-// out on one thread or many.
+// chunks of kDotChunk elements whatever the thread count, span(lo, hi, sums) writes a chunk's
+// W sums to sums[0..W), and the chunks of a group are folded in order. The same bits come out on
+// one thread or many.
 template <typename acc_t, int W, typename Span>
 void grouped_sums(int64_t groups, int64_t n, acc_t* out, const Span& span) {
   const int64_t chunks = std::max<int64_t>(1, (n + kDotChunk - 1) / kDotChunk);
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(n, 1));
+  if (chunks == 1) {
+    // Groups of one chunk (all but huge ones) sum straight into the result: no partials to
+    // allocate and fold, which cost more than the sums themselves for many small groups.
+    at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) span(g * n, (g + 1) * n, out + g * W);
+    });
+    return;
+  }
   std::vector<acc_t> partial(static_cast<size_t>(groups * chunks * W), acc_t(0));
-  at::parallel_for(0, groups * chunks, std::max<int64_t>(1, kGrain / std::max<int64_t>(n, 1)),
-                   [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, groups * chunks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task / chunks;
       const int64_t lo = g * n + (task % chunks) * kDotChunk;
