@@ -104,10 +104,10 @@ void store_tile(const Stream& s, int64_t j0, int64_t n, const math_t* src) {
 // writing there, so the last output may lie exactly on top of an input (a sampler updates its
 // state in place); earlier ones must not alias an input.
 //
-// n is the group size. With kSpansGroups false, [lo, hi)
-// lies in one group and each tile uses that group's coefficients; with it true (small groups),
-// a tile spans many groups and gets its coefficients per element, gathered into an L1 table
-// first. Both compute each output with the same operations in the same order.
+// n is the group size. With kSpansGroups false, [lo, hi) lies in one group and each tile uses
+// that group's coefficients; with it true (small groups), a tile spans many groups and gets its
+// coefficients per element, gathered into an L1 table first. Both compute each output with the
+// same operations in the same order.
 template <typename math_t, int K, int M, bool kSpansGroups>
 void affine_span(const std::array<Stream, K>& in, const std::array<Stream, M>& out,
                  const Coeffs<math_t>& c, int64_t n, int64_t lo, int64_t hi) {
