@@ -195,8 +195,8 @@ void affine_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coef
 }
 
 // W sums per group, each over the group's n elements, in a fixed order: the group is cut into
-// chunks of kDotChunk elements whatever the thread count, span(lo, hi, sums) writes a chunk's
-// W sums to sums[0..W), and the chunks of a group are folded in order. The same bits come out on
+// chunks of kDotChunk elements whatever the thread count, span(g, lo, hi, sums) writes the W sums
+// of a chunk [lo, hi) of group g to sums[0..W), and the chunks of a group are folded in order. The same bits come out on
 // one thread or many.
 template <typename acc_t, int W, typename Span>
 void grouped_sums(int64_t groups, int64_t n, acc_t* out, const Span& span) {
@@ -206,7 +206,7 @@ void grouped_sums(int64_t groups, int64_t n, acc_t* out, const Span& span) {
     // Groups of one chunk (all but huge ones) sum straight into the result: no partials to
     // allocate and fold, which cost more than the sums themselves for many small groups.
     at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t g = begin; g < end; ++g) span(g * n, (g + 1) * n, out + g * W);
+      for (int64_t g = begin; g < end; ++g) span(g, g * n, (g + 1) * n, out + g * W);
     });
     return;
   }
@@ -215,7 +215,7 @@ void grouped_sums(int64_t groups, int64_t n, acc_t* out, const Span& span) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task / chunks;
       const int64_t lo = g * n + (task % chunks) * kDotChunk;
-      span(lo, std::min(lo + kDotChunk, (g + 1) * n), partial.data() + task * W);
+      span(g, lo, std::min(lo + kDotChunk, (g + 1) * n), partial.data() + task * W);
     }
   });
   for (int64_t g = 0; g < groups; ++g)
@@ -230,6 +230,13 @@ void grouped_sums(int64_t groups, int64_t n, acc_t* out, const Span& span) {
 // compiler vectorise the reduction without reassociating it.
 template <typename acc_t, typename Value>
 acc_t lane_sum(int64_t lo, int64_t hi, const Value& v) {
+  if (hi - lo <= kLanes) {
+    // The same bits as below (each lane holds at most one term; adding zeros changes nothing),
+    // without setting up the lanes: most of the cost for tiny groups.
+    acc_t s = 0;
+    for (int64_t j = lo; j < hi; ++j) s += v(j);
+    return s;
+  }
   acc_t acc[kLanes] = {};
   int64_t j = lo;
   for (; j + kLanes <= hi; j += kLanes)
@@ -248,7 +255,7 @@ void dot_kernel(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>&
   for (int m = 0; m < M; ++m) pa[m] = a[m].const_data_ptr<scalar_t>();
   for (int k = 0; k < K; ++k) pb[k] = b[k].const_data_ptr<scalar_t>();
   grouped_sums<acc_t, M * K>(groups, a[0].numel() / groups, result.mutable_data_ptr<acc_t>(),
-                             [&](int64_t lo, int64_t hi, acc_t* sums) {
+                             [&](int64_t, int64_t lo, int64_t hi, acc_t* sums) {
     for (int m = 0; m < M; ++m)
       for (int k = 0; k < K; ++k)
         sums[m * K + k] = lane_sum<acc_t>(lo, hi, [&](int64_t j) {
@@ -269,9 +276,9 @@ void sqnorm_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coef
   const int64_t groups = coeffs.size(0);
   const int64_t n = inputs[0].numel() / groups;
   grouped_sums<double, 1>(groups, n, result.mutable_data_ptr<double>(),
-                          [&](int64_t lo, int64_t hi, double* sum) {
+                          [&](int64_t g, int64_t lo, int64_t hi, double* sum) {
     math_t cg[K];
-    for (int k = 0; k < K; ++k) cg[k] = c.at(c.group(lo / n), 0, k);
+    for (int k = 0; k < K; ++k) cg[k] = c.at(c.group(g), 0, k);
     *sum = lane_sum<double>(lo, hi, [&](int64_t j) {
       math_t r = cg[0] * load_as<math_t>(in[0][j]);
       for (int k = 1; k < K; ++k) r = r + cg[k] * load_as<math_t>(in[k][j]);
