@@ -195,9 +195,9 @@ void affine_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coef
 }
 
 // W sums per group, each over the group's n elements, in a fixed order: the group is cut into
-// chunks of kDotChunk elements whatever the thread count, span(g, lo, hi, sums) writes the W sums
-// of a chunk [lo, hi) of group g to sums[0..W), and the chunks of a group are folded in order. The same bits come out on
-// one thread or many.
+// chunks of kDotChunk elements whatever the thread count, span(g, lo, hi, sums) writes the W
+// sums of a chunk [lo, hi) of group g to sums[0..W), and the chunks of a group are folded in
+// order. The same bits come out on one thread or many.
 template <typename acc_t, int W, typename Span>
 void grouped_sums(int64_t groups, int64_t n, acc_t* out, const Span& span) {
   const int64_t chunks = std::max<int64_t>(1, (n + kDotChunk - 1) / kDotChunk);

@@ -217,12 +217,13 @@ def _sinusoid_backward(grad, t, freqs, scale, cos_first, t_grad, freqs_grad):
                                      cos_first, t_grad, freqs_grad)
 
 
-_lib.impl("sinusoid", _sinusoid, "CompositeExplicitAutograd")
-_lib.impl("sinusoid_backward", _sinusoid_backward, "CompositeExplicitAutograd")
-_lib.impl("affine", _affine, "CompositeExplicitAutograd")
-_lib.impl("affine_sqnorm", _affine_sqnorm, "CompositeExplicitAutograd")
-_lib.impl("affine_out", _affine_out, "CompositeExplicitAutograd")
-_lib.impl("affine_dot", _affine_dot, "CompositeExplicitAutograd")
+# Each op's kernel: registered for every device, and called directly by `_call` when the
+# dispatcher would add nothing.
+_KERNELS = {"affine": _affine, "affine_out": _affine_out, "affine_dot": _affine_dot,
+            "affine_sqnorm": _affine_sqnorm, "sinusoid": _sinusoid,
+            "sinusoid_backward": _sinusoid_backward}
+for _name, _kernel in _KERNELS.items():
+    _lib.impl(_name, _kernel, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fastflow::affine")
@@ -370,36 +371,35 @@ def _dispatcher_adds_nothing(tensors):
             and not torch._C._autograd._profiler_enabled())
 
 
+def _call(name, tensors, *args):
+    """Op `name` on `args` (whose tensors are `tensors`): its kernel directly when the
+    dispatcher would add nothing, else through torch.ops."""
+    if _dispatcher_adds_nothing(tensors):
+        return _KERNELS[name](*args)
+    return getattr(torch.ops.fastflow, name)(*args)
+
+
 def affine(inputs, coeffs):
     """``outputs[m] = sum_k coeffs[:, m, k] * inputs[k]`` (see the module docstring)."""
     inputs = list(inputs)
-    if _dispatcher_adds_nothing((*inputs, coeffs)):
-        return _affine(inputs, coeffs)
-    return torch.ops.fastflow.affine(inputs, coeffs)
+    return _call("affine", (*inputs, coeffs), inputs, coeffs)
 
 
 def affine_sqnorm(inputs, coeffs):
     """Per-group sum of squares of ``sum_k coeffs[:, 0, k] * inputs[k]`` (see the module docstring)."""
     inputs = list(inputs)
-    if _dispatcher_adds_nothing((*inputs, coeffs)):
-        return _affine_sqnorm(inputs, coeffs)
-    return torch.ops.fastflow.affine_sqnorm(inputs, coeffs)
+    return _call("affine_sqnorm", (*inputs, coeffs), inputs, coeffs)
 
 
 def affine_dot(a, b, groups):
     """``dot[g, m, k] = sum_i a[m][g, i] * b[k][g, i]`` (see the module docstring)."""
     a, b = list(a), list(b)
-    if _dispatcher_adds_nothing((*a, *b)):
-        return _affine_dot(a, b, groups)
-    return torch.ops.fastflow.affine_dot(a, b, groups)
+    return _call("affine_dot", (*a, *b), a, b, groups)
 
 
 def affine_out(inputs, coeffs, out):
     inputs, outputs = list(inputs), list(out)
-    if _dispatcher_adds_nothing((*inputs, coeffs, *outputs)):
-        _affine_out(inputs, coeffs, outputs)
-    else:
-        torch.ops.fastflow.affine_out(inputs, coeffs, outputs)
+    _call("affine_out", (*inputs, coeffs, *outputs), inputs, coeffs, outputs)
     return out
 
 
@@ -421,15 +421,10 @@ def affine_out_launcher(device, mixed_dtypes):
 def sinusoid(t, freqs, scale, cos_first, dim, dtype):
     """``[sin a, cos a]`` (or ``[cos a, sin a]``) of ``a = (t[:, None] * freqs) * scale``, [B, dim]
     (see the module docstring)."""
-    args = (t, freqs, float(scale), bool(cos_first), int(dim), dtype)
-    if _dispatcher_adds_nothing((t, freqs)):
-        return _sinusoid(*args)
-    return torch.ops.fastflow.sinusoid(*args)
+    return _call("sinusoid", (t, freqs), t, freqs, float(scale), bool(cos_first), int(dim), dtype)
 
 
 def sinusoid_backward(grad, t, freqs, scale, cos_first, t_grad, freqs_grad):
     """The gradients of ``sinusoid`` to t and freqs (see the module docstring)."""
-    args = (grad, t, freqs, scale, cos_first, t_grad, freqs_grad)
-    if _dispatcher_adds_nothing((grad, t, freqs)):
-        return _sinusoid_backward(*args)
-    return torch.ops.fastflow.sinusoid_backward(*args)
+    return _call("sinusoid_backward", (grad, t, freqs), grad, t, freqs, scale, cos_first, t_grad,
+                 freqs_grad)

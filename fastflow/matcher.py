@@ -101,8 +101,8 @@ class FlowMatcher:
         times = batch_time(t, x1).expand(x1.shape[0])
         location = self.path.coefficients(times)[:, 0]
         target = target_coefficients(self.path, times, self.prediction)
-        # [G, 2, K], entry-major like every coefficient matrix (see _ops.coefficient_matrix).
-        both = torch.stack([location.T, target.T]).permute(2, 0, 1).to(_ops.math_dtype(x1.dtype))
+        both = _ops.coefficient_matrix([*location.T, *target.T], 2, location.shape[1])
+        both = both.to(_ops.math_dtype(x1.dtype))
         x_t, target = _ops.affine(path_inputs(self.path, x0, x1, noise), both)
         return FlowSample(t, x_t, target, noise)
 

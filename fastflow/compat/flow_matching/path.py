@@ -265,18 +265,17 @@ def _fused(rows, inputs):
     if (len(seen) == 1 and len(devices) == 1 and all(isinstance(c, Tensor) for c in flat)
             and seen[flat[0].shape][:lead] == group):
         # The common case: every coefficient one [B, 1, ..., 1] (or data-shaped) tensor.
-        coeffs = torch.stack(flat).to(device=x.device, dtype=math_dtype)
+        entries = flat
     else:
-        columns = []
+        entries = []
         for c in flat:
             if isinstance(c, Tensor):
                 col = c.reshape(seen[c.shape][:lead]).expand(group).reshape(groups)
-                columns.append(col.to(device=x.device, dtype=math_dtype))
+                entries.append(col.to(device=x.device, dtype=math_dtype))
             else:
-                columns.append(torch.full((groups,), c, dtype=math_dtype, device=x.device))
-        coeffs = torch.stack(columns)
-    # Entry-major, as fastflow._ops.coefficient_matrix builds them.
-    coeffs = coeffs.reshape(len(rows), len(inputs), groups).permute(2, 0, 1)
+                entries.append(torch.full((groups,), c, dtype=math_dtype, device=x.device))
+    coeffs = _ops.coefficient_matrix(entries, len(rows), len(inputs)).to(device=x.device,
+                                                                         dtype=math_dtype)
     if dtype == x.dtype:
         return list(_ops.affine(inputs, coeffs))
     # The result's dtype is t's (e.g. fp64 coefficients over fp32 data): write it directly.
