@@ -15,7 +15,7 @@
 // computed in a fixed order, so the result is the same bits whatever the thread count.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 
 #include <type_traits>
 #include <utility>

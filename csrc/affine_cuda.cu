@@ -6,6 +6,8 @@
 // bit for bit, and eager PyTorch's.
 #include "affine.h"
 
+#include <ATen/Dispatch.h>
+
 // c10's CUDA headers rather than ATen/cuda/CUDAContext.h, which also pulls in the cuBLAS,
 // cuSPARSE and cuSOLVER headers that a minimal CUDA toolkit may lack.
 #include <c10/cuda/CUDAException.h>

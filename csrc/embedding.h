@@ -14,7 +14,7 @@
 // summed in a fixed order (the same bits whatever the thread count).
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 
 #include <tuple>
 

@@ -10,7 +10,9 @@
 #include "float_bits.h"
 #include "simd_clones.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cmath>

@@ -1,6 +1,8 @@
 // Entry point of fastflow._C. The op schemas, fake kernels and autograd live in
 // fastflow/_ops.py; this module only exposes the compiled kernels, which that module calls from
 // the dispatcher's CPU and CUDA kernels. Import torch before importing this module.
+#include <torch/extension.h>
+
 #include "affine.h"
 #include "embedding.h"
 

@@ -13,10 +13,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import LAUNCH_OPTIONS
+
 # The interpreter pays per program, not per element: big blocks keep CPU tests fast.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _BLOCK = 4096 if _INTERPRETING else 1024
-_NUM_WARPS = 4
 
 
 @triton.jit
@@ -102,7 +103,7 @@ def affine(inputs, coeffs, outputs):
     grid = (groups * triton.cdiv(n, _BLOCK),) if tile_in_group else (triton.cdiv(numel, _BLOCK),)
     _affine_kernel[grid](tuple(inputs), tuple(outputs), coeffs, numel, n, K=len(inputs),
                          M=len(outputs), BLOCK=_BLOCK, TILE_IN_GROUP=tile_in_group,
-                         num_warps=_NUM_WARPS)
+                         **LAUNCH_OPTIONS)
 
 
 def affine_dot(a, b, groups):
@@ -116,8 +117,9 @@ def affine_dot(a, b, groups):
     partial = torch.empty(groups, tiles_per_group, len(a), len(b), dtype=math, device=a[0].device)
     grid = (triton.cdiv(groups, rows) * tiles_per_group,)
     _dot_kernel[grid](tuple(a), tuple(b), partial, groups, n, tiles_per_group, M=len(a), K=len(b),
-                      ROWS=rows, BLOCK=block, num_warps=_NUM_WARPS,
-                      ACC_DTYPE=tl.float64 if math == torch.float64 else tl.float32)
+                      ROWS=rows, BLOCK=block,
+                      ACC_DTYPE=tl.float64 if math == torch.float64 else tl.float32,
+                      **LAUNCH_OPTIONS)
     # Fold the per-tile sums in a fixed order, in fp64: deterministic run to run.
     return partial.double().sum(dim=1).to(math)
 
@@ -132,5 +134,5 @@ def affine_sqnorm(inputs, coeffs):
     partial = torch.empty(groups, tiles_per_group, dtype=coeffs.dtype, device=coeffs.device)
     grid = (triton.cdiv(groups, rows) * tiles_per_group,)
     _sqnorm_kernel[grid](tuple(inputs), coeffs, partial, groups, n, tiles_per_group,
-                         K=len(inputs), ROWS=rows, BLOCK=block, num_warps=_NUM_WARPS)
+                         K=len(inputs), ROWS=rows, BLOCK=block, **LAUNCH_OPTIONS)
     return partial.double().sum(dim=1).to(coeffs.dtype)

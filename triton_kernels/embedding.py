@@ -13,12 +13,14 @@ import os
 import torch
 import triton
 import triton.language as tl
+
 from triton.language.extra import libdevice
+
+from . import LAUNCH_OPTIONS
 
 # The interpreter pays per program, not per element: big tiles keep CPU tests fast.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _TILE = 4096 if _INTERPRETING else 1024
-_NUM_WARPS = 4
 _math = tl if _INTERPRETING else libdevice
 
 
@@ -94,7 +96,7 @@ def sinusoid(t, freqs, scale, cos_first, out):
     grid = (grid[0], max(grid[1], 1))  # a program per row tile even with no frequencies
     _sinusoid_kernel[grid](t, freqs, _scale(scale, t), out, batch, half, dim,
                            COS_FIRST=cos_first, ZERO_COLUMN=dim > 2 * half, ROWS=rows, BLOCK=block,
-                           num_warps=_NUM_WARPS)
+                           **LAUNCH_OPTIONS)
 
 
 def sinusoid_backward(grad, t, freqs, scale, cos_first, t_grad, freqs_grad):
@@ -107,7 +109,7 @@ def sinusoid_backward(grad, t, freqs, scale, cos_first, t_grad, freqs_grad):
         _sinusoid_backward_kernel[grid](grad, t, freqs, _scale(scale, t), t_partial, f_partial,
                                         batch, half, dim, COS_FIRST=cos_first, T_GRAD=t_grad,
                                         FREQS_GRAD=freqs_grad, ROWS=rows, BLOCK=block,
-                                        num_warps=_NUM_WARPS)
+                                        **LAUNCH_OPTIONS)
     return _fold(t_partial, t_grad, t, scale), _fold(f_partial, freqs_grad, freqs, scale)
 
 
