@@ -11,7 +11,14 @@ TOOLS = triton ninja pybind11 numpy pytest hypothesis matplotlib
 PEERS = diffusers==0.42.1 torchdiffeq==0.2.5 flow_matching==1.0.10 torchcfm==1.0.7
 PEER_NEEDS = "huggingface_hub>=1.32,<3" "safetensors>=0.8" importlib_metadata regex requests filelock Pillow scipy pot tqdm
 
-.PHONY: install test bench clean
+# The GPU machines lent to sessions have no network and their own torch, Triton and Python 3.12:
+# .ci/gpu takes the peers it compares with from these wheels (carried in .whl/). torchcfm is left
+# out: its OT plan needs POT, a 33 MB wheel, and its drop-in has no GPU-specific path.
+GPU_PEERS = diffusers==0.42.1 flow_matching==1.0.10
+GPU_PLATFORMS = --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+
+.PHONY: install test bench gpu-wheels clean
 
 install:
 	@# Keep a torch that is already there (GPU machines bring their own CUDA build); otherwise
@@ -28,6 +35,9 @@ test: install
 
 bench: install
 	$(PYTHON) benchmarks/run_all.py
+
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: $(GPU_PLATFORMS) -d .whl $(GPU_PEERS)
 
 clean:
 	rm -rf build fastflow/_C*.so *.egg-info

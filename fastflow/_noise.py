@@ -27,11 +27,13 @@ def _mix32(x):
 
 
 def _key(seed, ids, step):
-    """A 32-bit key per sample from the seed, the sample ids [B] (int64) and the step."""
-    seed = _mix32(torch.tensor([seed & _MASK, (seed >> 32) & _MASK], device=ids.device))
-    key = _mix32((ids & _MASK) ^ seed[0])
-    key = _mix32(key ^ _mix32((ids >> 32) & _MASK) ^ seed[1])
-    return _mix32(key ^ _mix32(torch.tensor(step & _MASK, device=ids.device)))
+    """A 32-bit key per sample from the seed, the sample ids [B] (int64) and the step. The seed
+    and the step are hashed as Python ints (the same arithmetic): a host value copied to the
+    device would make every step wait on the host, and break CUDA graph capture."""
+    seed_lo, seed_hi = _mix32(seed & _MASK), _mix32((seed >> 32) & _MASK)
+    key = _mix32((ids & _MASK) ^ seed_lo)
+    key = _mix32(key ^ _mix32((ids >> 32) & _MASK) ^ seed_hi)
+    return _mix32(key ^ _mix32(step & _MASK))
 
 
 def gaussian(seed, ids, step, shape, dtype=torch.float32):

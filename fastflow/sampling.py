@@ -294,11 +294,15 @@ class Sampler:
             return self._replay(x_init, uncond_kwargs or {}, model_kwargs, sample_ids)
         return self._run(x_init, uncond_kwargs or {}, model_kwargs, sample_ids)
 
-    def _run(self, x_init, uncond_kwargs, model_kwargs, sample_ids=None):
+    def _tables(self, x_init):
+        """(state dtype, plan, model times) of a run from x_init."""
         state_dtype = self.state_dtype or (torch.float64 if x_init.dtype == torch.float64
                                            else torch.float32)
         math = _ops.streams_math_dtype(x_init, torch.empty(0, dtype=state_dtype))
-        plan, model_t = self._plan(x_init.device, math)
+        return (state_dtype, *self._plan(x_init.device, math))
+
+    def _run(self, x_init, uncond_kwargs, model_kwargs, sample_ids=None):
+        state_dtype, plan, model_t = self._tables(x_init)
         batch = x_init.shape[0]
         times = model_t.get(x_init.shape[0] * (2 if self.doubled_batch else 1))
         launch = _ops.affine_out_launcher(x_init.device, mixed_dtypes=True)
@@ -380,8 +384,11 @@ class Sampler:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 result = self._run(static_x, static_uncond, static_kw, static_ids)
-            self._graphs[key] = graph, static_x, static_ids, static_kw, static_uncond, result
-        graph, static_x, static_ids, static_kw, static_uncond, result = self._graphs[key]
+            # The graph reads the coefficient and time tables by address: hold them for its
+            # lifetime, whatever the plan cache evicts.
+            tables = self._tables(static_x)
+            self._graphs[key] = graph, static_x, static_ids, static_kw, static_uncond, result, tables
+        graph, static_x, static_ids, static_kw, static_uncond, result, _ = self._graphs[key]
         static_x.copy_(x_init)
         static_ids.copy_(_sample_ids(sample_ids, x_init.shape[0], x_init.device))
         _copy_into(static_kw, model_kwargs)
