@@ -281,6 +281,14 @@ torch.library.register_autograd("fastflow::sinusoid", _sinusoid_grad,
                                 setup_context=_sinusoid_setup_context)
 
 
+def _take(x, dim, indices):
+    """x at `indices` (increasing) along dim: a view when they are a run, as they usually are.
+    Never an index tensor: one made from a list would be copied from the host, a sync on GPUs."""
+    if indices[-1] - indices[0] + 1 == len(indices):
+        return x.narrow(dim, indices[0], len(indices))
+    return torch.cat([x.narrow(dim, i, 1) for i in indices], dim)
+
+
 def _affine_setup_context(ctx, inputs, output):
     xs, coeffs = inputs
     ctx.input_needs_grad = [x.requires_grad for x in xs]
@@ -301,7 +309,7 @@ def _affine_backward(ctx, grads):
     gs = [grads[m] for m in present]
     wanted = [k for k, needed in enumerate(ctx.input_needs_grad) if needed]
     if wanted:
-        transposed = coeffs[:, present][:, :, wanted].transpose(1, 2).contiguous()
+        transposed = _take(_take(coeffs, 1, present), 2, wanted).transpose(1, 2)
         for k, g in zip(wanted, affine(gs, transposed)):
             grad_inputs[k] = g
     grad_coeffs = None
@@ -332,12 +340,12 @@ def _sqnorm_backward(ctx, grad):
     dL/dc_k = 2 g <r, x_k> = 2 g sum_j c_j <x_j, x_k>, from the inputs' Gram matrix."""
     coeffs, *xs = ctx.saved_tensors
     row = coeffs[:, 0]                                    # [G, K]
-    scale = 2 * grad.to(coeffs.dtype)[:, None]            # [G, 1]
+    scale = 2 * (grad if grad.dtype == coeffs.dtype else grad.to(coeffs.dtype))[:, None]  # [G, 1]
     grad_inputs = [None] * len(xs)
     wanted = [k for k, needed in enumerate(ctx.input_needs_grad) if needed]
     if wanted:
-        mixing = (scale * row)[:, wanted, None] * row[:, None, :]     # [G, len(wanted), K]
-        for k, g in zip(wanted, affine(xs, mixing.contiguous())):
+        mixing = (scale * _take(row, 1, wanted))[:, :, None] * row[:, None, :]  # [G, wanted, K]
+        for k, g in zip(wanted, affine(xs, mixing)):
             grad_inputs[k] = g
     grad_coeffs = None
     if ctx.coeffs_needs_grad:
@@ -349,19 +357,21 @@ def _sqnorm_backward(ctx, grad):
 torch.library.register_autograd("fastflow::affine_sqnorm", _sqnorm_backward,
                                 setup_context=_sqnorm_setup_context)
 
+# (setup_context, backward) of the ops that _call may run through _EagerAutograd.
+_AUTOGRAD = {"affine": (_affine_setup_context, _affine_backward),
+             "affine_sqnorm": (_sqnorm_setup_context, _sqnorm_backward)}
+
 
 _DIRECT_DEVICE_TYPES = ("cpu", "cuda")
 
 
-def _dispatcher_adds_nothing(tensors):
-    """Whether an eager call may run the op's kernel directly. Through the dispatcher a call
-    costs about 60 us more on CPU (two crossings into Python kernels: autograd, then the
-    backend choice), most of what a small tensor's call takes. The direct call is taken only
-    when the dispatcher would do nothing else: no gradient to record, and nobody who must see
-    the op (a compiler or tracer, a dispatch mode such as FakeTensorMode, a functorch transform,
-    a tensor subclass, meta tensors, the profiler)."""
-    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
-        return False
+def _nobody_intercepts(tensors):
+    """Whether nothing but autograd must see an eager call of an op on `tensors`: no compiler or
+    tracer, dispatch mode (FakeTensorMode), functorch transform, tensor subclass, meta tensors
+    or profiler. Then `_call` may skip the dispatcher: through it a call costs about 60 us more
+    on CPU (two crossings into Python kernels: autograd, then the backend choice), and with a
+    gradient to record about 0.2 ms more (torch.library's argument flattening on top), most of
+    what a small tensor's call takes."""
     return (all(type(x) is torch.Tensor for x in tensors)
             and tensors[0].device.type in _DIRECT_DEVICE_TYPES
             and not torch.compiler.is_compiling()
@@ -371,11 +381,36 @@ def _dispatcher_adds_nothing(tensors):
             and not torch._C._autograd._profiler_enabled())
 
 
+class _EagerAutograd(torch.autograd.Function):
+    """affine or affine_sqnorm with a gradient to record, when nothing else must see the call:
+    the op's kernel, and the backward registered for the op below, without the dispatcher."""
+
+    @staticmethod
+    def forward(ctx, name, coeffs, *inputs):
+        inputs = list(inputs)
+        out = _KERNELS[name](inputs, coeffs)
+        _AUTOGRAD[name][0](ctx, (inputs, coeffs), out)
+        ctx.name = name
+        return tuple(out) if isinstance(out, list) else out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grads = list(grads) if ctx.name == "affine" else grads[0]
+        grad_inputs, grad_coeffs = _AUTOGRAD[ctx.name][1](ctx, grads)
+        return (None, grad_coeffs, *grad_inputs)
+
+
 def _call(name, tensors, *args):
-    """Op `name` on `args` (whose tensors are `tensors`): its kernel directly when the
-    dispatcher would add nothing, else through torch.ops."""
-    if _dispatcher_adds_nothing(tensors):
-        return _KERNELS[name](*args)
+    """Op `name` on `args` (whose tensors are `tensors`): when nothing but autograd must see the
+    call, its kernel directly, or through _EagerAutograd when there is a gradient to record;
+    else through torch.ops."""
+    if _nobody_intercepts(tensors):
+        if not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)):
+            return _KERNELS[name](*args)
+        if name in _AUTOGRAD:
+            inputs, coeffs = args
+            out = _EagerAutograd.apply(name, coeffs, *inputs)
+            return list(out) if name == "affine" else out
     return getattr(torch.ops.fastflow, name)(*args)
 
 

@@ -305,8 +305,8 @@ def test_ops_reject_bad_calls_on_every_backend(backend, case):
             torch.ops.fastflow.affine(inputs, coeffs)
 
 
-# Eager calls without gradients skip the dispatcher (fastflow._ops._dispatcher_adds_nothing);
-# whoever must see the op still sees it.
+# Eager calls skip the dispatcher when nothing but autograd must see them
+# (fastflow._ops._nobody_intercepts); whoever must see the op still sees it.
 
 def _interpolate_case(device="cpu"):
     g = torch.Generator().manual_seed(7)
@@ -317,20 +317,45 @@ def _interpolate_case(device="cpu"):
 def test_direct_eager_call_gives_the_dispatcher_call_bits(backend):
     x0, x1, t = _interpolate_case()
     coeffs = fastflow.paths.CondOT().coefficients(t.double()).float()
-    assert _ops._dispatcher_adds_nothing((x0, x1, coeffs))
+    assert _ops._nobody_intercepts((x0, x1, coeffs))
     direct = _ops.affine([x0, x1], coeffs)
     dispatched = torch.ops.fastflow.affine([x0, x1], coeffs)
     for a, b in zip(direct, dispatched):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("op", ["affine", "affine_sqnorm"])
+def test_direct_eager_autograd_gives_the_dispatcher_gradients(backend, op):
+    # With a gradient to record, _call runs the kernel under _EagerAutograd, which reuses the
+    # op's registered backward: same values and gradients, bit for bit, as through torch.ops.
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(5, 7, generator=g, dtype=torch.float64) for _ in range(3)]
+    coeffs = torch.randn(5, 2 if op == "affine" else 1, 3, generator=g, dtype=torch.float64)
+    results = []
+    for call in (getattr(_ops, op), getattr(torch.ops.fastflow, op)):
+        leaves = [x.clone().requires_grad_(k != 1) for k, x in enumerate(xs)]
+        c = coeffs.clone().requires_grad_()
+        out = call(leaves, c)
+        loss = (out[1] * out[0]).sum() if op == "affine" else (out * out).sum()
+        loss.backward()
+        results.append((out, [x.grad for x in leaves], c.grad))
+    (out_a, grads_a, c_a), (out_b, grads_b, c_b) = results
+    outs_a, outs_b = (o if op == "affine" else [o] for o in (out_a, out_b))
+    assert all(torch.equal(a, b) for a, b in zip(outs_a, outs_b))
+    assert grads_a[1] is None and grads_b[1] is None
+    assert all(torch.equal(a, b) for a, b in zip(grads_a[::2], grads_b[::2]))
+    assert torch.equal(c_a, c_b)
+    x = xs[0].clone().requires_grad_()
+    assert type(_ops.affine([x], coeffs[:, :1, :1])[0].grad_fn).__name__ == "_EagerAutogradBackward"
+
+
 def test_calls_that_need_the_dispatcher_take_it():
     x0, x1, t = _interpolate_case()
-    assert not _ops._dispatcher_adds_nothing((x0, x1.requires_grad_(), t))
-    with torch.no_grad():
-        assert _ops._dispatcher_adds_nothing((x0, x1, t))
-    assert not _ops._dispatcher_adds_nothing((x0, torch.nn.Parameter(x1, requires_grad=False), t))
-    assert not _ops._dispatcher_adds_nothing((x0.to("meta"), x1.to("meta"), t.to("meta")))
+    assert _ops._nobody_intercepts((x0, x1.requires_grad_(), t))
+    assert not _ops._nobody_intercepts((x0, torch.nn.Parameter(x1, requires_grad=False), t))
+    assert not _ops._nobody_intercepts((x0.to("meta"), x1.to("meta"), t.to("meta")))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        assert not _ops._nobody_intercepts((x0, x1, t))
 
 
 def test_dispatch_modes_see_the_op():
