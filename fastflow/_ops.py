@@ -319,7 +319,8 @@ def _affine_backward(ctx, grads):
             grad_coeffs = dots
         else:
             grad_coeffs = coeffs.new_zeros(coeffs.shape)
-            grad_coeffs[:, present] = dots
+            for j, m in enumerate(present):
+                grad_coeffs[:, m] = dots[:, j]
     return grad_inputs, grad_coeffs
 
 
