@@ -17,6 +17,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -51,6 +52,12 @@ void dispatch_arity(int64_t k, int64_t m, F&& f) {
     }
   }
 }
+
+// The instruction set the CPU affine kernels run with: "avx2" on CPUs with AVX2 and F16C (where
+// the build has those kernels), else "baseline". Both give the same bits; set_cpu_isa switches
+// between the available ones (the tests run each).
+std::string cpu_isa();
+void set_cpu_isa(const std::string& isa);
 
 // Hint the kernel to back a fresh CPU tensor with transparent huge pages (no-op elsewhere).
 void advise_huge_pages(const at::Tensor& t);

@@ -18,6 +18,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out[b] = [sin a, cos a] (or [cos a, sin a]) with a = (t[b] * freqs) * scale");
   m.def("sinusoid_backward_cpu", &fastflow::sinusoid_backward_cpu,
         "(grad_t, grad_freqs) of sinusoid_cpu");
+  m.def("cpu_isa", &fastflow::cpu_isa, "instruction set of the CPU affine kernels");
+  m.def("set_cpu_isa", &fastflow::set_cpu_isa, "run the CPU affine kernels with 'baseline' or 'avx2'");
   m.def("advise_huge_pages", &fastflow::advise_huge_pages,
         "ask for transparent huge pages behind a fresh CPU tensor");
 #ifdef FASTFLOW_WITH_CUDA

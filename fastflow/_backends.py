@@ -95,7 +95,7 @@ def backends():
         >>> for status in fastflow.backends().values():
         ...     print(status)
         reference: available (plain PyTorch)
-        cpu: available (C++ kernels)
+        cpu: available (C++ kernels, avx2 instruction set)
         triton: unavailable (no CUDA device)
         cuda: unavailable (extension built without CUDA)
     """
@@ -104,6 +104,9 @@ def backends():
     for name in NAMES:
         kind = "cpu" if name == "cpu" else device_type
         report[name] = BackendStatus(name, *_status(name, kind))
+    if report["cpu"].available:  # which build of the kernels this CPU runs
+        isa = _extension()[0].cpu_isa()
+        report["cpu"] = replace(report["cpu"], reason=f"C++ kernels, {isa} instruction set")
     return report
 
 

@@ -421,3 +421,84 @@ def test_backward_of_the_streams_is_differentiable_again(backend):
     x, y = (torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
     coeffs = torch.randn(3, 2, 2, generator=g, dtype=torch.float64)
     assert torch.autograd.gradgradcheck(lambda a, b: _ops.affine([a, b], coeffs), (x, y))
+
+
+# The CPU kernels are compiled for the baseline and again for AVX2 (csrc/affine_cpu_avx2.cpp),
+# picked at run time; both must give the same bits, on every path of the kernels.
+
+def _ext():
+    ext, why = _backends._extension()
+    if ext is None:
+        pytest.skip(why)
+    return ext
+
+
+def _run_on_every_cpu_isa(fn):
+    """{isa: fn()} for the instruction sets this CPU and build have; the default restored."""
+    ext = _ext()
+    default, results = ext.cpu_isa(), {}
+    try:
+        for isa in ("baseline", "avx2"):
+            try:
+                ext.set_cpu_isa(isa)
+            except RuntimeError:
+                continue
+            results[isa] = fn()
+    finally:
+        ext.set_cpu_isa(default)
+    if len(results) < 2:
+        pytest.skip("only the baseline kernels run on this CPU")
+    return results
+
+
+def _bits(tensors):
+    return [x.view(torch.int16 if x.element_size() == 2 else torch.int32
+                   if x.element_size() == 4 else torch.int64) for x in tensors]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_instruction_sets_give_the_same_bits(dtype, layout):
+    ext = _ext()
+    shape, per_sample = layout
+    state = _streams(1, shape, torch.float32 if dtype != torch.float64 else dtype, "cpu", 1)[0]
+
+    def run():
+        out = []
+        for k, m in ((1, 1), (3, 2), (5, 4)):
+            inputs, coeffs = _case(k, m, shape, per_sample, dtype, "cpu")
+            out += torch.ops.fastflow.affine(inputs, coeffs)
+            out.append(torch.ops.fastflow.affine_sqnorm(inputs, coeffs[:, :1]))
+            out.append(torch.ops.fastflow.affine_dot(inputs[:m], inputs, _groups(shape, per_sample)))
+            # A sampler's update: an fp32 state beside streams of the model's type, in place.
+            mixed, streams = state.clone(), inputs[:_ops.MAX_INPUTS - 1]
+            weights = _coeffs(coeffs.shape[0], 1, len(streams) + 1, mixed.dtype, "cpu")
+            torch.ops.fastflow.affine_out([mixed, *streams], weights, [mixed])
+            out.append(mixed)
+        return out
+
+    results = _run_on_every_cpu_isa(run)
+    for a, b in zip(*(_bits(r) for r in results.values())):
+        assert torch.equal(a, b)
+
+
+def test_only_the_avx2_kernels_use_avx():
+    # Code compiled for AVX2 must stay in its namespace (or GCC's .avx2 clones): a function
+    # defined inline in a header and compiled in the AVX2 region could be the copy the linker
+    # keeps for every caller, and crash CPUs without AVX2.
+    import shutil
+    import subprocess
+
+    ext = _ext()
+    if shutil.which("objdump") is None:
+        pytest.skip("needs objdump")
+    listing = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", ext.__file__],
+                             capture_output=True, text=True, check=True).stdout
+    function, offenders = "", set()
+    for line in listing.splitlines():
+        if line.endswith(">:"):
+            function = line
+        elif "\t" in line and line.split("\t")[1].startswith("v"):  # VEX-encoded: AVX and up
+            if "fastflow::avx2::" not in function and ".avx2" not in function:
+                offenders.add(function)
+    assert not offenders, sorted(offenders)[:10]

@@ -1,0 +1,326 @@
+// The CPU kernels of the affine family, compiled once per instruction set: affine_cpu.cpp
+// includes this for the baseline (no -march flags: any x86-64 or aarch64 CPU) and
+// affine_cpu_avx2.cpp for AVX2 and F16C, each in its own namespace (FASTFLOW_CPU_ISA), and
+// affine_cpu.cpp picks one at run time. The includer provides the includes, so that headers are
+// compiled outside the AVX2 region.
+//
+// The tile loops are written so that the compiler's auto-vectoriser handles them (local tiles
+// cannot alias the streamed tensors), and -ffp-contract=off keeps results bit-identical to eager
+// PyTorch. Reductions keep a fixed number of independent accumulators, so the vector width
+// changes no result either: both instruction sets give the same bits. Streams are converted to
+// and from the math type a tile at a time, so each may have its own float type at the cost of
+// one switch per tile.
+
+namespace fastflow {
+namespace FASTFLOW_CPU_ISA {
+namespace {
+
+
+// Smallest span worth handing to another thread: about the size where the fork-join overhead
+// of OpenMP is repaid on two cores; larger ranges are split evenly over all threads.
+constexpr int64_t kGrain = 1 << 14;
+// Elements per register/L1 tile inside a task.
+constexpr int64_t kTile = 256;
+// Independent accumulators per dot product: lets the compiler vectorise the reduction without
+// reassociating it, so results do not depend on the instruction set.
+constexpr int kLanes = 8;
+// Elements per deterministic partial sum of affine_dot (fixed, independent of thread count).
+constexpr int64_t kDotChunk = 1 << 14;
+
+// The [G, M, K] coefficients, read through their strides.
+template <typename math_t>
+struct Coeffs {
+  const math_t* data;
+  int64_t group_stride, m_stride, k_stride;
+
+  explicit Coeffs(const at::Tensor& c)
+      : data(c.const_data_ptr<math_t>()), group_stride(c.stride(0)), m_stride(c.stride(1)),
+        k_stride(c.stride(2)) {}
+  const math_t* group(int64_t g) const { return data + g * group_stride; }
+  math_t at(const math_t* group, int m, int k) const {
+    return group[m * m_stride + k * k_stride];
+  }
+};
+
+// A contiguous stream of any float type, moved a tile at a time between memory and math_t.
+struct Stream {
+  void* data;
+  at::ScalarType type;
+};
+
+template <typename Visit>
+void visit_float_type(at::ScalarType type, const Visit& visit) {
+  switch (type) {
+    case at::kFloat: return visit(float{});
+    case at::kDouble: return visit(double{});
+    case at::kHalf: return visit(c10::Half{});
+    case at::kBFloat16: return visit(c10::BFloat16{});
+    default: TORCH_CHECK(false, "fastflow affine: unsupported stream type ", type);
+  }
+}
+
+// The 16-bit conversions are bit manipulation on integers: 8 lanes at a time with AVX2.
+void widen(const c10::BFloat16* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+}
+void widen(const c10::Half* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+}
+void narrow(const float* src, int64_t n, c10::BFloat16* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_bfloat16(src[i]);
+}
+void narrow(const float* src, int64_t n, c10::Half* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_half(src[i]);
+}
+
+template <typename math_t>
+void load_tile(const Stream& s, int64_t j0, int64_t n, math_t* dst) {
+  visit_float_type(s.type, [&](auto zero) {
+    using scalar_t = decltype(zero);
+    const scalar_t* src = static_cast<const scalar_t*>(s.data) + j0;
+    if constexpr (std::is_same_v<math_t, float> && sizeof(scalar_t) == 2) {
+      widen(src, n, dst);
+    } else {
+      for (int64_t i = 0; i < n; ++i) dst[i] = load_as<math_t>(src[i]);
+    }
+  });
+}
+
+template <typename math_t>
+void store_tile(const Stream& s, int64_t j0, int64_t n, const math_t* src) {
+  visit_float_type(s.type, [&](auto zero) {
+    using scalar_t = decltype(zero);
+    scalar_t* dst = static_cast<scalar_t*>(s.data) + j0;
+    if constexpr (std::is_same_v<math_t, float> && sizeof(scalar_t) == 2) {
+      narrow(src, n, dst);
+    } else {
+      for (int64_t i = 0; i < n; ++i) dst[i] = store_as<scalar_t>(src[i]);
+    }
+  });
+}
+
+// Streams stored in the math type are read and written in place; the others go through an L1
+// tile, converted. Outputs are computed in order and each reads the inputs at an index before
+// writing there, so the last output may lie exactly on top of an input (a sampler updates its
+// state in place); earlier ones must not alias an input.
+//
+// n is the group size. With kSpansGroups false, [lo, hi) lies in one group and each tile uses
+// that group's coefficients; with it true (small groups), a tile spans many groups and gets its
+// coefficients per element, gathered into an L1 table first. Both compute each output with the
+// same operations in the same order.
+template <typename math_t, int K, int M, bool kSpansGroups>
+void affine_span(const std::array<Stream, K>& in, const std::array<Stream, M>& out,
+                 const Coeffs<math_t>& c, int64_t n, int64_t lo, int64_t hi) {
+  constexpr auto kMath = std::is_same_v<math_t, double> ? at::kDouble : at::kFloat;
+  // One group's coefficients, copied out of their strides once per span.
+  math_t fixed[M * K];
+  if constexpr (!kSpansGroups) {
+    const math_t* cg = c.group(lo / n);
+    for (int m = 0; m < M; ++m)
+      for (int k = 0; k < K; ++k) fixed[m * K + k] = c.at(cg, m, k);
+  }
+  for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
+    const int64_t len = std::min(kTile, hi - j0);
+    math_t x_tile[K][kTile];
+    math_t y_tile[kTile];
+    math_t c_tile[kSpansGroups ? M * K : 1][kSpansGroups ? kTile : 1];
+    if constexpr (kSpansGroups) {
+      // Walk the groups across the tile: one division per tile, none per element.
+      int64_t g = j0 / n, r = j0 - g * n;
+      for (int64_t i = 0; i < len; ++i) {
+        const math_t* cg = c.group(g);
+        for (int m = 0; m < M; ++m)
+          for (int k = 0; k < K; ++k) c_tile[m * K + k][i] = c.at(cg, m, k);
+        if (++r == n) {
+          r = 0;
+          ++g;
+        }
+      }
+    }
+    const math_t* x[K];
+    for (int k = 0; k < K; ++k) {
+      if (in[k].type == kMath) {
+        x[k] = static_cast<const math_t*>(in[k].data) + j0;
+      } else {
+        load_tile(in[k], j0, len, x_tile[k]);
+        x[k] = x_tile[k];
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      const bool direct = out[m].type == kMath;
+      math_t* y = direct ? static_cast<math_t*>(out[m].data) + j0 : y_tile;
+      const auto coeff = [&](int k, int64_t i) {
+        if constexpr (kSpansGroups) return c_tile[m * K + k][i];
+        else return fixed[m * K + k];
+      };
+      for (int64_t i = 0; i < len; ++i) {
+        math_t acc = coeff(0, i) * x[0][i];
+        for (int k = 1; k < K; ++k) acc = acc + coeff(k, i) * x[k][i];
+        y[i] = acc;
+      }
+      if (!direct) store_tile(out[m], j0, len, y_tile);
+    }
+  }
+}
+
+// Groups smaller than this get their coefficients per element (see affine_span): below it,
+// setting up a span per group (and its 16-bit conversion calls) costs more than the table.
+// Measured on 8K to 1M elements: 4x faster at n = 2, level near n = 16, slower at n = 32.
+constexpr int64_t kSmallGroup = 16;
+
+template <typename math_t, int K, int M>
+void affine_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
+                   const std::vector<at::Tensor>& outputs) {
+  std::array<Stream, K> in;
+  std::array<Stream, M> out;
+  for (int k = 0; k < K; ++k)
+    in[k] = {const_cast<void*>(inputs[k].const_data_ptr()), inputs[k].scalar_type()};
+  for (int m = 0; m < M; ++m) out[m] = {outputs[m].mutable_data_ptr(), outputs[m].scalar_type()};
+  const Coeffs<math_t> c(coeffs);
+  const int64_t numel = inputs[0].numel();
+  const int64_t n = numel / coeffs.size(0);
+
+  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+    if (n < kSmallGroup) {
+      affine_span<math_t, K, M, true>(in, out, c, n, begin, end);
+      return;
+    }
+    // A task may straddle groups: walk it group by group so each span has fixed coefficients.
+    for (int64_t lo = begin; lo < end;) {
+      const int64_t hi = std::min(end, (lo / n + 1) * n);
+      affine_span<math_t, K, M, false>(in, out, c, n, lo, hi);
+      lo = hi;
+    }
+  });
+}
+
+// W sums per group, each over the group's n elements, in a fixed order: the group is cut into
+// chunks of kDotChunk elements whatever the thread count, span(g, lo, hi, sums) writes the W
+// sums of a chunk [lo, hi) of group g to sums[0..W), and the chunks of a group are folded in
+// order. The same bits come out on one thread or many.
+template <typename acc_t, int W, typename Span>
+void grouped_sums(int64_t groups, int64_t n, acc_t* out, const Span& span) {
+  const int64_t chunks = std::max<int64_t>(1, (n + kDotChunk - 1) / kDotChunk);
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(n, 1));
+  if (chunks == 1) {
+    // Groups of one chunk (all but huge ones) sum straight into the result: no partials to
+    // allocate and fold, which cost more than the sums themselves for many small groups.
+    at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) span(g, g * n, (g + 1) * n, out + g * W);
+    });
+    return;
+  }
+  std::vector<acc_t> partial(static_cast<size_t>(groups * chunks * W), acc_t(0));
+  at::parallel_for(0, groups * chunks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t g = task / chunks;
+      const int64_t lo = g * n + (task % chunks) * kDotChunk;
+      span(g, lo, std::min(lo + kDotChunk, (g + 1) * n), partial.data() + task * W);
+    }
+  });
+  for (int64_t g = 0; g < groups; ++g)
+    for (int w = 0; w < W; ++w) {
+      acc_t s = 0;
+      for (int64_t c = 0; c < chunks; ++c) s += partial[(g * chunks + c) * W + w];
+      out[g * W + w] = s;
+    }
+}
+
+// Sums v(j) for j in [lo, hi) into kLanes independent accumulators, then folds them: lets the
+// compiler vectorise the reduction without reassociating it.
+template <typename acc_t, typename Value>
+acc_t lane_sum(int64_t lo, int64_t hi, const Value& v) {
+  if (hi - lo <= kLanes) {
+    // The same bits as below (each lane holds at most one term; adding zeros changes nothing),
+    // without setting up the lanes: most of the cost for tiny groups.
+    acc_t s = 0;
+    for (int64_t j = lo; j < hi; ++j) s += v(j);
+    return s;
+  }
+  acc_t acc[kLanes] = {};
+  int64_t j = lo;
+  for (; j + kLanes <= hi; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += v(j + l);
+  for (int l = 0; j < hi; ++j, ++l) acc[l] += v(j);
+  acc_t s = 0;
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
+template <typename scalar_t, typename acc_t, int K, int M>
+void dot_kernel(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b,
+                int64_t groups, at::Tensor& result) {
+  std::array<const scalar_t*, M> pa;
+  std::array<const scalar_t*, K> pb;
+  for (int m = 0; m < M; ++m) pa[m] = a[m].const_data_ptr<scalar_t>();
+  for (int k = 0; k < K; ++k) pb[k] = b[k].const_data_ptr<scalar_t>();
+  grouped_sums<acc_t, M * K>(groups, a[0].numel() / groups, result.mutable_data_ptr<acc_t>(),
+                             [&](int64_t, int64_t lo, int64_t hi, acc_t* sums) {
+    for (int m = 0; m < M; ++m)
+      for (int k = 0; k < K; ++k)
+        sums[m * K + k] = lane_sum<acc_t>(lo, hi, [&](int64_t j) {
+          return load_as<acc_t>(pa[m][j]) * load_as<acc_t>(pb[k][j]);
+        });
+  });
+}
+
+// Sum over each group of r^2, r = sum_k coeffs[g, 0, k] * in[k] computed exactly as affine
+// computes an output (math type, order k = 0..K-1), the square accumulated in fp64.
+template <typename scalar_t, int K>
+void sqnorm_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
+                   at::Tensor& result) {
+  using math_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  std::array<const scalar_t*, K> in;
+  for (int k = 0; k < K; ++k) in[k] = inputs[k].const_data_ptr<scalar_t>();
+  const Coeffs<math_t> c(coeffs);
+  const int64_t groups = coeffs.size(0);
+  const int64_t n = inputs[0].numel() / groups;
+  grouped_sums<double, 1>(groups, n, result.mutable_data_ptr<double>(),
+                          [&](int64_t g, int64_t lo, int64_t hi, double* sum) {
+    math_t cg[K];
+    for (int k = 0; k < K; ++k) cg[k] = c.at(c.group(g), 0, k);
+    *sum = lane_sum<double>(lo, hi, [&](int64_t j) {
+      math_t r = cg[0] * load_as<math_t>(in[0][j]);
+      for (int k = 1; k < K; ++k) r = r + cg[k] * load_as<math_t>(in[k][j]);
+      return static_cast<double>(r) * static_cast<double>(r);
+    });
+  });
+}
+
+}  // namespace
+
+// The entry points of this instruction set, after the argument checks (affine_cpu.cpp).
+
+void affine(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
+            const std::vector<at::Tensor>& outputs) {
+  dispatch_arity(inputs.size(), outputs.size(), [&](auto k, auto m) {
+    constexpr int K = decltype(k)::value, M = decltype(m)::value;
+    if (coeffs.scalar_type() == at::kDouble) {
+      affine_kernel<double, K, M>(inputs, coeffs, outputs);
+    } else {
+      affine_kernel<float, K, M>(inputs, coeffs, outputs);
+    }
+  });
+}
+
+void dot(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b, int64_t groups,
+         at::Tensor& sums) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a[0].scalar_type(), "affine_dot_cpu",
+                                  [&] {
+    dispatch_arity(b.size(), a.size(), [&](auto k, auto m) {
+      dot_kernel<scalar_t, double, decltype(k)::value, decltype(m)::value>(a, b, groups, sums);
+    });
+  });
+}
+
+void sqnorm(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs, at::Tensor& sums) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, inputs[0].scalar_type(),
+                                  "affine_sqnorm_cpu", [&] {
+    dispatch_arity(inputs.size(), 1, [&](auto k, auto) {
+      sqnorm_kernel<scalar_t, decltype(k)::value>(inputs, coeffs, sums);
+    });
+  });
+}
+
+}  // namespace FASTFLOW_CPU_ISA
+}  // namespace fastflow
