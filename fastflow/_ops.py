@@ -266,12 +266,13 @@ def _sinusoid_backward_fake(grad, t, freqs, scale, cos_first, t_grad, freqs_grad
 def _sinusoid_setup_context(ctx, inputs, output):
     t, freqs, scale, cos_first, _, _ = inputs
     ctx.scale, ctx.cos_first = scale, cos_first
+    ctx.t_grad, ctx.freqs_grad = t.requires_grad, freqs.requires_grad
     ctx.save_for_backward(t, freqs)
 
 
 def _sinusoid_grad(ctx, grad):
     t, freqs = ctx.saved_tensors
-    t_grad, freqs_grad = ctx.needs_input_grad[:2]
+    t_grad, freqs_grad = ctx.t_grad, ctx.freqs_grad
     grad_t, grad_freqs = sinusoid_backward(
         grad, t, freqs, ctx.scale, ctx.cos_first, t_grad, freqs_grad)
     return (grad_t if t_grad else None), (grad_freqs if freqs_grad else None), None, None, None, None
@@ -360,7 +361,8 @@ torch.library.register_autograd("fastflow::affine_sqnorm", _sqnorm_backward,
 
 # (setup_context, backward) of the ops that _call may run through _EagerAutograd.
 _AUTOGRAD = {"affine": (_affine_setup_context, _affine_backward),
-             "affine_sqnorm": (_sqnorm_setup_context, _sqnorm_backward)}
+             "affine_sqnorm": (_sqnorm_setup_context, _sqnorm_backward),
+             "sinusoid": (_sinusoid_setup_context, _sinusoid_grad)}
 
 
 _DIRECT_DEVICE_TYPES = ("cpu", "cuda")
@@ -383,22 +385,44 @@ def _nobody_intercepts(tensors):
 
 
 class _EagerAutograd(torch.autograd.Function):
-    """affine or affine_sqnorm with a gradient to record, when nothing else must see the call:
-    the op's kernel, and the backward registered for the op below, without the dispatcher."""
+    """An op of _AUTOGRAD with a gradient to record, when nothing else must see the call: the
+    op's kernel, and the setup and backward registered for the op, without the dispatcher.
+    autograd.Function tracks only tensors passed directly, so list arguments travel expanded
+    (`_flatten`), their lengths in `spec`."""
 
     @staticmethod
-    def forward(ctx, name, coeffs, *inputs):
-        inputs = list(inputs)
-        out = _KERNELS[name](inputs, coeffs)
-        _AUTOGRAD[name][0](ctx, (inputs, coeffs), out)
-        ctx.name = name
+    def forward(ctx, name, spec, *flat):
+        args = _unflatten(spec, flat)
+        out = _KERNELS[name](*args)
+        _AUTOGRAD[name][0](ctx, args, out)
+        ctx.name, ctx.spec = name, spec
         return tuple(out) if isinstance(out, list) else out
 
     @staticmethod
     def backward(ctx, *grads):
         grads = list(grads) if ctx.name == "affine" else grads[0]
-        grad_inputs, grad_coeffs = _AUTOGRAD[ctx.name][1](ctx, grads)
-        return (None, grad_coeffs, *grad_inputs)
+        return (None, None, *_flatten(_AUTOGRAD[ctx.name][1](ctx, grads))[1])
+
+
+def _flatten(args):
+    """(spec, flat): the arguments with each list expanded in place, and their lengths."""
+    spec, flat = [], []
+    for a in args:
+        if isinstance(a, list):
+            spec.append(len(a))
+            flat.extend(a)
+        else:
+            spec.append(None)
+            flat.append(a)
+    return tuple(spec), flat
+
+
+def _unflatten(spec, flat):
+    args, i = [], 0
+    for n in spec:
+        args.append(flat[i] if n is None else list(flat[i:i + n]))
+        i += 1 if n is None else n
+    return args
 
 
 def _call(name, tensors, *args):
@@ -409,8 +433,8 @@ def _call(name, tensors, *args):
         if not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)):
             return _KERNELS[name](*args)
         if name in _AUTOGRAD:
-            inputs, coeffs = args
-            out = _EagerAutograd.apply(name, coeffs, *inputs)
+            spec, flat = _flatten(args)
+            out = _EagerAutograd.apply(name, spec, *flat)
             return list(out) if name == "affine" else out
     return getattr(torch.ops.fastflow, name)(*args)
 

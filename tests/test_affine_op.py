@@ -349,6 +349,21 @@ def test_direct_eager_autograd_gives_the_dispatcher_gradients(backend, op):
     assert type(_ops.affine([x], coeffs[:, :1, :1])[0].grad_fn).__name__ == "_EagerAutogradBackward"
 
 
+def test_direct_eager_autograd_of_the_sinusoid(backend):
+    g = torch.Generator().manual_seed(5)
+    t0, f0 = torch.rand(6, generator=g, dtype=torch.float64), torch.rand(4, generator=g).double()
+    grad = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    results = []
+    for call in (_ops.sinusoid, torch.ops.fastflow.sinusoid):
+        t, freqs = t0.clone().requires_grad_(), f0.clone().requires_grad_()
+        out = call(t, freqs, 2.0, True, 9, torch.float64)
+        out.backward(grad)
+        results.append((out, t.grad, freqs.grad, type(out.grad_fn).__name__))
+    (a, ta, fa, kind), (b, tb, fb, _) = results
+    assert kind == "_EagerAutogradBackward"
+    assert torch.equal(a, b) and torch.equal(ta, tb) and torch.equal(fa, fb)
+
+
 def test_calls_that_need_the_dispatcher_take_it():
     x0, x1, t = _interpolate_case()
     assert _ops._nobody_intercepts((x0, x1.requires_grad_(), t))
