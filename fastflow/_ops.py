@@ -395,7 +395,7 @@ class _EagerAutograd(torch.autograd.Function):
         args = _unflatten(spec, flat)
         out = _KERNELS[name](*args)
         _AUTOGRAD[name][0](ctx, args, out)
-        ctx.name, ctx.spec = name, spec
+        ctx.name = name
         return tuple(out) if isinstance(out, list) else out
 
     @staticmethod
