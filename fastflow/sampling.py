@@ -551,8 +551,31 @@ def _progress(steps, show):
 
 
 def _signature(kwargs):
+    """What a captured graph is specialised on: each tensor's shape and dtype (its values are
+    copied in before every replay), and the other arguments by value."""
+    for k, v in kwargs.items():
+        if not isinstance(v, torch.Tensor) and (_holds_tensor(v) or not _hashable(v)):
+            raise ValueError(f"capture: model keyword argument {k!r} must be a tensor or a "
+                             f"hashable constant, got {type(v).__name__} (a graph reads tensors "
+                             f"inside containers by address, so new values would be ignored)")
     return tuple(sorted((k, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (k, v)
                         for k, v in kwargs.items()))
+
+
+def _holds_tensor(value):
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_tensor(v) for v in value.values())
+    return isinstance(value, (list, tuple, set)) and any(_holds_tensor(v) for v in value)
+
+
+def _hashable(value):
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _static(kwargs):

@@ -276,6 +276,16 @@ def test_capture_replays_on_cuda_without_host_syncs(options):
             assert _scaled_error(got, eager(x0, uncond_kwargs={}, y=y)) < 1e-6
 
 
+def test_capture_refuses_keyword_arguments_it_would_freeze():
+    # A captured graph copies tensor arguments in before each replay; a tensor inside a list
+    # would be read by address, stale, so such arguments are refused (and unhashable ones too).
+    assert sampling._signature({"y": torch.zeros(2, 3), "scale": 2.0, "mode": None}) == (
+        ("mode", None), ("scale", 2.0), ("y", (2, 3), torch.float32))
+    for bad in ([torch.zeros(2)], (torch.zeros(2),), {"a": torch.zeros(2)}, [1, 2]):
+        with pytest.raises(ValueError, match="capture: model keyword argument 'y'"):
+            sampling._signature({"y": bad})
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_capture_outlives_the_plan_cache():
     # A captured graph reads its coefficient tables by address: evicting them from the plan
