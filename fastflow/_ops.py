@@ -342,7 +342,7 @@ def _sqnorm_backward(ctx, grad):
     dL/dc_k = 2 g <r, x_k> = 2 g sum_j c_j <x_j, x_k>, from the inputs' Gram matrix."""
     coeffs, *xs = ctx.saved_tensors
     row = coeffs[:, 0]                                    # [G, K]
-    scale = 2 * (grad if grad.dtype == coeffs.dtype else grad.to(coeffs.dtype))[:, None]  # [G, 1]
+    scale = 2 * grad.to(coeffs.dtype)[:, None]            # [G, 1]
     grad_inputs = [None] * len(xs)
     wanted = [k for k, needed in enumerate(ctx.input_needs_grad) if needed]
     if wanted:
@@ -395,12 +395,12 @@ class _EagerAutograd(torch.autograd.Function):
         args = _unflatten(spec, flat)
         out = _KERNELS[name](*args)
         _AUTOGRAD[name][0](ctx, args, out)
-        ctx.name = name
-        return tuple(out) if isinstance(out, list) else out
+        ctx.name, ctx.listed = name, isinstance(out, list)
+        return tuple(out) if ctx.listed else out   # a Function returns tensors or tuples
 
     @staticmethod
     def backward(ctx, *grads):
-        grads = list(grads) if ctx.name == "affine" else grads[0]
+        grads = list(grads) if ctx.listed else grads[0]
         return (None, None, *_flatten(_AUTOGRAD[ctx.name][1](ctx, grads))[1])
 
 
@@ -435,7 +435,7 @@ def _call(name, tensors, *args):
         if name in _AUTOGRAD:
             spec, flat = _flatten(args)
             out = _EagerAutograd.apply(name, spec, *flat)
-            return list(out) if name == "affine" else out
+            return list(out) if isinstance(out, tuple) else out
     return getattr(torch.ops.fastflow, name)(*args)
 
 

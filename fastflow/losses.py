@@ -85,8 +85,7 @@ def mean_square(inputs, rows):
     """Per-sample mean of (sum_k rows[:, k] * inputs[k])^2 over each sample's elements, fused:
     rows is [B, K] and the combination is never written out."""
     batch = rows.shape[0]
-    math = _ops.math_dtype(inputs[0].dtype)
-    coeffs = rows[:, None, :] if rows.dtype == math else rows[:, None, :].to(math)
+    coeffs = rows[:, None, :].to(_ops.math_dtype(inputs[0].dtype))
     return _ops.affine_sqnorm(inputs, coeffs) / (inputs[0].numel() // batch if batch else 0)
 
 

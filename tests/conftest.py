@@ -48,3 +48,13 @@ def assert_close_to_reference(actual, expected, dtype):
     e = expected.double().cpu()
     err = ((a - e).abs() / e.abs().clamp(min=1.0)).max().item()
     assert err <= TOLERANCE[dtype], f"scaled error {err:.3g} > {TOLERANCE[dtype]:.1g} for {dtype}"
+
+
+def bits_equal(a, b):
+    """Same dtype, shape, device and bits (NaNs included)."""
+    if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
+        return False
+    if a.is_floating_point():
+        view = {8: torch.int64, 4: torch.int32, 2: torch.int16}[a.element_size()]
+        return torch.equal(a.view(view), b.view(view))
+    return torch.equal(a, b)

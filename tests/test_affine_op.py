@@ -10,7 +10,7 @@ from fastflow import _backends, _ops
 from fastflow.reference import affine as reference_affine
 from fastflow.reference import affine_dot as reference_affine_dot
 
-from conftest import DTYPES, TOLERANCE, assert_close_to_reference
+from conftest import DTYPES, TOLERANCE, assert_close_to_reference, bits_equal
 
 ARITIES = list(itertools.product(range(1, _ops.MAX_INPUTS + 1), range(1, _ops.MAX_OUTPUTS + 1)))
 DOT_ARITIES = [(1, 1), (1, 4), (4, 1), (2, 3), (4, 4)]
@@ -441,16 +441,9 @@ def test_backward_of_the_streams_is_differentiable_again(backend):
 # The CPU kernels are compiled for the baseline and again for AVX2 (csrc/affine_cpu_avx2.cpp),
 # picked at run time; both must give the same bits, on every path of the kernels.
 
-def _ext():
-    ext, why = _backends._extension()
-    if ext is None:
-        pytest.skip(why)
-    return ext
-
-
 def _run_on_every_cpu_isa(fn):
     """{isa: fn()} for the instruction sets this CPU and build have; the default restored."""
-    ext = _ext()
+    ext = _extension()
     default, results = ext.cpu_isa(), {}
     try:
         for isa in ("baseline", "avx2"):
@@ -466,15 +459,10 @@ def _run_on_every_cpu_isa(fn):
     return results
 
 
-def _bits(tensors):
-    return [x.view(torch.int16 if x.element_size() == 2 else torch.int32
-                   if x.element_size() == 4 else torch.int64) for x in tensors]
-
-
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_instruction_sets_give_the_same_bits(dtype, layout):
-    ext = _ext()
+    ext = _extension()
     shape, per_sample = layout
     state = _streams(1, shape, torch.float32 if dtype != torch.float64 else dtype, "cpu", 1)[0]
 
@@ -493,8 +481,8 @@ def test_cpu_instruction_sets_give_the_same_bits(dtype, layout):
         return out
 
     results = _run_on_every_cpu_isa(run)
-    for a, b in zip(*(_bits(r) for r in results.values())):
-        assert torch.equal(a, b)
+    for a, b in zip(*results.values()):
+        assert bits_equal(a, b)
 
 
 def test_only_the_avx2_kernels_use_avx():
@@ -504,7 +492,7 @@ def test_only_the_avx2_kernels_use_avx():
     import shutil
     import subprocess
 
-    ext = _ext()
+    ext = _extension()
     if shutil.which("objdump") is None:
         pytest.skip("needs objdump")
     listing = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", ext.__file__],

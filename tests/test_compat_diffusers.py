@@ -23,6 +23,8 @@ diffusers = pytest.importorskip("diffusers")
 import fastflow  # noqa: E402
 from fastflow import _ops  # noqa: E402
 
+from conftest import bits_equal  # noqa: E402
+
 compat = importlib.import_module("fastflow.compat.diffusers")
 from diffusers.models import embeddings as diffusers_embeddings  # noqa: E402
 from diffusers.schedulers import scheduling_flow_match_euler_discrete as diffusers_fm  # noqa: E402
@@ -71,16 +73,6 @@ def _set(schedulers, steps, mu, explicit=False, **kwargs):
         s.set_timesteps(steps, sigmas=sigmas, mu=mu, **kwargs)
 
 
-def _bits_equal(a, b):
-    """Same dtype, shape, device and bits (NaNs included)."""
-    if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
-        return False
-    if a.is_floating_point():
-        view = {8: torch.int64, 4: torch.int32, 2: torch.int16}[a.element_size()]
-        return torch.equal(a.view(view), b.view(view))
-    return torch.equal(a, b)
-
-
 # The small deterministic "model": contractive towards a fixed data point plus a mixing term, in
 # fp64, so that both schedulers see identical velocities for identical samples.
 _GEN = torch.Generator().manual_seed(1234)
@@ -118,7 +110,7 @@ def test_is_the_original_class_with_the_same_config(tmp_path):
     assert dict(fast.config) == dict(orig.config)
     assert fast.order == orig.order == 1 and fast.init_noise_sigma == 1.0
     assert len(fast) == len(orig) == 1000
-    assert _bits_equal(fast.sigmas, orig.sigmas) and _bits_equal(fast.timesteps, orig.timesteps)
+    assert bits_equal(fast.sigmas, orig.sigmas) and bits_equal(fast.timesteps, orig.timesteps)
     assert fast.sigma_min == orig.sigma_min and fast.sigma_max == orig.sigma_max
     assert fast.shift == orig.shift
     # Defaults are the original's.
@@ -142,7 +134,7 @@ def test_pipeline_style_swap():
     ref = Original(shift=3.0)
     ref.set_timesteps(10)
     x = _noise(torch.float32)
-    assert _bits_equal(_loop(pipe.scheduler, torch.float32, x), _loop(ref, torch.float32, x))
+    assert bits_equal(_loop(pipe.scheduler, torch.float32, x), _loop(ref, torch.float32, x))
 
 
 # ---- set_timesteps ----
@@ -158,8 +150,8 @@ NAN_WARNING = pytest.mark.filterwarnings("ignore:invalid value encountered:Runti
 def test_set_timesteps_bit_equal(config, mu, steps, explicit):
     orig, fast = _pair(config)
     _set([orig, fast], steps, mu, explicit)
-    assert _bits_equal(fast.sigmas, orig.sigmas)
-    assert _bits_equal(fast.timesteps, orig.timesteps)
+    assert bits_equal(fast.sigmas, orig.sigmas)
+    assert bits_equal(fast.timesteps, orig.timesteps)
     assert fast.num_inference_steps == orig.num_inference_steps == steps
     assert fast.step_index is None and fast.begin_index is None
     # fastflow.schedules.flow_match_sigmas gives the same grid (where it does not refuse the
@@ -168,7 +160,7 @@ def test_set_timesteps_bit_equal(config, mu, steps, explicit):
         ours = fastflow.schedules.flow_match_sigmas(
             steps, sigmas=np.linspace(1.0, 1 / steps, steps) if explicit else None, mu=mu,
             **{k: v for k, v in config.items()})
-        assert _bits_equal(ours, orig.sigmas)
+        assert bits_equal(ours, orig.sigmas)
 
 
 @pytest.mark.parametrize("device", ["cpu", torch.device("cpu"), None])
@@ -176,7 +168,7 @@ def test_set_timesteps_device_and_custom_timesteps(device):
     orig, fast = _pair({"shift": 3.0})
     for s in (orig, fast):
         s.set_timesteps(7, device=device)
-    assert _bits_equal(fast.sigmas, orig.sigmas) and _bits_equal(fast.timesteps, orig.timesteps)
+    assert bits_equal(fast.sigmas, orig.sigmas) and bits_equal(fast.timesteps, orig.timesteps)
     # timesteps given (with and without sigmas), set_shift, again.
     custom = [999.0, 800.5, 600.0, 400.0, 200.0, 10.0]
     for kwargs in ({"timesteps": custom},
@@ -184,9 +176,9 @@ def test_set_timesteps_device_and_custom_timesteps(device):
         for s in (orig, fast):
             s.set_shift(2.5)
             s.set_timesteps(device=device, **kwargs)
-        assert _bits_equal(fast.sigmas, orig.sigmas) and _bits_equal(fast.timesteps, orig.timesteps)
+        assert bits_equal(fast.sigmas, orig.sigmas) and bits_equal(fast.timesteps, orig.timesteps)
         x = _noise(torch.float32)
-        assert _bits_equal(_loop(fast, torch.float32, x), _loop(orig, torch.float32, x))
+        assert bits_equal(_loop(fast, torch.float32, x), _loop(orig, torch.float32, x))
 
 
 def test_set_timesteps_with_default_dtype_float64():
@@ -198,9 +190,9 @@ def test_set_timesteps_with_default_dtype_float64():
         orig, fast = _pair({"shift": 3.0})
         _set([orig, fast], 5, None)
         assert fast.sigmas.dtype == torch.float64
-        assert _bits_equal(fast.sigmas, orig.sigmas)
+        assert bits_equal(fast.sigmas, orig.sigmas)
         x = _noise(torch.float32)
-        assert _bits_equal(_loop(fast, torch.float32, x), _loop(orig, torch.float32, x))
+        assert bits_equal(_loop(fast, torch.float32, x), _loop(orig, torch.float32, x))
     finally:
         torch.set_default_dtype(previous)
 
@@ -230,9 +222,9 @@ def test_denoising_loop_matches_original(config, mu, steps, model_dtype, sample_
     got_exact = _loop(exact, model_dtype, x, record=indices["exact"])
     assert indices["fast"] == indices["exact"] == indices["orig"] == list(range(1, steps + 1))
     assert got.dtype == got_exact.dtype == want.dtype == model_dtype
-    assert _bits_equal(got_exact, want)
+    assert bits_equal(got_exact, want)
     if model_dtype == torch.float32:
-        assert _bits_equal(got, want)
+        assert bits_equal(got, want)
     else:
         # Within a few ulps (the product's rounding, compounded over the loop, on a contractive
         # model), scaled by max(1, |x|).
@@ -256,7 +248,7 @@ def test_low_precision_step_is_the_single_rounding_formula(model_dtype):
         got = fast.step(v, t, x).prev_sample
         want = orig.step(v, orig.timesteps[i], x).prev_sample
         dt = (fast.sigmas[i + 1] - fast.sigmas[i]).to(model_dtype).float()
-        assert _bits_equal(got, (x.float() + dt * v.float()).to(model_dtype))
+        assert bits_equal(got, (x.float() + dt * v.float()).to(model_dtype))
         product = (dt * v.float()).abs()
         bound = product * eps / 2 + (x.float() + dt * v.float()).abs() * eps + 1e-30
         assert ((got.float() - want.float()).abs() <= bound).all()
@@ -288,7 +280,7 @@ def test_return_dict_false_and_output_type():
     v = _model(x, fast.timesteps[0]).float()
     out = fast.step(v, fast.timesteps[0], x, return_dict=False)
     want = orig.step(v, orig.timesteps[0], x, return_dict=False)
-    assert isinstance(out, tuple) and len(out) == 1 and _bits_equal(out[0], want[0])
+    assert isinstance(out, tuple) and len(out) == 1 and bits_equal(out[0], want[0])
     out = fast.step(v, fast.timesteps[1], x)
     assert type(out) is diffusers_fm.FlowMatchEulerDiscreteSchedulerOutput
     assert (compat.FlowMatchEulerDiscreteSchedulerOutput
@@ -308,7 +300,7 @@ def test_step_index_progression_and_ignored_timestep():
         x_o = orig.step(_model(x_o, t).float(), orig.timesteps[0], x_o).prev_sample
         x_f = fast.step(_model(x_f, t).float(), t, x_f).prev_sample
         assert fast.step_index == orig.step_index == k + 1
-        assert _bits_equal(x_f, x_o)
+        assert bits_equal(x_f, x_o)
     _set([orig, fast], 6, None)
     assert fast.step_index is None and fast.begin_index is None
 
@@ -332,7 +324,7 @@ def test_first_step_lookup_matches_original(kind):
         want = orig.step(v, timestep(orig), x).prev_sample
         got = fast.step(v, timestep(fast), x).prev_sample
         assert fast.step_index == orig.step_index, (start, fast.step_index, orig.step_index)
-        assert _bits_equal(got, want)
+        assert bits_equal(got, want)
 
 
 @pytest.mark.parametrize("use_begin_index", [True, False])
@@ -358,7 +350,7 @@ def test_img2img_partial_schedule(use_begin_index, strength, model_dtype):
         final = _loop(s, model_dtype, latents, timesteps=timesteps, record=record)
         results.append((latents, final, record, s.begin_index))
     (lat_o, fin_o, rec_o, b_o), (lat_f, fin_f, rec_f, b_f) = results
-    assert _bits_equal(lat_f, lat_o) and _bits_equal(fin_f, fin_o)
+    assert bits_equal(lat_f, lat_o) and bits_equal(fin_f, fin_o)
     assert rec_f == rec_o and b_f == b_o
     assert rec_f[-1] == steps
 
@@ -374,7 +366,7 @@ def test_stochastic_sampling_and_per_token_timesteps_delegate():
         for t in s.timesteps:
             y = s.step(_model(y, t).float(), t, y, generator=g).prev_sample
         results.append(y)
-    assert _bits_equal(results[1], results[0])
+    assert bits_equal(results[1], results[0])
 
     orig, fast = _pair({"shift": 3.0})
     _set([orig, fast], 8, None)
@@ -382,7 +374,7 @@ def test_stochastic_sampling_and_per_token_timesteps_delegate():
     sample, v = torch.randn(2, 16, 4), torch.randn(2, 16, 4)
     want = orig.step(v, orig.timesteps[0], sample, per_token_timesteps=tokens).prev_sample
     got = fast.step(v, fast.timesteps[0], sample, per_token_timesteps=tokens).prev_sample
-    assert _bits_equal(got, want) and fast.step_index == orig.step_index == 1
+    assert bits_equal(got, want) and fast.step_index == orig.step_index == 1
 
 
 def test_other_arguments_fall_back_to_the_original():
@@ -403,7 +395,7 @@ def test_other_arguments_fall_back_to_the_original():
         for k in range(3):
             want = orig.step(v, orig.timesteps[k], sample).prev_sample
             got = fast.step(v, fast.timesteps[k], sample).prev_sample
-            assert _bits_equal(got, want), (sample.shape, v.shape, v.dtype)
+            assert bits_equal(got, want), (sample.shape, v.shape, v.dtype)
     # Gradients flow as in the original (which the fused out= kernel would not give).
     orig, fast = _pair({"shift": 3.0})
     _set([orig, fast], 3, None)
@@ -412,7 +404,7 @@ def test_other_arguments_fall_back_to_the_original():
         v = torch.randn(2, 3, generator=torch.Generator().manual_seed(0)).requires_grad_()
         s.step(v, s.timesteps[0], torch.ones(2, 3)).prev_sample.sum().backward()
         grads.append(v.grad)
-    assert _bits_equal(grads[1], grads[0])
+    assert bits_equal(grads[1], grads[0])
 
 
 def test_edited_schedule_is_noticed():
@@ -426,12 +418,12 @@ def test_edited_schedule_is_noticed():
     orig.step(v, orig.timesteps[0], x)
     for s in (orig, fast):
         s.sigmas.mul_(0.5)
-    assert _bits_equal(fast.step(v, fast.timesteps[1], x).prev_sample,
+    assert bits_equal(fast.step(v, fast.timesteps[1], x).prev_sample,
                        orig.step(v, orig.timesteps[1], x).prev_sample)
     for s in (orig, fast):
         s.set_timesteps(5)
         s.timesteps = s.timesteps.flip(0).contiguous()
-    assert _bits_equal(fast.step(v, fast.timesteps[2], x).prev_sample,
+    assert bits_equal(fast.step(v, fast.timesteps[2], x).prev_sample,
                        orig.step(v, orig.timesteps[2], x).prev_sample)
     assert fast.step_index == orig.step_index
 
@@ -530,7 +522,7 @@ def test_non_contiguous_inputs_go_through_the_checked_op(spy):
     v = torch.randn(4, 6)
     got = fast.step(v, fast.timesteps[0], sample).prev_sample
     assert spy["op"] == 1 and spy["launcher"] == 0
-    assert _bits_equal(got.contiguous(), (sample.float() + (fast.sigmas[1] - fast.sigmas[0]) * v))
+    assert bits_equal(got.contiguous(), (sample.float() + (fast.sigmas[1] - fast.sigmas[0]) * v))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
