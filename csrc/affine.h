@@ -31,6 +31,10 @@ constexpr int64_t kMaxOutputs = 4;
 
 void affine_cpu(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
                 const std::vector<at::Tensor>& outputs);
+// affine_cpu into fresh outputs like inputs[0], all streams of one float type. One call from
+// Python: for a small tensor, checks and allocation done in Python cost ten times the kernel.
+std::vector<at::Tensor> affine_fresh_cpu(const std::vector<at::Tensor>& inputs,
+                                         const at::Tensor& coeffs);
 at::Tensor affine_dot_cpu(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b,
                           int64_t groups);
 // sum_i (sum_k coeffs[g, 0, k] * in[k][g, i])^2 per group g: the squared norm of one affine
@@ -61,6 +65,10 @@ void set_cpu_isa(const std::string& isa);
 
 // Hint the kernel to back a fresh CPU tensor with transparent huge pages (no-op elsewhere).
 void advise_huge_pages(const at::Tensor& t);
+// Fresh outputs at least this large get the hint: below it the faults saved are too few.
+constexpr int64_t kHugePageMinBytes = int64_t(4) << 20;
+// A fresh contiguous tensor like `like`, with the hint where it is large enough.
+at::Tensor fresh_output(const at::Tensor& like);
 
 #ifdef FASTFLOW_WITH_CUDA
 void affine_cuda(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,

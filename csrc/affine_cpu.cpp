@@ -51,7 +51,7 @@ bool use_avx2() { return g_use_avx2.load(std::memory_order_relaxed); }
 std::string cpu_isa() { return use_avx2() ? "avx2" : "baseline"; }
 
 void set_cpu_isa(const std::string& isa) {
-  TORCH_CHECK(isa == "baseline" || (isa == "avx2" && avx2_available()),
+  TORCH_CHECK_VALUE(isa == "baseline" || (isa == "avx2" && avx2_available()),
               "fastflow set_cpu_isa: expected 'baseline'", avx2_available() ? " or 'avx2'" : "",
               " (what this CPU and build support), got '", isa, "'");
   g_use_avx2 = isa == "avx2";
@@ -65,10 +65,31 @@ void affine_cpu(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
   baseline::affine(inputs, coeffs, outputs);
 }
 
+std::vector<at::Tensor> affine_fresh_cpu(const std::vector<at::Tensor>& inputs,
+                                         const at::Tensor& coeffs) {
+  TORCH_CHECK_VALUE(!inputs.empty(), "fastflow affine: expected 1 to ", kMaxInputs,
+                    " inputs, got 0");
+  TORCH_CHECK_VALUE(coeffs.dim() == 3, "fastflow affine: coeffs must have shape [G, M, ",
+                    inputs.size(), "], got ", coeffs.sizes());
+  const int64_t m = coeffs.size(1);
+  TORCH_CHECK_VALUE(m >= 1 && m <= kMaxOutputs, "fastflow affine: expected 1 to ", kMaxOutputs,
+                    " outputs, got ", m);
+  std::vector<at::Tensor> outputs;
+  for (int64_t i = 0; i < m; ++i) outputs.push_back(fresh_output(inputs[0]));
+  check_affine_args(inputs, coeffs, outputs, c10::kCPU);
+  if (inputs[0].numel() == 0) return outputs;
+  if (use_avx2()) {
+    avx2::affine(inputs, coeffs, outputs);
+  } else {
+    baseline::affine(inputs, coeffs, outputs);
+  }
+  return outputs;
+}
+
 at::Tensor affine_dot_cpu(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b,
                           int64_t groups) {
-  TORCH_CHECK(!a.empty() && !b.empty(), "fastflow affine_dot: needs at least one tensor a side");
-  TORCH_CHECK(groups >= 0, "fastflow affine_dot: groups must be non-negative, got ", groups);
+  TORCH_CHECK_VALUE(!a.empty() && !b.empty(), "fastflow affine_dot: needs at least one tensor a side");
+  TORCH_CHECK_VALUE(groups >= 0, "fastflow affine_dot: groups must be non-negative, got ", groups);
   // The dot reads streams like affine's inputs and outputs: reuse those checks with a
   // placeholder coefficient tensor of the expected shape.
   const auto math = math_type(a, b);
@@ -89,7 +110,7 @@ at::Tensor affine_dot_cpu(const std::vector<at::Tensor>& a, const std::vector<at
 }
 
 at::Tensor affine_sqnorm_cpu(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs) {
-  TORCH_CHECK(!inputs.empty(), "fastflow affine_sqnorm: needs at least one input");
+  TORCH_CHECK_VALUE(!inputs.empty(), "fastflow affine_sqnorm: needs at least one input");
   // A residual is affine's single output: the same checks, with a placeholder for it.
   check_affine_args(inputs, coeffs, {inputs[0]}, c10::kCPU);
   at::Tensor sums = at::zeros({coeffs.size(0)}, inputs[0].options().dtype(at::kDouble));

@@ -5,12 +5,15 @@
 
 #include "affine.h"
 #include "embedding.h"
+#include "paths.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastflow compiled kernels (CPU, and CUDA where built)";
   m.attr("max_inputs") = fastflow::kMaxInputs;
   m.attr("max_outputs") = fastflow::kMaxOutputs;
   m.def("affine_cpu", &fastflow::affine_cpu, "outputs[m] = sum_k coeffs[g, m, k] * inputs[k]");
+  m.def("affine_fresh_cpu", &fastflow::affine_fresh_cpu,
+        "affine_cpu into fresh outputs like inputs[0] (one float type for all streams)");
   m.def("affine_dot_cpu", &fastflow::affine_dot_cpu, "per-group dot products [G, len(a), len(b)]");
   m.def("affine_sqnorm_cpu", &fastflow::affine_sqnorm_cpu,
         "per-group sum of squares of sum_k coeffs[g, 0, k] * inputs[k]");
@@ -18,10 +21,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out[b] = [sin a, cos a] (or [cos a, sin a]) with a = (t[b] * freqs) * scale");
   m.def("sinusoid_backward_cpu", &fastflow::sinusoid_backward_cpu,
         "(grad_t, grad_freqs) of sinusoid_cpu");
+  m.def("path_coefficients_cpu", &fastflow::path_coefficients_cpu,
+        "[G, 2, K] coefficients of a built-in arithmetic path, the bits fastflow.paths computes");
   m.def("cpu_isa", &fastflow::cpu_isa, "instruction set of the CPU affine kernels");
   m.def("set_cpu_isa", &fastflow::set_cpu_isa, "run the CPU affine kernels with 'baseline' or 'avx2'");
   m.def("advise_huge_pages", &fastflow::advise_huge_pages,
         "ask for transparent huge pages behind a fresh CPU tensor");
+  m.attr("huge_page_min_bytes") = fastflow::kHugePageMinBytes;
 #ifdef FASTFLOW_WITH_CUDA
   m.attr("cuda_built") = true;
   m.def("affine_cuda", &fastflow::affine_cuda, "outputs[m] = sum_k coeffs[g, m, k] * inputs[k]");

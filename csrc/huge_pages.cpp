@@ -6,6 +6,8 @@
 // allocation when THP_MEM_ALLOC_ENABLE=1; this applies it to our outputs only, by default.
 #include "affine.h"
 
+#include <ATen/ops/empty.h>
+
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -27,6 +29,12 @@ void advise_huge_pages(const at::Tensor& t) {
 #else
   (void)t;
 #endif
+}
+
+at::Tensor fresh_output(const at::Tensor& like) {
+  at::Tensor out = at::empty(like.sizes(), like.options());
+  if (out.nbytes() >= kHugePageMinBytes) advise_huge_pages(out);
+  return out;
 }
 
 }  // namespace fastflow

@@ -117,21 +117,28 @@ def _launch(inputs, coeffs, outputs):
     kernels.affine([x.contiguous() for x in inputs], _packed_for(name, coeffs), outputs)
 
 
-# Fresh CPU outputs at least this large get transparent huge pages (see csrc/huge_pages.cpp).
-_HUGE_PAGE_BYTES = 4 << 20
-
-
 def _empty_output(x, shape=None, dtype=None):
-    """A fresh tensor like `x` (or of `shape` and `dtype` on x's device)."""
+    """A fresh tensor like `x` (or of `shape` and `dtype` on x's device); large CPU ones get
+    transparent huge pages (see csrc/huge_pages.cpp)."""
     out = torch.empty(x.shape if shape is None else shape, dtype=dtype or x.dtype, device=x.device)
-    if out.device.type == "cpu" and out.nbytes >= _HUGE_PAGE_BYTES:
+    if out.device.type == "cpu":
         ext, _ = _backends._extension()
-        if ext is not None:
+        if ext is not None and out.nbytes >= ext.huge_page_min_bytes:
             ext.advise_huge_pages(out)
     return out
 
 
+def _backend_of(streams):
+    """The backend for a call on `streams`; "reference" for none, whose checks then raise."""
+    return _backends.select(streams[0].device) if streams else "reference"
+
+
 def _affine(inputs, coeffs):
+    if _backend_of(inputs) == "cpu":
+        # One C++ call checks (as _check_affine_args does), allocates and runs: on a small
+        # tensor the same steps in Python take ten times the kernel.
+        return _backends._extension()[0].affine_fresh_cpu([x.contiguous() for x in inputs],
+                                                          coeffs)
     _check_affine_args(inputs, coeffs, coeffs.shape[1] if coeffs.dim() == 3 else 0)
     outputs = [_empty_output(inputs[0]) for _ in range(coeffs.shape[1])]
     _launch(inputs, coeffs, outputs)
@@ -171,14 +178,17 @@ def _check_dot_args(a, b, groups):
 
 
 def _affine_dot(a, b, groups):
-    _check_dot_args(a, b, groups)
-    kernels = _backends.kernels(_backends.select(a[0].device))
-    return kernels.affine_dot([x.contiguous() for x in a], [x.contiguous() for x in b], groups)
+    name = _backend_of(a)
+    if name != "cpu":  # the C++ kernel checks the same
+        _check_dot_args(a, b, groups)
+    return _backends.kernels(name).affine_dot([x.contiguous() for x in a],
+                                              [x.contiguous() for x in b], groups)
 
 
 def _affine_sqnorm(inputs, coeffs):
-    _check_affine_args(inputs, coeffs, 1)
-    name = _backends.select(inputs[0].device)
+    name = _backend_of(inputs)
+    if name != "cpu":  # the C++ kernel checks the same
+        _check_affine_args(inputs, coeffs, 1)
     return _backends.kernels(name).affine_sqnorm([x.contiguous() for x in inputs],
                                                  _packed_for(name, coeffs))
 

@@ -3,7 +3,7 @@ import torch
 
 from . import _ops
 from ._checks import batch_time, check_like, path_inputs
-from .paths import get_path
+from .paths import coefficients, get_path
 
 
 def interpolate(x0, x1, t, path=None, noise=None, out=None):
@@ -39,7 +39,7 @@ def interpolate(x0, x1, t, path=None, noise=None, out=None):
     """
     path = get_path(path)
     inputs = path_inputs(path, x0, x1, noise)
-    coeffs = path.coefficients(batch_time(t, x1)).to(_ops.math_dtype(x1.dtype))
+    coeffs = coefficients(path, batch_time(t, x1), _ops.math_dtype(x1.dtype))
     if out is None:
         x_t, u_t = _ops.affine(inputs, coeffs)
         return x_t, u_t

@@ -14,14 +14,14 @@ import torch
 from . import _ops
 from ._checks import batch_time, check_like, path_inputs
 from .conversions import _check_kind, _safe
-from .paths import AffinePath, get_path
+from .paths import AffinePath, coefficients, get_path
 
 REDUCTIONS = ("mean", "sum", "none")
 
 
 def target_coefficients(path, t, prediction, eps=1e-6):
     """[G, K] coefficients of the regression target of kind `prediction` over (x0, x1[, noise])."""
-    coeffs = path.coefficients(t)
+    coeffs = coefficients(path, t, t.dtype)
     if prediction == "velocity":
         return coeffs[:, 1]
     picks = torch.zeros_like(coeffs[:, 0])

@@ -16,7 +16,7 @@ from . import _ops
 from ._checks import batch_time, check_stream, path_inputs
 from .conversions import _check_kind
 from .losses import flow_matching_loss, target_coefficients
-from .paths import ConstantNoise, Path, SchrodingerBridge, TargetCFM, get_path
+from .paths import ConstantNoise, Path, SchrodingerBridge, TargetCFM, coefficients, get_path
 
 TIME_SAMPLERS = ("uniform", "logit_normal")
 
@@ -99,7 +99,7 @@ class FlowMatcher:
         sample of noisy paths (else None). One fused pass."""
         x0, t, noise = self._draw(x1, x0, t, generator)
         times = batch_time(t, x1).expand(x1.shape[0])
-        location = self.path.coefficients(times)[:, 0]
+        location = coefficients(self.path, times, times.dtype)[:, 0]
         target = target_coefficients(self.path, times, self.prediction)
         both = _ops.coefficient_matrix([*location.T, *target.T], 2, location.shape[1])
         both = both.to(_ops.math_dtype(x1.dtype))
@@ -111,7 +111,7 @@ class FlowMatcher:
         """Draw t (and x0, noise), build x_t, call ``model(x_t, t, **model_kwargs)`` and return
         the fused loss against the target of the matcher's prediction kind."""
         x0, t, noise = self._draw(x1, x0, None, generator)
-        location = self.path.coefficients(batch_time(t, x1))[:, :1].to(_ops.math_dtype(x1.dtype))
+        location = coefficients(self.path, batch_time(t, x1), _ops.math_dtype(x1.dtype))[:, :1]
         (x_t,) = _ops.affine(path_inputs(self.path, x0, x1, noise), location)
         pred = model(x_t, t, **model_kwargs)
         return flow_matching_loss(pred, x0, x1, t, self.path, self.prediction, noise=noise,

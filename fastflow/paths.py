@@ -22,7 +22,8 @@ import math
 
 import torch
 
-from ._ops import coefficient_matrix
+from . import _backends
+from ._ops import _nobody_intercepts, coefficient_matrix
 
 __all__ = ["Path", "AffinePath", "CondOT", "Polynomial", "Cosine", "LinearVP", "VP", "TargetCFM",
            "ConstantNoise", "SchrodingerBridge", "get_path"]
@@ -203,3 +204,28 @@ def get_path(path=None):
                              f"{', '.join(map(repr, _BY_NAME))} or a fastflow.paths.Path") from None
     raise TypeError(f"path: expected a fastflow.paths.Path, a name or None, got "
                     f"{type(path).__name__}")
+
+
+# The built-in paths whose coefficients are + - * / of t, as (name, parameters) of the C++ builder
+# that repeats their formulas (csrc/paths_cpu.cpp; PyTorch's sqrt or sin need not round like the
+# C library's, so no other path could give the same bits). Exact types: a subclass may change
+# the formulas.
+_NATIVE = {
+    CondOT: lambda p: ("cond_ot", [p.sigma_min]),
+    TargetCFM: lambda p: ("cond_ot", [p.sigma_min]),
+    ConstantNoise: lambda p: ("constant_noise", [p.sigma]),
+}
+
+
+def coefficients(path, t, dtype):
+    """``path.coefficients(t).to(dtype)``, for float64 times t [G].
+
+    For the paths of _NATIVE on CPU, when t needs no gradient and nothing traces the call, one
+    C++ call computes the same formulas in the same order: the same bits, without the half-dozen
+    tensor ops that cost more than the fused kernel itself on a small batch."""
+    native = _NATIVE.get(type(path))
+    if (native is not None and t.device.type == "cpu" and t.dtype == torch.float64
+            and not (t.requires_grad and torch.is_grad_enabled()) and _nobody_intercepts((t,))
+            and _backends.select(t.device) == "cpu"):
+        return _backends._extension()[0].path_coefficients_cpu(t, *native(path), dtype)
+    return path.coefficients(t).to(dtype)

@@ -189,3 +189,63 @@ BAD_ARGUMENTS = [
 def test_bad_constructor_arguments(cls, kwargs, error, message):
     with pytest.raises(error, match=message):
         cls(**kwargs)
+
+
+# The paths whose coefficients one C++ call builds on CPU (csrc/paths_cpu.cpp), each beside
+# parameters that exercise its formula.
+NATIVE_PATHS = [paths.CondOT(), paths.CondOT(sigma_min=0.1), paths.TargetCFM(0.05),
+                paths.ConstantNoise(0.3), paths.ConstantNoise(0.0)]
+# Edge times, random ones, times outside [0, 1], nan: the bits must agree.
+NATIVE_TIMES = torch.cat([torch.tensor(T_GRID + [-0.5, 1.5, 1e-300, float("nan")],
+                                       dtype=torch.float64),
+                          torch.rand(997, generator=torch.Generator().manual_seed(3),
+                                     dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("path", NATIVE_PATHS, ids=repr)
+def test_native_coefficients_are_the_formula_bits(path, dtype):
+    from conftest import bits_equal
+
+    assert type(path) in paths._NATIVE
+    native = paths.coefficients(path, NATIVE_TIMES, dtype)
+    formula = path.coefficients(NATIVE_TIMES).to(dtype)
+    assert native.shape == formula.shape and native.dtype == dtype
+    assert bits_equal(native, formula)
+    # An expanded (stride-0) t, as the loss passes for one time for the whole batch.
+    one = NATIVE_TIMES[4:5].expand(5)
+    assert bits_equal(paths.coefficients(path, one, dtype), path.coefficients(one).to(dtype))
+
+
+def test_native_coefficients_are_for_exact_types_only():
+    class Steeper(paths.CondOT):
+        def __call__(self, t):
+            one = torch.ones_like(t)
+            return 2 * t, 1 - 2 * t, 2 * one, -2 * one
+
+    t = torch.rand(6, dtype=torch.float64)
+    expected = Steeper().coefficients(t).float()
+    assert torch.equal(paths.coefficients(Steeper(), t, torch.float32), expected)
+
+
+def test_native_coefficients_leave_gradients_to_pytorch():
+    t = torch.rand(6, dtype=torch.float64, requires_grad=True)
+    coeffs = paths.coefficients(paths.CondOT(0.1), t, torch.float32)
+    assert coeffs.grad_fn is not None
+    coeffs.sum().backward()
+    assert t.grad is not None and torch.isfinite(t.grad).all()
+
+
+@pytest.mark.parametrize("args, message", [
+    ((torch.zeros(3, dtype=torch.float64), "linear_vp", [], torch.float32), "no native path"),
+    ((torch.zeros(3, dtype=torch.float64), "cond_ot", [], torch.float32), "takes 1 parameters"),
+    ((torch.zeros(3), "cond_ot", [0.0], torch.float32), "1-D float64"),
+    ((torch.zeros(3, 1, dtype=torch.float64), "cond_ot", [0.0], torch.float32), "1-D float64"),
+    ((torch.zeros(3, dtype=torch.float64), "cond_ot", [0.0], torch.float16), "float32 or float64"),
+])
+def test_native_coefficients_reject_bad_calls(args, message):
+    ext = fastflow._backends._extension()[0]
+    if ext is None:
+        pytest.skip("extension not built")
+    with pytest.raises(ValueError, match=message):
+        ext.path_coefficients_cpu(*args)
