@@ -14,26 +14,51 @@ import torch
 from . import _ops
 from ._checks import batch_time, check_like, path_inputs
 from .conversions import _check_kind, _safe
-from .paths import AffinePath, coefficients, get_path
+from .paths import AffinePath, ConstantNoise, CondOT, TargetCFM, coefficients, get_path
 
 REDUCTIONS = ("mean", "sum", "none")
 
 
 def target_coefficients(path, t, prediction, eps=1e-6):
     """[G, K] coefficients of the regression target of kind `prediction` over (x0, x1[, noise])."""
-    coeffs = coefficients(path, t, t.dtype)
     if prediction == "velocity":
-        return coeffs[:, 1]
-    picks = torch.zeros_like(coeffs[:, 0])
-    if prediction == "epsilon":
-        picks[:, 0] = 1
-    elif prediction == "data":
-        picks[:, 1] = 1
-    else:  # score = -x0 / sigma_t
+        return coefficients(path, t, t.dtype)[:, 1]
+    if prediction == "score":  # -x0 / sigma_t
         if not isinstance(path, AffinePath):
             raise TypeError(f"prediction: 'score' needs an affine path (alpha_t, sigma_t), got {path!r}")
-        picks = torch.stack([-1 / _safe(path(t)[1], eps), torch.zeros_like(t)], dim=-1)
+        return torch.stack([-1 / _safe(path(t)[1], eps), torch.zeros_like(t)], dim=-1)
+    picks = t.new_zeros((t.shape[0], 3 if path.uses_noise else 2))
+    picks[:, 0 if prediction == "epsilon" else 1] = 1
     return picks
+
+
+# Paths whose velocity u_t = d_alpha x1 + d_sigma x0 (+ ...) has constant coefficients. Exact
+# types: a subclass may change the schedule.
+_CONSTANT_VELOCITY = (CondOT, TargetCFM, ConstantNoise)
+_constant_rows = {}
+
+
+def _constant_residual(path, prediction, t, dtype):
+    """The [B, 1 + K] residual rows (1, -target) when they do not depend on t: the noise and data
+    targets of every path, the velocity of _CONSTANT_VELOCITY. A view of one cached row, so
+    the commonest losses (rectified flow above all) build no coefficients per call. None when
+    the rows vary with t, t needs a gradient (which must then flow through them), or the call is
+    being compiled."""
+    constant = prediction in ("epsilon", "data") or (
+        prediction == "velocity" and type(path) in _CONSTANT_VELOCITY)
+    if (not constant or (t.requires_grad and torch.is_grad_enabled())
+            or torch.compiler.is_compiling()):  # compiled code fuses the rows' ops anyway
+        return None
+    key = (type(path), tuple(vars(path).items()), prediction, dtype, t.device)
+    row = _constant_rows.get(key)
+    if row is None:
+        if len(_constant_rows) >= 64:  # a sweep over path parameters: keep the cache small
+            _constant_rows.clear()
+        at_zero = torch.zeros(1, dtype=torch.float64)
+        target = target_coefficients(path, at_zero, prediction)
+        row = _constant_rows[key] = torch.cat([torch.ones_like(at_zero)[:, None], -target],
+                                              dim=1).to(dtype=dtype, device=t.device)
+    return row.expand(t.shape[0], -1)
 
 
 def flow_matching_loss(pred, x0, x1, t, path=None, prediction="velocity", noise=None, weight=None,
@@ -67,8 +92,10 @@ def flow_matching_loss(pred, x0, x1, t, path=None, prediction="velocity", noise=
     batch = x1.shape[0]
     math = _ops.math_dtype(x1.dtype)
     t = batch_time(t, x1).expand(batch)  # one group per sample, for per-sample losses
-    target = target_coefficients(path, t, prediction)
-    residual = torch.cat([torch.ones_like(target[:, :1]), -target], dim=1)
+    residual = _constant_residual(path, prediction, t, math)
+    if residual is None:
+        target = target_coefficients(path, t, prediction)
+        residual = torch.cat([torch.ones_like(target[:, :1]), -target], dim=1)
     per_sample = mean_square([pred] + inputs, residual)
     if weight is not None:
         per_sample = per_sample * _check_weight(weight, batch, x1.device).to(math)

@@ -50,6 +50,37 @@ def test_paths_with_and_without_noise(backend, path):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+# The targets whose residual rows do not depend on t come from a cached row
+# (losses._constant_residual); a t that needs a gradient takes the per-sample formulas.
+CONSTANT_TARGETS = [(paths.CondOT(), "velocity"), (paths.CondOT(0.2), "velocity"),
+                    (paths.TargetCFM(0.05), "velocity"), (paths.ConstantNoise(0.3), "velocity"),
+                    (paths.Cosine(), "epsilon"), (paths.SchrodingerBridge(0.5), "data")]
+
+
+def test_cached_constant_targets_give_the_per_sample_bits(backend):
+    from conftest import bits_equal
+
+    for path, prediction in CONSTANT_TARGETS * 2:  # twice: the second time from the cache
+        pred, x0, x1, t, noise, _ = _batch((5, 3, 4), torch.float32, backend, path)
+        cached = fastflow.flow_matching_loss(pred, x0, x1, t, path, prediction, noise=noise,
+                                             reduction="none")
+        per_sample = fastflow.flow_matching_loss(pred, x0, x1, t.requires_grad_(), path,
+                                                 prediction, noise=noise, reduction="none")
+        assert bits_equal(cached, per_sample.detach()), (path, prediction)
+
+
+def test_constant_target_cache_keeps_to_exact_types():
+    class Slower(paths.CondOT):  # same parameters as CondOT(), another velocity
+        def __call__(self, t):
+            one = torch.ones_like(t)
+            return t / 2, 1 - t / 2, one / 2, -one / 2
+
+    pred, x0, x1, t, _, _ = _batch((4, 3), torch.float32, "cpu", paths.CondOT())
+    fastflow.flow_matching_loss(pred, x0, x1, t, paths.CondOT())
+    expected = reference_loss(pred, x0, x1, t, Slower())
+    torch.testing.assert_close(fastflow.flow_matching_loss(pred, x0, x1, t, Slower()), expected)
+
+
 def test_matches_torch_mse_loss_and_scalar_t():
     pred, x0, x1 = torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8)
     loss = fastflow.flow_matching_loss(pred, x0, x1, 0.25)
