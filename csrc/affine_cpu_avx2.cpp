@@ -1,5 +1,6 @@
 // The affine kernels of affine_cpu_kernels.h again, for AVX2 and F16C (eight floats per vector
-// instruction and hardware fp16 conversion); affine_cpu.cpp runs them on CPUs that have both.
+// instruction and hardware fp16 conversion, FASTFLOW_CPU_F16C); affine_cpu.cpp runs them on CPUs
+// that have both.
 // The headers are included first, outside the AVX2 region, so that nothing they define inline
 // is compiled for AVX2 here and shared with the baseline code by the linker.
 #include "affine.h"
@@ -14,9 +15,12 @@
 #include <type_traits>
 
 #ifdef FASTFLOW_AVX2_KERNELS
+#include <immintrin.h>
+
 #pragma GCC push_options
 #pragma GCC target("avx2,f16c")
 #define FASTFLOW_CPU_ISA avx2
+#define FASTFLOW_CPU_F16C 1
 #include "affine_cpu_kernels.h"
 #pragma GCC pop_options
 #endif

@@ -59,18 +59,44 @@ void visit_float_type(at::ScalarType type, const Visit& visit) {
   }
 }
 
-// The 16-bit conversions are bit manipulation on integers: 8 lanes at a time with AVX2.
+// The 16-bit conversions are bit manipulation on integers: 8 lanes at a time with AVX2. fp16 has
+// hardware conversions in F16C, used where the includer enables them (FASTFLOW_CPU_F16C): they
+// round the same way (to nearest even, overflow to inf, subnormals kept), and widening gives
+// the same bits for every input, NaNs included. Narrowing differs on NaNs only: c10 gives every
+// NaN the payload 0x7E00, the hardware keeps the top of the input's payload; a blend restores
+// c10's.
 void widen(const c10::BFloat16* src, int64_t n, float* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
 }
 void widen(const c10::Half* src, int64_t n, float* dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+  int64_t i = 0;
+#ifdef FASTFLOW_CPU_F16C
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = to_float(src[i]);
 }
 void narrow(const float* src, int64_t n, c10::BFloat16* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = to_bfloat16(src[i]);
 }
 void narrow(const float* src, int64_t n, c10::Half* dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = to_half(src[i]);
+  int64_t i = 0;
+#ifdef FASTFLOW_CPU_F16C
+  const __m128i sign = _mm_set1_epi16(static_cast<int16_t>(0x8000));
+  const __m128i quiet_nan = _mm_set1_epi16(0x7E00);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(src + i);
+    const __m128i h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    const __m128i nan16 = _mm_packs_epi32(_mm256_castsi256_si128(nan),
+                                          _mm256_extracti128_si256(nan, 1));
+    const __m128i c10_nan = _mm_or_si128(_mm_and_si128(h, sign), quiet_nan);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm_blendv_epi8(h, c10_nan, nan16));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = to_half(src[i]);
 }
 
 template <typename math_t>

@@ -146,7 +146,8 @@ def _affine(inputs, coeffs):
 
 
 def _affine_out(inputs, coeffs, out):
-    _check_affine_args(inputs, coeffs, len(out), out, one_dtype=False)
+    if _backend_of(inputs) != "cpu":  # the C++ kernel checks the same
+        _check_affine_args(inputs, coeffs, len(out), out, one_dtype=False)
     staged = [o if _writable_in_place(o, inputs, last=m == len(out) - 1) else torch.empty_like(
         o, memory_format=torch.contiguous_format) for m, o in enumerate(out)]
     _launch(inputs, coeffs, staged)

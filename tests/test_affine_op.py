@@ -449,7 +449,7 @@ def _run_on_every_cpu_isa(fn):
         for isa in ("baseline", "avx2"):
             try:
                 ext.set_cpu_isa(isa)
-            except RuntimeError:
+            except ValueError:  # not on this CPU
                 continue
             results[isa] = fn()
     finally:
@@ -479,6 +479,35 @@ def test_cpu_instruction_sets_give_the_same_bits(dtype, layout):
             torch.ops.fastflow.affine_out([mixed, *streams], weights, [mixed])
             out.append(mixed)
         return out
+
+    results = _run_on_every_cpu_isa(run)
+    for a, b in zip(*results.values()):
+        assert bits_equal(a, b)
+
+
+def test_cpu_instruction_sets_convert_16_bit_floats_alike():
+    # The AVX2 build widens and narrows fp16 with F16C, the baseline with c10's formulas: every
+    # fp16 and bf16 bit pattern widened, and fp32 values narrowed around every rounding tie,
+    # overflow, subnormal and NaN payload, must give the same bits.
+    halves = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
+    finite = halves.view(torch.float16).float()
+    finite = finite[torch.isfinite(finite)].unique()
+    ties = (finite[:-1] + finite[1:]) / 2  # exact in fp32
+    narrowing = torch.cat([
+        ties, torch.nextafter(ties, torch.tensor(float("inf"))),
+        torch.nextafter(ties, torch.tensor(-float("inf"))),
+        torch.randint(-(1 << 31), 1 << 31, (1 << 18,), dtype=torch.int32,
+                      generator=torch.Generator().manual_seed(5)).view(torch.float32)])
+
+    def convert(x, dtype):
+        out = torch.empty(x.shape, dtype=dtype)
+        torch.ops.fastflow.affine_out([x], torch.ones(1, 1, 1), [out])
+        return out
+
+    def run():
+        return [convert(halves.view(torch.float16), torch.float32),
+                convert(halves.view(torch.bfloat16), torch.float32),
+                convert(narrowing, torch.float16), convert(narrowing, torch.bfloat16)]
 
     results = _run_on_every_cpu_isa(run)
     for a, b in zip(*results.values()):
