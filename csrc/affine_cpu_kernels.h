@@ -189,6 +189,34 @@ void affine_span(const std::array<Stream, K>& in, const std::array<Stream, M>& o
   }
 }
 
+// affine_span for one group's span of streams all stored in bf16 (the common 16-bit case):
+// values widened and rounded in the loop that computes them. bf16 has no conversion
+// instructions, and the round trip through affine_span's L1 tiles cost as much as the
+// conversions themselves: this is 1.8x to 2.3x faster at 1M elements. The same operations in
+// the same order, so the same bits; each index reads every input before any output is written
+// there, which keeps the aliasing rule of affine_span.
+template <int K, int M>
+void affine_span_bf16(const std::array<Stream, K>& in, const std::array<Stream, M>& out,
+                      const Coeffs<float>& c, int64_t n, int64_t lo, int64_t hi) {
+  float fixed[M * K];
+  const float* cg = c.group(lo / n);
+  for (int m = 0; m < M; ++m)
+    for (int k = 0; k < K; ++k) fixed[m * K + k] = c.at(cg, m, k);
+  const c10::BFloat16* x[K];
+  for (int k = 0; k < K; ++k) x[k] = static_cast<const c10::BFloat16*>(in[k].data);
+  c10::BFloat16* y[M];
+  for (int m = 0; m < M; ++m) y[m] = static_cast<c10::BFloat16*>(out[m].data);
+  for (int64_t i = lo; i < hi; ++i) {
+    float v[K];
+    for (int k = 0; k < K; ++k) v[k] = to_float(x[k][i]);
+    for (int m = 0; m < M; ++m) {
+      float acc = fixed[m * K] * v[0];
+      for (int k = 1; k < K; ++k) acc = acc + fixed[m * K + k] * v[k];
+      y[m][i] = to_bfloat16(acc);
+    }
+  }
+}
+
 // Groups smaller than this get their coefficients per element (see affine_span): below it,
 // setting up a span per group (and its 16-bit conversion calls) costs more than the table.
 // Measured on 8K to 1M elements: 4x faster at n = 2, level near n = 16, slower at n = 32.
@@ -206,7 +234,20 @@ void affine_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coef
   const int64_t numel = inputs[0].numel();
   const int64_t n = numel / coeffs.size(0);
 
+  bool all_bf16 = std::is_same_v<math_t, float>;
+  for (const auto* streams : {&inputs, &outputs})
+    for (const auto& x : *streams) all_bf16 = all_bf16 && x.scalar_type() == at::kBFloat16;
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+    if constexpr (std::is_same_v<math_t, float>) {
+      if (all_bf16 && n >= kSmallGroup) {
+        for (int64_t lo = begin; lo < end;) {
+          const int64_t hi = std::min(end, (lo / n + 1) * n);
+          affine_span_bf16<K, M>(in, out, c, n, lo, hi);
+          lo = hi;
+        }
+        return;
+      }
+    }
     if (n < kSmallGroup) {
       affine_span<math_t, K, M, true>(in, out, c, n, begin, end);
       return;

@@ -485,6 +485,17 @@ def test_cpu_instruction_sets_give_the_same_bits(dtype, layout):
         assert bits_equal(a, b)
 
 
+@pytest.mark.parametrize("k, m", [(1, 1), (2, 2), (5, 4)])
+def test_bf16_streams_round_the_fp32_result_once(k, m):
+    # Streams all in bf16 take a path of their own on CPU (no L1 tile): the bits must be those
+    # of the fp32 result rounded once, as mixed-type calls compute it.
+    inputs, coeffs = _case(k, m, (6, 1000), True, torch.bfloat16, "cpu")
+    wide = [torch.empty(x.shape) for x in inputs[:m]]
+    torch.ops.fastflow.affine_out(inputs, coeffs, wide)
+    for got, expected in zip(torch.ops.fastflow.affine(inputs, coeffs), wide):
+        assert bits_equal(got, expected.to(torch.bfloat16))
+
+
 def test_cpu_instruction_sets_convert_16_bit_floats_alike():
     # The AVX2 build widens and narrows fp16 with F16C, the baseline with c10's formulas: every
     # fp16 and bf16 bit pattern widened, and fp32 values narrowed around every rounding tie,
