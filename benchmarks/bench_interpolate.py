@@ -53,4 +53,4 @@ def run(device, sizes, dtypes):
 
 if __name__ == "__main__":
     common.main(run, "interpolate", "interpolate (CondOT)", __doc__,
-                sizes=[1 << p for p in range(16, 27, 2)], dtypes=["fp32", "bf16", "fp16"])
+                sizes=[1 << p for p in range(10, 27, 2)], dtypes=["fp32", "bf16", "fp16"])

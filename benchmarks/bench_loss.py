@@ -103,4 +103,4 @@ def run(device, sizes, dtypes):
 
 if __name__ == "__main__":
     common.main(run, "loss", "flow_matching_loss forward+backward", __doc__,
-                sizes=[1 << p for p in (16, 20, 24, 26)], dtypes=["fp32", "bf16"])
+                sizes=[1 << p for p in (10, 16, 20, 24, 26)], dtypes=["fp32", "bf16"])
