@@ -49,7 +49,10 @@ def _constant_residual(path, prediction, t, dtype):
     if (not constant or (t.requires_grad and torch.is_grad_enabled())
             or torch.compiler.is_compiling()):  # compiled code fuses the rows' ops anyway
         return None
-    key = (type(path), tuple(vars(path).items()), prediction, dtype, t.device)
+    # The noise and data rows depend on the number of inputs only; the velocity rows on the
+    # parameters of our own paths (floats).
+    kind = (type(path), tuple(vars(path).items())) if prediction == "velocity" else path.uses_noise
+    key = (kind, prediction, dtype, t.device)
     row = _constant_rows.get(key)
     if row is None:
         if len(_constant_rows) >= 64:  # a sweep over path parameters: keep the cache small

@@ -69,6 +69,22 @@ def test_cached_constant_targets_give_the_per_sample_bits(backend):
         assert bits_equal(cached, per_sample.detach()), (path, prediction)
 
 
+def test_constant_targets_of_custom_paths():
+    class Tabulated(paths.AffinePath):  # unhashable attributes: no part of the cache key
+        def __init__(self):
+            self.knots = [0.0, 1.0]
+
+        def __call__(self, t):
+            one = torch.ones_like(t)
+            return t, 1 - t, one, -one
+
+    pred, x0, x1, t, _, _ = _batch((4, 3), torch.float32, "cpu", paths.CondOT())
+    for prediction in ("epsilon", "data", "velocity"):
+        torch.testing.assert_close(
+            fastflow.flow_matching_loss(pred, x0, x1, t, Tabulated(), prediction),
+            reference_loss(pred, x0, x1, t, Tabulated(), prediction))
+
+
 def test_constant_target_cache_keeps_to_exact_types():
     class Slower(paths.CondOT):  # same parameters as CondOT(), another velocity
         def __call__(self, t):
