@@ -391,6 +391,34 @@ def test_counter_noise_is_made_on_the_device_and_pinned():
     assert z.tolist() == want
 
 
+def test_flow_map_sampler_copies_its_grid_once():
+    # The grid goes to the device on the first call only (on a GPU a copy from the host makes
+    # the host wait): later calls with the same grid read the same device tensor.
+    from fastflow.flow_map import _device_times
+
+    calls = []
+    phi = lambda x, s, t: (calls.append((s, t)), x + (t - s)[:, None])[1]  # noqa: E731
+    x0 = torch.randn(3, 2)
+    first = fastflow.sample_flow_map(phi, x0, time_grid=[0.0, 0.25, 1.0])
+    again = fastflow.sample_flow_map(phi, x0, time_grid=[0.0, 0.25, 1.0])
+    assert torch.equal(first, again)
+    times = _device_times([0.0, 0.25, 1.0], x0.device)
+    assert all(s.untyped_storage().data_ptr() == times.untyped_storage().data_ptr()
+               for s, _ in calls)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flow_map_sampler_does_not_sync_after_its_first_call():
+    phi = lambda x, s, t: x + (t - s)[:, None]  # noqa: E731
+    x0 = torch.randn(3, 2, device="cuda")
+    fastflow.sample_flow_map(phi, x0, steps=3)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fastflow.sample_flow_map(phi, x0, steps=3)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def test_flow_map_sampler_composes_jumps():
     # phi(x, s, t) = x + (t - s) * c: exact for a constant velocity c, any number of jumps.
     c = torch.tensor([[0.5, -1.0]])
