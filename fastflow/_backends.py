@@ -46,10 +46,11 @@ def _extension():
 
 @lru_cache(maxsize=None)
 def _triton():
-    """The Triton kernel modules (affine, embedding), or the reason they cannot be imported."""
+    """The Triton kernel modules (affine, embedding, paths), or the reason they cannot be
+    imported."""
     try:
         return tuple(importlib.import_module(f"fastflow._triton.{name}")
-                     for name in ("affine", "embedding")), None
+                     for name in ("affine", "embedding", "paths")), None
     except ImportError as exc:
         return None, f"triton not importable ({exc})"
 
@@ -138,7 +139,8 @@ def kernels(name):
     ``sinusoid(t, freqs, scale, cos_first, out)``, which write into their last argument, and
     ``affine_dot(a, b, groups)``, ``affine_sqnorm(inputs, coeffs)`` and
     ``sinusoid_backward(grad, t, freqs, scale, cos_first, t_grad, freqs_grad)``, which return
-    their results."""
+    their results; and ``path_coefficients(t, path, params, dtype)`` for the paths of
+    fastflow.paths._NATIVE, or None where PyTorch computes them."""
     return _KERNELS[name]()
 
 
@@ -149,6 +151,7 @@ class _Kernels:
     affine_sqnorm: object
     sinusoid: object
     sinusoid_backward: object
+    path_coefficients: object = None
 
 
 def _reference_kernels():
@@ -169,7 +172,7 @@ def _reference_kernels():
 def _cpu_kernels():
     ext = _extension()[0]
     return _Kernels(ext.affine_cpu, ext.affine_dot_cpu, ext.affine_sqnorm_cpu, ext.sinusoid_cpu,
-                    ext.sinusoid_backward_cpu)
+                    ext.sinusoid_backward_cpu, ext.path_coefficients_cpu)
 
 
 def _cuda_kernels():
@@ -180,9 +183,9 @@ def _cuda_kernels():
 
 
 def _triton_kernels():
-    affine, embedding = _triton()[0]
+    affine, embedding, paths = _triton()[0]
     return _Kernels(affine.affine, affine.affine_dot, affine.affine_sqnorm, embedding.sinusoid,
-                    embedding.sinusoid_backward)
+                    embedding.sinusoid_backward, paths.path_coefficients)
 
 
 _KERNELS = {

@@ -220,12 +220,14 @@ _NATIVE = {
 def coefficients(path, t, dtype):
     """``path.coefficients(t).to(dtype)``, for float64 times t [G].
 
-    For the paths of _NATIVE on CPU, when t needs no gradient and nothing traces the call, one
-    C++ call computes the same formulas in the same order: the same bits, without the half-dozen
-    tensor ops that cost more than the fused kernel itself on a small batch."""
+    For the paths of _NATIVE, when t needs no gradient and nothing traces the call, the C++
+    (CPU) or Triton (GPU) backend computes the same formulas in the same order in one call: the
+    same bits, without the half-dozen tiny tensor ops (kernel launches on a GPU) that cost more
+    than the fused kernel itself on a small batch."""
     native = _NATIVE.get(type(path))
-    if (native is not None and t.device.type == "cpu" and t.dtype == torch.float64
-            and not (t.requires_grad and torch.is_grad_enabled()) and _nobody_intercepts((t,))
-            and _backends.select(t.device) == "cpu"):
-        return _backends._extension()[0].path_coefficients_cpu(t, *native(path), dtype)
+    if (native is not None and t.dtype == torch.float64
+            and not (t.requires_grad and torch.is_grad_enabled()) and _nobody_intercepts((t,))):
+        build = _backends.kernels(_backends.select(t.device)).path_coefficients
+        if build is not None:
+            return build(t, *native(path), dtype)
     return path.coefficients(t).to(dtype)

@@ -94,7 +94,7 @@ def _resources(cubin):
 
 def _cases():
     """(name, launch) pairs covering every kernel and each branch of its specialisation."""
-    from fastflow._triton import affine, embedding
+    from fastflow._triton import affine, embedding, paths
 
     f32, f64, f16, bf16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
 
@@ -126,6 +126,9 @@ def _cases():
             torch.empty(64, 256, dtype=dtype), torch.empty(64, dtype=dtype),
             torch.empty(128, dtype=dtype), 1.0, False, t_grad, freqs_grad)
 
+    def run_path(path, params, dtype):
+        return lambda: paths.path_coefficients(torch.empty(1000, dtype=f64), path, params, dtype)
+
     return [
         # Samples of at least a block (images): coefficients once per program.
         ("affine fp32 2->2 tiled", run_affine(2, 2, f32, 4, 4096)),
@@ -152,6 +155,8 @@ def _cases():
         ("sinusoid backward fp32 t and freqs", run_sinusoid_backward(f32, True, True)),
         ("sinusoid backward fp32 t only", run_sinusoid_backward(f32, True, False)),
         ("sinusoid backward fp64 freqs only", run_sinusoid_backward(f64, False, True)),
+        ("path coefficients CondOT fp32", run_path("cond_ot", [0.0], f32)),
+        ("path coefficients constant noise fp64", run_path("constant_noise", [0.5], f64)),
     ]
 
 

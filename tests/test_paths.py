@@ -204,16 +204,18 @@ NATIVE_TIMES = torch.cat([torch.tensor(T_GRID + [-0.5, 1.5, 1e-300, float("nan")
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("path", NATIVE_PATHS, ids=repr)
-def test_native_coefficients_are_the_formula_bits(path, dtype):
+def test_native_coefficients_are_the_formula_bits(backend, path, dtype):
+    # The C++ builder on CPU, the Triton one under its interpreter (on a GPU: on the GPU).
     from conftest import bits_equal
 
     assert type(path) in paths._NATIVE
-    native = paths.coefficients(path, NATIVE_TIMES, dtype)
-    formula = path.coefficients(NATIVE_TIMES).to(dtype)
+    times = NATIVE_TIMES.to(backend)
+    native = paths.coefficients(path, times, dtype)
+    formula = path.coefficients(times).to(dtype)
     assert native.shape == formula.shape and native.dtype == dtype
     assert bits_equal(native, formula)
     # An expanded (stride-0) t, as the loss passes for one time for the whole batch.
-    one = NATIVE_TIMES[4:5].expand(5)
+    one = times[4:5].expand(5)
     assert bits_equal(paths.coefficients(path, one, dtype), path.coefficients(one).to(dtype))
 
 

@@ -48,7 +48,7 @@ def test_every_case_compiles(report):
 def test_no_register_spills(report):
     # The sinusoid kernels are left out: libdevice's sin and cos keep an array on the stack for
     # the Payne-Hanek reduction of huge arguments, a path that timesteps never take.
-    for r in _kernels(report, "affine", "dot", "sqnorm"):
+    for r in _kernels(report, "affine", "dot", "sqnorm", "path"):
         assert r["stack_bytes"] in (0, None), r
 
 
@@ -64,5 +64,7 @@ def test_streams_move_16_bytes_per_access(report):
 
 def test_no_fma_contraction(report):
     # Products and sums round separately, as on the CPU and in eager PyTorch (LAUNCH_OPTIONS).
-    for r in _kernels(report, "affine", "dot", "sqnorm"):
+    kernels = _kernels(report, "affine", "dot", "sqnorm", "path")
+    assert any(r["kernel"] == "_path_coefficients_kernel" for r in kernels)
+    for r in kernels:
         assert r["fma"] == 0, r
