@@ -408,7 +408,7 @@ def test_flow_map_sampler_copies_its_grid_once():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_flow_map_sampler_does_not_sync_after_its_first_call():
+def test_flow_map_sampler_does_not_sync_on_cuda_after_its_first_call():
     phi = lambda x, s, t: x + (t - s)[:, None]  # noqa: E731
     x0 = torch.randn(3, 2, device="cuda")
     fastflow.sample_flow_map(phi, x0, steps=3)
