@@ -139,8 +139,10 @@ def kernels(name):
     ``sinusoid(t, freqs, scale, cos_first, out)``, which write into their last argument, and
     ``affine_dot(a, b, groups)``, ``affine_sqnorm(inputs, coeffs)`` and
     ``sinusoid_backward(grad, t, freqs, scale, cos_first, t_grad, freqs_grad)``, which return
-    their results; and ``path_coefficients(t, path, params, dtype)`` for the paths of
-    fastflow.paths._NATIVE, or None where PyTorch computes them."""
+    their results. Optional: ``affine_fresh(inputs, coeffs)``, affine into outputs it allocates
+    after checking the arguments; ``path_coefficients(t, path, params, dtype)`` for the paths of
+    fastflow.paths._NATIVE (None where PyTorch computes them); ``checks_args``, whether the
+    kernels check their arguments themselves (the C++ ones do)."""
     return _KERNELS[name]()
 
 
@@ -152,6 +154,8 @@ class _Kernels:
     sinusoid: object
     sinusoid_backward: object
     path_coefficients: object = None
+    affine_fresh: object = None
+    checks_args: bool = False
 
 
 def _reference_kernels():
@@ -172,7 +176,8 @@ def _reference_kernels():
 def _cpu_kernels():
     ext = _extension()[0]
     return _Kernels(ext.affine_cpu, ext.affine_dot_cpu, ext.affine_sqnorm_cpu, ext.sinusoid_cpu,
-                    ext.sinusoid_backward_cpu, ext.path_coefficients_cpu)
+                    ext.sinusoid_backward_cpu, ext.path_coefficients_cpu, ext.affine_fresh_cpu,
+                    checks_args=True)
 
 
 def _cuda_kernels():

@@ -108,9 +108,8 @@ def _packed_for(backend, coeffs):
     return coeffs if backend == "cpu" else coeffs.contiguous()
 
 
-def _launch(inputs, coeffs, outputs):
-    """Run the selected backend's kernel on contiguous streams, writing contiguous `outputs`."""
-    name = _backends.select(inputs[0].device)
+def _launch(name, inputs, coeffs, outputs):
+    """Run backend `name`'s kernel on contiguous streams, writing contiguous `outputs`."""
     if name == "cuda" and len({x.dtype for x in (*inputs, *outputs)}) > 1:
         name = _backends.fallback_for_mixed_dtypes(inputs[0].device)
     kernels = _backends.kernels(name)
@@ -134,23 +133,25 @@ def _backend_of(streams):
 
 
 def _affine(inputs, coeffs):
-    if _backend_of(inputs) == "cpu":
-        # One C++ call checks (as _check_affine_args does), allocates and runs: on a small
-        # tensor the same steps in Python take ten times the kernel.
-        return _backends._extension()[0].affine_fresh_cpu([x.contiguous() for x in inputs],
-                                                          coeffs)
+    name = _backend_of(inputs)
+    kernels = _backends.kernels(name)
+    if kernels.affine_fresh is not None:
+        # One call checks (as _check_affine_args does), allocates and runs: on a small tensor
+        # the same steps in Python take ten times the kernel.
+        return kernels.affine_fresh([x.contiguous() for x in inputs], coeffs)
     _check_affine_args(inputs, coeffs, coeffs.shape[1] if coeffs.dim() == 3 else 0)
     outputs = [_empty_output(inputs[0]) for _ in range(coeffs.shape[1])]
-    _launch(inputs, coeffs, outputs)
+    _launch(name, inputs, coeffs, outputs)
     return outputs
 
 
 def _affine_out(inputs, coeffs, out):
-    if _backend_of(inputs) != "cpu":  # the C++ kernel checks the same
+    name = _backend_of(inputs)
+    if not _backends.kernels(name).checks_args:
         _check_affine_args(inputs, coeffs, len(out), out, one_dtype=False)
     staged = [o if _writable_in_place(o, inputs, last=m == len(out) - 1) else torch.empty_like(
         o, memory_format=torch.contiguous_format) for m, o in enumerate(out)]
-    _launch(inputs, coeffs, staged)
+    _launch(name, inputs, coeffs, staged)
     for o, buf in zip(out, staged):
         if buf is not o:
             o.copy_(buf)
@@ -179,19 +180,18 @@ def _check_dot_args(a, b, groups):
 
 
 def _affine_dot(a, b, groups):
-    name = _backend_of(a)
-    if name != "cpu":  # the C++ kernel checks the same
+    kernels = _backends.kernels(_backend_of(a))
+    if not kernels.checks_args:
         _check_dot_args(a, b, groups)
-    return _backends.kernels(name).affine_dot([x.contiguous() for x in a],
-                                              [x.contiguous() for x in b], groups)
+    return kernels.affine_dot([x.contiguous() for x in a], [x.contiguous() for x in b], groups)
 
 
 def _affine_sqnorm(inputs, coeffs):
     name = _backend_of(inputs)
-    if name != "cpu":  # the C++ kernel checks the same
+    kernels = _backends.kernels(name)
+    if not kernels.checks_args:
         _check_affine_args(inputs, coeffs, 1)
-    return _backends.kernels(name).affine_sqnorm([x.contiguous() for x in inputs],
-                                                 _packed_for(name, coeffs))
+    return kernels.affine_sqnorm([x.contiguous() for x in inputs], _packed_for(name, coeffs))
 
 
 def _check_sinusoid_args(t, freqs, dim, dtype):

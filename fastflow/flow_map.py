@@ -7,6 +7,8 @@
 Each term is a per-sample mean of squares reduced by the fused kernel (the match target x_t is
 built inside it, never materialised) and the total is their weighted sum.
 """
+from functools import lru_cache
+
 import torch
 
 from . import _ops
@@ -95,7 +97,7 @@ def sample_flow_map(model, x_init, steps=1, time_grid=None, **model_kwargs):
     from .sampling import _host_grid
 
     grid = _host_grid(None if time_grid is not None else steps, time_grid, None, False)
-    times = _device_times(grid, x_init.device)
+    times = _device_times(tuple(grid), x_init.device)
     batch = x_init.shape[0]
     x = x_init
     for i in range(len(grid) - 1):
@@ -107,17 +109,8 @@ def sample_flow_map(model, x_init, steps=1, time_grid=None, **model_kwargs):
     return x
 
 
-_TIMES = {}
-_TIMES_CACHE_SIZE = 32
-
-
+@lru_cache(maxsize=32)
 def _device_times(grid, device):
-    """The grid as float32 times on `device`, made once per grid and device: a copy from the
-    host on every call would make the host wait for the GPU each time."""
-    key = (tuple(grid), device)
-    times = _TIMES.get(key)
-    if times is None:
-        if len(_TIMES) >= _TIMES_CACHE_SIZE:
-            del _TIMES[next(iter(_TIMES))]
-        times = _TIMES[key] = torch.tensor(grid, dtype=torch.float32).to(device)
-    return times
+    """The grid (a tuple) as float32 times on `device`, made once per grid and device: a copy
+    from the host on every call would make the host wait for the GPU each time."""
+    return torch.tensor(grid, dtype=torch.float32).to(device)

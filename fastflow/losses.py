@@ -58,10 +58,14 @@ def _constant_residual(path, prediction, t, dtype):
         if len(_constant_rows) >= 64:  # a sweep over path parameters: keep the cache small
             _constant_rows.clear()
         at_zero = torch.zeros(1, dtype=torch.float64)
-        target = target_coefficients(path, at_zero, prediction)
-        row = _constant_rows[key] = torch.cat([torch.ones_like(at_zero)[:, None], -target],
-                                              dim=1).to(dtype=dtype, device=t.device)
+        row = _residual_rows(target_coefficients(path, at_zero, prediction))
+        row = _constant_rows[key] = row.to(dtype=dtype, device=t.device)
     return row.expand(t.shape[0], -1)
+
+
+def _residual_rows(target):
+    """[G, 1 + K] rows (1, -target) over (pred, x0, x1[, noise]): pred minus the target."""
+    return torch.cat([torch.ones_like(target[:, :1]), -target], dim=1)
 
 
 def flow_matching_loss(pred, x0, x1, t, path=None, prediction="velocity", noise=None, weight=None,
@@ -97,8 +101,7 @@ def flow_matching_loss(pred, x0, x1, t, path=None, prediction="velocity", noise=
     t = batch_time(t, x1).expand(batch)  # one group per sample, for per-sample losses
     residual = _constant_residual(path, prediction, t, math)
     if residual is None:
-        target = target_coefficients(path, t, prediction)
-        residual = torch.cat([torch.ones_like(target[:, :1]), -target], dim=1)
+        residual = _residual_rows(target_coefficients(path, t, prediction))
     per_sample = mean_square([pred] + inputs, residual)
     if weight is not None:
         per_sample = per_sample * _check_weight(weight, batch, x1.device).to(math)

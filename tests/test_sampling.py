@@ -402,7 +402,7 @@ def test_flow_map_sampler_copies_its_grid_once():
     first = fastflow.sample_flow_map(phi, x0, time_grid=[0.0, 0.25, 1.0])
     again = fastflow.sample_flow_map(phi, x0, time_grid=[0.0, 0.25, 1.0])
     assert torch.equal(first, again)
-    times = _device_times([0.0, 0.25, 1.0], x0.device)
+    times = _device_times((0.0, 0.25, 1.0), x0.device)
     assert all(s.untyped_storage().data_ptr() == times.untyped_storage().data_ptr()
                for s, _ in calls)
 

@@ -8,6 +8,8 @@ are PyTorch's. In PyTorch they are half a dozen tiny kernels before the fused on
 The path's parameters travel as a cached fp64 tensor: a Python float would reach the kernel as
 fp32, and a fresh tensor per call would be a copy from the host.
 """
+from functools import lru_cache
+
 import torch
 import triton
 import triton.language as tl
@@ -17,7 +19,6 @@ from . import LAUNCH_OPTIONS
 _BLOCK = 256
 # name -> (kernel id, columns)
 _PATHS = {"cond_ot": (0, 2), "constant_noise": (1, 3)}
-_PARAMS = {}
 
 
 @triton.jit
@@ -48,14 +49,15 @@ def _path_coefficients_kernel(t_ptr, params_ptr, out_ptr, groups, t_stride, PATH
 def path_coefficients(t, path, params, dtype):
     """[G, 2, K] coefficients of `path` with `params` at the float64 times t [G], in dtype."""
     kind, columns = _PATHS[path]
-    key = (tuple(params), t.device)
-    if key not in _PARAMS:
-        if len(_PARAMS) >= 64:
-            _PARAMS.clear()
-        _PARAMS[key] = torch.tensor(params, dtype=torch.float64).to(t.device)
     out = torch.empty(t.shape[0], 2, columns, dtype=dtype, device=t.device)
     if t.shape[0]:
         grid = (triton.cdiv(t.shape[0], _BLOCK),)
-        _path_coefficients_kernel[grid](t, _PARAMS[key], out, t.shape[0], t.stride(0), kind,
-                                        columns, _BLOCK, **LAUNCH_OPTIONS)
+        _path_coefficients_kernel[grid](t, _device_params(tuple(params), t.device), out,
+                                        t.shape[0], t.stride(0), kind, columns, _BLOCK,
+                                        **LAUNCH_OPTIONS)
     return out
+
+
+@lru_cache(maxsize=64)
+def _device_params(params, device):
+    return torch.tensor(params, dtype=torch.float64).to(device)
