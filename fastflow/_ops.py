@@ -348,22 +348,29 @@ def _sqnorm_setup_context(ctx, inputs, output):
 
 
 def _sqnorm_backward(ctx, grad):
-    """With r = sum_j c_j x_j and L = g * sum_i r_i^2 per group:
-    dL/dx_k = 2 g c_k r = sum_j (2 g c_k c_j) x_j, again affine, and
-    dL/dc_k = 2 g <r, x_k> = 2 g sum_j c_j <x_j, x_k>, from the inputs' Gram matrix."""
     coeffs, *xs = ctx.saved_tensors
+    return sqnorm_gradients(coeffs, xs, grad[:, None], ctx.input_needs_grad,
+                            ctx.coeffs_needs_grad)
+
+
+def sqnorm_gradients(coeffs, xs, grad, input_needs_grad, coeffs_needs_grad):
+    """The gradients of sq = affine_sqnorm(xs, coeffs) to the inputs that need them and to the
+    coefficients, for grad = dL/dsq shaped [G, 1] (or [], the same for every group). With
+    r = sum_j c_j x_j and L = g * sum_i r_i^2 per group: dL/dx_k = 2 g c_k r = sum_j
+    (c_k 2 g c_j) x_j, again affine, and dL/dc_k = 2 g <r, x_k> = sum_j 2 g c_j <x_j, x_k>, from
+    the inputs' Gram matrix."""
     row = coeffs[:, 0]                                    # [G, K]
-    scale = 2 * grad.to(coeffs.dtype)[:, None]            # [G, 1]
+    scaled = (2 * grad.to(coeffs.dtype)) * row            # [G, K]: 2 g c_j
     grad_inputs = [None] * len(xs)
-    wanted = [k for k, needed in enumerate(ctx.input_needs_grad) if needed]
+    wanted = [k for k, needed in enumerate(input_needs_grad) if needed]
     if wanted:
-        mixing = (scale * _take(row, 1, wanted))[:, :, None] * row[:, None, :]  # [G, wanted, K]
+        mixing = _take(row, 1, wanted)[:, :, None] * scaled[:, None, :]  # [G, wanted, K]
         for k, g in zip(wanted, affine(xs, mixing)):
             grad_inputs[k] = g
     grad_coeffs = None
-    if ctx.coeffs_needs_grad:
+    if coeffs_needs_grad:
         gram = affine_dot(xs, xs, coeffs.shape[0])  # [G, K, K]
-        grad_coeffs = (scale * torch.einsum("gjk,gj->gk", gram, row))[:, None, :]
+        grad_coeffs = torch.einsum("gjk,gj->gk", gram, scaled)[:, None, :]
     return grad_inputs, grad_coeffs
 
 

@@ -102,10 +102,63 @@ def flow_matching_loss(pred, x0, x1, t, path=None, prediction="velocity", noise=
     residual = _constant_residual(path, prediction, t, math)
     if residual is None:
         residual = _residual_rows(target_coefficients(path, t, prediction))
-    per_sample = mean_square([pred] + inputs, residual)
     if weight is not None:
-        per_sample = per_sample * _check_weight(weight, batch, x1.device).to(math)
+        weight = _check_weight(weight, batch, x1.device).to(math)
+    streams = [pred] + inputs
+    tensors = (*streams, residual) if weight is None else (*streams, residual, weight)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors) and (
+            _ops._nobody_intercepts(tensors)):
+        return _LossNode.apply(reduction, residual, weight, *streams)
+    return weighted_mean_square(streams, residual, weight, reduction)
+
+
+def weighted_mean_square(inputs, rows, weight, reduction):
+    """reduce(weight * mean_square(inputs, rows)), recorded op by op."""
+    per_sample = mean_square(inputs, rows)
+    if weight is not None:
+        per_sample = per_sample * weight
     return reduce(per_sample, reduction)
+
+
+class _LossNode(torch.autograd.Function):
+    """weighted_mean_square as one autograd node, for eager calls with a gradient to record.
+
+    Recorded op by op, the loss is three or four nodes (the fused reduction, the division by the
+    element count, the weight, the reduction) and a dozen small tensor ops in backward: on a
+    small batch, most of a training step's loss. Here the backward folds the reduction, the
+    weight and the count into the per-sample gradient of the squared norms, and runs the fused
+    reduction's backward once. Traced calls take the op-by-op form, which compilers fuse."""
+
+    @staticmethod
+    def forward(ctx, reduction, rows, weight, *inputs):
+        coeffs = rows[:, None, :].to(_ops.math_dtype(inputs[0].dtype))
+        squares = _ops.affine_sqnorm(inputs, coeffs)
+        count = _count_per_sample(inputs[0], rows.shape[0])
+        per_sample = squares / count
+        weighted = per_sample if weight is None else per_sample * weight
+        ctx.reduction, ctx.count = reduction, count
+        weight_grad = weight is not None and ctx.needs_input_grad[2]
+        ctx.save_for_backward(coeffs, weight, per_sample if weight_grad else None, *inputs)
+        return reduce(weighted, reduction)
+
+    @staticmethod
+    def backward(ctx, grad):
+        coeffs, weight, per_sample, *inputs = ctx.saved_tensors
+        # dL/d(each sample's weighted loss): one value for all samples unless unreduced.
+        samples = coeffs.shape[0] if ctx.reduction == "mean" else 1
+        if weight is None:  # one division for the mean and the element count
+            grad_squares = grad / (samples * ctx.count)
+            grad_weight = None
+        else:
+            grad = grad / samples
+            grad_weight = grad * per_sample if per_sample is not None else None
+            grad_squares = grad * weight / ctx.count
+        if grad_squares.dim():
+            grad_squares = grad_squares[:, None]
+        grad_inputs, grad_coeffs = _ops.sqnorm_gradients(
+            coeffs, inputs, grad_squares, ctx.needs_input_grad[3:], ctx.needs_input_grad[1])
+        grad_rows = grad_coeffs[:, 0] if grad_coeffs is not None else None
+        return None, grad_rows, grad_weight, *grad_inputs
 
 
 def check_reduction(reduction):
@@ -117,9 +170,12 @@ def check_reduction(reduction):
 def mean_square(inputs, rows):
     """Per-sample mean of (sum_k rows[:, k] * inputs[k])^2 over each sample's elements, fused:
     rows is [B, K] and the combination is never written out."""
-    batch = rows.shape[0]
     coeffs = rows[:, None, :].to(_ops.math_dtype(inputs[0].dtype))
-    return _ops.affine_sqnorm(inputs, coeffs) / (inputs[0].numel() // batch if batch else 0)
+    return _ops.affine_sqnorm(inputs, coeffs) / _count_per_sample(inputs[0], rows.shape[0])
+
+
+def _count_per_sample(x, batch):
+    return x.numel() // batch if batch else 0
 
 
 def reduce(per_sample, reduction):

@@ -134,6 +134,64 @@ def test_gradient_dtype_follows_the_inputs(backend):
     torch.testing.assert_close(pred.grad.float(), want, rtol=2e-2, atol=1e-4)
 
 
+# In eager calls with a gradient to record, the loss is one autograd node (losses._LossNode)
+# whose backward folds the reduction, the weight and the element count together.
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weighted", ["none", "constant", "learned"])
+def test_one_node_gradients_match_reference_autograd(backend, reduction, weighted):
+    path = paths.VP()
+    for leaves_wanted in ([0], [0, 1, 2, 3]):  # pred alone; pred, x0, x1 and t
+        pred, x0, x1, t, _, weight = _batch((4, 3, 2), torch.float64, backend, path, seed=3)
+        tensors = [pred, x0, x1, t, weight]
+        wanted = leaves_wanted + ([4] if weighted == "learned" else [])
+        grads = {}
+        for name, fn in (("fused", fastflow.flow_matching_loss), ("reference", reference_loss)):
+            xs = [x.clone().requires_grad_(k in wanted) for k, x in enumerate(tensors)]
+            loss = fn(*xs[:4], path, "velocity", weight=None if weighted == "none" else xs[4],
+                      reduction=reduction)
+            if name == "fused":
+                assert type(loss.grad_fn).__name__ == "_LossNodeBackward"
+            out_grad = torch.linspace(0.5, 2.0, loss.numel(), dtype=loss.dtype,
+                                      device=loss.device).reshape(loss.shape)
+            grads[name] = torch.autograd.grad(loss, [xs[k] for k in wanted], out_grad)
+        for g, r in zip(grads["fused"], grads["reference"]):
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_one_node_gradients_in_fp32_with_a_learned_t(backend):
+    path = paths.Cosine()
+    pred, x0, x1, t, _, weight = _batch((6, 5), torch.float32, backend, path, seed=4)
+    pred.requires_grad_()
+    t.requires_grad_()
+    fastflow.flow_matching_loss(pred, x0, x1, t, path, weight=weight).backward()
+    ref_pred, ref_t = pred.detach().double().requires_grad_(), t.detach().double().requires_grad_()
+    reference_loss(ref_pred, x0.double(), x1.double(), ref_t, path,
+                   weight=weight.double()).backward()
+    assert pred.grad.dtype == t.grad.dtype == torch.float32
+    torch.testing.assert_close(pred.grad.double(), ref_pred.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(t.grad.double(), ref_t.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_second_derivatives_match_reference(backend):
+    path = paths.CondOT()
+    pred, x0, x1, t, _, weight = _batch((3, 4), torch.float64, backend, path, seed=5)
+    curvatures = []
+    for fn in (fastflow.flow_matching_loss, reference_loss):
+        p = pred.clone().requires_grad_()
+        (g,) = torch.autograd.grad(fn(p, x0, x1, t, path, weight=weight), p, create_graph=True)
+        curvatures.append(torch.autograd.grad((g * g.detach().sin()).sum(), p)[0])
+    torch.testing.assert_close(*curvatures, rtol=1e-10, atol=1e-12)
+
+
+def test_empty_batch_gradients(backend):
+    pred, x0, x1 = (torch.randn(0, 3, device=backend) for _ in range(3))
+    pred.requires_grad_()
+    loss = fastflow.flow_matching_loss(pred, x0, x1, torch.rand(0, device=backend),
+                                       reduction="sum")
+    loss.backward()
+    assert loss.item() == 0 and pred.grad.shape == (0, 3)
+
+
 def test_deterministic(backend):
     pred, x0, x1, t, _, _ = _batch((3, 5000), torch.float32, backend, paths.CondOT())
     first = fastflow.flow_matching_loss(pred, x0, x1, t, reduction="none")
