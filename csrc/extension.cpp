@@ -5,7 +5,7 @@
 
 #include "affine.h"
 #include "embedding.h"
-#include "paths.h"
+#include "coefficients.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastflow compiled kernels (CPU, and CUDA where built)";
@@ -23,6 +23,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(grad_t, grad_freqs) of sinusoid_cpu");
   m.def("path_coefficients_cpu", &fastflow::path_coefficients_cpu,
         "[G, 2, K] coefficients of a built-in arithmetic path, the bits fastflow.paths computes");
+  m.def("conversion_coefficients_cpu", &fastflow::conversion_coefficients_cpu,
+        "[G, 1, 2] rows of fastflow.convert from a path's coefficient matrix, the same bits");
   m.def("cpu_isa", &fastflow::cpu_isa, "instruction set of the CPU affine kernels");
   m.def("set_cpu_isa", &fastflow::set_cpu_isa, "run the CPU affine kernels with 'baseline' or 'avx2'");
   m.def("advise_huge_pages", &fastflow::advise_huge_pages,

@@ -8,7 +8,7 @@
 // the same bits; tests/test_paths.py compares them. triton_kernels/paths.py is the GPU twin. Only + - * / qualify: PyTorch's CPU sqrt, sin,
 // exp and pow (MKL's vector math in the official builds) need not round like libm's, so LinearVP,
 // the Schrodinger bridge, Cosine, VP and Polynomial stay in PyTorch.
-#include "paths.h"
+#include "coefficients.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>

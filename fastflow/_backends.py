@@ -46,11 +46,11 @@ def _extension():
 
 @lru_cache(maxsize=None)
 def _triton():
-    """The Triton kernel modules (affine, embedding, paths), or the reason they cannot be
-    imported."""
+    """The Triton kernel modules (affine, embedding, paths, conversions), or the reason they
+    cannot be imported."""
     try:
         return tuple(importlib.import_module(f"fastflow._triton.{name}")
-                     for name in ("affine", "embedding", "paths")), None
+                     for name in ("affine", "embedding", "paths", "conversions")), None
     except ImportError as exc:
         return None, f"triton not importable ({exc})"
 
@@ -141,7 +141,8 @@ def kernels(name):
     ``sinusoid_backward(grad, t, freqs, scale, cos_first, t_grad, freqs_grad)``, which return
     their results. Optional: ``affine_fresh(inputs, coeffs)``, affine into outputs it allocates
     after checking the arguments; ``path_coefficients(t, path, params, dtype)`` for the paths of
-    fastflow.paths._NATIVE (None where PyTorch computes them); ``checks_args``, whether the
+    fastflow.paths._NATIVE and ``conversion_coefficients(path_coeffs, src, dst, eps, dtype)``
+    for fastflow.convert (None where PyTorch computes them); ``checks_args``, whether the
     kernels check their arguments themselves (the C++ ones do)."""
     return _KERNELS[name]()
 
@@ -154,6 +155,7 @@ class _Kernels:
     sinusoid: object
     sinusoid_backward: object
     path_coefficients: object = None
+    conversion_coefficients: object = None
     affine_fresh: object = None
     checks_args: bool = False
 
@@ -176,8 +178,8 @@ def _reference_kernels():
 def _cpu_kernels():
     ext = _extension()[0]
     return _Kernels(ext.affine_cpu, ext.affine_dot_cpu, ext.affine_sqnorm_cpu, ext.sinusoid_cpu,
-                    ext.sinusoid_backward_cpu, ext.path_coefficients_cpu, ext.affine_fresh_cpu,
-                    checks_args=True)
+                    ext.sinusoid_backward_cpu, ext.path_coefficients_cpu,
+                    ext.conversion_coefficients_cpu, ext.affine_fresh_cpu, checks_args=True)
 
 
 def _cuda_kernels():
@@ -188,9 +190,10 @@ def _cuda_kernels():
 
 
 def _triton_kernels():
-    affine, embedding, paths = _triton()[0]
+    affine, embedding, paths, conversions = _triton()[0]
     return _Kernels(affine.affine, affine.affine_dot, affine.affine_sqnorm, embedding.sinusoid,
-                    embedding.sinusoid_backward, paths.path_coefficients)
+                    embedding.sinusoid_backward, paths.path_coefficients,
+                    conversions.conversion_coefficients)
 
 
 _KERNELS = {

@@ -11,9 +11,9 @@ x_t and pred, one write.
 """
 import torch
 
-from . import _ops
+from . import _backends, _ops
 from ._checks import batch_time, check_like, check_stream
-from .paths import AffinePath, get_path
+from .paths import AffinePath, coefficients, get_path
 
 KINDS = ("velocity", "epsilon", "data", "score")
 
@@ -29,19 +29,25 @@ def _safe(x, eps):
 
 
 def conversion_coefficients(path, t, src, dst, eps=1e-6):
-    """Per-sample [G, 1, 2] coefficients of dst over (x_t, pred of kind src) at times t [G]."""
+    """Per-sample [G, 1, 2] coefficients of dst over (x_t, pred of kind src) at times t [G].
+
+    csrc/conversions_cpu.cpp and triton_kernels/conversions.py repeat these formulas operation
+    for operation (tests/test_conversions.py compares the bits): change them together."""
     alpha, sigma, d_alpha, d_sigma = path(t)
     one, zero = torch.ones_like(t), torch.zeros_like(t)
     # (data, noise) estimates as rows over (x_t, pred).
     if src == "data":
         data = (zero, one)
-        noise = (1 / _safe(sigma, eps), -alpha / _safe(sigma, eps))
+        safe_sigma = _safe(sigma, eps)
+        noise = (1 / safe_sigma, -alpha / safe_sigma)
     elif src == "epsilon":
         noise = (zero, one)
-        data = (1 / _safe(alpha, eps), -sigma / _safe(alpha, eps))
+        safe_alpha = _safe(alpha, eps)
+        data = (1 / safe_alpha, -sigma / safe_alpha)
     elif src == "score":
         noise = (zero, -sigma)
-        data = (1 / _safe(alpha, eps), sigma ** 2 / _safe(alpha, eps))
+        safe_alpha = _safe(alpha, eps)
+        data = (1 / safe_alpha, sigma * sigma / safe_alpha)
     else:  # velocity: invert [[alpha, sigma], [d_alpha, d_sigma]]
         det = _safe(alpha * d_sigma - sigma * d_alpha, eps)
         data = (d_sigma / det, -sigma / det)
@@ -51,10 +57,23 @@ def conversion_coefficients(path, t, src, dst, eps=1e-6):
     elif dst == "epsilon":
         row = noise
     elif dst == "score":
-        row = tuple(-c / _safe(sigma, eps) for c in noise)
+        safe_sigma = _safe(sigma, eps)
+        row = (-noise[0] / safe_sigma, -noise[1] / safe_sigma)
     else:
-        row = tuple(d_alpha * cd + d_sigma * cn for cd, cn in zip(data, noise))
+        row = (d_alpha * data[0] + d_sigma * noise[0], d_alpha * data[1] + d_sigma * noise[1])
     return _ops.coefficient_matrix(row, 1, 2)
+
+
+def _conversion_rows(path, t, src, dst, eps, dtype):
+    """``conversion_coefficients(...).to(dtype)``. When t needs no gradient and nothing traces
+    the call, the backend's builder (C++ on CPU, Triton on GPU) computes the same formulas from
+    the path's coefficient matrix in one call: the same bits, without the twenty-odd tiny tensor
+    ops (kernel launches on a GPU) that cost more than the fused pass on a small batch."""
+    if not (t.requires_grad and torch.is_grad_enabled()) and _ops._nobody_intercepts((t,)):
+        build = _backends.kernels(_backends.select(t.device)).conversion_coefficients
+        if build is not None and t.dtype == torch.float64:
+            return build(coefficients(path, t, torch.float64), src, dst, float(eps), dtype)
+    return conversion_coefficients(path, t, src, dst, eps).to(dtype)
 
 
 def convert(pred, x_t, t, path=None, src="epsilon", dst="velocity", eps=1e-6):
@@ -88,6 +107,6 @@ def convert(pred, x_t, t, path=None, src="epsilon", dst="velocity", eps=1e-6):
     check_stream(pred, "pred")
     check_like(x_t, pred, "x_t", "pred")
     t = batch_time(t, pred)
-    coeffs = conversion_coefficients(path, t, src, dst, eps).to(_ops.math_dtype(pred.dtype))
+    coeffs = _conversion_rows(path, t, src, dst, eps, _ops.math_dtype(pred.dtype))
     (out,) = _ops.affine([x_t, pred], coeffs)
     return out

@@ -50,6 +50,14 @@ def assert_close_to_reference(actual, expected, dtype):
     assert err <= TOLERANCE[dtype], f"scaled error {err:.3g} > {TOLERANCE[dtype]:.1g} for {dtype}"
 
 
+def compiled_extension():
+    """fastflow._C, or skip the test where it is not built."""
+    ext, reason = _backends._extension()
+    if ext is None:
+        pytest.skip(reason)
+    return ext
+
+
 def bits_equal(a, b):
     """Same dtype, shape, device and bits (NaNs included)."""
     if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:

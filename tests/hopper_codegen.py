@@ -94,7 +94,7 @@ def _resources(cubin):
 
 def _cases():
     """(name, launch) pairs covering every kernel and each branch of its specialisation."""
-    from fastflow._triton import affine, embedding, paths
+    from fastflow._triton import affine, conversions, embedding, paths
 
     f32, f64, f16, bf16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
 
@@ -129,6 +129,10 @@ def _cases():
     def run_path(path, params, dtype):
         return lambda: paths.path_coefficients(torch.empty(1000, dtype=f64), path, params, dtype)
 
+    def run_conversion(src, dst, dtype):
+        return lambda: conversions.conversion_coefficients(torch.empty(1000, 2, 2, dtype=f64), src,
+                                                           dst, 1e-6, dtype)
+
     return [
         # Samples of at least a block (images): coefficients once per program.
         ("affine fp32 2->2 tiled", run_affine(2, 2, f32, 4, 4096)),
@@ -157,6 +161,9 @@ def _cases():
         ("sinusoid backward fp64 freqs only", run_sinusoid_backward(f64, False, True)),
         ("path coefficients CondOT fp32", run_path("cond_ot", [0.0], f32)),
         ("path coefficients constant noise fp64", run_path("constant_noise", [0.5], f64)),
+        ("conversion epsilon to velocity fp32", run_conversion("epsilon", "velocity", f32)),
+        ("conversion velocity to score fp64", run_conversion("velocity", "score", f64)),
+        ("conversion score to data fp32", run_conversion("score", "data", f32)),
     ]
 
 
@@ -175,6 +182,7 @@ def main():
                 "num_warps": kernel.metadata.num_warps, "registers": regs, "stack_bytes": stack,
                 "load_bytes": loads, "store_bytes": stores,
                 "fma": len(re.findall(r"\bfma\.rn\.f(?:32|64)\b", ptx)),
+                "inexact_div": len(re.findall(r"\bdiv\.(?:approx|full)\.", ptx)),
             }), flush=True)
 
 

@@ -10,7 +10,7 @@ from fastflow import _backends, _ops
 from fastflow.reference import affine as reference_affine
 from fastflow.reference import affine_dot as reference_affine_dot
 
-from conftest import DTYPES, TOLERANCE, assert_close_to_reference, bits_equal
+from conftest import DTYPES, TOLERANCE, assert_close_to_reference, bits_equal, compiled_extension
 
 ARITIES = list(itertools.product(range(1, _ops.MAX_INPUTS + 1), range(1, _ops.MAX_OUTPUTS + 1)))
 DOT_ARITIES = [(1, 1), (1, 4), (4, 1), (2, 3), (4, 4)]
@@ -219,15 +219,8 @@ def test_opcheck_affine_dot(backend):
     torch.library.opcheck(torch.ops.fastflow.affine_dot.default, (a, b, 3))
 
 
-def _extension():
-    ext, reason = _backends._extension()
-    if ext is None:
-        pytest.skip(reason)
-    return ext
-
-
 def test_cpp_arity_limits_equal_python_ones():
-    ext = _extension()
+    ext = compiled_extension()
     assert (ext.max_inputs, ext.max_outputs) == (_ops.MAX_INPUTS, _ops.MAX_OUTPUTS)
 
 
@@ -261,7 +254,7 @@ BAD_CPU_CALLS = {
 @pytest.mark.parametrize("args", BAD_CPU_CALLS.values(), ids=BAD_CPU_CALLS.keys())
 def test_cpu_kernel_rejects_bad_calls(args):
     with pytest.raises(ValueError, match="fastflow affine"):
-        _extension().affine_cpu(*args)
+        compiled_extension().affine_cpu(*args)
 
 
 # Each entry: (a, b, groups) of one bad call to fastflow._C.affine_dot_cpu.
@@ -279,11 +272,11 @@ BAD_CPU_DOT_CALLS = {
 @pytest.mark.parametrize("args", BAD_CPU_DOT_CALLS.values(), ids=BAD_CPU_DOT_CALLS.keys())
 def test_cpu_dot_kernel_rejects_bad_calls(args):
     with pytest.raises(ValueError, match="fastflow affine"):
-        _extension().affine_dot_cpu(*args)
+        compiled_extension().affine_dot_cpu(*args)
 
 
 def test_cpu_kernel_still_works_after_bad_calls():
-    ext = _extension()
+    ext = compiled_extension()
     x, out = torch.arange(6.0), torch.empty(6)
     ext.affine_cpu([x], torch.full((2, 1, 1), 2.0), [out])
     assert torch.equal(out, 2 * x)
@@ -443,7 +436,7 @@ def test_backward_of_the_streams_is_differentiable_again(backend):
 
 def _run_on_every_cpu_isa(fn):
     """{isa: fn()} for the instruction sets this CPU and build have; the default restored."""
-    ext = _extension()
+    ext = compiled_extension()
     default, results = ext.cpu_isa(), {}
     try:
         for isa in ("baseline", "avx2"):
@@ -462,7 +455,7 @@ def _run_on_every_cpu_isa(fn):
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_instruction_sets_give_the_same_bits(dtype, layout):
-    ext = _extension()
+    ext = compiled_extension()
     shape, per_sample = layout
     state = _streams(1, shape, torch.float32 if dtype != torch.float64 else dtype, "cpu", 1)[0]
 
@@ -532,7 +525,7 @@ def test_only_the_avx2_kernels_use_avx():
     import shutil
     import subprocess
 
-    ext = _extension()
+    ext = compiled_extension()
     if shutil.which("objdump") is None:
         pytest.skip("needs objdump")
     listing = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", ext.__file__],

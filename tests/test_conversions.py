@@ -94,6 +94,62 @@ def test_gradients_match_reference_autograd(backend):
             torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
 
 
+# One C++ (CPU) or Triton (GPU) call builds the rows when t needs no gradient
+# (conversions._conversion_rows); it repeats the PyTorch formulas and must give their bits, on
+# every path (native path coefficients or not), at the ends of [0, 1] where the divisors are
+# clamped, outside it, at nan, and with an eps large enough to decide the clamping.
+NATIVE_TIMES = torch.cat([
+    torch.tensor([0.0, 1e-300, 1e-7, 0.5, 1 - 1e-7, 1.0, -0.5, 1.5, float("nan")],
+                 dtype=torch.float64),
+    torch.rand(247, generator=torch.Generator().manual_seed(5), dtype=torch.float64)])
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # numpy, interpreting nan
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("path", AFFINE_PATHS + [paths.TargetCFM(0.05)], ids=repr)
+def test_native_rows_are_the_formula_bits(backend, path, dtype):
+    from conftest import bits_equal
+    from fastflow.conversions import _conversion_rows, conversion_coefficients
+
+    times = NATIVE_TIMES.to(backend)
+    for (src, dst), eps in itertools.product(PAIRS, (1e-6, 0.25)):
+        native = _conversion_rows(path, times, src, dst, eps, dtype)
+        formula = conversion_coefficients(path, times, src, dst, eps).to(dtype)
+        assert native.shape == formula.shape == (len(times), 1, 2) and native.dtype == dtype
+        # NaNs agree in place; their sign depends on operand order, which the compilers choose.
+        nan = formula.isnan()
+        assert torch.equal(native.isnan(), nan), (src, dst, eps)
+        assert bits_equal(native[~nan], formula[~nan]), (src, dst, eps)
+
+
+def test_native_rows_leave_gradients_to_pytorch():
+    from fastflow.conversions import _conversion_rows
+
+    t = torch.rand(5, dtype=torch.float64, requires_grad=True)
+    rows = _conversion_rows(paths.CondOT(), t, "epsilon", "velocity", 1e-6, torch.float32)
+    assert rows.grad_fn is not None
+    rows.sum().backward()
+    assert t.grad is not None and torch.isfinite(t.grad).all()
+
+
+@pytest.mark.parametrize("args, message", [
+    ((torch.zeros(3, 2, 2, dtype=torch.float64), "noise", "data", 1e-6, torch.float32),
+     "src must be"),
+    ((torch.zeros(3, 2, 2, dtype=torch.float64), "data", "x1", 1e-6, torch.float32),
+     "dst must be"),
+    ((torch.zeros(3, 2, 2), "data", "score", 1e-6, torch.float32), r"\[G, 2, 2\] float64"),
+    ((torch.zeros(3, 2, 3, dtype=torch.float64), "data", "score", 1e-6, torch.float32),
+     r"\[G, 2, 2\] float64"),
+    ((torch.zeros(3, 2, 2, dtype=torch.float64), "data", "score", 1e-6, torch.float16),
+     "float32 or float64"),
+])
+def test_native_rows_reject_bad_calls(args, message):
+    from conftest import compiled_extension
+
+    with pytest.raises(ValueError, match=message):
+        compiled_extension().conversion_coefficients_cpu(*args)
+
+
 def test_torch_compile_fullgraph():
     pred, x_t, t = _data((4, 6), torch.float32, "cpu")
     compiled = torch.compile(lambda p, x, s: fastflow.convert(p, x, s, path="vp", src="epsilon",

@@ -246,8 +246,7 @@ def test_native_coefficients_leave_gradients_to_pytorch():
     ((torch.zeros(3, dtype=torch.float64), "cond_ot", [0.0], torch.float16), "float32 or float64"),
 ])
 def test_native_coefficients_reject_bad_calls(args, message):
-    ext = fastflow._backends._extension()[0]
-    if ext is None:
-        pytest.skip("extension not built")
+    from conftest import compiled_extension
+
     with pytest.raises(ValueError, match=message):
-        ext.path_coefficients_cpu(*args)
+        compiled_extension().path_coefficients_cpu(*args)

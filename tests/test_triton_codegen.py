@@ -47,7 +47,9 @@ def test_every_case_compiles(report):
 
 def test_no_register_spills(report):
     # The sinusoid kernels are left out: libdevice's sin and cos keep an array on the stack for
-    # the Payne-Hanek reduction of huge arguments, a path that timesteps never take.
+    # the Payne-Hanek reduction of huge arguments, a path that timesteps never take. So is the
+    # conversion kernel (one thread per sample): its fp64 divisions call the IEEE division's
+    # slow path, a subroutine that saves a few registers on the stack.
     for r in _kernels(report, "affine", "dot", "sqnorm", "path"):
         assert r["stack_bytes"] in (0, None), r
 
@@ -64,7 +66,15 @@ def test_streams_move_16_bytes_per_access(report):
 
 def test_no_fma_contraction(report):
     # Products and sums round separately, as on the CPU and in eager PyTorch (LAUNCH_OPTIONS).
-    kernels = _kernels(report, "affine", "dot", "sqnorm", "path")
-    assert any(r["kernel"] == "_path_coefficients_kernel" for r in kernels)
+    kernels = _kernels(report, "affine", "dot", "sqnorm", "path", "conversion")
+    assert any(r["kernel"] == "_conversion_kernel" for r in kernels)
     for r in kernels:
         assert r["fma"] == 0, r
+
+
+def test_conversion_divisions_round_correctly(report):
+    # The conversion rows give PyTorch's bits only if every fp64 division is IEEE (div.rn).
+    kernels = _kernels(report, "conversion")
+    assert len(kernels) == 3
+    for r in kernels:
+        assert r["inexact_div"] == 0, r

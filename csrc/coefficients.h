@@ -1,0 +1,26 @@
+// Coefficients computed from t in one call on CPU: the matrices of the built-in paths with
+// arithmetic schedules (paths_cpu.cpp) and the rows of fastflow.convert (conversions_cpu.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <string>
+#include <vector>
+
+namespace fastflow {
+
+// [G, 2, K] coefficients, rows (x_t, u_t) over columns (x0, x1[, noise]), of the path `path`
+// ("cond_ot" or "constant_noise") with parameters `params`
+// at the float64 times t [G], in `dtype` (float32 or float64): the bits that
+// fastflow.paths computes with PyTorch.
+at::Tensor path_coefficients_cpu(const at::Tensor& t, const std::string& path,
+                                 const std::vector<double>& params, at::ScalarType dtype);
+
+// [G, 1, 2] coefficients over (x_t, pred) that turn a prediction of kind `src` into kind `dst`
+// ("velocity", "epsilon", "data" or "score"), from the path's float64 coefficient matrix
+// [G, 2, 2] (rows (x_t, u_t), columns (x0, x1)), divisors kept `eps` away from zero, in `dtype`
+// (float32 or float64): the bits that fastflow.conversions computes with PyTorch.
+at::Tensor conversion_coefficients_cpu(const at::Tensor& path_coeffs, const std::string& src,
+                                       const std::string& dst, double eps, at::ScalarType dtype);
+
+}  // namespace fastflow
