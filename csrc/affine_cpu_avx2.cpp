@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdint>
 #include <type_traits>
 
 #ifdef FASTFLOW_AVX2_KERNELS
@@ -21,6 +22,7 @@
 #pragma GCC target("avx2,f16c")
 #define FASTFLOW_CPU_ISA avx2
 #define FASTFLOW_CPU_F16C 1
+#define FASTFLOW_CPU_STREAMING 1
 #include "affine_cpu_kernels.h"
 #pragma GCC pop_options
 #endif

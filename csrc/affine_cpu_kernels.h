@@ -99,6 +99,35 @@ void narrow(const float* src, int64_t n, c10::Half* dst) {
   for (; i < n; ++i) dst[i] = to_half(src[i]);
 }
 
+// Streaming (non-temporal) stores, where the includer enables them (FASTFLOW_CPU_STREAMING), for
+// calls that write at least kStreamingMinBytes: outputs far larger than the last-level cache
+// leave it before anyone reads them. A plain store first reads the destination line (read for
+// ownership); a streaming store writes it without reading, a third of a 2 -> 2 map's traffic.
+// Measured on 16M fp32 elements with out=: 13 to 17% faster (15.1 -> 12.8 ms; 12.9 -> 10.7 ms
+// with THP_MEM_ALLOC_ENABLE=1), 64M elements 4 to 8%.
+#ifdef FASTFLOW_CPU_STREAMING
+constexpr bool kCanStream = true;
+void stream_tile(float* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+  for (; i < n && reinterpret_cast<uintptr_t>(dst + i) % 32; ++i) dst[i] = src[i];
+  for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+  for (; i < n; ++i) dst[i] = src[i];
+}
+void stream_tile(double* dst, const double* src, int64_t n) {
+  int64_t i = 0;
+  for (; i < n && reinterpret_cast<uintptr_t>(dst + i) % 32; ++i) dst[i] = src[i];
+  for (; i + 4 <= n; i += 4) _mm256_stream_pd(dst + i, _mm256_loadu_pd(src + i));
+  for (; i < n; ++i) dst[i] = src[i];
+}
+// Streaming stores are weakly ordered: fence them before the task reports its work done.
+void fence_streams() { _mm_sfence(); }
+#else
+constexpr bool kCanStream = false;
+template <typename math_t>
+void stream_tile(math_t*, const math_t*, int64_t) {}
+void fence_streams() {}
+#endif
+
 template <typename math_t>
 void load_tile(const Stream& s, int64_t j0, int64_t n, math_t* dst) {
   visit_float_type(s.type, [&](auto zero) {
@@ -140,9 +169,12 @@ void store_tile(const Stream& s, int64_t j0, int64_t n, const math_t* src) {
 // has no conversion instructions, and the round trip through the tiles cost as much as the
 // conversions themselves: this is 1.8x to 2.3x faster at 1M elements, with the same operations
 // in the same order. Each index still reads every input before any output is written there.
+//
+// With `streaming`, outputs in the math type are computed into the tile and written to memory
+// with streaming stores.
 template <typename math_t, int K, int M, bool kSpansGroups, typename Uniform = void>
 void affine_span(const std::array<Stream, K>& in, const std::array<Stream, M>& out,
-                 const Coeffs<math_t>& c, int64_t n, int64_t lo, int64_t hi) {
+                 const Coeffs<math_t>& c, int64_t n, int64_t lo, int64_t hi, bool streaming) {
   constexpr auto kMath = std::is_same_v<math_t, double> ? at::kDouble : at::kFloat;
   // One group's coefficients, copied out of their strides once per span.
   math_t fixed[M * K];
@@ -197,7 +229,8 @@ void affine_span(const std::array<Stream, K>& in, const std::array<Stream, M>& o
     }
     for (int m = 0; m < M; ++m) {
       const bool direct = out[m].type == kMath;
-      math_t* y = direct ? static_cast<math_t*>(out[m].data) + j0 : y_tile;
+      math_t* const dst = static_cast<math_t*>(out[m].data) + j0;
+      math_t* y = direct && !streaming ? dst : y_tile;
       const auto coeff = [&](int k, int64_t i) {
         if constexpr (kSpansGroups) return c_tile[m * K + k][i];
         else return fixed[m * K + k];
@@ -207,7 +240,11 @@ void affine_span(const std::array<Stream, K>& in, const std::array<Stream, M>& o
         for (int k = 1; k < K; ++k) acc = acc + coeff(k, i) * x[k][i];
         y[i] = acc;
       }
-      if (!direct) store_tile(out[m], j0, len, y_tile);
+      if (!direct) {
+        store_tile(out[m], j0, len, y_tile);
+      } else if (streaming) {
+        stream_tile(dst, y_tile, len);
+      }
     }
   }
 }
@@ -234,21 +271,25 @@ void affine_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coef
   bool all_bf16 = !std::is_void_v<Bf16>;
   for (const auto* streams : {&inputs, &outputs})
     for (const auto& x : *streams) all_bf16 = all_bf16 && x.scalar_type() == at::kBFloat16;
+  int64_t output_bytes = 0;
+  for (const auto& y : outputs) output_bytes += y.nbytes();
+  const bool streaming = kCanStream && output_bytes >= kStreamingMinBytes;
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
     if (n < kSmallGroup) {
-      affine_span<math_t, K, M, true>(in, out, c, n, begin, end);
-      return;
-    }
-    // A task may straddle groups: walk it group by group so each span has fixed coefficients.
-    for (int64_t lo = begin; lo < end;) {
-      const int64_t hi = std::min(end, (lo / n + 1) * n);
-      if (all_bf16) {
-        affine_span<math_t, K, M, false, Bf16>(in, out, c, n, lo, hi);
-      } else {
-        affine_span<math_t, K, M, false>(in, out, c, n, lo, hi);
+      affine_span<math_t, K, M, true>(in, out, c, n, begin, end, streaming);
+    } else {
+      // A task may straddle groups: walk it group by group so each span has fixed coefficients.
+      for (int64_t lo = begin; lo < end;) {
+        const int64_t hi = std::min(end, (lo / n + 1) * n);
+        if (all_bf16) {
+          affine_span<math_t, K, M, false, Bf16>(in, out, c, n, lo, hi, false);
+        } else {
+          affine_span<math_t, K, M, false>(in, out, c, n, lo, hi, streaming);
+        }
+        lo = hi;
       }
-      lo = hi;
     }
+    if (streaming) fence_streams();
   });
 }
 

@@ -30,6 +30,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("advise_huge_pages", &fastflow::advise_huge_pages,
         "ask for transparent huge pages behind a fresh CPU tensor");
   m.attr("huge_page_min_bytes") = fastflow::kHugePageMinBytes;
+  m.attr("streaming_store_min_bytes") = fastflow::kStreamingMinBytes;
 #ifdef FASTFLOW_WITH_CUDA
   m.attr("cuda_built") = true;
   m.def("affine_cuda", &fastflow::affine_cuda, "outputs[m] = sum_k coeffs[g, m, k] * inputs[k]");

@@ -478,6 +478,32 @@ def test_cpu_instruction_sets_give_the_same_bits(dtype, layout):
         assert bits_equal(a, b)
 
 
+def test_streaming_stores_give_the_same_bits():
+    # Calls that write at least streaming_store_min_bytes store fp32 and fp64 outputs with
+    # streaming stores in the AVX2 build; the baseline build stores them plainly. Outputs that
+    # start off a vector boundary, and an in-place update, take the edges of that path.
+    ext = compiled_extension()
+    numel = ext.streaming_store_min_bytes // 4 // 2 + 3   # two fp32 outputs cross the threshold
+    gen = torch.Generator().manual_seed(11)
+    x0, x1 = (torch.randn(numel + 1, generator=gen) for _ in range(2))
+    coeffs = torch.randn(1, 2, 2, generator=gen)
+    state = torch.randn(numel * 2, generator=gen, dtype=torch.float64)
+
+    def run():
+        fresh = torch.ops.fastflow.affine([x0[1:], x1[1:]], coeffs)
+        shifted = [torch.empty(numel + 1)[1:] for _ in range(2)]   # 4 bytes off alignment
+        torch.ops.fastflow.affine_out([x0[:-1], x1[:-1]], coeffs, shifted)
+        updated = state.clone()
+        torch.ops.fastflow.affine_out([updated], torch.full((1, 1, 1), 0.5, dtype=torch.float64),
+                                      [updated])
+        return [*fresh, *shifted, updated]
+
+    results = _run_on_every_cpu_isa(run)
+    for a, b in zip(*results.values()):
+        assert bits_equal(a, b)
+    assert torch.equal(results["avx2"][-1], state * 0.5)
+
+
 @pytest.mark.parametrize("k, m", [(1, 1), (2, 2), (5, 4)])
 def test_bf16_streams_round_the_fp32_result_once(k, m):
     # Streams all in bf16 take a path of their own on CPU (no L1 tile): the bits must be those
