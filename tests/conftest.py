@@ -1,4 +1,5 @@
-"""Shared fixtures: the backends to test, the dtype tolerance table, and the comparison helper.
+"""Shared fixtures: the backends to test, the dtype tolerance table, comparison helpers, and a
+recorder of the ops that reach the dispatcher.
 
 On a machine without a GPU the Triton kernels run under TRITON_INTERPRET=1 on CPU tensors; it
 must be set before Triton compiles anything, hence here, at collection time.
@@ -10,6 +11,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import fastflow  # noqa: E402
 from fastflow import _backends  # noqa: E402
@@ -48,6 +51,22 @@ def assert_close_to_reference(actual, expected, dtype):
     e = expected.double().cpu()
     err = ((a - e).abs() / e.abs().clamp(min=1.0)).max().item()
     assert err <= TOLERANCE[dtype], f"scaled error {err:.3g} > {TOLERANCE[dtype]:.1g} for {dtype}"
+
+
+class RecordOps(TorchDispatchMode):
+    """Within its `with` block, records every op that reaches the dispatcher (`ops`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+    def names(self):
+        """The ops' names without overload, e.g. "lift_fresh"."""
+        return {func.overloadpacket.__name__ for func in self.ops}
 
 
 def compiled_extension():
