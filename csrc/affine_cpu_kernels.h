@@ -68,13 +68,28 @@ void visit_float_type(at::ScalarType type, const Visit& visit) {
 void widen(const c10::BFloat16* src, int64_t n, float* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
 }
+#ifdef FASTFLOW_CPU_F16C
+constexpr bool kHasF16C = true;
+__m256 widen8(const c10::Half* src) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+}
+void narrow8(__m256 x, c10::Half* dst) {
+  const __m128i h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  const __m128i nan16 = _mm_packs_epi32(_mm256_castsi256_si128(nan),
+                                        _mm256_extracti128_si256(nan, 1));
+  const __m128i c10_nan = _mm_or_si128(_mm_and_si128(h, _mm_set1_epi16(int16_t(0x8000))),
+                                       _mm_set1_epi16(0x7E00));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_blendv_epi8(h, c10_nan, nan16));
+}
+#else
+constexpr bool kHasF16C = false;
+#endif
+
 void widen(const c10::Half* src, int64_t n, float* dst) {
   int64_t i = 0;
 #ifdef FASTFLOW_CPU_F16C
-  for (; i + 8 <= n; i += 8) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
-  }
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, widen8(src + i));
 #endif
   for (; i < n; ++i) dst[i] = to_float(src[i]);
 }
@@ -84,17 +99,7 @@ void narrow(const float* src, int64_t n, c10::BFloat16* dst) {
 void narrow(const float* src, int64_t n, c10::Half* dst) {
   int64_t i = 0;
 #ifdef FASTFLOW_CPU_F16C
-  const __m128i sign = _mm_set1_epi16(static_cast<int16_t>(0x8000));
-  const __m128i quiet_nan = _mm_set1_epi16(0x7E00);
-  for (; i + 8 <= n; i += 8) {
-    const __m256 x = _mm256_loadu_ps(src + i);
-    const __m128i h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT);
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-    const __m128i nan16 = _mm_packs_epi32(_mm256_castsi256_si128(nan),
-                                          _mm256_extracti128_si256(nan, 1));
-    const __m128i c10_nan = _mm_or_si128(_mm_and_si128(h, sign), quiet_nan);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm_blendv_epi8(h, c10_nan, nan16));
-  }
+  for (; i + 8 <= n; i += 8) narrow8(_mm256_loadu_ps(src + i), dst + i);
 #endif
   for (; i < n; ++i) dst[i] = to_half(src[i]);
 }
@@ -164,11 +169,12 @@ void store_tile(const Stream& s, int64_t j0, int64_t n, const math_t* src) {
 // coefficients per element, gathered into an L1 table first. Both compute each output with the
 // same operations in the same order.
 //
-// Uniform, when not void, is the storage type of every stream (bf16; one group's span): values
-// are then converted in the loop that computes them, all outputs per index, with no tile. bf16
-// has no conversion instructions, and the round trip through the tiles cost as much as the
-// conversions themselves: this is 1.8x to 2.3x faster at 1M elements, with the same operations
-// in the same order. Each index still reads every input before any output is written there.
+// Uniform, when not void, is the storage type of every stream (bf16, or fp16 with F16C; one
+// group's span): values are then converted in the loop that computes them, all outputs per
+// index, with no tile. For bf16 (no conversion instructions) the round trip through the tiles
+// cost as much as the conversions themselves: this is 1.8x to 2.3x faster at 1M elements, with
+// the same operations in the same order. Each index still reads every input before any output
+// is written there.
 //
 // With `streaming`, outputs in the math type are computed into the tile and written to memory
 // with streaming stores.
@@ -189,7 +195,26 @@ void affine_span(const std::array<Stream, K>& in, const std::array<Stream, M>& o
     Uniform* y[M];
     for (int k = 0; k < K; ++k) x[k] = static_cast<const Uniform*>(in[k].data);
     for (int m = 0; m < M; ++m) y[m] = static_cast<Uniform*>(out[m].data);
-    for (int64_t i = lo; i < hi; ++i) {
+    int64_t i = lo;
+#ifdef FASTFLOW_CPU_F16C
+    if constexpr (std::is_same_v<Uniform, c10::Half>) {
+      // fp16 through F16C, eight values at a time (the compiler does not vectorise c10's
+      // conversions into it); the scalar loop below gives the same bits for the tail.
+      __m256 coeff[M * K];
+      for (int j = 0; j < M * K; ++j) coeff[j] = _mm256_set1_ps(fixed[j]);
+      for (; i + 8 <= hi; i += 8) {
+        __m256 v[K];
+        for (int k = 0; k < K; ++k) v[k] = widen8(x[k] + i);
+        for (int m = 0; m < M; ++m) {
+          __m256 acc = _mm256_mul_ps(coeff[m * K], v[0]);
+          for (int k = 1; k < K; ++k)
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(coeff[m * K + k], v[k]));
+          narrow8(acc, y[m] + i);
+        }
+      }
+    }
+#endif
+    for (; i < hi; ++i) {
       math_t v[K];
       for (int k = 0; k < K; ++k) v[k] = load_as<math_t>(x[k][i]);
       for (int m = 0; m < M; ++m) {
@@ -266,11 +291,16 @@ void affine_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coef
   const int64_t numel = inputs[0].numel();
   const int64_t n = numel / coeffs.size(0);
 
-  // Streams all in bf16 (with fp32 math) are converted in registers: affine_span's Uniform.
-  using Bf16 = std::conditional_t<std::is_same_v<math_t, float>, c10::BFloat16, void>;
-  bool all_bf16 = !std::is_void_v<Bf16>;
+  // Streams all in bf16, or all in fp16 where F16C converts them (with fp32 math), are converted
+  // in registers: affine_span's Uniform.
+  constexpr bool kFloatMath = std::is_same_v<math_t, float>;
+  using Bf16 = std::conditional_t<kFloatMath, c10::BFloat16, void>;
+  using Fp16 = std::conditional_t<kFloatMath && kHasF16C, c10::Half, void>;
+  const at::ScalarType type = inputs[0].scalar_type();
+  bool uniform = (type == at::kBFloat16 && kFloatMath) ||
+                 (type == at::kHalf && !std::is_void_v<Fp16>);
   for (const auto* streams : {&inputs, &outputs})
-    for (const auto& x : *streams) all_bf16 = all_bf16 && x.scalar_type() == at::kBFloat16;
+    for (const auto& x : *streams) uniform = uniform && x.scalar_type() == type;
   int64_t output_bytes = 0;
   for (const auto& y : outputs) output_bytes += y.nbytes();
   const bool streaming = kCanStream && output_bytes >= kStreamingMinBytes;
@@ -281,8 +311,10 @@ void affine_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coef
       // A task may straddle groups: walk it group by group so each span has fixed coefficients.
       for (int64_t lo = begin; lo < end;) {
         const int64_t hi = std::min(end, (lo / n + 1) * n);
-        if (all_bf16) {
+        if (uniform && type == at::kBFloat16) {
           affine_span<math_t, K, M, false, Bf16>(in, out, c, n, lo, hi, false);
+        } else if (uniform) {
+          affine_span<math_t, K, M, false, Fp16>(in, out, c, n, lo, hi, false);
         } else {
           affine_span<math_t, K, M, false>(in, out, c, n, lo, hi, streaming);
         }

@@ -495,15 +495,24 @@ def test_streaming_stores_give_the_same_bits():
     assert torch.equal(results["avx2"][-1], state * 0.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("k, m", [(1, 1), (2, 2), (5, 4)])
-def test_bf16_streams_round_the_fp32_result_once(k, m):
-    # Streams all in bf16 take a path of their own on CPU (no L1 tile): the bits must be those
-    # of the fp32 result rounded once, as mixed-type calls compute it.
-    inputs, coeffs = _case(k, m, (6, 1000), True, torch.bfloat16, "cpu")
+def test_16_bit_streams_round_the_fp32_result_once(k, m, dtype):
+    # Streams all in bf16 (or in fp16, with F16C) take a path of their own on CPU (no L1 tile):
+    # the bits must be those of the fp32 result rounded once, as mixed-type calls compute it.
+    # Groups of 1003 elements: eight at a time, then a tail of three.
+    inputs, coeffs = _case(k, m, (6, 1003), True, dtype, "cpu")
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 6e4, -6e4, 3e-6, -0.0])
+    for x in inputs:  # NaNs, overflow to inf, subnormals: narrowing's edges, in vectors and tails
+        x[0, :7], x[1, -7:] = special.to(dtype), special.flip(0).to(dtype)
     wide = [torch.empty(x.shape) for x in inputs[:m]]
     torch.ops.fastflow.affine_out(inputs, coeffs, wide)
     for got, expected in zip(torch.ops.fastflow.affine(inputs, coeffs), wide):
-        assert bits_equal(got, expected.to(torch.bfloat16))
+        # NaNs as NaNs: PyTorch itself narrows an fp32 NaN to bf16 as 0x7FC0 (c10's scalar
+        # code, which fastflow follows) or 0xFFFF (ATen's vectorised copy).
+        nan = expected.isnan()
+        assert torch.equal(got.isnan(), nan)
+        assert bits_equal(got[~nan], expected[~nan].to(dtype))
 
 
 def test_cpu_instruction_sets_convert_16_bit_floats_alike():
