@@ -114,10 +114,11 @@ def flow_matching_loss(pred, x0, x1, t, path=None, prediction="velocity", noise=
 
 def weighted_mean_square(inputs, rows, weight, reduction):
     """reduce(weight * mean_square(inputs, rows)), recorded op by op."""
-    per_sample = mean_square(inputs, rows)
-    if weight is not None:
-        per_sample = per_sample * weight
-    return reduce(per_sample, reduction)
+    return _weighted(mean_square(inputs, rows), weight, reduction)
+
+
+def _weighted(per_sample, weight, reduction):
+    return reduce(per_sample if weight is None else per_sample * weight, reduction)
 
 
 class _LossNode(torch.autograd.Function):
@@ -131,32 +132,31 @@ class _LossNode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, reduction, rows, weight, *inputs):
-        coeffs = rows[:, None, :].to(_ops.math_dtype(inputs[0].dtype))
-        squares = _ops.affine_sqnorm(inputs, coeffs)
-        count = _count_per_sample(inputs[0], rows.shape[0])
-        per_sample = squares / count
-        weighted = per_sample if weight is None else per_sample * weight
-        ctx.reduction, ctx.count = reduction, count
+        per_sample = mean_square(inputs, rows)
+        ctx.reduction = reduction
         weight_grad = weight is not None and ctx.needs_input_grad[2]
-        ctx.save_for_backward(coeffs, weight, per_sample if weight_grad else None, *inputs)
-        return reduce(weighted, reduction)
+        ctx.save_for_backward(rows, weight, per_sample if weight_grad else None, *inputs)
+        return _weighted(per_sample, weight, reduction)
 
     @staticmethod
     def backward(ctx, grad):
-        coeffs, weight, per_sample, *inputs = ctx.saved_tensors
+        rows, weight, per_sample, *inputs = ctx.saved_tensors
+        batch = rows.shape[0]
+        count = _count_per_sample(inputs[0], batch)
         # dL/d(each sample's weighted loss): one value for all samples unless unreduced.
-        samples = coeffs.shape[0] if ctx.reduction == "mean" else 1
+        samples = batch if ctx.reduction == "mean" else 1
         if weight is None:  # one division for the mean and the element count
-            grad_squares = grad / (samples * ctx.count)
+            grad_squares = grad / (samples * count)
             grad_weight = None
         else:
             grad = grad / samples
             grad_weight = grad * per_sample if per_sample is not None else None
-            grad_squares = grad * weight / ctx.count
+            grad_squares = grad * weight / count
         if grad_squares.dim():
             grad_squares = grad_squares[:, None]
         grad_inputs, grad_coeffs = _ops.sqnorm_gradients(
-            coeffs, inputs, grad_squares, ctx.needs_input_grad[3:], ctx.needs_input_grad[1])
+            _squares_coeffs(inputs, rows), inputs, grad_squares, ctx.needs_input_grad[3:],
+            ctx.needs_input_grad[1])
         grad_rows = grad_coeffs[:, 0] if grad_coeffs is not None else None
         return None, grad_rows, grad_weight, *grad_inputs
 
@@ -170,8 +170,13 @@ def check_reduction(reduction):
 def mean_square(inputs, rows):
     """Per-sample mean of (sum_k rows[:, k] * inputs[k])^2 over each sample's elements, fused:
     rows is [B, K] and the combination is never written out."""
-    coeffs = rows[:, None, :].to(_ops.math_dtype(inputs[0].dtype))
-    return _ops.affine_sqnorm(inputs, coeffs) / _count_per_sample(inputs[0], rows.shape[0])
+    squares = _ops.affine_sqnorm(inputs, _squares_coeffs(inputs, rows))
+    return squares / _count_per_sample(inputs[0], rows.shape[0])
+
+
+def _squares_coeffs(inputs, rows):
+    """[B, K] rows as affine_sqnorm's [B, 1, K] coefficients, in the inputs' math type."""
+    return rows[:, None, :].to(_ops.math_dtype(inputs[0].dtype))
 
 
 def _count_per_sample(x, batch):
