@@ -62,9 +62,10 @@ void dispatch_arity(int64_t k, int64_t m, F&& f) {
 // between the available ones (the tests run each).
 std::string cpu_isa();
 void set_cpu_isa(const std::string& isa);
-// Total output bytes from which the AVX2 affine kernels write their fp32 and fp64 outputs with
-// streaming stores (affine_cpu_kernels.h): twice the 32 MB last-level cache of the machines
-// measured, so that outputs an op would find in cache are left there.
+// Total output bytes from which the AVX2 affine kernels write fp32 and fp64 outputs into
+// existing tensors (out=, in-place updates) with streaming stores (affine_cpu_kernels.h): twice
+// the 32 MB last-level cache of the machines measured, so that outputs an op would find in
+// cache are left there.
 constexpr int64_t kStreamingMinBytes = int64_t(64) << 20;
 
 // Hint the kernel to back a fresh CPU tensor with transparent huge pages (no-op elsewhere).

@@ -23,7 +23,7 @@ namespace fastflow {
 #ifdef FASTFLOW_AVX2_KERNELS
 namespace avx2 {  // affine_cpu_avx2.cpp
 void affine(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
-            const std::vector<at::Tensor>& outputs);
+            const std::vector<at::Tensor>& outputs, bool may_stream);
 void dot(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b, int64_t groups,
          at::Tensor& sums);
 void sqnorm(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs, at::Tensor& sums);
@@ -60,12 +60,13 @@ void set_cpu_isa(const std::string& isa) {
 
 namespace {
 
-// The kernels of the chosen instruction set, on checked arguments.
+// The kernels of the chosen instruction set, on checked arguments. `fresh`: the outputs were
+// just allocated (their pages not yet touched), which rules out streaming stores.
 void run_affine(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
-                const std::vector<at::Tensor>& outputs) {
+                const std::vector<at::Tensor>& outputs, bool fresh) {
   if (inputs[0].numel() == 0) return;
-  if (use_avx2()) return avx2::affine(inputs, coeffs, outputs);
-  baseline::affine(inputs, coeffs, outputs);
+  if (use_avx2()) return avx2::affine(inputs, coeffs, outputs, !fresh);
+  baseline::affine(inputs, coeffs, outputs, !fresh);
 }
 
 }  // namespace
@@ -73,7 +74,7 @@ void run_affine(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
 void affine_cpu(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
                 const std::vector<at::Tensor>& outputs) {
   check_affine_args(inputs, coeffs, outputs, c10::kCPU, /*one_dtype=*/false);
-  run_affine(inputs, coeffs, outputs);
+  run_affine(inputs, coeffs, outputs, /*fresh=*/false);
 }
 
 std::vector<at::Tensor> affine_fresh_cpu(const std::vector<at::Tensor>& inputs,
@@ -88,7 +89,7 @@ std::vector<at::Tensor> affine_fresh_cpu(const std::vector<at::Tensor>& inputs,
   std::vector<at::Tensor> outputs;
   for (int64_t i = 0; i < m; ++i) outputs.push_back(fresh_output(inputs[0]));
   check_affine_args(inputs, coeffs, outputs, c10::kCPU);
-  run_affine(inputs, coeffs, outputs);
+  run_affine(inputs, coeffs, outputs, /*fresh=*/true);
   return outputs;
 }
 

@@ -470,9 +470,10 @@ def test_cpu_instruction_sets_give_the_same_bits(dtype, layout):
 
 
 def test_streaming_stores_give_the_same_bits():
-    # Calls that write at least streaming_store_min_bytes store fp32 and fp64 outputs with
-    # streaming stores in the AVX2 build; the baseline build stores them plainly. Outputs that
-    # start off a vector boundary, and an in-place update, take the edges of that path.
+    # Calls that write at least streaming_store_min_bytes into existing fp32 and fp64 tensors
+    # use streaming stores in the AVX2 build (fresh outputs never do); the baseline build stores
+    # plainly. Outputs that start off a vector boundary, and an in-place update, take the edges
+    # of that path.
     ext = compiled_extension()
     numel = ext.streaming_store_min_bytes // 4 // 2 + 3   # two fp32 outputs cross the threshold
     gen = torch.Generator().manual_seed(11)
