@@ -402,6 +402,17 @@ def _nobody_intercepts(tensors):
             and not torch._C._autograd._profiler_enabled())
 
 
+def coefficient_builder(t, name):
+    """The backend's builder `name` (a field of _backends._Kernels, such as "path_coefficients")
+    for coefficients from the float64 times t, or None where PyTorch must compute them: t needs
+    a gradient, which must flow through PyTorch's formulas; something traces the call; or the
+    backend has no such builder. The builders repeat those formulas and give their bits."""
+    if (t.dtype != torch.float64 or (t.requires_grad and torch.is_grad_enabled())
+            or not _nobody_intercepts((t,))):
+        return None
+    return getattr(_backends.kernels(_backends.select(t.device)), name)
+
+
 class _EagerAutograd(torch.autograd.Function):
     """An op of _AUTOGRAD with a gradient to record, when nothing else must see the call: the
     op's kernel, and the setup and backward registered for the op, without the dispatcher.

@@ -11,7 +11,7 @@ x_t and pred, one write.
 """
 import torch
 
-from . import _backends, _ops
+from . import _ops
 from ._checks import batch_time, check_like, check_stream
 from .paths import AffinePath, coefficients, get_path
 
@@ -69,10 +69,9 @@ def _conversion_rows(path, t, src, dst, eps, dtype):
     the call, the backend's builder (C++ on CPU, Triton on GPU) computes the same formulas from
     the path's coefficient matrix in one call: the same bits, without the twenty-odd tiny tensor
     ops (kernel launches on a GPU) that cost more than the fused pass on a small batch."""
-    if not (t.requires_grad and torch.is_grad_enabled()) and _ops._nobody_intercepts((t,)):
-        build = _backends.kernels(_backends.select(t.device)).conversion_coefficients
-        if build is not None and t.dtype == torch.float64:
-            return build(coefficients(path, t, torch.float64), src, dst, float(eps), dtype)
+    build = _ops.coefficient_builder(t, "conversion_coefficients")
+    if build is not None:
+        return build(coefficients(path, t, torch.float64), src, dst, float(eps), dtype)
     return conversion_coefficients(path, t, src, dst, eps).to(dtype)
 
 

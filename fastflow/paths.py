@@ -22,8 +22,7 @@ import math
 
 import torch
 
-from . import _backends
-from ._ops import _nobody_intercepts, coefficient_matrix
+from ._ops import coefficient_builder, coefficient_matrix
 
 __all__ = ["Path", "AffinePath", "CondOT", "Polynomial", "Cosine", "LinearVP", "VP", "TargetCFM",
            "ConstantNoise", "SchrodingerBridge", "get_path"]
@@ -225,9 +224,7 @@ def coefficients(path, t, dtype):
     same bits, without the half-dozen tiny tensor ops (kernel launches on a GPU) that cost more
     than the fused kernel itself on a small batch."""
     native = _NATIVE.get(type(path))
-    if (native is not None and t.dtype == torch.float64
-            and not (t.requires_grad and torch.is_grad_enabled()) and _nobody_intercepts((t,))):
-        build = _backends.kernels(_backends.select(t.device)).path_coefficients
-        if build is not None:
-            return build(t, *native(path), dtype)
+    build = coefficient_builder(t, "path_coefficients") if native is not None else None
+    if build is not None:
+        return build(t, *native(path), dtype)
     return path.coefficients(t).to(dtype)
