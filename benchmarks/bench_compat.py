@@ -44,11 +44,10 @@ def _row(device, library, case, numel, ms_original, ms_fastflow):
 
 def _timed_pair(device, library, case, numel, make, run):
     """Time run(obj) for the original's and fastflow's objects from make(module), same seed."""
-    times = []
-    for module in _MODULES[library]:
-        obj = make(module)
-        times.append(common.time_ms(lambda: run(obj), device))
-    return _row(device, library, case, numel, *times)
+    original, ours = (make(module) for module in _MODULES[library])
+    ms = common.time_variants({"original": lambda: run(original),
+                               "fastflow": lambda: run(ours)}, device)
+    return _row(device, library, case, numel, ms["original"], ms["fastflow"])
 
 
 def run_torchcfm(device, sizes):

@@ -120,22 +120,28 @@ class Clocked:
         return out
 
 
-def _clocked_run(fn, clocked, device, reps=20, warmup=3):
-    """(total ms, ms inside the model) per call of fn, medians of `reps` runs."""
-    for _ in range(warmup):
-        fn()
-    totals, inside = [], []
-    for _ in range(reps):
-        clocked.seconds = 0.0
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        totals.append((time.perf_counter() - start) * 1e3)
-        inside.append(clocked.seconds * 1e3)
-    return statistics.median(totals), statistics.median(inside)
+def _clocked_runs(solvers, clocked, device, rounds=5, reps=4, warmup=3):
+    """name -> (total ms, ms inside the model) per call of each solver: medians of `reps` calls
+    in each of `rounds` rounds that interleave the solvers (see common.time_variants)."""
+    for fn in solvers.values():
+        for _ in range(warmup):
+            fn()
+    totals = {name: [] for name in solvers}
+    inside = {name: [] for name in solvers}
+    for _ in range(rounds):
+        for name, fn in solvers.items():
+            for _ in range(reps):
+                clocked.seconds = 0.0
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                totals[name].append((time.perf_counter() - start) * 1e3)
+                inside[name].append(clocked.seconds * 1e3)
+    return {name: (statistics.median(totals[name]), statistics.median(inside[name]))
+            for name in solvers}
 
 
 def run_overhead(device, steps):
@@ -143,9 +149,9 @@ def run_overhead(device, steps):
     clocked = Clocked(Model(2, 2, 0).to(device), device)
     x = torch.randn(16, 2, device=device)
     for method in ("euler", "midpoint", "rk4"):
-        measured = {name: _clocked_run(fn, clocked, device)
-                    for name, fn in _solvers(clocked, x, steps, method, device).items()
-                    if "capture" not in name}   # a replayed graph never enters the Python model
+        solvers = {name: fn for name, fn in _solvers(clocked, x, steps, method, device).items()
+                   if "capture" not in name}   # a replayed graph never enters the Python model
+        measured = _clocked_runs(solvers, clocked, device)
         per_step = {name: (total - inside) / steps * 1e3
                     for name, (total, inside) in measured.items()}
         ref = per_step.get("flow_matching ODESolver")
@@ -162,8 +168,8 @@ def run_mlp(device, steps):
     model = Model(2, 256, 3).to(device)
     x = torch.randn(1024, 2, device=device)
     for method in ("euler", "heun", "rk4"):
-        times = {name: common.time_ms(fn, device, reps=5 if device.type == "cpu" else None)
-                 for name, fn in _solvers(model, x, steps, method, device).items()}
+        times = common.time_variants(_solvers(model, x, steps, method, device), device,
+                                     rounds=3)
         ref = times.get("flow_matching ODESolver")
         for name, ms in times.items():
             rows.append({"device": common.device_name(device), **common.versions(),

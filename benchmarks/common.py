@@ -33,38 +33,48 @@ def allocator_setting(device):
     return "THP" if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else "default"
 
 
-def time_ms(fn, device, reps=None, min_time=0.5, warmup=5):
-    """Median wall time of fn() in ms, after warm-up (on CPU the first calls that allocate fresh
-    huge pages run up to 2x slower until the kernel's pool settles); CUDA timed with events."""
-    for _ in range(warmup):
-        fn()
+def time_variants(variants, device, min_time=0.5, rounds=5, warmup=5):
+    """Median wall time in ms of each variant (a no-argument callable), sampled in `rounds`
+    interleaved rounds: every round times a block of calls of each variant in turn, so a burst
+    of load on a shared machine (or a GPU's clock moving) lands on every variant alike instead
+    of on whichever ran then. Warm-up first: on CPU the first calls that allocate fresh huge
+    pages run up to 2x slower until the kernel's pool settles. CUDA is timed with events."""
+    reps = {}
+    for name, fn in variants.items():
+        for _ in range(warmup):
+            fn()
+        once = max(_timed_calls(fn, device, 1)[0], 1e-3)
+        reps[name] = max(2, min(200, int(min_time * 1e3 / rounds / once)))
+    samples = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            samples[name] += _timed_calls(fn, device, reps[name])
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def time_ms(fn, device, min_time=0.5, rounds=1):
+    """Median wall time of fn() in ms (see time_variants)."""
+    return time_variants({"fn": fn}, device, min_time, rounds)["fn"]
+
+
+def _timed_calls(fn, device, reps):
+    """The time in ms of each of `reps` calls of fn."""
+    times = []
     if device.type == "cuda":
-        torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
         torch.cuda.synchronize()
-        once = max(start.elapsed_time(end), 1e-3)
-        reps = reps or max(10, min(1000, int(min_time * 1e3 / once)))
-        times = []
         for _ in range(reps):
             start.record()
             fn()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
-        return statistics.median(times)
-    t0 = time.perf_counter()
-    fn()
-    once = (time.perf_counter() - t0) * 1e3
-    reps = reps or max(10, min(200, int(min_time * 1e3 / max(once, 1e-3))))
-    times = []
+        return times
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return times
 
 
 def copy_bandwidth_gbps(device, nbytes):
@@ -80,7 +90,7 @@ def measure(device, dtype_name, numel, variants, moved_bytes, copy_gbps, extra=N
     """Time each variant (a no-argument callable) and return one result row per variant.
     `moved_bytes` is the minimum traffic of the op; speedups are against the variants named
     "eager" and "torch.compile", which every benchmark includes. extra(name) adds columns."""
-    ms = {name: time_ms(fn, device) for name, fn in variants.items()}
+    ms = time_variants(variants, device)
     rows = []
     for name in variants:
         gbps = moved_bytes / ms[name] / 1e6
