@@ -402,6 +402,14 @@ def _nobody_intercepts(tensors):
             and not torch._C._autograd._profiler_enabled())
 
 
+def capturing(device):
+    """Whether a CUDA graph is being captured on `device`. Caches of device tensors are then
+    neither read nor filled: a tensor first filled during capture holds its value only in
+    replays, and a cached one that is later evicted would leave the graph reading freed memory.
+    The graph records the ops that build the value instead."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def coefficient_builder(t, name):
     """The backend's builder `name` (a field of _backends._Kernels, such as "path_coefficients")
     for coefficients from the float64 times t, or None where PyTorch must compute them: t needs

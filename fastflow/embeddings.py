@@ -80,7 +80,8 @@ def timestep_embedding(t, dim, *, max_period=10000, flip_sin_to_cos=False, downs
         raise ValueError(f"downscale_freq_shift: equal to dim // 2 = {half}, which divides by zero "
                          f"(diffusers returns NaN here); use a larger dim or a smaller shift")
     frequencies = _sinusoidal_frequencies
-    if not torch.compiler.is_compiling():  # traced graphs compute them inline, eager calls reuse them
+    # Eager calls reuse them; traced graphs and CUDA graphs compute them inline (_ops.capturing).
+    if not (torch.compiler.is_compiling() or _ops.capturing(t.device)):
         frequencies = _cached_frequencies
     freqs = frequencies(half, float(max_period), float(downscale_freq_shift), t.dtype, t.device)
     return _ops.sinusoid(t, freqs, scale, flip_sin_to_cos, dim, _out_dtype(dtype, t))

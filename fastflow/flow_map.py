@@ -97,7 +97,11 @@ def sample_flow_map(model, x_init, steps=1, time_grid=None, **model_kwargs):
     from .sampling import _host_grid
 
     grid = _host_grid(None if time_grid is not None else steps, time_grid, None, False)
-    times = _device_times(tuple(grid), x_init.device)
+    if _ops.capturing(x_init.device):  # a CUDA graph may not copy from the host: fills instead
+        times = torch.stack([torch.full((), v, dtype=torch.float32, device=x_init.device)
+                             for v in grid])
+    else:
+        times = _device_times(tuple(grid), x_init.device)
     batch = x_init.shape[0]
     x = x_init
     for i in range(len(grid) - 1):

@@ -42,12 +42,13 @@ def _constant_residual(path, prediction, t, dtype):
     """The [B, 1 + K] residual rows (1, -target) when they do not depend on t: the noise and data
     targets of every path, the velocity of _CONSTANT_VELOCITY. A view of one cached row, so
     the commonest losses (rectified flow above all) build no coefficients per call. None when
-    the rows vary with t, t needs a gradient (which must then flow through them), or the call is
-    being compiled."""
+    the rows vary with t, t needs a gradient (which must then flow through them), the call is
+    being compiled (compiled code fuses the rows' ops anyway) or captured in a CUDA graph (see
+    _ops.capturing)."""
     constant = prediction in ("epsilon", "data") or (
         prediction == "velocity" and type(path) in _CONSTANT_VELOCITY)
     if (not constant or (t.requires_grad and torch.is_grad_enabled())
-            or torch.compiler.is_compiling()):  # compiled code fuses the rows' ops anyway
+            or torch.compiler.is_compiling() or _ops.capturing(t.device)):
         return None
     # The noise and data rows depend on the number of inputs only; the velocity rows on the
     # parameters of our own paths (floats).
@@ -57,9 +58,9 @@ def _constant_residual(path, prediction, t, dtype):
     if row is None:
         if len(_constant_rows) >= 64:  # a sweep over path parameters: keep the cache small
             _constant_rows.clear()
-        at_zero = torch.zeros(1, dtype=torch.float64)
-        row = _residual_rows(target_coefficients(path, at_zero, prediction))
-        row = _constant_rows[key] = row.to(dtype=dtype, device=t.device)
+        # Computed on the device (by its backend), never copied from the host.
+        row = _residual_rows(target_coefficients(path, t.new_zeros(1), prediction))
+        row = _constant_rows[key] = row.to(dtype)
     return row.expand(t.shape[0], -1)
 
 

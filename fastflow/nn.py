@@ -39,7 +39,8 @@ class SinusoidalEmbedding(nn.Module):
             options["downscale_freq_shift"] = downscale_freq_shift
         self.dim = dim
         self.options = dict(options, max_period=max_period, scale=scale)
-        embeddings.timestep_embedding(torch.zeros(1), dim, **self.options)  # fail early on bad args
+        # Fail early on bad arguments; on the meta device no backend is chosen or run.
+        embeddings.timestep_embedding(torch.zeros(1, device="meta"), dim, **self.options)
 
     def forward(self, t, dtype=None):
         return embeddings.timestep_embedding(t, self.dim, dtype=dtype, **self.options)

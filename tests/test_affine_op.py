@@ -308,7 +308,7 @@ def _interpolate_case(device="cpu"):
 
 
 def test_direct_eager_call_gives_the_dispatcher_call_bits(backend):
-    x0, x1, t = _interpolate_case()
+    x0, x1, t = _interpolate_case(backend)
     coeffs = fastflow.paths.CondOT().coefficients(t.double()).float()
     assert _ops._nobody_intercepts((x0, x1, coeffs))
     direct = _ops.affine([x0, x1], coeffs)
@@ -322,8 +322,9 @@ def test_direct_eager_autograd_gives_the_dispatcher_gradients(backend, op):
     # With a gradient to record, _call runs the kernel under _EagerAutograd, which reuses the
     # op's registered backward: same values and gradients, bit for bit, as through torch.ops.
     g = torch.Generator().manual_seed(3)
-    xs = [torch.randn(5, 7, generator=g, dtype=torch.float64) for _ in range(3)]
-    coeffs = torch.randn(5, 2 if op == "affine" else 1, 3, generator=g, dtype=torch.float64)
+    xs = [torch.randn(5, 7, generator=g, dtype=torch.float64).to(backend) for _ in range(3)]
+    coeffs = torch.randn(5, 2 if op == "affine" else 1, 3, generator=g,
+                         dtype=torch.float64).to(backend)
     results = []
     for call in (getattr(_ops, op), getattr(torch.ops.fastflow, op)):
         leaves = [x.clone().requires_grad_(k != 1) for k, x in enumerate(xs)]
@@ -344,8 +345,8 @@ def test_direct_eager_autograd_gives_the_dispatcher_gradients(backend, op):
 
 def test_direct_eager_autograd_of_the_sinusoid(backend):
     g = torch.Generator().manual_seed(5)
-    t0, f0 = torch.rand(6, generator=g, dtype=torch.float64), torch.rand(4, generator=g).double()
-    grad = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    t0, f0 = (torch.rand(n, generator=g, dtype=torch.float64).to(backend) for n in (6, 4))
+    grad = torch.randn(6, 9, generator=g, dtype=torch.float64).to(backend)
     results = []
     for call in (_ops.sinusoid, torch.ops.fastflow.sinusoid):
         t, freqs = t0.clone().requires_grad_(), f0.clone().requires_grad_()
@@ -399,14 +400,15 @@ def test_the_profiler_records_the_op():
 def test_coefficients_may_have_any_strides(backend, layout, shape):
     # The public ops build coefficients entry-major (_ops.coefficient_matrix); the CPU kernels
     # read them through their strides, the others get them packed.
-    inputs, _ = _case(3, 2, shape, True, torch.float32, "cpu")
+    inputs, _ = _case(3, 2, shape, True, torch.float32, backend)
     groups = shape[0]
     if layout == "entry-major":
-        coeffs = _ops.coefficient_matrix(list(torch.randn(6, groups).unbind(0)), 2, 3)
+        coeffs = _ops.coefficient_matrix(list(torch.randn(6, groups, device=backend).unbind(0)),
+                                         2, 3)
     elif layout == "transposed":
-        coeffs = torch.randn(groups, 3, 2).transpose(1, 2)
+        coeffs = torch.randn(groups, 3, 2, device=backend).transpose(1, 2)
     else:
-        coeffs = torch.randn(2 * groups, 2, 3)[::2]
+        coeffs = torch.randn(2 * groups, 2, 3, device=backend)[::2]
     assert not coeffs.is_contiguous()
     for strided, packed in zip(_ops.affine(inputs, coeffs), _ops.affine(inputs, coeffs.contiguous())):
         assert torch.equal(strided, packed)
@@ -417,8 +419,9 @@ def test_coefficients_may_have_any_strides(backend, layout, shape):
 def test_backward_of_the_streams_is_differentiable_again(backend):
     # The backward runs affine again (through the dispatcher when create_graph records it).
     g = torch.Generator().manual_seed(3)
-    x, y = (torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    coeffs = torch.randn(3, 2, 2, generator=g, dtype=torch.float64)
+    x, y = (torch.randn(3, 4, generator=g, dtype=torch.float64).to(backend).requires_grad_()
+            for _ in range(2))
+    coeffs = torch.randn(3, 2, 2, generator=g, dtype=torch.float64).to(backend)
     assert torch.autograd.gradgradcheck(lambda a, b: _ops.affine([a, b], coeffs), (x, y))
 
 

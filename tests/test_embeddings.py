@@ -118,7 +118,9 @@ def test_large_and_non_finite_arguments(backend):
     """Past the fast path's range (|a| > 8192) the CPU kernel switches to exact evaluation."""
     t = torch.tensor([1e5, -3e4, 8191.5, 2.5e6, 0.0], device=backend)
     out = fastflow.timestep_embedding(t, 20, downscale_freq_shift=0)
-    freqs = torch.exp(-math.log(10000) * torch.arange(10, dtype=torch.float32) / 10.0)
+    # The kernel's frequencies, computed on the device: a CUDA exp may round one of them to
+    # the other neighbour, which moves an argument of 1e6 by far more than the tolerance.
+    freqs = embeddings._sinusoidal_frequencies(10, 1e4, 0.0, torch.float32, backend).cpu()
     args = t.cpu()[:, None] * freqs[None, :]
     assert_close_to_reference(out, _sin_cos_oracle(args, False, 20), torch.float32)
     bad = fastflow.timestep_embedding(torch.tensor([float("nan"), float("inf")], device=backend), 4)
@@ -283,6 +285,15 @@ def test_bad_input():
     with pytest.raises(ValueError, match="freqs must be 1-D"):
         torch.ops.fastflow.sinusoid(t, torch.ones(3, dtype=torch.float64), 1.0, False, 6,
                                     torch.float32)
+
+
+def test_the_module_checks_its_arguments_without_running_a_backend(monkeypatch):
+    # The constructor validates on the meta device: with a backend forced that cannot run on
+    # CPU tensors (triton or cuda on a GPU machine), building the module must still work.
+    monkeypatch.setenv(fastflow._backends.ENV_VAR, "cuda")
+    assert SinusoidalEmbedding(8, convention="adm").dim == 8
+    with pytest.raises(ValueError, match="downscale_freq_shift"):
+        SinusoidalEmbedding(2, downscale_freq_shift=1)
 
 
 def test_compiled_kernels_check_their_arguments():

@@ -149,7 +149,7 @@ def test_diffusers_errors_are_value_errors_here_too(scheduler_cls, kwargs):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_device_matches_diffusers(scheduler_cls):
+def test_cuda_device_matches_diffusers(scheduler_cls):
     scheduler = scheduler_cls(use_dynamic_shifting=True, shift_terminal=0.1)
     scheduler.set_timesteps(28, device="cuda", mu=1.15)
     ours = flow_match_sigmas(28, mu=1.15, use_dynamic_shifting=True, shift_terminal=0.1, device="cuda")

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import LAUNCH_OPTIONS
+from . import LAUNCH_OPTIONS, on_device
 
 # The interpreter pays per program, not per element: big blocks keep CPU tests fast.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -101,9 +101,10 @@ def affine(inputs, coeffs, outputs):
     n = numel // groups
     tile_in_group = n >= _BLOCK // 2
     grid = (groups * triton.cdiv(n, _BLOCK),) if tile_in_group else (triton.cdiv(numel, _BLOCK),)
-    _affine_kernel[grid](tuple(inputs), tuple(outputs), coeffs, numel, n, K=len(inputs),
-                         M=len(outputs), BLOCK=_BLOCK, TILE_IN_GROUP=tile_in_group,
-                         **LAUNCH_OPTIONS)
+    with on_device(coeffs):
+        _affine_kernel[grid](tuple(inputs), tuple(outputs), coeffs, numel, n, K=len(inputs),
+                             M=len(outputs), BLOCK=_BLOCK, TILE_IN_GROUP=tile_in_group,
+                             **LAUNCH_OPTIONS)
 
 
 def affine_dot(a, b, groups):
@@ -116,10 +117,11 @@ def affine_dot(a, b, groups):
     rows, block, tiles_per_group = _reduction_grid(groups, n)
     partial = torch.empty(groups, tiles_per_group, len(a), len(b), dtype=math, device=a[0].device)
     grid = (triton.cdiv(groups, rows) * tiles_per_group,)
-    _dot_kernel[grid](tuple(a), tuple(b), partial, groups, n, tiles_per_group, M=len(a), K=len(b),
-                      ROWS=rows, BLOCK=block,
-                      ACC_DTYPE=tl.float64 if math == torch.float64 else tl.float32,
-                      **LAUNCH_OPTIONS)
+    with on_device(partial):
+        _dot_kernel[grid](tuple(a), tuple(b), partial, groups, n, tiles_per_group, M=len(a),
+                          K=len(b), ROWS=rows, BLOCK=block,
+                          ACC_DTYPE=tl.float64 if math == torch.float64 else tl.float32,
+                          **LAUNCH_OPTIONS)
     # Fold the per-tile sums in a fixed order, in fp64: deterministic run to run.
     return partial.double().sum(dim=1).to(math)
 
@@ -133,6 +135,7 @@ def affine_sqnorm(inputs, coeffs):
     rows, block, tiles_per_group = _reduction_grid(groups, n)
     partial = torch.empty(groups, tiles_per_group, dtype=coeffs.dtype, device=coeffs.device)
     grid = (triton.cdiv(groups, rows) * tiles_per_group,)
-    _sqnorm_kernel[grid](tuple(inputs), coeffs, partial, groups, n, tiles_per_group,
-                         K=len(inputs), ROWS=rows, BLOCK=block, **LAUNCH_OPTIONS)
+    with on_device(partial):
+        _sqnorm_kernel[grid](tuple(inputs), coeffs, partial, groups, n, tiles_per_group,
+                             K=len(inputs), ROWS=rows, BLOCK=block, **LAUNCH_OPTIONS)
     return partial.double().sum(dim=1).to(coeffs.dtype)

@@ -4,14 +4,13 @@
 
 The twin of csrc/conversions_cpu.cpp: the formulas of fastflow/conversions.py, operation for
 operation in fp64, so the bits are PyTorch's. In PyTorch they are twenty-odd tiny kernels before
-the fused one; here, one. eps travels as a cached fp64 tensor, like the paths' parameters.
+the fused one; here, one. eps is an fp64 argument, like the paths' parameters.
 """
 import torch
 import triton
 import triton.language as tl
 
-from . import LAUNCH_OPTIONS
-from .paths import _device_params
+from . import LAUNCH_OPTIONS, on_device
 
 _BLOCK = 256
 _KINDS = {"velocity": 0, "epsilon": 1, "data": 2, "score": 3}
@@ -24,7 +23,7 @@ def _safe(x, eps):
 
 
 @triton.jit
-def _conversion_kernel(pc_ptr, eps_ptr, out_ptr, groups, stride_g, stride_r, stride_c,
+def _conversion_kernel(pc_ptr, eps: tl.float64, out_ptr, groups, stride_g, stride_r, stride_c,
                        SRC: tl.constexpr, DST: tl.constexpr, BLOCK: tl.constexpr):
     g = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = g < groups
@@ -34,7 +33,7 @@ def _conversion_kernel(pc_ptr, eps_ptr, out_ptr, groups, stride_g, stride_r, str
     alpha = tl.load(at + stride_c, mask=mask)
     d_sigma = tl.load(at + stride_r, mask=mask)
     d_alpha = tl.load(at + stride_r + stride_c, mask=mask)
-    eps = tl.load(eps_ptr)
+    eps = tl.full([], eps, tl.float64)  # a typed scalar: the interpreter passes a Python float
     zero = tl.zeros([BLOCK], tl.float64)
     one = tl.full([BLOCK], 1.0, tl.float64)
     # (data, noise) estimates as rows over (x_t, pred).
@@ -74,7 +73,7 @@ def conversion_coefficients(path_coeffs, src, dst, eps, dtype):
     out = torch.empty(groups, 1, 2, dtype=dtype, device=path_coeffs.device)
     if groups:
         grid = (triton.cdiv(groups, _BLOCK),)
-        _conversion_kernel[grid](path_coeffs, _device_params((eps,), path_coeffs.device), out,
-                                 groups, *path_coeffs.stride(), _KINDS[src], _KINDS[dst], _BLOCK,
-                                 **LAUNCH_OPTIONS)
+        with on_device(path_coeffs):
+            _conversion_kernel[grid](path_coeffs, float(eps), out, groups, *path_coeffs.stride(),
+                                     _KINDS[src], _KINDS[dst], _BLOCK, **LAUNCH_OPTIONS)
     return out

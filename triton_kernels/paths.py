@@ -5,16 +5,15 @@
 The twin of csrc/paths_cpu.cpp (which says why only CondOT, Target-CFM and the constant-noise
 path qualify): the formulas of fastflow/paths.py, operation for operation in fp64, so the bits
 are PyTorch's. In PyTorch they are half a dozen tiny kernels before the fused one; here, one.
-The path's parameters travel as a cached fp64 tensor: a Python float would reach the kernel as
-fp32, and a fresh tensor per call would be a copy from the host.
+The path's parameter is an fp64 argument (annotated: an unannotated Python float reaches the
+kernel as fp32), so no tensor is copied from the host and a CUDA graph captures the launch as
+it is.
 """
-from functools import lru_cache
-
 import torch
 import triton
 import triton.language as tl
 
-from . import LAUNCH_OPTIONS
+from . import LAUNCH_OPTIONS, on_device
 
 _BLOCK = 256
 # name -> (kernel id, columns)
@@ -22,12 +21,12 @@ _PATHS = {"cond_ot": (0, 2), "constant_noise": (1, 3)}
 
 
 @triton.jit
-def _path_coefficients_kernel(t_ptr, params_ptr, out_ptr, groups, t_stride, PATH: tl.constexpr,
-                              COLUMNS: tl.constexpr, BLOCK: tl.constexpr):
+def _path_coefficients_kernel(t_ptr, p: tl.float64, out_ptr, groups, t_stride,
+                              PATH: tl.constexpr, COLUMNS: tl.constexpr, BLOCK: tl.constexpr):
     g = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = g < groups
     t = tl.load(t_ptr + g * t_stride, mask=mask)
-    p = tl.load(params_ptr)
+    p = tl.full([], p, tl.float64)  # a typed scalar: the interpreter passes a Python float
     row = out_ptr + g * (2 * COLUMNS)
     ty = out_ptr.dtype.element_ty
     one = tl.full([BLOCK], 1.0, tl.float64)
@@ -47,17 +46,14 @@ def _path_coefficients_kernel(t_ptr, params_ptr, out_ptr, groups, t_stride, PATH
 
 
 def path_coefficients(t, path, params, dtype):
-    """[G, 2, K] coefficients of `path` with `params` at the float64 times t [G], in dtype."""
+    """[G, 2, K] coefficients of `path` with `params` (its one parameter) at the float64 times
+    t [G], in dtype."""
     kind, columns = _PATHS[path]
+    (param,) = params
     out = torch.empty(t.shape[0], 2, columns, dtype=dtype, device=t.device)
     if t.shape[0]:
         grid = (triton.cdiv(t.shape[0], _BLOCK),)
-        _path_coefficients_kernel[grid](t, _device_params(tuple(params), t.device), out,
-                                        t.shape[0], t.stride(0), kind, columns, _BLOCK,
-                                        **LAUNCH_OPTIONS)
+        with on_device(t):
+            _path_coefficients_kernel[grid](t, float(param), out, t.shape[0], t.stride(0), kind,
+                                            columns, _BLOCK, **LAUNCH_OPTIONS)
     return out
-
-
-@lru_cache(maxsize=64)
-def _device_params(params, device):
-    return torch.tensor(params, dtype=torch.float64).to(device)
