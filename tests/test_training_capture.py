@@ -47,7 +47,11 @@ def test_training_step_has_no_host_syncs_on_cuda():
         torch.cuda.set_sync_debug_mode(0)
 
 
-def test_training_step_capture_replays_on_cuda():
+@pytest.mark.parametrize("caches", ["warm", "cold"])
+def test_training_step_capture_replays_on_cuda(caches):
+    # "cold": the device caches (loss rows, embedding frequencies) emptied after the warm-up,
+    # which compiled the kernels. A capture neither reads nor fills them (_ops.capturing): the
+    # graph records the ops that build their values.
     model = Net().cuda()
     static = _inputs(0)
     side = torch.cuda.Stream()
@@ -57,10 +61,16 @@ def test_training_step_capture_replays_on_cuda():
             model.zero_grad(set_to_none=False)
             _step(model, *static)
     torch.cuda.current_stream().wait_stream(side)
+    if caches == "cold":
+        fastflow.losses._constant_rows.clear()
+        fastflow.embeddings._cached_frequencies.cache_clear()
     graph = torch.cuda.CUDAGraph()
     model.zero_grad(set_to_none=False)
     with torch.cuda.graph(graph):
         captured = _step(model, *static)
+    if caches == "cold":
+        assert not fastflow.losses._constant_rows
+        assert fastflow.embeddings._cached_frequencies.cache_info().currsize == 0
     for seed in (1, 2):
         fresh = _inputs(seed)
         for buffer, value in zip(static, fresh):
