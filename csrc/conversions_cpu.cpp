@@ -52,13 +52,14 @@ void conversion_row(double alpha, double sigma, double d_alpha, double d_sigma, 
     data[0] = d_sigma / det, data[1] = -sigma / det;
     noise[0] = -d_alpha / det, noise[1] = alpha / det;
   }
+  const double safe_sigma = dst == Kind::kScore ? safe(sigma, eps) : 0.0;
   for (int j = 0; j < 2; ++j) {
     if (dst == Kind::kData) {
       row[j] = data[j];
     } else if (dst == Kind::kEpsilon) {
       row[j] = noise[j];
     } else if (dst == Kind::kScore) {
-      row[j] = -noise[j] / safe(sigma, eps);
+      row[j] = -noise[j] / safe_sigma;
     } else {
       row[j] = d_alpha * data[j] + d_sigma * noise[j];
     }

@@ -5,9 +5,10 @@
 // formulas are half a dozen tensor ops on B numbers, and each op's dispatch costs more than the
 // affine kernel itself on a small batch. This file repeats the formulas operation for operation
 // in double (the type paths.py computes them in on CPU), with no contraction, so the results are
-// the same bits; tests/test_paths.py compares them. triton_kernels/paths.py is the GPU twin. Only + - * / qualify: PyTorch's CPU sqrt, sin,
-// exp and pow (MKL's vector math in the official builds) need not round like libm's, so LinearVP,
-// the Schrodinger bridge, Cosine, VP and Polynomial stay in PyTorch.
+// the same bits; tests/test_paths.py compares them, and triton_kernels/paths.py is the GPU twin.
+// Only + - * / qualify: PyTorch's CPU sqrt, sin, exp and pow (MKL's vector math in the official
+// builds) need not round like libm's, so LinearVP, the Schrodinger bridge, Cosine, VP and
+// Polynomial stay in PyTorch.
 #include "coefficients.h"
 
 #include <ATen/Dispatch.h>

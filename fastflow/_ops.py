@@ -403,11 +403,40 @@ def _nobody_intercepts(tensors):
 
 
 def capturing(device):
-    """Whether a CUDA graph is being captured on `device`. Caches of device tensors are then
-    neither read nor filled: a tensor first filled during capture holds its value only in
-    replays, and a cached one that is later evicted would leave the graph reading freed memory.
-    The graph records the ops that build the value instead."""
+    """Whether a CUDA graph is being captured on `device`."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+class DeviceCache:
+    """Small device tensors built from plain values (the loss's constant rows, embedding
+    frequencies, flow-map time grids), kept so that eager calls neither rebuild them nor copy
+    them from the host every time. Bounded: a sweep over parameters empties it.
+
+    Neither read nor filled while something traces the call (a compiled graph computes the
+    values inline) or a CUDA graph is being captured: a tensor first filled during capture
+    holds its value only in replays, and a cached one evicted later would leave the graph
+    reading freed memory. `build` then runs, and the graph records its ops."""
+
+    def __init__(self, maxsize=64):
+        self.maxsize = maxsize
+        self._entries = {}
+
+    def get(self, key, device, build):
+        """The tensor for `key` (hashable, naming the device), from build() on `device`."""
+        if torch.compiler.is_compiling() or capturing(device):
+            return build()
+        value = self._entries.get(key)
+        if value is None:
+            if len(self._entries) >= self.maxsize:
+                self._entries.clear()
+            value = self._entries[key] = build()
+        return value
+
+    def clear(self):
+        self._entries.clear()
+
+    def __len__(self):
+        return len(self._entries)
 
 
 def coefficient_builder(t, name):

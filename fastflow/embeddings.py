@@ -18,7 +18,6 @@ match diffusers' and ADM's to within an ulp or two of sin and cos.
 Gradients reach t (``d sin(a)/dt = freq * scale * cos(a)``) and the frequencies (learned Fourier
 W) through a fused backward; double backward is not supported.
 """
-import functools
 import math
 import numbers
 
@@ -79,11 +78,8 @@ def timestep_embedding(t, dim, *, max_period=10000, flip_sin_to_cos=False, downs
     if half and half == downscale_freq_shift:
         raise ValueError(f"downscale_freq_shift: equal to dim // 2 = {half}, which divides by zero "
                          f"(diffusers returns NaN here); use a larger dim or a smaller shift")
-    frequencies = _sinusoidal_frequencies
-    # Eager calls reuse them; traced graphs and CUDA graphs compute them inline (_ops.capturing).
-    if not (torch.compiler.is_compiling() or _ops.capturing(t.device)):
-        frequencies = _cached_frequencies
-    freqs = frequencies(half, float(max_period), float(downscale_freq_shift), t.dtype, t.device)
+    key = (half, float(max_period), float(downscale_freq_shift), t.dtype, t.device)
+    freqs = _frequencies.get(key, t.device, lambda: _sinusoidal_frequencies(*key))
     return _ops.sinusoid(t, freqs, scale, flip_sin_to_cos, dim, _out_dtype(dtype, t))
 
 
@@ -93,7 +89,7 @@ def _sinusoidal_frequencies(half, max_period, downscale_freq_shift, dtype, devic
     return torch.exp(exponent / (half - downscale_freq_shift))
 
 
-_cached_frequencies = functools.lru_cache(maxsize=64)(_sinusoidal_frequencies)
+_frequencies = _ops.DeviceCache()
 
 
 def fourier_embedding(t, W, *, log=False, flip_sin_to_cos=False, dtype=None):

@@ -7,8 +7,6 @@
 Each term is a per-sample mean of squares reduced by the fused kernel (the match target x_t is
 built inside it, never materialised) and the total is their weighted sum.
 """
-from functools import lru_cache
-
 import torch
 
 from . import _ops
@@ -97,11 +95,7 @@ def sample_flow_map(model, x_init, steps=1, time_grid=None, **model_kwargs):
     from .sampling import _host_grid
 
     grid = _host_grid(None if time_grid is not None else steps, time_grid, None, False)
-    if _ops.capturing(x_init.device):  # a CUDA graph may not copy from the host: fills instead
-        times = torch.stack([torch.full((), v, dtype=torch.float32, device=x_init.device)
-                             for v in grid])
-    else:
-        times = _device_times(tuple(grid), x_init.device)
+    times = _device_times(tuple(grid), x_init.device)
     batch = x_init.shape[0]
     x = x_init
     for i in range(len(grid) - 1):
@@ -113,8 +107,12 @@ def sample_flow_map(model, x_init, steps=1, time_grid=None, **model_kwargs):
     return x
 
 
-@lru_cache(maxsize=32)
+_times = _ops.DeviceCache(maxsize=32)
+
+
 def _device_times(grid, device):
     """The grid (a tuple) as float32 times on `device`, made once per grid and device: a copy
-    from the host on every call would make the host wait for the GPU each time."""
-    return torch.tensor(grid, dtype=torch.float32).to(device)
+    from the host on every call would make the host wait for the GPU each time. Built by fills,
+    without a copy from the host, which a CUDA graph could not capture."""
+    return _times.get((grid, device), device, lambda: torch.stack(
+        [torch.full((), v, dtype=torch.float32, device=device) for v in grid]))

@@ -35,32 +35,25 @@ def target_coefficients(path, t, prediction, eps=1e-6):
 # Paths whose velocity u_t = d_alpha x1 + d_sigma x0 (+ ...) has constant coefficients. Exact
 # types: a subclass may change the schedule.
 _CONSTANT_VELOCITY = (CondOT, TargetCFM, ConstantNoise)
-_constant_rows = {}
+_constant_rows = _ops.DeviceCache()
 
 
 def _constant_residual(path, prediction, t, dtype):
     """The [B, 1 + K] residual rows (1, -target) when they do not depend on t: the noise and data
-    targets of every path, the velocity of _CONSTANT_VELOCITY. A view of one cached row, so
-    the commonest losses (rectified flow above all) build no coefficients per call. None when
-    the rows vary with t, t needs a gradient (which must then flow through them), the call is
-    being compiled (compiled code fuses the rows' ops anyway) or captured in a CUDA graph (see
-    _ops.capturing)."""
+    targets of every path, the velocity of _CONSTANT_VELOCITY. A view of one cached row, built
+    on the device, so the commonest losses (rectified flow above all) build no coefficients per
+    call. None when the rows vary with t, or t needs a gradient (which must then flow through
+    them)."""
     constant = prediction in ("epsilon", "data") or (
         prediction == "velocity" and type(path) in _CONSTANT_VELOCITY)
-    if (not constant or (t.requires_grad and torch.is_grad_enabled())
-            or torch.compiler.is_compiling() or _ops.capturing(t.device)):
+    if not constant or (t.requires_grad and torch.is_grad_enabled()):
         return None
     # The noise and data rows depend on the number of inputs only; the velocity rows on the
     # parameters of our own paths (floats).
     kind = (type(path), tuple(vars(path).items())) if prediction == "velocity" else path.uses_noise
-    key = (kind, prediction, dtype, t.device)
-    row = _constant_rows.get(key)
-    if row is None:
-        if len(_constant_rows) >= 64:  # a sweep over path parameters: keep the cache small
-            _constant_rows.clear()
-        # Computed on the device (by its backend), never copied from the host.
-        row = _residual_rows(target_coefficients(path, t.new_zeros(1), prediction))
-        row = _constant_rows[key] = row.to(dtype)
+    row = _constant_rows.get(
+        (kind, prediction, dtype, t.device), t.device,
+        lambda: _residual_rows(target_coefficients(path, t.new_zeros(1), prediction)).to(dtype))
     return row.expand(t.shape[0], -1)
 
 

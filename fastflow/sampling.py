@@ -291,7 +291,9 @@ class Sampler:
             if self.callback is not None or self.progress:
                 raise ValueError("capture: a captured loop cannot call back to the host; drop "
                                  "callback and progress, or capture=False")
-            return self._replay(x_init, uncond_kwargs or {}, model_kwargs, sample_ids)
+            # torch.cuda.graph captures on the current device's streams: make it x_init's.
+            with torch.cuda.device(x_init.device):
+                return self._replay(x_init, uncond_kwargs or {}, model_kwargs, sample_ids)
         return self._run(x_init, uncond_kwargs or {}, model_kwargs, sample_ids)
 
     def _tables(self, x_init):
@@ -370,37 +372,33 @@ class Sampler:
 
     def _replay(self, x_init, uncond_kwargs, model_kwargs, sample_ids):
         """Capture the loop as a CUDA graph on the first call for this signature, then replay."""
-        # torch.cuda.graph captures on the current device's streams, and the Triton kernels launch
-        # on the current device: make it x_init's.
-        with torch.cuda.device(x_init.device):
-            key = (tuple(x_init.shape), x_init.dtype, x_init.device, _signature(model_kwargs),
-                   _signature(uncond_kwargs))
-            if key not in self._graphs:
-                static_x = x_init.clone()
-                static_ids = _sample_ids(sample_ids, x_init.shape[0], x_init.device).clone()
-                static_kw, static_uncond = _static(model_kwargs), _static(uncond_kwargs)
-                side = torch.cuda.Stream(device=x_init.device)
-                side.wait_stream(torch.cuda.current_stream(x_init.device))
-                with torch.cuda.stream(side):  # warm up (lazy inits, autotuning) outside the graph
-                    self._run(static_x, static_uncond, static_kw, static_ids)
-                torch.cuda.current_stream(x_init.device).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    result = self._run(static_x, static_uncond, static_kw, static_ids)
-                # The graph reads the coefficient and time tables by address: hold them for its
-                # lifetime, whatever the plan cache evicts.
-                tables = self._tables(static_x)
-                self._graphs[key] = (graph, static_x, static_ids, static_kw, static_uncond, result,
-                                     tables)
-            graph, static_x, static_ids, static_kw, static_uncond, result, _ = self._graphs[key]
-            static_x.copy_(x_init)
-            static_ids.copy_(_sample_ids(sample_ids, x_init.shape[0], x_init.device))
-            _copy_into(static_kw, model_kwargs)
-            _copy_into(static_uncond, uncond_kwargs)
-            graph.replay()
-            if isinstance(result, tuple):
-                return tuple(r.clone() for r in result)
-            return result.clone()
+        key = (tuple(x_init.shape), x_init.dtype, x_init.device, _signature(model_kwargs),
+               _signature(uncond_kwargs))
+        if key not in self._graphs:
+            static_x = x_init.clone()
+            static_ids = _sample_ids(sample_ids, x_init.shape[0], x_init.device).clone()
+            static_kw, static_uncond = _static(model_kwargs), _static(uncond_kwargs)
+            side = torch.cuda.Stream(device=x_init.device)
+            side.wait_stream(torch.cuda.current_stream(x_init.device))
+            with torch.cuda.stream(side):  # warm up (lazy inits, autotuning) outside the graph
+                self._run(static_x, static_uncond, static_kw, static_ids)
+            torch.cuda.current_stream(x_init.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                result = self._run(static_x, static_uncond, static_kw, static_ids)
+            # The graph reads the coefficient and time tables by address: hold them for its
+            # lifetime, whatever the plan cache evicts.
+            tables = self._tables(static_x)
+            self._graphs[key] = graph, static_x, static_ids, static_kw, static_uncond, result, tables
+        graph, static_x, static_ids, static_kw, static_uncond, result, _ = self._graphs[key]
+        static_x.copy_(x_init)
+        static_ids.copy_(_sample_ids(sample_ids, x_init.shape[0], x_init.device))
+        _copy_into(static_kw, model_kwargs)
+        _copy_into(static_uncond, uncond_kwargs)
+        graph.replay()
+        if isinstance(result, tuple):
+            return tuple(r.clone() for r in result)
+        return result.clone()
 
 
 class _Pass:

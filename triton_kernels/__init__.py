@@ -4,7 +4,7 @@ Each module holds one kernel family and its launchers. The launchers take contig
 that the op layer (fastflow/_ops.py) has already validated; under ``TRITON_INTERPRET=1`` they run
 on CPU tensors, which is how the test suite checks them on machines without a GPU.
 """
-import contextlib
+import functools
 
 import torch
 
@@ -14,10 +14,18 @@ import torch
 LAUNCH_OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}
 
 
-def on_device(tensor):
-    """A context that makes the CUDA device of `tensor` current: Triton launches on the current
-    device (and its current stream), and a tensor on another one would fault there. A no-op
-    where it already is current, the usual case, and for CPU tensors under the interpreter."""
-    if tensor.device.type != "cuda" or tensor.device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
-    return torch.cuda.device(tensor.device)
+def on_tensors_device(launcher):
+    """Run `launcher` with the CUDA device of its first argument (a tensor or a list of them)
+    current: Triton launches on the current device and its current stream, and a tensor on
+    another device would fault there. No switch where that device already is current, the
+    usual case, or for CPU tensors under the interpreter."""
+
+    @functools.wraps(launcher)
+    def launch(first, *args, **kwargs):
+        device = (first[0] if isinstance(first, (list, tuple)) else first).device
+        if device.type != "cuda" or device.index == torch.cuda.current_device():
+            return launcher(first, *args, **kwargs)
+        with torch.cuda.device(device):
+            return launcher(first, *args, **kwargs)
+
+    return launch

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import LAUNCH_OPTIONS, on_device
+from . import LAUNCH_OPTIONS, on_tensors_device
 
 # The interpreter pays per program, not per element: big blocks keep CPU tests fast.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -92,6 +92,7 @@ def _reduction_grid(groups, n):
     return _BLOCK // block, block, triton.cdiv(n, block)
 
 
+@on_tensors_device
 def affine(inputs, coeffs, outputs):
     """Write ``outputs[m] = sum_k coeffs[:, m, k] * inputs[k]`` (contiguous tensors, one shape)."""
     numel = inputs[0].numel()
@@ -101,12 +102,12 @@ def affine(inputs, coeffs, outputs):
     n = numel // groups
     tile_in_group = n >= _BLOCK // 2
     grid = (groups * triton.cdiv(n, _BLOCK),) if tile_in_group else (triton.cdiv(numel, _BLOCK),)
-    with on_device(coeffs):
-        _affine_kernel[grid](tuple(inputs), tuple(outputs), coeffs, numel, n, K=len(inputs),
-                             M=len(outputs), BLOCK=_BLOCK, TILE_IN_GROUP=tile_in_group,
-                             **LAUNCH_OPTIONS)
+    _affine_kernel[grid](tuple(inputs), tuple(outputs), coeffs, numel, n, K=len(inputs),
+                         M=len(outputs), BLOCK=_BLOCK, TILE_IN_GROUP=tile_in_group,
+                         **LAUNCH_OPTIONS)
 
 
+@on_tensors_device
 def affine_dot(a, b, groups):
     """Per-group dot products ``[groups, len(a), len(b)]`` in the math type of the inputs."""
     math = torch.float64 if a[0].dtype == torch.float64 else torch.float32
@@ -117,15 +118,15 @@ def affine_dot(a, b, groups):
     rows, block, tiles_per_group = _reduction_grid(groups, n)
     partial = torch.empty(groups, tiles_per_group, len(a), len(b), dtype=math, device=a[0].device)
     grid = (triton.cdiv(groups, rows) * tiles_per_group,)
-    with on_device(partial):
-        _dot_kernel[grid](tuple(a), tuple(b), partial, groups, n, tiles_per_group, M=len(a),
-                          K=len(b), ROWS=rows, BLOCK=block,
-                          ACC_DTYPE=tl.float64 if math == torch.float64 else tl.float32,
-                          **LAUNCH_OPTIONS)
+    _dot_kernel[grid](tuple(a), tuple(b), partial, groups, n, tiles_per_group, M=len(a), K=len(b),
+                      ROWS=rows, BLOCK=block,
+                      ACC_DTYPE=tl.float64 if math == torch.float64 else tl.float32,
+                      **LAUNCH_OPTIONS)
     # Fold the per-tile sums in a fixed order, in fp64: deterministic run to run.
     return partial.double().sum(dim=1).to(math)
 
 
+@on_tensors_device
 def affine_sqnorm(inputs, coeffs):
     """Per-group ``sum_i (sum_k coeffs[g, 0, k] * inputs[k][g, i])**2`` in the math type."""
     groups, numel = coeffs.shape[0], inputs[0].numel()
@@ -135,7 +136,6 @@ def affine_sqnorm(inputs, coeffs):
     rows, block, tiles_per_group = _reduction_grid(groups, n)
     partial = torch.empty(groups, tiles_per_group, dtype=coeffs.dtype, device=coeffs.device)
     grid = (triton.cdiv(groups, rows) * tiles_per_group,)
-    with on_device(partial):
-        _sqnorm_kernel[grid](tuple(inputs), coeffs, partial, groups, n, tiles_per_group,
-                             K=len(inputs), ROWS=rows, BLOCK=block, **LAUNCH_OPTIONS)
+    _sqnorm_kernel[grid](tuple(inputs), coeffs, partial, groups, n, tiles_per_group,
+                         K=len(inputs), ROWS=rows, BLOCK=block, **LAUNCH_OPTIONS)
     return partial.double().sum(dim=1).to(coeffs.dtype)

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import LAUNCH_OPTIONS, on_device
+from . import LAUNCH_OPTIONS, on_tensors_device
 
 _BLOCK = 256
 _KINDS = {"velocity": 0, "epsilon": 1, "data": 2, "score": 3}
@@ -67,13 +67,13 @@ def _conversion_kernel(pc_ptr, eps: tl.float64, out_ptr, groups, stride_g, strid
     tl.store(out_ptr + 2 * g + 1, row1.to(ty), mask=mask)
 
 
+@on_tensors_device
 def conversion_coefficients(path_coeffs, src, dst, eps, dtype):
     """[G, 1, 2] rows of fastflow.convert from the float64 path coefficients [G, 2, 2]."""
     groups = path_coeffs.shape[0]
     out = torch.empty(groups, 1, 2, dtype=dtype, device=path_coeffs.device)
     if groups:
         grid = (triton.cdiv(groups, _BLOCK),)
-        with on_device(path_coeffs):
-            _conversion_kernel[grid](path_coeffs, float(eps), out, groups, *path_coeffs.stride(),
-                                     _KINDS[src], _KINDS[dst], _BLOCK, **LAUNCH_OPTIONS)
+        _conversion_kernel[grid](path_coeffs, float(eps), out, groups, *path_coeffs.stride(),
+                                 _KINDS[src], _KINDS[dst], _BLOCK, **LAUNCH_OPTIONS)
     return out

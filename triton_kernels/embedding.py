@@ -16,7 +16,7 @@ import triton.language as tl
 
 from triton.language.extra import libdevice
 
-from . import LAUNCH_OPTIONS, on_device
+from . import LAUNCH_OPTIONS, on_tensors_device
 
 # The interpreter pays per program, not per element: big tiles keep CPU tests fast.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -87,6 +87,7 @@ def _scale(scale, like):
     return torch.full((1,), scale, dtype=like.dtype, device=like.device)
 
 
+@on_tensors_device
 def sinusoid(t, freqs, scale, cos_first, out):
     """Write ``[sin a, cos a]`` (or ``[cos a, sin a]``) of ``a = (t * freqs) * scale`` into out."""
     batch, half, dim = t.shape[0], freqs.shape[0], out.shape[1]
@@ -94,12 +95,12 @@ def sinusoid(t, freqs, scale, cos_first, out):
         return
     rows, block, grid = _grid(batch, half)
     grid = (grid[0], max(grid[1], 1))  # a program per row tile even with no frequencies
-    with on_device(out):
-        _sinusoid_kernel[grid](t, freqs, _scale(scale, t), out, batch, half, dim,
-                               COS_FIRST=cos_first, ZERO_COLUMN=dim > 2 * half, ROWS=rows,
-                               BLOCK=block, **LAUNCH_OPTIONS)
+    _sinusoid_kernel[grid](t, freqs, _scale(scale, t), out, batch, half, dim,
+                           COS_FIRST=cos_first, ZERO_COLUMN=dim > 2 * half, ROWS=rows, BLOCK=block,
+                           **LAUNCH_OPTIONS)
 
 
+@on_tensors_device
 def sinusoid_backward(grad, t, freqs, scale, cos_first, t_grad, freqs_grad):
     """(grad_t [B], grad_freqs [H]) of sinusoid, empty where not asked for."""
     batch, half, dim = t.shape[0], freqs.shape[0], grad.shape[1]
@@ -107,11 +108,10 @@ def sinusoid_backward(grad, t, freqs, scale, cos_first, t_grad, freqs_grad):
     t_partial = t.new_zeros((grid[1] if t_grad else 0, batch))
     f_partial = t.new_zeros((grid[0] if freqs_grad else 0, half))
     if batch and half and (t_grad or freqs_grad):
-        with on_device(grad):
-            _sinusoid_backward_kernel[grid](grad, t, freqs, _scale(scale, t), t_partial,
-                                            f_partial, batch, half, dim, COS_FIRST=cos_first,
-                                            T_GRAD=t_grad, FREQS_GRAD=freqs_grad, ROWS=rows,
-                                            BLOCK=block, **LAUNCH_OPTIONS)
+        _sinusoid_backward_kernel[grid](grad, t, freqs, _scale(scale, t), t_partial, f_partial,
+                                        batch, half, dim, COS_FIRST=cos_first, T_GRAD=t_grad,
+                                        FREQS_GRAD=freqs_grad, ROWS=rows, BLOCK=block,
+                                        **LAUNCH_OPTIONS)
     return _fold(t_partial, t_grad, t, scale), _fold(f_partial, freqs_grad, freqs, scale)
 
 

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import LAUNCH_OPTIONS, on_device
+from . import LAUNCH_OPTIONS, on_tensors_device
 
 _BLOCK = 256
 # name -> (kernel id, columns)
@@ -45,6 +45,7 @@ def _path_coefficients_kernel(t_ptr, p: tl.float64, out_ptr, groups, t_stride,
         tl.store(row + 5, (0.0 * one).to(ty), mask=mask)
 
 
+@on_tensors_device
 def path_coefficients(t, path, params, dtype):
     """[G, 2, K] coefficients of `path` with `params` (its one parameter) at the float64 times
     t [G], in dtype."""
@@ -53,7 +54,6 @@ def path_coefficients(t, path, params, dtype):
     out = torch.empty(t.shape[0], 2, columns, dtype=dtype, device=t.device)
     if t.shape[0]:
         grid = (triton.cdiv(t.shape[0], _BLOCK),)
-        with on_device(t):
-            _path_coefficients_kernel[grid](t, float(param), out, t.shape[0], t.stride(0), kind,
-                                            columns, _BLOCK, **LAUNCH_OPTIONS)
+        _path_coefficients_kernel[grid](t, float(param), out, t.shape[0], t.stride(0), kind,
+                                        columns, _BLOCK, **LAUNCH_OPTIONS)
     return out
