@@ -1,10 +1,12 @@
 // Coefficients computed from t in one call on CPU: the matrices of the built-in paths with
-// arithmetic schedules (paths_cpu.cpp) and the rows of fastflow.convert (conversions_cpu.cpp).
+// arithmetic schedules (paths_cpu.cpp) and the rows of fastflow.convert (conversions_cpu.cpp);
+// and coefficient matrices assembled from numbers and tensors (coefficient_matrix.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <string>
+#include <variant>
 #include <vector>
 
 namespace fastflow {
@@ -22,5 +24,15 @@ at::Tensor path_coefficients_cpu(const at::Tensor& t, const std::string& path,
 // (float32 or float64): the bits that fastflow.conversions computes with PyTorch.
 at::Tensor conversion_coefficients_cpu(const at::Tensor& path_coeffs, const std::string& src,
                                        const std::string& dst, double eps, at::ScalarType dtype);
+
+// One entry of coefficient_matrix: a number, or a tensor of G values (or one) of any shape.
+using CoefficientEntry = std::variant<at::Tensor, double>;
+
+// [G, outputs, inputs] coefficients in `dtype` on `device` from their entries, row by row (a
+// view of an entry-major [outputs * inputs, G] tensor, as fastflow._ops.coefficient_matrix
+// builds it); any device, recorded by autograd.
+at::Tensor coefficient_matrix(const std::vector<CoefficientEntry>& entries, int64_t outputs,
+                              int64_t inputs, int64_t groups, at::ScalarType dtype,
+                              at::Device device);
 
 }  // namespace fastflow

@@ -1,6 +1,7 @@
 // Entry point of fastflow._C. The op schemas, fake kernels and autograd live in
 // fastflow/_ops.py; this module only exposes the compiled kernels, which that module calls from
 // the dispatcher's CPU and CUDA kernels. Import torch before importing this module.
+#include <pybind11/stl.h>
 #include <torch/extension.h>
 
 #include "affine.h"
@@ -25,6 +26,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "[G, 2, K] coefficients of a built-in arithmetic path, the bits fastflow.paths computes");
   m.def("conversion_coefficients_cpu", &fastflow::conversion_coefficients_cpu,
         "[G, 1, 2] rows of fastflow.convert from a path's coefficient matrix, the same bits");
+  m.def("coefficient_matrix", &fastflow::coefficient_matrix,
+        "[G, outputs, inputs] coefficients from numbers and per-sample tensors, any device");
   m.def("cpu_isa", &fastflow::cpu_isa, "instruction set of the CPU affine kernels");
   m.def("set_cpu_isa", &fastflow::set_cpu_isa, "run the CPU affine kernels with 'baseline' or 'avx2'");
   m.def("advise_huge_pages", &fastflow::advise_huge_pages,

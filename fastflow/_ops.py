@@ -94,14 +94,38 @@ def _check_groups(ref, groups):
                          f"groups")
 
 
-def coefficient_matrix(entries, outputs, inputs):
-    """[G, outputs, inputs] coefficients from their entries (each a [G] tensor, row by row).
+def coefficient_matrix(entries, outputs, inputs, groups=None, dtype=None, device=None):
+    """[G, outputs, inputs] coefficients from their entries, row by row: [G] tensors; or, with
+    `groups` (G), `dtype` and `device` (a torch.device) given, any mix of numbers and tensors of G values (any
+    shape) or of one, converted (a number is rounded to `dtype`, as PyTorch rounds a scalar
+    operand).
 
     Stored entry-major, as a view of one [outputs * inputs, G] stack: stacking on the last
     dimension instead is a strided copy that costs ATen about 15 ns per entry on CPU, more than
     the kernel itself for small tensors. The CPU kernels read any strides; the GPU ones get the
-    coefficients packed (`_packed_for`)."""
+    coefficients packed (`_packed_for`). A mix is assembled by the extension in one call where
+    it may run (csrc/coefficient_matrix.cpp): from Python each entry would cost a few tensor
+    ops of several microseconds each."""
+    if len(entries) != outputs * inputs:
+        raise ValueError(f"fastflow coefficient_matrix: expected {outputs} x {inputs} entries, "
+                         f"got {len(entries)}")
+    if groups is not None:
+        tensors = [c for c in entries if isinstance(c, torch.Tensor)]
+        native = _backends._extension()[0] if _nobody_intercepts(tensors, device) else None
+        if native is not None:
+            return native.coefficient_matrix(entries, outputs, inputs, groups, dtype, device)
+        entries = [_column(c, groups, dtype, device) for c in entries]
     return torch.stack(entries).view(outputs, inputs, -1).permute(2, 0, 1)
+
+
+def _column(entry, groups, dtype, device):
+    """One entry of coefficient_matrix as a [groups] tensor."""
+    if not isinstance(entry, torch.Tensor):
+        return torch.full((groups,), entry, dtype=dtype, device=device)
+    if entry.numel() not in (groups, 1):
+        raise ValueError(f"fastflow coefficient_matrix: expected {groups} values or one, got "
+                         f"{entry.numel()}")
+    return entry.to(device=device, dtype=dtype).reshape(-1).expand(groups)
 
 
 def _packed_for(backend, coeffs):
@@ -386,15 +410,16 @@ _AUTOGRAD = {"affine": (_affine_setup_context, _affine_backward),
 _DIRECT_DEVICE_TYPES = ("cpu", "cuda")
 
 
-def _nobody_intercepts(tensors):
-    """Whether nothing but autograd must see an eager call of an op on `tensors`: no compiler or
+def _nobody_intercepts(tensors, device=None):
+    """Whether nothing but autograd must see an eager call of an op on `tensors` (on `device`,
+    by default the first tensor's): no compiler or
     tracer, dispatch mode (FakeTensorMode), functorch transform, tensor subclass, meta tensors
     or profiler. Then `_call` may skip the dispatcher: through it a call costs about 60 us more
     on CPU (two crossings into Python kernels: autograd, then the backend choice), and with a
     gradient to record about 0.2 ms more (torch.library's argument flattening on top), most of
     what a small tensor's call takes."""
     return (all(type(x) is torch.Tensor for x in tensors)
-            and tensors[0].device.type in _DIRECT_DEVICE_TYPES
+            and (device or tensors[0].device).type in _DIRECT_DEVICE_TYPES
             and not torch.compiler.is_compiling()
             and torch._C._len_torch_dispatch_stack() == 0
             and torch._C._functorch.peek_interpreter_stack() is None

@@ -154,8 +154,7 @@ class ConstantNoise(Path):
         self.sigma = float(sigma)
 
     def coefficients(self, t):
-        one = torch.ones_like(t)
-        return coefficient_matrix([1 - t, t, self.sigma * one, -one, one, 0 * one], 2, 3)
+        return coefficient_matrix([1 - t, t, self.sigma, -1, 1, 0], 2, 3, len(t), t.dtype, t.device)
 
 
 class SchrodingerBridge(Path):
@@ -171,10 +170,10 @@ class SchrodingerBridge(Path):
         self.sigma = float(sigma)
 
     def coefficients(self, t):
-        one = torch.ones_like(t)
         s_t = self.sigma * torch.sqrt(t * (1 - t))
         ratio = (1 - 2 * t) / (2 * t * (1 - t) + 1e-8)
-        return coefficient_matrix([1 - t, t, s_t, -one, one, ratio * s_t], 2, 3)
+        return coefficient_matrix([1 - t, t, s_t, -1, 1, ratio * s_t], 2, 3, len(t), t.dtype,
+                                  t.device)
 
 
 _BY_NAME = {

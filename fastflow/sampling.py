@@ -85,6 +85,8 @@ class Sampler:
         stochastic: re-noise after every Euler step instead of following the ODE: from the data
             estimate x1^ = x + (1 - t) v, x' = t' x1^ + (1 - t') eps (increasing grids, Euler).
             The noise of sample b at step i depends only on (noise_seed, sample_ids[b], i).
+            With capture, give sample_ids as a tensor on the device: a list or a CPU tensor is
+            copied from the host at every call.
         noise_seed: the seed of that noise (a Python int).
         doubled_batch: call the model once on a doubled batch [uncond; cond] (the diffusers
             convention: the kwargs must then describe 2B samples) instead of twice.
@@ -392,7 +394,8 @@ class Sampler:
             self._graphs[key] = graph, static_x, static_ids, static_kw, static_uncond, result, tables
         graph, static_x, static_ids, static_kw, static_uncond, result, _ = self._graphs[key]
         static_x.copy_(x_init)
-        static_ids.copy_(_sample_ids(sample_ids, x_init.shape[0], x_init.device))
+        if self.stochastic:  # only the noise reads them
+            static_ids.copy_(_sample_ids(sample_ids, x_init.shape[0], x_init.device))
         _copy_into(static_kw, model_kwargs)
         _copy_into(static_uncond, uncond_kwargs)
         graph.replay()

@@ -416,6 +416,79 @@ def test_coefficients_may_have_any_strides(backend, layout, shape):
     assert torch.equal(strided, _ops.affine_sqnorm(inputs, coeffs[:, :1].contiguous()))
 
 
+class _CountingExtension:
+    """fastflow._C's coefficient_matrix, counting its calls."""
+
+    def __init__(self, ext):
+        self.ext, self.calls = ext, 0
+
+    def coefficient_matrix(self, *args):
+        self.calls += 1
+        return self.ext.coefficient_matrix(*args)
+
+
+def _use_builder(native, monkeypatch):
+    """Make coefficient_matrix build with the extension (returns its call counter) or without."""
+    ext = _CountingExtension(compiled_extension()) if native else None
+    monkeypatch.setattr(_backends, "_extension", lambda: (ext, "disabled by the test"))
+    return ext
+
+
+def _mixed_entries(device, requires_grad=False):
+    """The entries of a [5, 2, 3] matrix as callers pass them: numbers, per-sample tensors of
+    any shape and float type, one value for all, a tensor on the host for device data."""
+    g = torch.Generator().manual_seed(7)
+    t = torch.rand(5, generator=g, dtype=torch.float64).to(device).requires_grad_(requires_grad)
+    return [1 - t, t.reshape(5, 1, 1), 0.1, -1, torch.tensor([2.5], dtype=torch.float16),
+            t.float().cpu() if device.type != "cpu" else t.float()], t
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["extension", "python"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_coefficient_matrix_from_numbers_and_tensors(backend, dtype, native, monkeypatch):
+    ext = _use_builder(native, monkeypatch)
+    entries, t = _mixed_entries(backend)
+    coeffs = _ops.coefficient_matrix(entries, 2, 3, 5, dtype, backend)
+    # Each entry converted to dtype on its own, as PyTorch rounds a scalar operand.
+    columns = [(1 - t).to(dtype), t.to(dtype), torch.full((5,), 0.1, dtype=dtype, device=backend),
+               torch.full((5,), -1.0, dtype=dtype, device=backend),
+               torch.full((5,), 2.5, dtype=dtype, device=backend), t.float().to(dtype)]
+    assert bits_equal(coeffs.contiguous(), torch.stack(columns, 1).view(5, 2, 3))
+    assert ext is None or ext.calls == 1
+
+
+def test_coefficient_matrix_gradients_reach_the_tensor_entries(monkeypatch):
+    grads = []
+    for native in (True, False):
+        ext = _use_builder(native, monkeypatch)
+        entries, t = _mixed_entries(torch.device("cpu"), requires_grad=True)
+        coeffs = _ops.coefficient_matrix(entries, 2, 3, 5, torch.float64, t.device)
+        (coeffs * torch.arange(30, dtype=torch.float64).view(5, 2, 3)).sum().backward()
+        grads.append(t.grad)
+        assert ext is None or ext.calls == 1
+    # d/dt of -(1 - t) * w0 + t * w1 + t * w5 (the float32 copy passes its gradient through).
+    w = torch.arange(30, dtype=torch.float64).view(5, 6)
+    assert torch.equal(grads[0], -w[:, 0] + w[:, 1] + w[:, 5])
+    assert torch.equal(grads[1], grads[0])
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["extension", "python"])
+def test_coefficient_matrix_rejects_wrong_entries(native, monkeypatch):
+    _use_builder(native, monkeypatch)
+    with pytest.raises(ValueError, match="expected 5 values or one, got 4"):
+        _ops.coefficient_matrix([torch.ones(4), 1.0], 1, 2, 5, torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match="expected 1 x 2 entries, got 3"):
+        _ops.coefficient_matrix([1.0, 2.0, 3.0], 1, 2, 5, torch.float32, torch.device("cpu"))
+
+
+def test_coefficient_matrix_compiles_without_graph_breaks():
+    def build(t):
+        return _ops.coefficient_matrix([1 - t, t, 0.5, -1], 2, 2, 6, torch.float32, t.device)
+
+    t = torch.rand(6, dtype=torch.float64)
+    assert bits_equal(torch.compile(build, fullgraph=True)(t), build(t))
+
+
 def test_backward_of_the_streams_is_differentiable_again(backend):
     # The backward runs affine again (through the dispatcher when create_graph records it).
     g = torch.Generator().manual_seed(3)

@@ -100,19 +100,13 @@ def _fused(streams, rows):
     dtype = functools.reduce(torch.promote_types, [x.dtype for x in xs + per_sample])
     if not dtype.is_floating_point or dtype.is_complex:
         raise TypeError(f"{ref_name}: expected floating-point tensors, got {dtype}")
-    math_dtype, batch = _ops.math_dtype(dtype), ref.shape[0]
-
-    def column(c):
-        if not isinstance(c, torch.Tensor):
-            return torch.full((batch,), c, dtype=math_dtype, device=ref.device)
-        c = c.to(device=ref.device, dtype=math_dtype).reshape(-1)
+    batch = ref.shape[0]
+    for c in per_sample:
         if c.numel() != batch and c.numel() != 1:
             raise _BatchSizeError(f"t: expected one time per sample of the batch of {batch}, got "
                                   f"{c.numel()} values")
-        return c.expand(batch)
-
-    coeffs = _ops.coefficient_matrix([column(row.get(n, 0)) for row in rows for n in names],
-                                     len(rows), len(names))
+    coeffs = _ops.coefficient_matrix([row.get(n, 0) for row in rows for n in names], len(rows),
+                                     len(names), batch, _ops.math_dtype(dtype), ref.device)
     return _ops.affine([x.to(dtype) for x in xs], coeffs)
 
 

@@ -238,13 +238,11 @@ def _fused(rows, inputs):
     lead = 0       # coefficients vary over dims < lead only
     dtype = None   # of every term c * x
     seen = {}      # coefficient shape -> its shape padded to x's rank
-    devices = set()
     for c in flat:
         if isinstance(c, Tensor):
             if (type(c) not in _PLAIN or not c.is_floating_point() or c.ndim > n
                     or (c.device != x.device and not (c.ndim == 0 and c.device.type == "cpu"))):
                 return None
-            devices.add(c.device)
             if c.shape not in seen:
                 padded = seen[c.shape] = (1,) * (n - c.ndim) + tuple(c.shape)
                 if any(a != 1 and a != b for a, b in zip(padded, shape)):
@@ -262,20 +260,11 @@ def _fused(rows, inputs):
     group = shape[:lead]
     groups = math.prod(group)
     math_dtype = torch.float64 if torch.float64 in (x.dtype, dtype) else torch.float32
-    if (len(seen) == 1 and len(devices) == 1 and all(isinstance(c, Tensor) for c in flat)
-            and seen[flat[0].shape][:lead] == group):
-        # The common case: every coefficient one [B, 1, ..., 1] (or data-shaped) tensor.
-        entries = flat
-    else:
-        entries = []
-        for c in flat:
-            if isinstance(c, Tensor):
-                col = c.reshape(seen[c.shape][:lead]).expand(group).reshape(groups)
-                entries.append(col.to(device=x.device, dtype=math_dtype))
-            else:
-                entries.append(torch.full((groups,), c, dtype=math_dtype, device=x.device))
-    coeffs = _ops.coefficient_matrix(entries, len(rows), len(inputs)).to(device=x.device,
-                                                                         dtype=math_dtype)
+    # Each tensor coefficient as one value per group (or one value in all).
+    entries = [c.reshape(seen[c.shape][:lead]).expand(group) if isinstance(c, Tensor) else c
+               for c in flat]
+    coeffs = _ops.coefficient_matrix(entries, len(rows), len(inputs), groups, math_dtype,
+                                     x.device)
     if dtype == x.dtype:
         return list(_ops.affine(inputs, coeffs))
     # The result's dtype is t's (e.g. fp64 coefficients over fp32 data): write it directly.
