@@ -3,7 +3,9 @@
     python benchmarks/bench_interpolate.py [--device cpu|cuda] [--sizes 65536,...] [--dtypes fp32,bf16]
 
 Per size and dtype: fused with fresh outputs, fused with out= buffers, eager
-`t*x1 + (1-t)*x0, x1 - x0`, and torch.compile of that eager function. Reports ms, effective GB/s
+`t*x1 + (1-t)*x0, x1 - x0`, and torch.compile of that eager function. On CUDA with the CUDA C++
+kernels built, fused also on that backend ("fused, cuda backend") beside the default (Triton):
+the figures that decide which of the two CUDA tensors should get. Reports ms, effective GB/s
 (two reads and two writes of the tensor size), speedups and the fraction of the copy bandwidth
 measured in the same run. Writes benchmarks/results/interpolate_<device>_<allocator>.csv and a
 PNG plot beside it. On CPU, run with THP_MEM_ALLOC_ENABLE=1 too: fresh-output figures depend on
@@ -30,6 +32,9 @@ def eager_cond_ot(x0, x1, t):
 
 def run(device, sizes, dtypes):
     compiled = torch.compile(eager_cond_ot)
+    backends = fastflow.backends()
+    both_gpu_backends = (device.type == "cuda" and backends["cuda"].available
+                         and backends["triton"].available)
     rows = []
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
@@ -46,6 +51,8 @@ def run(device, sizes, dtypes):
                 "eager": lambda: eager_cond_ot(x0, x1, t),
                 "torch.compile": lambda: compiled(x0, x1, t),
             }
+            if both_gpu_backends:
+                variants["fused, cuda backend"] = common.with_backend("cuda", variants["fused"])
             rows += common.measure(device, dtype_name, numel, variants, moved, copy_gbps)
             del x0, x1, out
     return rows

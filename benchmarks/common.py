@@ -57,6 +57,22 @@ def time_ms(fn, device, min_time=0.5, rounds=1):
     return time_variants({"fn": fn}, device, min_time, rounds)["fn"]
 
 
+def with_backend(name, fn):
+    """fn run with FASTFLOW_BACKEND=name, set around each call (a microsecond or so, against
+    the tens of microseconds of the smallest op)."""
+    def run():
+        previous = os.environ.get("FASTFLOW_BACKEND")
+        os.environ["FASTFLOW_BACKEND"] = name
+        try:
+            return fn()
+        finally:
+            if previous is None:
+                del os.environ["FASTFLOW_BACKEND"]
+            else:
+                os.environ["FASTFLOW_BACKEND"] = previous
+    return run
+
+
 def _timed_calls(fn, device, reps):
     """The time in ms of each of `reps` calls of fn."""
     times = []
