@@ -22,6 +22,22 @@ at::Tensor coefficient_matrix(const std::vector<CoefficientEntry>& entries, int6
                     "fastflow coefficient_matrix: expected ", outputs, " x ", inputs,
                     " entries, got ", entries.size());
   // Entry-major, as _ops.coefficient_matrix stores it: [outputs * inputs, G], viewed below.
+  const auto as_matrix = [&](const at::Tensor& entry_major) {
+    return entry_major.view({outputs, inputs, groups}).permute({2, 0, 1});
+  };
+  // Only tensors of one value per group on one device (every coefficient computed from t in
+  // PyTorch): one stack and one conversion, instead of a copy per entry. The stack promotes
+  // to a type that holds every entry exactly, so each is still rounded once.
+  std::vector<at::Tensor> columns;
+  for (const auto& entry : entries) {
+    const at::Tensor* values = std::get_if<at::Tensor>(&entry);
+    if (values == nullptr || values->numel() != groups ||
+        (!columns.empty() && values->device() != columns[0].device()))
+      break;
+    columns.push_back(values->reshape({-1}));
+  }
+  if (columns.size() == entries.size() && !columns.empty())
+    return as_matrix(at::stack(columns).to(device, dtype));
   at::Tensor out = at::empty({outputs * inputs, groups}, at::TensorOptions(dtype).device(device));
   for (size_t i = 0; i < entries.size(); ++i) {
     at::Tensor column = out.select(0, static_cast<int64_t>(i));
@@ -43,7 +59,7 @@ at::Tensor coefficient_matrix(const std::vector<CoefficientEntry>& entries, int6
                       values.numel());
     column.copy_(values.reshape({-1}));  // converts type and device; one value broadcasts
   }
-  return out.view({outputs, inputs, groups}).permute({2, 0, 1});
+  return as_matrix(out);
 }
 
 }  // namespace fastflow

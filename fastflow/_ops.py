@@ -96,9 +96,9 @@ def _check_groups(ref, groups):
 
 def coefficient_matrix(entries, outputs, inputs, groups=None, dtype=None, device=None):
     """[G, outputs, inputs] coefficients from their entries, row by row: [G] tensors; or, with
-    `groups` (G), `dtype` and `device` (a torch.device) given, any mix of numbers and tensors of G values (any
-    shape) or of one, converted (a number is rounded to `dtype`, as PyTorch rounds a scalar
-    operand).
+    `groups` (G), `dtype` and `device` (a torch.device) given, any mix of numbers and tensors
+    of G values (any shape) or of one, converted (a number is rounded to `dtype`, as PyTorch
+    rounds a scalar operand).
 
     Stored entry-major, as a view of one [outputs * inputs, G] stack: stacking on the last
     dimension instead is a strided copy that costs ATen about 15 ns per entry on CPU, more than
@@ -412,12 +412,12 @@ _DIRECT_DEVICE_TYPES = ("cpu", "cuda")
 
 def _nobody_intercepts(tensors, device=None):
     """Whether nothing but autograd must see an eager call of an op on `tensors` (on `device`,
-    by default the first tensor's): no compiler or
-    tracer, dispatch mode (FakeTensorMode), functorch transform, tensor subclass, meta tensors
-    or profiler. Then `_call` may skip the dispatcher: through it a call costs about 60 us more
-    on CPU (two crossings into Python kernels: autograd, then the backend choice), and with a
-    gradient to record about 0.2 ms more (torch.library's argument flattening on top), most of
-    what a small tensor's call takes."""
+    by default the first tensor's): no compiler or tracer, dispatch mode (FakeTensorMode),
+    functorch transform, tensor subclass, meta tensors or profiler. Then `_call` may skip the
+    dispatcher: through it a call costs about 60 us more on CPU (two crossings into Python
+    kernels: autograd, then the backend choice), and with a gradient to record about 0.2 ms
+    more (torch.library's argument flattening on top), most of what a small tensor's call
+    takes."""
     return (all(type(x) is torch.Tensor for x in tensors)
             and (device or tensors[0].device).type in _DIRECT_DEVICE_TYPES
             and not torch.compiler.is_compiling()

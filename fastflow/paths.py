@@ -154,7 +154,8 @@ class ConstantNoise(Path):
         self.sigma = float(sigma)
 
     def coefficients(self, t):
-        return coefficient_matrix([1 - t, t, self.sigma, -1, 1, 0], 2, 3, len(t), t.dtype, t.device)
+        return coefficient_matrix([1 - t, t, self.sigma, -1, 1, 0], 2, 3, len(t), t.dtype,
+                                  t.device)
 
 
 class SchrodingerBridge(Path):

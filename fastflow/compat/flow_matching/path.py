@@ -260,9 +260,10 @@ def _fused(rows, inputs):
     group = shape[:lead]
     groups = math.prod(group)
     math_dtype = torch.float64 if torch.float64 in (x.dtype, dtype) else torch.float32
-    # Each tensor coefficient as one value per group (or one value in all).
-    entries = [c.reshape(seen[c.shape][:lead]).expand(group) if isinstance(c, Tensor) else c
-               for c in flat]
+    # Each tensor coefficient with one value per group, or one in all: as it comes (the common
+    # [B, 1, ..., 1]), else broadcast over the group's dimensions first.
+    entries = [c if not isinstance(c, Tensor) or c.numel() in (1, groups)
+               else c.reshape(seen[c.shape][:lead]).expand(group) for c in flat]
     coeffs = _ops.coefficient_matrix(entries, len(rows), len(inputs), groups, math_dtype,
                                      x.device)
     if dtype == x.dtype:
