@@ -1,6 +1,6 @@
-// Coefficients computed from t in one call on CPU: the matrices of the built-in paths with
+// Coefficients in one call: computed from t on CPU, the matrices of the built-in paths with
 // arithmetic schedules (paths_cpu.cpp) and the rows of fastflow.convert (conversions_cpu.cpp);
-// and coefficient matrices assembled from numbers and tensors (coefficient_matrix.cpp).
+// assembled on any device from numbers and tensors computed elsewhere (coefficient_matrix.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>
