@@ -1,5 +1,5 @@
-// Coefficients in one call: computed from t on CPU, the matrices of the built-in paths with
-// arithmetic schedules (paths_cpu.cpp) and the rows of fastflow.convert (conversions_cpu.cpp);
+// Coefficients in one call: computed from t on CPU, the matrices of the built-in paths
+// (paths_cpu.cpp) and the rows of fastflow.convert (conversions_cpu.cpp);
 // assembled on any device from numbers and tensors computed elsewhere (coefficient_matrix.cpp).
 #pragma once
 
@@ -12,9 +12,9 @@
 namespace fastflow {
 
 // [G, 2, K] coefficients, rows (x_t, u_t) over columns (x0, x1[, noise]), of the path `path`
-// ("cond_ot" or "constant_noise") with parameters `params`
-// at the float64 times t [G], in `dtype` (float32 or float64): the bits that
-// fastflow.paths computes with PyTorch.
+// (a name of fastflow.paths._NATIVE) with parameters `params` at the float64 times t [G], in
+// `dtype` (float32 or float64): what fastflow.paths computes with PyTorch, to its bits where the
+// formulas are arithmetic (see paths_cpu.cpp).
 at::Tensor path_coefficients_cpu(const at::Tensor& t, const std::string& path,
                                  const std::vector<double>& params, at::ScalarType dtype);
 

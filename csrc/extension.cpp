@@ -23,7 +23,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sinusoid_backward_cpu", &fastflow::sinusoid_backward_cpu,
         "(grad_t, grad_freqs) of sinusoid_cpu");
   m.def("path_coefficients_cpu", &fastflow::path_coefficients_cpu,
-        "[G, 2, K] coefficients of a built-in arithmetic path, the bits fastflow.paths computes");
+        "[G, 2, K] coefficients of a built-in path, as fastflow.paths computes them");
   m.def("conversion_coefficients_cpu", &fastflow::conversion_coefficients_cpu,
         "[G, 1, 2] rows of fastflow.convert from a path's coefficient matrix, the same bits");
   m.def("coefficient_matrix", &fastflow::coefficient_matrix,

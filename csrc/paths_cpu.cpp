@@ -1,30 +1,75 @@
-// Coefficient matrices of the built-in paths whose schedules are plain arithmetic: CondOT (and
-// Target-CFM, the default and most used) and torchcfm's constant-noise path.
+// Coefficient matrices of the built-in paths, from t in one call.
 //
 // fastflow/paths.py defines every path in PyTorch (differentiable in t, any device). On CPU those
-// formulas are half a dozen tensor ops on B numbers, and each op's dispatch costs more than the
+// formulas are 4 to 20 tensor ops on B numbers, and each op's dispatch costs more than the
 // affine kernel itself on a small batch. This file repeats the formulas operation for operation
-// in double (the type paths.py computes them in on CPU), with no contraction, so the results are
-// the same bits; tests/test_paths.py compares them, and triton_kernels/paths.py is the GPU twin.
-// Only + - * / qualify: PyTorch's CPU sqrt, sin, exp and pow (MKL's vector math in the official
-// builds) need not round like libm's, so LinearVP, the Schrodinger bridge, Cosine, VP and
-// Polynomial stay in PyTorch.
+// in double (the type paths.py computes them in on CPU), with no contraction:
+// - CondOT, Target-CFM and the constant-noise path are + - * / only: the results are PyTorch's
+//   bits;
+// - sqrt, sin, cos, exp and pow come from the C library here and from PyTorch's vector math
+//   there. Both round within an ulp, but not always the same way (they differ on about 1% of
+//   arguments in double), so LinearVP, Polynomial, Cosine, VP and the Schrodinger bridge agree
+//   with PyTorch to a few ulps of double where their formulas are well conditioned. Rounded to
+//   float, the type of fp32, bf16 and fp16 streams' coefficients, they agreed on every time
+//   tested. tests/test_paths.py checks both; triton_kernels/paths.py is the GPU twin.
 #include "coefficients.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/MathConstants.h>
+
+#include <cmath>
 
 namespace fastflow {
 namespace {
 
-// Rows (x_t, u_t) over columns (x0, x1[, noise]) at time t, row-major, for paths of K columns.
-// Each line mirrors the expression of the same path in fastflow/paths.py.
+// Rows (x_t, u_t) over columns (x0, x1[, noise]) at time t, row-major, for paths of K columns:
+// (sigma, alpha, d_sigma, d_alpha) for the affine ones. Each line mirrors the expression of the
+// same path in fastflow/paths.py.
 void cond_ot(double t, const std::vector<double>& p, double* c) {
   const double slope = 1.0 - p[0];  // p = {sigma_min}
   c[0] = 1.0 - slope * t;
   c[1] = t;
   c[2] = -slope;
   c[3] = 1.0;
+}
+
+void polynomial(double t, const std::vector<double>& p, double* c) {
+  const double n = p[0];
+  const double alpha = std::pow(t, n), d_alpha = n * std::pow(t, n - 1.0);
+  c[0] = 1.0 - alpha;
+  c[1] = alpha;
+  c[2] = -d_alpha;
+  c[3] = d_alpha;
+}
+
+void cosine(double t, const std::vector<double>&, double* c) {
+  constexpr double kHalfPi = c10::pi<double> / 2;  // math.pi / 2
+  const double angle = kHalfPi * t, sin = std::sin(angle), cos = std::cos(angle);
+  c[0] = cos;
+  c[1] = sin;
+  c[2] = -kHalfPi * sin;
+  c[3] = kHalfPi * cos;
+}
+
+void linear_vp(double t, const std::vector<double>&, double* c) {
+  const double sigma = std::sqrt(1.0 - t * t);
+  c[0] = sigma;
+  c[1] = t;
+  c[2] = -t / sigma;
+  c[3] = 1.0;
+}
+
+void vp(double t, const std::vector<double>& p, double* c) {
+  const double beta_min = p[0], spread = p[1] - p[0];  // p = {beta_min, beta_max}
+  const double s = 1.0 - t;
+  const double big_t = 0.5 * (s * s) * spread + s * beta_min, d_big_t = -s * spread - beta_min;
+  const double alpha = std::exp(-0.5 * big_t), decay = std::exp(-big_t);
+  const double sigma = std::sqrt(1.0 - decay);
+  c[0] = sigma;
+  c[1] = alpha;
+  c[2] = 0.5 * d_big_t * decay / sigma;
+  c[3] = -0.5 * d_big_t * alpha;
 }
 
 void constant_noise(double t, const std::vector<double>& p, double* c) {
@@ -36,6 +81,17 @@ void constant_noise(double t, const std::vector<double>& p, double* c) {
   c[5] = 0.0;
 }
 
+void schrodinger_bridge(double t, const std::vector<double>& p, double* c) {
+  const double s_t = p[0] * std::sqrt(t * (1.0 - t));  // p = {sigma}
+  const double ratio = (1.0 - 2.0 * t) / (2.0 * t * (1.0 - t) + 1e-8);
+  c[0] = 1.0 - t;
+  c[1] = t;
+  c[2] = s_t;
+  c[3] = -1.0;
+  c[4] = 1.0;
+  c[5] = ratio * s_t;
+}
+
 struct NativePath {
   const char* name;
   int columns;
@@ -45,7 +101,12 @@ struct NativePath {
 
 constexpr NativePath kPaths[] = {
     {"cond_ot", 2, 1, cond_ot},
+    {"polynomial", 2, 1, polynomial},
+    {"cosine", 2, 0, cosine},
+    {"linear_vp", 2, 0, linear_vp},
+    {"vp", 2, 2, vp},
     {"constant_noise", 3, 1, constant_noise},
+    {"schrodinger_bridge", 3, 1, schrodinger_bridge},
 };
 
 }  // namespace

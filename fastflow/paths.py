@@ -205,14 +205,17 @@ def get_path(path=None):
                     f"{type(path).__name__}")
 
 
-# The built-in paths whose coefficients are + - * / of t, as (name, parameters) of the C++ builder
-# that repeats their formulas (csrc/paths_cpu.cpp; PyTorch's sqrt or sin need not round like the
-# C library's, so no other path could give the same bits). Exact types: a subclass may change
-# the formulas.
+# The built-in paths, as (name, parameters) of the builders that repeat their formulas
+# (csrc/paths_cpu.cpp, triton_kernels/paths.py). Exact types: a subclass may change the formulas.
 _NATIVE = {
     CondOT: lambda p: ("cond_ot", [p.sigma_min]),
     TargetCFM: lambda p: ("cond_ot", [p.sigma_min]),
+    Polynomial: lambda p: ("polynomial", [p.n]),
+    Cosine: lambda p: ("cosine", []),
+    LinearVP: lambda p: ("linear_vp", []),
+    VP: lambda p: ("vp", [p.beta_min, p.beta_max]),
     ConstantNoise: lambda p: ("constant_noise", [p.sigma]),
+    SchrodingerBridge: lambda p: ("schrodinger_bridge", [p.sigma]),
 }
 
 
@@ -220,11 +223,12 @@ def coefficients(path, t, dtype):
     """``path.coefficients(t).to(dtype)``, for float64 times t [G].
 
     For the paths of _NATIVE, when t needs no gradient and nothing traces the call, the C++
-    (CPU) or Triton (GPU) backend computes the same formulas in the same order in one call: the
-    same bits, without the half-dozen tiny tensor ops (kernel launches on a GPU) that cost more
-    than the fused kernel itself on a small batch."""
+    (CPU) or Triton (GPU) backend computes the same formulas in the same order in one call,
+    without the 4 to 20 tiny tensor ops (kernel launches on a GPU) that cost more than the fused
+    kernel itself on a small batch. The results are PyTorch's bits for the arithmetic paths
+    (CondOT, Target-CFM, constant noise); where sqrt, sin, exp or pow come in, the libraries may
+    round differently by an ulp of float64 (csrc/paths_cpu.cpp says more)."""
     native = _NATIVE.get(type(path))
     build = coefficient_builder(t, "path_coefficients") if native is not None else None
-    if build is not None:
-        return build(t, *native(path), dtype)
-    return path.coefficients(t).to(dtype)
+    coeffs = build(t, *native(path), dtype) if build is not None else None
+    return coeffs if coeffs is not None else path.coefficients(t).to(dtype)

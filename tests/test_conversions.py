@@ -95,31 +95,40 @@ def test_gradients_match_reference_autograd(backend):
 
 
 # One C++ (CPU) or Triton (GPU) call builds the rows when t needs no gradient
-# (conversions._conversion_rows); it repeats the PyTorch formulas and must give their bits, on
-# every path (native path coefficients or not), at the ends of [0, 1] where the divisors are
-# clamped, outside it, at nan, and with an eps large enough to decide the clamping.
+# (conversions._conversion_rows), from the path's coefficient matrix; it repeats the PyTorch
+# formulas and must give their bits, on every path, at the ends of [0, 1] where the divisors are
+# clamped, outside it, at nan, and with an eps large enough to decide the clamping. (The matrix
+# itself comes from the path's builder, whose own agreement tests/test_paths.py checks.)
 NATIVE_TIMES = torch.cat([
     torch.tensor([0.0, 1e-300, 1e-7, 0.5, 1 - 1e-7, 1.0, -0.5, 1.5, float("nan")],
                  dtype=torch.float64),
     torch.rand(247, generator=torch.Generator().manual_seed(5), dtype=torch.float64)])
 
 
-@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # numpy, interpreting nan
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter: nan, 1/0
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("path", AFFINE_PATHS + [paths.TargetCFM(0.05)], ids=repr)
 def test_native_rows_are_the_formula_bits(backend, path, dtype):
     from conftest import bits_equal
+    from fastflow._ops import coefficient_builder
     from fastflow.conversions import _conversion_rows, conversion_coefficients
 
     times = NATIVE_TIMES.to(backend)
+    build = coefficient_builder(times, "conversion_coefficients")  # None: the reference's
     for (src, dst), eps in itertools.product(PAIRS, (1e-6, 0.25)):
-        native = _conversion_rows(path, times, src, dst, eps, dtype)
         formula = conversion_coefficients(path, times, src, dst, eps).to(dtype)
+        if build is None:
+            assert bits_equal(_conversion_rows(path, times, src, dst, eps, dtype), formula)
+            continue
+        native = build(path.coefficients(times), src, dst, float(eps), dtype)
         assert native.shape == formula.shape == (len(times), 1, 2) and native.dtype == dtype
         # NaNs agree in place; their sign depends on operand order, which the compilers choose.
         nan = formula.isnan()
         assert torch.equal(native.isnan(), nan), (src, dst, eps)
         assert bits_equal(native[~nan], formula[~nan]), (src, dst, eps)
+        # The op's rows: the same builder on the path's built coefficients.
+        built = build(paths.coefficients(path, times, torch.float64), src, dst, float(eps), dtype)
+        assert bits_equal(_conversion_rows(path, times, src, dst, eps, dtype), built)
 
 
 def test_native_rows_leave_gradients_to_pytorch():

@@ -1,59 +1,98 @@
-"""Coefficient matrices of the built-in arithmetic paths, from t in one launch.
+"""Coefficient matrices of the built-in paths, from t in one launch.
 
     out[g] = rows (x_t, u_t) over columns (x0, x1[, noise]) at time t[g]
 
-The twin of csrc/paths_cpu.cpp (which says why only CondOT, Target-CFM and the constant-noise
-path qualify): the formulas of fastflow/paths.py, operation for operation in fp64, so the bits
-are PyTorch's. In PyTorch they are half a dozen tiny kernels before the fused one; here, one.
-The path's parameter is an fp64 argument (annotated: an unannotated Python float reaches the
-kernel as fp32), so no tensor is copied from the host and a CUDA graph captures the launch as
-it is.
+The twin of csrc/paths_cpu.cpp: the formulas of fastflow/paths.py, operation for operation in
+fp64, so the arithmetic paths get PyTorch's bits and the others agree with it to an ulp or so
+per sqrt, sin, exp or pow (libdevice's on the GPU, numpy's under the interpreter). In PyTorch
+they are 4 to 20 tiny kernels before the fused one; here, one. The path's parameters are fp64
+arguments (annotated: an unannotated Python float reaches the kernel as fp32), so no tensor is
+copied from the host and a CUDA graph captures the launch as it is.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from . import LAUNCH_OPTIONS, on_tensors_device
 
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The interpreter has no libdevice; tl's functions run numpy's there.
+_math = tl if _INTERPRETING else libdevice
+
 _BLOCK = 256
-# name -> (kernel id, columns)
-_PATHS = {"cond_ot": (0, 2), "constant_noise": (1, 3)}
+# name -> (kernel id, columns). The interpreter has no pow: Polynomial stays in PyTorch there.
+_PATHS = {"cond_ot": (0, 2), "polynomial": (1, 2), "cosine": (2, 2), "linear_vp": (3, 2),
+          "vp": (4, 2), "constant_noise": (5, 3), "schrodinger_bridge": (6, 3)}
+if _INTERPRETING:
+    del _PATHS["polynomial"]
 
 
 @triton.jit
-def _path_coefficients_kernel(t_ptr, p: tl.float64, out_ptr, groups, t_stride,
+def _path_coefficients_kernel(t_ptr, p0: tl.float64, p1: tl.float64, out_ptr, groups, t_stride,
                               PATH: tl.constexpr, COLUMNS: tl.constexpr, BLOCK: tl.constexpr):
     g = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = g < groups
     t = tl.load(t_ptr + g * t_stride, mask=mask)
-    p = tl.full([], p, tl.float64)  # a typed scalar: the interpreter passes a Python float
+    # Typed scalars, and inexact constants as fp64: the interpreter passes Python floats, and a
+    # float literal would be rounded to fp32 first.
+    p0 = tl.full([], p0, tl.float64)
+    p1 = tl.full([], p1, tl.float64)
+    one = tl.full([BLOCK], 1.0, tl.float64)
+    # (sigma, alpha, d_sigma, d_alpha), and for the noise paths the noise column's entries.
+    if PATH == 0:  # CondOT, p0 = sigma_min
+        slope = 1.0 - p0
+        c0, c1, c2, c3 = one - slope * t, t, -slope * one, one
+    elif PATH == 1:  # Polynomial, p0 = n
+        alpha = libdevice.pow(t, p0)
+        d_alpha = p0 * libdevice.pow(t, p0 - 1.0)
+        c0, c1, c2, c3 = one - alpha, alpha, -d_alpha, d_alpha
+    elif PATH == 2:  # Cosine
+        half_pi = tl.full([], 1.5707963267948966, tl.float64)  # math.pi / 2
+        angle = half_pi * t
+        sin, cos = _math.sin(angle), _math.cos(angle)
+        c0, c1, c2, c3 = cos, sin, -half_pi * sin, half_pi * cos
+    elif PATH == 3:  # LinearVP
+        sigma = _math.sqrt(one - t * t)
+        c0, c1, c2, c3 = sigma, t, -t / sigma, one
+    elif PATH == 4:  # VP, p0 = beta_min, p1 = beta_max
+        spread = p1 - p0
+        s = one - t
+        big_t = 0.5 * (s * s) * spread + s * p0
+        d_big_t = -s * spread - p0
+        alpha, decay = _math.exp(-0.5 * big_t), _math.exp(-big_t)
+        sigma = _math.sqrt(one - decay)
+        c0, c1, c2, c3 = sigma, alpha, 0.5 * d_big_t * decay / sigma, -0.5 * d_big_t * alpha
+    elif PATH == 5:  # constant noise, p0 = sigma
+        c0, c1, c2, c3, c4, c5 = one - t, t, p0 * one, -one, one, 0.0 * one
+    else:  # Schrodinger bridge, p0 = sigma
+        s_t = p0 * _math.sqrt(t * (one - t))
+        ratio = (one - 2.0 * t) / (2.0 * t * (one - t) + tl.full([], 1e-8, tl.float64))
+        c0, c1, c2, c3, c4, c5 = one - t, t, s_t, -one, one, ratio * s_t
     row = out_ptr + g * (2 * COLUMNS)
     ty = out_ptr.dtype.element_ty
-    one = tl.full([BLOCK], 1.0, tl.float64)
-    if PATH == 0:  # CondOT, p = sigma_min
-        slope = 1.0 - p
-        tl.store(row, (one - slope * t).to(ty), mask=mask)
-        tl.store(row + 1, t.to(ty), mask=mask)
-        tl.store(row + 2, (-slope * one).to(ty), mask=mask)
-        tl.store(row + 3, one.to(ty), mask=mask)
-    else:  # constant noise, p = sigma
-        tl.store(row, (one - t).to(ty), mask=mask)
-        tl.store(row + 1, t.to(ty), mask=mask)
-        tl.store(row + 2, (p * one).to(ty), mask=mask)
-        tl.store(row + 3, (-one).to(ty), mask=mask)
-        tl.store(row + 4, one.to(ty), mask=mask)
-        tl.store(row + 5, (0.0 * one).to(ty), mask=mask)
+    tl.store(row, c0.to(ty), mask=mask)
+    tl.store(row + 1, c1.to(ty), mask=mask)
+    tl.store(row + 2, c2.to(ty), mask=mask)
+    tl.store(row + 3, c3.to(ty), mask=mask)
+    if COLUMNS == 3:
+        tl.store(row + 4, c4.to(ty), mask=mask)
+        tl.store(row + 5, c5.to(ty), mask=mask)
 
 
 @on_tensors_device
 def path_coefficients(t, path, params, dtype):
-    """[G, 2, K] coefficients of `path` with `params` (its one parameter) at the float64 times
-    t [G], in dtype."""
+    """[G, 2, K] coefficients of `path` with `params` at the float64 times t [G], in dtype; None
+    for a path this backend does not build."""
+    if path not in _PATHS:
+        return None
     kind, columns = _PATHS[path]
-    (param,) = params
+    p0, p1 = (*params, 0.0, 0.0)[:2]
     out = torch.empty(t.shape[0], 2, columns, dtype=dtype, device=t.device)
     if t.shape[0]:
         grid = (triton.cdiv(t.shape[0], _BLOCK),)
-        _path_coefficients_kernel[grid](t, float(param), out, t.shape[0], t.stride(0), kind,
-                                        columns, _BLOCK, **LAUNCH_OPTIONS)
+        _path_coefficients_kernel[grid](t, float(p0), float(p1), out, t.shape[0], t.stride(0),
+                                        kind, columns, _BLOCK, **LAUNCH_OPTIONS)
     return out
