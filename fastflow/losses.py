@@ -122,7 +122,8 @@ class _LossNode(torch.autograd.Function):
     element count, the weight, the reduction) and a dozen small tensor ops in backward: on a
     small batch, most of a training step's loss. Here the backward folds the reduction, the
     weight and the count into the per-sample gradient of the squared norms, and runs the fused
-    reduction's backward once. Traced calls take the op-by-op form, which compilers fuse."""
+    reduction's backward once. Traced calls take the op-by-op form, which compilers fuse.
+    `rows` are the residual's (1, -target) over (pred, x0, x1[, noise])."""
 
     @staticmethod
     def forward(ctx, reduction, rows, weight, *inputs):
@@ -148,6 +149,13 @@ class _LossNode(torch.autograd.Function):
             grad_squares = grad * weight / count
         if grad_squares.dim():
             grad_squares = grad_squares[:, None]
+        needs = ctx.needs_input_grad
+        if needs[3] and not needs[1] and not any(needs[4:]):
+            # Only pred, as in training: the rows are (1, -target), so dL/dpred = 2 g (pred -
+            # target) is the residual with its rows scaled, and there is no [B, K, K] mixing
+            # matrix to build (a handful of tiny tensor ops, most of a small batch's backward).
+            (grad_pred,) = _ops.affine(inputs, _squares_coeffs(inputs, rows * (2 * grad_squares)))
+            return None, None, grad_weight, grad_pred, *([None] * (len(inputs) - 1))
         grad_inputs, grad_coeffs = _ops.sqnorm_gradients(
             _squares_coeffs(inputs, rows), inputs, grad_squares, ctx.needs_input_grad[3:],
             ctx.needs_input_grad[1])
