@@ -168,27 +168,36 @@ def write_csv(name, rows):
 
 
 def plot_gbps(rows, path, title):
-    """Effective GB/s against size, one panel per dtype, one line per variant, copy dashed."""
+    """Effective GB/s against size, one panel per dtype (and path, where rows name one), one
+    line per variant, copy dashed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dtypes = sorted({r["dtype"] for r in rows})
-    fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4), squeeze=False)
-    for ax, dtype in zip(axes[0], dtypes):
+    panels = list(dict.fromkeys(_panel(r) for r in rows))
+    columns = min(4, len(panels))
+    lines = -(-len(panels) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(6 * columns, 4 * lines), squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
         for variant in dict.fromkeys(r["variant"] for r in rows):
-            sel = [r for r in rows if r["dtype"] == dtype and r["variant"] == variant]
+            sel = [r for r in rows if _panel(r) == panel and r["variant"] == variant]
             ax.plot([r["numel"] for r in sel], [r["GB/s"] for r in sel], marker="o", label=variant)
-        sel = [r for r in rows if r["dtype"] == dtype and r["variant"] == rows[0]["variant"]]
+        sel = [r for r in rows if _panel(r) == panel and r["variant"] == rows[0]["variant"]]
         ax.plot([r["numel"] for r in sel], [r["copy GB/s"] for r in sel], "k--", label="copy")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("elements per tensor")
         ax.set_ylabel("effective GB/s")
-        ax.set_title(f"{title}, {dtype}")
+        ax.set_title(f"{title}, {panel}")
         ax.legend()
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     fig.suptitle(f"{rows[0]['device']}, allocator {rows[0]['allocator']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def _panel(row):
+    return f"{row['path']}, {row['dtype']}" if "path" in row else row["dtype"]
 
 
 def print_table(rows, columns):
