@@ -2,8 +2,9 @@
 
     python benchmarks/readme_tables.py [results folder]
 
-Prints one markdown table per op (interpolate, loss, embedding, convert, sampler overhead) in
-the README's columns, so that the README's figures are the CSVs' and none is typed by hand.
+Prints one markdown table per op (interpolate, loss, embedding, convert, paths, sampler
+overhead) in the README's columns, so that the README's figures are the CSVs' and none is typed
+by hand.
 """
 import csv
 import os
@@ -37,11 +38,12 @@ def _markdown(header, rows):
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def op_table(results, name, cases, variants, extra_cells):
-    """One row per (label, dtype, size) of `cases`: first the label and size, then each variant's
+def op_table(results, name, cases, variants, extra_cells, column="dtype"):
+    """One row per (label, value, size) of `cases`, value that of `column` in the CSV (the
+    dtype, or the path of the paths benchmark): first the label and size, then each variant's
     time, then extra_cells(rows by variant). Cases missing from the CSV are left out."""
     with open(os.path.join(results, f"{name}_cpu_default.csv")) as f:
-        found = {(r["dtype"], int(r["numel"]), r["variant"]): r for r in csv.DictReader(f)}
+        found = {(r[column], int(r["numel"]), r["variant"]): r for r in csv.DictReader(f)}
     rows = []
     for label, dtype, sizes, scale in cases:
         for size in sizes:
@@ -95,6 +97,16 @@ def convert(results):
     return _markdown(["dtype", "elements", *variants, "fused vs eager", "fused vs compile"], rows)
 
 
+def paths(results):
+    variants = ["fused", "eager", "torch.compile"]
+    names = ["cond_ot", "polynomial", "cosine", "linear_vp", "vp", "target_cfm", "constant_noise",
+             "schrodinger_bridge"]
+    rows = op_table(results, "paths", [(n, n, [K, M], 1) for n in names], variants,
+                    lambda by: [], column="path")
+    return _markdown(["path (fp32)", "elements", *variants, "fused vs eager", "fused vs compile"],
+                     rows)
+
+
 def sampler(results):
     solvers = ["fastflow Sampler", "fastflow.sample", "flow_matching ODESolver",
                "torchdiffeq odeint", "diffusers Euler loop"]
@@ -113,5 +125,5 @@ def sampler(results):
 if __name__ == "__main__":
     folder = sys.argv[1] if len(sys.argv) > 1 else os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results")
-    for table in (interpolate, loss, embedding, convert, sampler):
+    for table in (interpolate, loss, embedding, convert, paths, sampler):
         print(f"\n## {table.__name__}\n{table(folder)}")

@@ -12,7 +12,7 @@ import torch
 from . import _ops
 from ._checks import batch_time, check_like, path_inputs
 from .losses import check_reduction, mean_square, reduce
-from .paths import AffinePath, get_path
+from .paths import AffinePath, coefficients, get_path
 
 
 def flow_map_loss(model, x0, x1, t, s=None, u=None, path=None, match_weight=1.0,
@@ -51,7 +51,7 @@ def flow_map_loss(model, x0, x1, t, s=None, u=None, path=None, match_weight=1.0,
                                  for v in (t, s, u))
 
     def location(at):
-        return path.coefficients(at)[:, 0]  # [B, 2] over (x0, x1)
+        return coefficients(path, at, at.dtype)[:, 0]  # [B, 2] over (x0, x1)
 
     one = torch.ones_like(t)[:, None]
     total = x1.new_zeros((batch,), dtype=_ops.math_dtype(x1.dtype))
