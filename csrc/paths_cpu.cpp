@@ -7,11 +7,12 @@
 // - CondOT, Target-CFM and the constant-noise path are + - * / only: the results are PyTorch's
 //   bits;
 // - sqrt, sin, cos, exp and pow come from the C library here and from PyTorch's vector math
-//   there. Both round within an ulp, but not always the same way (they differ on about 1% of
-//   arguments in double), so LinearVP, Polynomial, Cosine, VP and the Schrodinger bridge agree
-//   with PyTorch to a few ulps of double where their formulas are well conditioned. Rounded to
-//   float, the type of fp32, bf16 and fp16 streams' coefficients, they agreed on every time
-//   tested. tests/test_paths.py checks both; triton_kernels/paths.py is the GPU twin.
+//   there (whose t ** 3 is t * t * t). Both round within an ulp, but not always the same way
+//   (on 0.1% to 25% of arguments in double, by function), so LinearVP, Polynomial, Cosine, VP
+//   and the Schrodinger bridge agree with PyTorch to a few ulps of double where their formulas
+//   are well conditioned. Rounded to float, the type of fp32, bf16 and fp16 streams'
+//   coefficients, they agreed on every time tested. tests/test_paths.py checks both;
+//   triton_kernels/paths.py is the GPU twin.
 #include "coefficients.h"
 
 #include <ATen/Dispatch.h>
