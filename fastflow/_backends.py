@@ -119,8 +119,15 @@ def select(device):
         if not available:
             raise RuntimeError(f"{ENV_VAR}={forced} cannot run on {device} tensors: {reason}")
         return forced
-    for name in _DEFAULT_ORDER.get(device.type, ()):
-        if _status(name, device.type)[0]:
+    return _default(device.type)
+
+
+@lru_cache(maxsize=None)
+def _default(device_type):
+    """The backend for `device_type` when none is forced: fixed for the process, as what it
+    depends on (which modules import) is."""
+    for name in _DEFAULT_ORDER.get(device_type, ()):
+        if _status(name, device_type)[0]:
             return name
     return "reference"
 

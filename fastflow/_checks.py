@@ -56,7 +56,7 @@ def batch_time(t, x, name="t"):
     if t.device != x.device:
         if t.numel() != 1 or t.device.type != "cpu":
             raise ValueError(f"{name}: expected a tensor on {x.device}, got {t.device}")
-    return t.reshape(-1).to(device=x.device, dtype=work)
+    return (t if t.dim() == 1 else t.reshape(-1)).to(device=x.device, dtype=work)
 
 
 def path_inputs(path, x0, x1, noise):

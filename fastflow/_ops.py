@@ -156,8 +156,8 @@ def _backend_of(streams):
     return _backends.select(streams[0].device) if streams else "reference"
 
 
-def _affine(inputs, coeffs):
-    name = _backend_of(inputs)
+def _affine(inputs, coeffs, name=None):
+    name = name or _backend_of(inputs)
     kernels = _backends.kernels(name)
     if kernels.affine_fresh is not None:
         # One call checks (as _check_affine_args does), allocates and runs: on a small tensor
@@ -169,8 +169,8 @@ def _affine(inputs, coeffs):
     return outputs
 
 
-def _affine_out(inputs, coeffs, out):
-    name = _backend_of(inputs)
+def _affine_out(inputs, coeffs, out, name=None):
+    name = name or _backend_of(inputs)
     if not _backends.kernels(name).checks_args:
         _check_affine_args(inputs, coeffs, len(out), out, one_dtype=False)
     staged = [o if _writable_in_place(o, inputs, last=m == len(out) - 1) else torch.empty_like(
@@ -210,8 +210,8 @@ def _affine_dot(a, b, groups):
     return kernels.affine_dot([x.contiguous() for x in a], [x.contiguous() for x in b], groups)
 
 
-def _affine_sqnorm(inputs, coeffs):
-    name = _backend_of(inputs)
+def _affine_sqnorm(inputs, coeffs, name=None):
+    name = name or _backend_of(inputs)
     kernels = _backends.kernels(name)
     if not kernels.checks_args:
         _check_affine_args(inputs, coeffs, 1)
@@ -464,15 +464,19 @@ class DeviceCache:
         return len(self._entries)
 
 
-def coefficient_builder(t, name):
+def coefficient_builder(t, name, backend=None):
     """The backend's builder `name` (a field of _backends._Kernels, such as "path_coefficients")
     for coefficients from the float64 times t, or None where PyTorch must compute them: t needs
     a gradient, which must flow through PyTorch's formulas; something traces the call; or the
-    backend has no such builder. The builders repeat those formulas and give their bits."""
-    if (t.dtype != torch.float64 or (t.requires_grad and torch.is_grad_enabled())
-            or not _nobody_intercepts((t,))):
+    backend has no such builder. The builders repeat those formulas and give their bits.
+    `backend`: the call's direct backend (see `direct_backend`), when its caller decided it."""
+    if t.dtype != torch.float64:
         return None
-    return getattr(_backends.kernels(_backends.select(t.device)), name)
+    if backend is None:
+        if (t.requires_grad and torch.is_grad_enabled()) or not _nobody_intercepts((t,)):
+            return None
+        backend = _backends.select(t.device)
+    return getattr(_backends.kernels(backend), name)
 
 
 class _EagerAutograd(torch.autograd.Function):
@@ -530,15 +534,32 @@ def _call(name, tensors, *args):
     return getattr(torch.ops.fastflow, name)(*args)
 
 
-def affine(inputs, coeffs):
-    """``outputs[m] = sum_k coeffs[:, m, k] * inputs[k]`` (see the module docstring)."""
+def direct_backend(tensors):
+    """The backend that runs every op of an eager call on `tensors` directly, decided once for
+    the call: None when the ops must go through the dispatcher (something intercepts, see
+    _nobody_intercepts) or record a gradient. A public op passes it as `backend` to the ops it
+    makes and to coefficient_builder, which then skip their own checks and choice: on a small
+    tensor those cost as much as the kernels (about 5 us per op on CPU)."""
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        return None
+    return _backends.select(tensors[0].device) if _nobody_intercepts(tensors) else None
+
+
+def affine(inputs, coeffs, backend=None):
+    """``outputs[m] = sum_k coeffs[:, m, k] * inputs[k]`` (see the module docstring), on
+    `backend` directly when the caller decided it (`direct_backend`)."""
     inputs = list(inputs)
+    if backend is not None:
+        return _affine(inputs, coeffs, backend)
     return _call("affine", (*inputs, coeffs), inputs, coeffs)
 
 
-def affine_sqnorm(inputs, coeffs):
-    """Per-group sum of squares of ``sum_k coeffs[:, 0, k] * inputs[k]`` (see the module docstring)."""
+def affine_sqnorm(inputs, coeffs, backend=None):
+    """Per-group sum of squares of ``sum_k coeffs[:, 0, k] * inputs[k]`` (see the module
+    docstring), on `backend` directly when the caller decided it."""
     inputs = list(inputs)
+    if backend is not None:
+        return _affine_sqnorm(inputs, coeffs, backend)
     return _call("affine_sqnorm", (*inputs, coeffs), inputs, coeffs)
 
 
@@ -548,9 +569,12 @@ def affine_dot(a, b, groups):
     return _call("affine_dot", (*a, *b), a, b, groups)
 
 
-def affine_out(inputs, coeffs, out):
+def affine_out(inputs, coeffs, out, backend=None):
     inputs, outputs = list(inputs), list(out)
-    _call("affine_out", (*inputs, coeffs, *outputs), inputs, coeffs, outputs)
+    if backend is not None:
+        _affine_out(inputs, coeffs, outputs, backend)
+    else:
+        _call("affine_out", (*inputs, coeffs, *outputs), inputs, coeffs, outputs)
     return out
 
 

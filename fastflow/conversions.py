@@ -64,14 +64,15 @@ def conversion_coefficients(path, t, src, dst, eps=1e-6):
     return _ops.coefficient_matrix(row, 1, 2)
 
 
-def _conversion_rows(path, t, src, dst, eps, dtype):
+def _conversion_rows(path, t, src, dst, eps, dtype, backend=None):
     """``conversion_coefficients(...).to(dtype)``. When t needs no gradient and nothing traces
     the call, the backend's builder (C++ on CPU, Triton on GPU) computes the same formulas from
     the path's coefficient matrix in one call: the same bits, without the twenty-odd tiny tensor
-    ops (kernel launches on a GPU) that cost more than the fused pass on a small batch."""
-    build = _ops.coefficient_builder(t, "conversion_coefficients")
+    ops (kernel launches on a GPU) that cost more than the fused pass on a small batch.
+    `backend` as in ``_ops.coefficient_builder``."""
+    build = _ops.coefficient_builder(t, "conversion_coefficients", backend)
     if build is not None:
-        return build(coefficients(path, t, torch.float64), src, dst, float(eps), dtype)
+        return build(coefficients(path, t, torch.float64, backend), src, dst, float(eps), dtype)
     return conversion_coefficients(path, t, src, dst, eps).to(dtype)
 
 
@@ -106,6 +107,7 @@ def convert(pred, x_t, t, path=None, src="epsilon", dst="velocity", eps=1e-6):
     check_stream(pred, "pred")
     check_like(x_t, pred, "x_t", "pred")
     t = batch_time(t, pred)
-    coeffs = _conversion_rows(path, t, src, dst, eps, _ops.math_dtype(pred.dtype))
-    (out,) = _ops.affine([x_t, pred], coeffs)
+    backend = _ops.direct_backend((x_t, pred, t))
+    coeffs = _conversion_rows(path, t, src, dst, eps, _ops.math_dtype(pred.dtype), backend)
+    (out,) = _ops.affine([x_t, pred], coeffs, backend)
     return out

@@ -39,12 +39,16 @@ def interpolate(x0, x1, t, path=None, noise=None, out=None):
     """
     path = get_path(path)
     inputs = path_inputs(path, x0, x1, noise)
-    coeffs = coefficients(path, batch_time(t, x1), _ops.math_dtype(x1.dtype))
+    t = batch_time(t, x1)
+    backend = _ops.direct_backend((*inputs, t))
+    coeffs = coefficients(path, t, _ops.math_dtype(x1.dtype), backend)
     if out is None:
-        x_t, u_t = _ops.affine(inputs, coeffs)
+        x_t, u_t = _ops.affine(inputs, coeffs, backend)
         return x_t, u_t
     _check_out(out, x1, inputs, coeffs)
-    return tuple(_ops.affine_out(inputs, coeffs, out))
+    if any(type(o) is not torch.Tensor or o.requires_grad for o in out):
+        backend = None  # subclasses and leaves that record gradients take the dispatcher
+    return tuple(_ops.affine_out(inputs, coeffs, out, backend))
 
 
 def _check_out(out, x1, inputs, coeffs):

@@ -219,8 +219,9 @@ _NATIVE = {
 }
 
 
-def coefficients(path, t, dtype):
-    """``path.coefficients(t).to(dtype)``, for float64 times t [G].
+def coefficients(path, t, dtype, backend=None):
+    """``path.coefficients(t).to(dtype)``, for float64 times t [G]; `backend` as in
+    ``_ops.coefficient_builder``.
 
     For the paths of _NATIVE, when t needs no gradient and nothing traces the call, the C++
     (CPU) or Triton (GPU) backend computes the same formulas in the same order in one call,
@@ -229,6 +230,6 @@ def coefficients(path, t, dtype):
     (CondOT, Target-CFM, constant noise); where sqrt, sin, exp or pow come in, the libraries may
     round differently by an ulp of float64 (csrc/paths_cpu.cpp says more)."""
     native = _NATIVE.get(type(path))
-    build = coefficient_builder(t, "path_coefficients") if native is not None else None
+    build = coefficient_builder(t, "path_coefficients", backend) if native is not None else None
     coeffs = build(t, *native(path), dtype) if build is not None else None
     return coeffs if coeffs is not None else path.coefficients(t).to(dtype)

@@ -367,6 +367,49 @@ def test_calls_that_need_the_dispatcher_take_it():
         assert not _ops._nobody_intercepts((x0, x1, t))
 
 
+@pytest.mark.parametrize("call", ["interpolate", "interpolate out=", "interpolate VP", "convert",
+                                  "FlowMatcher x_t"])
+def test_one_backend_decision_per_public_call(call, monkeypatch):
+    # A public op decides once whether its ops skip the dispatcher, and on which backend
+    # (_ops.direct_backend): on a small tensor each decision costs about as much as a kernel.
+    x0, x1, t = _interpolate_case()
+    counts = {"select": 0, "_nobody_intercepts": 0}
+
+    def counted(module, name):
+        function = getattr(module, name)
+
+        def count(*args, **kwargs):
+            counts[name] += 1
+            return function(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, count)
+
+    counted(_backends, "select")
+    counted(_ops, "_nobody_intercepts")
+    calls = {
+        "interpolate": lambda: fastflow.interpolate(x0, x1, t),
+        "interpolate out=": lambda: fastflow.interpolate(x0, x1, t, out=(x0.clone(), x1.clone())),
+        "interpolate VP": lambda: fastflow.interpolate(x0, x1, t, path="vp"),
+        "convert": lambda: fastflow.convert(x0, x1, t, path="cosine"),
+        # The model's input, without the loss (a public op of its own).
+        "FlowMatcher x_t": lambda: fastflow.FlowMatcher(time_sampler="logit_normal").loss(
+            _stop_at_the_model, x1),
+    }
+    try:
+        calls[call]()
+    except _ModelCalled:
+        pass
+    assert counts == {"select": 1, "_nobody_intercepts": 1}
+
+
+class _ModelCalled(Exception):
+    pass
+
+
+def _stop_at_the_model(x_t, t):
+    raise _ModelCalled
+
+
 def test_dispatch_modes_see_the_op():
     from conftest import RecordOps
 
