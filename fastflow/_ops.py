@@ -210,8 +210,8 @@ def _affine_dot(a, b, groups):
     return kernels.affine_dot([x.contiguous() for x in a], [x.contiguous() for x in b], groups)
 
 
-def _affine_sqnorm(inputs, coeffs, name=None):
-    name = name or _backend_of(inputs)
+def _affine_sqnorm(inputs, coeffs):
+    name = _backend_of(inputs)
     kernels = _backends.kernels(name)
     if not kernels.checks_args:
         _check_affine_args(inputs, coeffs, 1)
@@ -554,12 +554,9 @@ def affine(inputs, coeffs, backend=None):
     return _call("affine", (*inputs, coeffs), inputs, coeffs)
 
 
-def affine_sqnorm(inputs, coeffs, backend=None):
-    """Per-group sum of squares of ``sum_k coeffs[:, 0, k] * inputs[k]`` (see the module
-    docstring), on `backend` directly when the caller decided it."""
+def affine_sqnorm(inputs, coeffs):
+    """Per-group sum of squares of ``sum_k coeffs[:, 0, k] * inputs[k]`` (see the module docstring)."""
     inputs = list(inputs)
-    if backend is not None:
-        return _affine_sqnorm(inputs, coeffs, backend)
     return _call("affine_sqnorm", (*inputs, coeffs), inputs, coeffs)
 
 
