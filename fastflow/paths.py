@@ -14,9 +14,12 @@ fused kernels consume::
     >>> path.coefficients(torch.tensor([0.5])).shape      # [B, outputs (x_t, u_t), inputs]
     torch.Size([1, 2, 2])
 
-Paths are plain PyTorch and differentiable in t. Some derivatives are infinite at an end of
-[0, 1] (LinearVP and VP at t = 1, Polynomial with n < 1 at t = 0): that is the math of the path,
-and the target there is inf or nan exactly as the eager formula gives it.
+Paths are plain PyTorch and differentiable in t. When t needs no gradient, the fused ops get the
+built-in paths' coefficients from one call of the backend instead (``coefficients``); a path of
+your own (a subclass of ``AffinePath`` defining ``__call__``) always runs its formulas. Some
+derivatives are infinite at an end of [0, 1] (LinearVP and VP at t = 1, Polynomial with n < 1
+at t = 0): that is the math of the path, and the target there is inf or nan exactly as the
+eager formula gives it.
 """
 import math
 
