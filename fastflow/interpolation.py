@@ -40,22 +40,23 @@ def interpolate(x0, x1, t, path=None, noise=None, out=None):
     path = get_path(path)
     inputs = path_inputs(path, x0, x1, noise)
     t = batch_time(t, x1)
-    backend = _ops.direct_backend((*inputs, t))
+    if out is not None:
+        _check_out(out, x1, inputs, t)
+    # The outputs too: a subclass, or a leaf that records gradients, takes the dispatcher.
+    backend = _ops.direct_backend((*inputs, t, *(out or ())))
     coeffs = coefficients(path, t, _ops.math_dtype(x1.dtype), backend)
     if out is None:
         x_t, u_t = _ops.affine(inputs, coeffs, backend)
         return x_t, u_t
-    _check_out(out, x1, inputs, coeffs)
-    if any(type(o) is not torch.Tensor or o.requires_grad for o in out):
-        backend = None  # subclasses and leaves that record gradients take the dispatcher
     return tuple(_ops.affine_out(inputs, coeffs, out, backend))
 
 
-def _check_out(out, x1, inputs, coeffs):
+def _check_out(out, x1, inputs, t):
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         raise TypeError("out: expected a pair of tensors (x_t, u_t)")
     for name, o in zip(("out[0]", "out[1]"), out):
         check_like(o, x1, name, "x1")
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (*inputs, coeffs)):
+    # The coefficients need a gradient exactly when t does.
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (*inputs, t)):
         raise RuntimeError("out: interpolate(..., out=...) does not support automatic "
                            "differentiation; call it under torch.no_grad() or without out=")

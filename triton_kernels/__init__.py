@@ -5,13 +5,23 @@ that the op layer (fastflow/_ops.py) has already validated; under ``TRITON_INTER
 on CPU tensors, which is how the test suite checks them on machines without a GPU.
 """
 import functools
+import os
 
 import torch
+import triton.language as tl
+from triton.language.extra import libdevice
 
 # Options of every launch. No FMA contraction: products and sums round separately, in the same
 # order as in the CPU and CUDA kernels and in eager PyTorch, so all of them give the same bits.
 # Stated rather than left to Triton, whose default turns contraction off from 3.10 on.
 LAUNCH_OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}
+
+# Under TRITON_INTERPRET=1 the kernels run on CPU tensors, one Python call per program: the
+# launchers then take big blocks, which keep the tests fast.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Accurate sqrt, sin, cos and exp: libdevice's on the GPU (the hardware approximations lose
+# digits). The interpreter has no libdevice; tl's functions run numpy's there.
+LIBM = tl if INTERPRETING else libdevice
 
 
 def on_tensors_device(launcher):

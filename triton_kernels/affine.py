@@ -7,17 +7,13 @@ of each stream (they may differ) and on how a block finds its coefficients: when
 and loads its K*M coefficients once as scalars; for tiny samples (2-D toy data, say) a block
 covers many samples and gathers coefficients per element. Offsets are int64 throughout.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from . import LAUNCH_OPTIONS, on_tensors_device
+from . import INTERPRETING, LAUNCH_OPTIONS, on_tensors_device
 
-# The interpreter pays per program, not per element: big blocks keep CPU tests fast.
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_BLOCK = 4096 if _INTERPRETING else 1024
+_BLOCK = 4096 if INTERPRETING else 1024
 
 
 @triton.jit

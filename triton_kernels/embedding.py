@@ -8,20 +8,13 @@ and uses numpy's through tl). The backward's sums over frequencies
 (grad t) and over samples (grad freqs) are written per tile and folded on the host side of the
 launcher in a fixed order, so they are deterministic.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from triton.language.extra import libdevice
+from . import INTERPRETING, LAUNCH_OPTIONS, LIBM, on_tensors_device
 
-from . import LAUNCH_OPTIONS, on_tensors_device
-
-# The interpreter pays per program, not per element: big tiles keep CPU tests fast.
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_TILE = 4096 if _INTERPRETING else 1024
-_math = tl if _INTERPRETING else libdevice
+_TILE = 4096 if INTERPRETING else 1024
 
 
 @triton.jit
@@ -39,7 +32,7 @@ def _sinusoid_kernel(t_ptr, f_ptr, scale_ptr, out_ptr, batch, half, dim, COS_FIR
                      ZERO_COLUMN: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     rows, cols, row_ok, col_ok, t, f = _tile(t_ptr, f_ptr, batch, half, ROWS, BLOCK)
     a = (t[:, None] * f[None, :]) * tl.load(scale_ptr)
-    sin, cos = _math.sin(a), _math.cos(a)
+    sin, cos = LIBM.sin(a), LIBM.cos(a)
     if COS_FIRST:
         first, second = cos, sin
     else:
@@ -68,7 +61,7 @@ def _sinusoid_backward_kernel(grad_ptr, t_ptr, f_ptr, scale_ptr, t_partial_ptr, 
         g_sin, g_cos = g_second, g_first
     else:
         g_sin, g_cos = g_first, g_second
-    d_arg = g_sin * _math.cos(a) - g_cos * _math.sin(a)
+    d_arg = g_sin * LIBM.cos(a) - g_cos * LIBM.sin(a)
     if T_GRAD:  # partial sums [column tiles, B]
         tl.store(t_partial_ptr + tl.program_id(1) * batch + rows, tl.sum(d_arg * f[None, :], axis=1),
                  mask=row_ok)

@@ -9,24 +9,18 @@ they are 4 to 20 tiny kernels before the fused one; here, one. The path's parame
 arguments (annotated: an unannotated Python float reaches the kernel as fp32), so no tensor is
 copied from the host and a CUDA graph captures the launch as it is.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from . import LAUNCH_OPTIONS, on_tensors_device
-
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# The interpreter has no libdevice; tl's functions run numpy's there.
-_math = tl if _INTERPRETING else libdevice
+from . import INTERPRETING, LAUNCH_OPTIONS, LIBM, on_tensors_device
 
 _BLOCK = 256
 # name -> (kernel id, columns). The interpreter has no pow: Polynomial stays in PyTorch there.
 _PATHS = {"cond_ot": (0, 2), "polynomial": (1, 2), "cosine": (2, 2), "linear_vp": (3, 2),
           "vp": (4, 2), "constant_noise": (5, 3), "schrodinger_bridge": (6, 3)}
-if _INTERPRETING:
+if INTERPRETING:
     del _PATHS["polynomial"]
 
 
@@ -52,23 +46,23 @@ def _path_coefficients_kernel(t_ptr, p0: tl.float64, p1: tl.float64, out_ptr, gr
     elif PATH == 2:  # Cosine
         half_pi = tl.full([], 1.5707963267948966, tl.float64)  # math.pi / 2
         angle = half_pi * t
-        sin, cos = _math.sin(angle), _math.cos(angle)
+        sin, cos = LIBM.sin(angle), LIBM.cos(angle)
         c0, c1, c2, c3 = cos, sin, -half_pi * sin, half_pi * cos
     elif PATH == 3:  # LinearVP
-        sigma = _math.sqrt(one - t * t)
+        sigma = LIBM.sqrt(one - t * t)
         c0, c1, c2, c3 = sigma, t, -t / sigma, one
     elif PATH == 4:  # VP, p0 = beta_min, p1 = beta_max
         spread = p1 - p0
         s = one - t
         big_t = 0.5 * (s * s) * spread + s * p0
         d_big_t = -s * spread - p0
-        alpha, decay = _math.exp(-0.5 * big_t), _math.exp(-big_t)
-        sigma = _math.sqrt(one - decay)
+        alpha, decay = LIBM.exp(-0.5 * big_t), LIBM.exp(-big_t)
+        sigma = LIBM.sqrt(one - decay)
         c0, c1, c2, c3 = sigma, alpha, 0.5 * d_big_t * decay / sigma, -0.5 * d_big_t * alpha
     elif PATH == 5:  # constant noise, p0 = sigma
         c0, c1, c2, c3, c4, c5 = one - t, t, p0 * one, -one, one, 0.0 * one
     else:  # Schrodinger bridge, p0 = sigma
-        s_t = p0 * _math.sqrt(t * (one - t))
+        s_t = p0 * LIBM.sqrt(t * (one - t))
         ratio = (one - 2.0 * t) / (2.0 * t * (one - t) + tl.full([], 1e-8, tl.float64))
         c0, c1, c2, c3, c4, c5 = one - t, t, s_t, -one, one, ratio * s_t
     row = out_ptr + g * (2 * COLUMNS)
