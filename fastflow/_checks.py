@@ -38,8 +38,16 @@ def batch_time(t, x, name="t"):
     most x.dim() dimensions. Gradients flow back to a tensor t.
     """
     work = torch.float32 if x.device.type == "mps" else torch.float64
-    if isinstance(t, numbers.Real) and not isinstance(t, bool):
+    if check_time(t, x, name) is None:
         return torch.full((1,), float(t), dtype=work, device=x.device)
+    return (t if t.dim() == 1 else t.reshape(-1)).to(device=x.device, dtype=work)
+
+
+def check_time(t, x, name="t"):
+    """The checks of batch_time, without its conversion: t itself if it is a tensor, None if it
+    is a number."""
+    if isinstance(t, numbers.Real) and not isinstance(t, bool):
+        return None
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a float or a tensor, got {type(t).__name__}")
     if not t.is_floating_point():
@@ -56,7 +64,7 @@ def batch_time(t, x, name="t"):
     if t.device != x.device:
         if t.numel() != 1 or t.device.type != "cpu":
             raise ValueError(f"{name}: expected a tensor on {x.device}, got {t.device}")
-    return (t if t.dim() == 1 else t.reshape(-1)).to(device=x.device, dtype=work)
+    return t
 
 
 def path_inputs(path, x0, x1, noise):

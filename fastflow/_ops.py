@@ -210,8 +210,8 @@ def _affine_dot(a, b, groups):
     return kernels.affine_dot([x.contiguous() for x in a], [x.contiguous() for x in b], groups)
 
 
-def _affine_sqnorm(inputs, coeffs):
-    name = _backend_of(inputs)
+def _affine_sqnorm(inputs, coeffs, name=None):
+    name = name or _backend_of(inputs)
     kernels = _backends.kernels(name)
     if not kernels.checks_args:
         _check_affine_args(inputs, coeffs, 1)
@@ -542,6 +542,12 @@ def direct_backend(tensors):
     tensor those cost as much as the kernels (about 5 us per op on CPU)."""
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
         return None
+    return eager_backend(tensors)
+
+
+def eager_backend(tensors):
+    """direct_backend for a caller that records the gradient itself (an autograd.Function of
+    its own) and so may run the kernels directly whether or not a gradient is needed."""
     return _backends.select(tensors[0].device) if _nobody_intercepts(tensors) else None
 
 
@@ -554,9 +560,12 @@ def affine(inputs, coeffs, backend=None):
     return _call("affine", (*inputs, coeffs), inputs, coeffs)
 
 
-def affine_sqnorm(inputs, coeffs):
-    """Per-group sum of squares of ``sum_k coeffs[:, 0, k] * inputs[k]`` (see the module docstring)."""
+def affine_sqnorm(inputs, coeffs, backend=None):
+    """Per-group sum of squares of ``sum_k coeffs[:, 0, k] * inputs[k]`` (see the module
+    docstring), on `backend` directly when the caller decided it."""
     inputs = list(inputs)
+    if backend is not None:
+        return _affine_sqnorm(inputs, coeffs, backend)
     return _call("affine_sqnorm", (*inputs, coeffs), inputs, coeffs)
 
 

@@ -12,17 +12,18 @@ gradients of the inputs that need them (dL/dpred first among them).
 import torch
 
 from . import _ops
-from ._checks import batch_time, check_like, path_inputs
+from ._checks import batch_time, check_like, check_time, path_inputs
 from .conversions import _check_kind, _safe
 from .paths import AffinePath, ConstantNoise, CondOT, TargetCFM, coefficients, get_path
 
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def target_coefficients(path, t, prediction, eps=1e-6):
-    """[G, K] coefficients of the regression target of kind `prediction` over (x0, x1[, noise])."""
+def target_coefficients(path, t, prediction, eps=1e-6, backend=None):
+    """[G, K] coefficients of the regression target of kind `prediction` over (x0, x1[, noise]);
+    `backend` as in ``paths.coefficients``."""
     if prediction == "velocity":
-        return coefficients(path, t, t.dtype)[:, 1]
+        return coefficients(path, t, t.dtype, backend)[:, 1]
     if prediction == "score":  # -x0 / sigma_t
         if not isinstance(path, AffinePath):
             raise TypeError(f"prediction: 'score' needs an affine path (alpha_t, sigma_t), got {path!r}")
@@ -38,28 +39,29 @@ _CONSTANT_VELOCITY = (CondOT, TargetCFM, ConstantNoise)
 _constant_rows = _ops.DeviceCache()
 
 
-def _constant_residual(path, prediction, t, dtype):
-    """The [B, 1 + K] residual rows (1, -target) when they do not depend on t: the noise and data
-    targets of every path, the velocity of _CONSTANT_VELOCITY. A view of one cached row, built
-    on the device, so the commonest losses (rectified flow above all) build no coefficients per
-    call. None when the rows vary with t, or t needs a gradient (which must then flow through
-    them)."""
+def _constant_residual(path, prediction, x1, math):
+    """The residual's [B, 1, 1 + K] coefficients (1, -target) in the math type when they do not
+    depend on t: the noise and data targets of every path, the velocity of _CONSTANT_VELOCITY.
+    A view of one cached row, built on the device, so the commonest losses (rectified flow above
+    all) build no coefficients per call (nor convert t). None when the rows vary with t."""
     constant = prediction in ("epsilon", "data") or (
         prediction == "velocity" and type(path) in _CONSTANT_VELOCITY)
-    if not constant or (t.requires_grad and torch.is_grad_enabled()):
+    if not constant:
         return None
     # The noise and data rows depend on the number of inputs only; the velocity rows on the
     # parameters of our own paths (floats).
     kind = (type(path), tuple(vars(path).items())) if prediction == "velocity" else path.uses_noise
-    row = _constant_rows.get(
-        (kind, prediction, dtype, t.device), t.device,
-        lambda: _residual_rows(target_coefficients(path, t.new_zeros(1), prediction)).to(dtype))
-    return row.expand(t.shape[0], -1)
+    device = x1.device
+    row = _constant_rows.get((kind, prediction, math, device), device, lambda: _residual_coeffs(
+        target_coefficients(path, batch_time(0.0, x1), prediction), math))
+    return row.expand(x1.shape[0], -1, -1)
 
 
-def _residual_rows(target):
-    """[G, 1 + K] rows (1, -target) over (pred, x0, x1[, noise]): pred minus the target."""
-    return torch.cat([torch.ones_like(target[:, :1]), -target], dim=1)
+def _residual_coeffs(target, math):
+    """The [G, 1, 1 + K] coefficients (1, -target) over (pred, x0, x1[, noise]) in the math type:
+    pred minus the target, as one output of the affine map."""
+    rows = torch.cat([torch.ones_like(target[:, :1]), -target], dim=1)
+    return rows.to(math)[:, None, :]
 
 
 def flow_matching_loss(pred, x0, x1, t, path=None, prediction="velocity", noise=None, weight=None,
@@ -92,23 +94,31 @@ def flow_matching_loss(pred, x0, x1, t, path=None, prediction="velocity", noise=
     check_like(pred, x1, "pred", "x1")
     batch = x1.shape[0]
     math = _ops.math_dtype(x1.dtype)
-    t = batch_time(t, x1).expand(batch)  # one group per sample, for per-sample losses
-    residual = _constant_residual(path, prediction, t, math)
-    if residual is None:
-        residual = _residual_rows(target_coefficients(path, t, prediction))
     if weight is not None:
         weight = _check_weight(weight, batch, x1.device).to(math)
     streams = [pred] + inputs
-    tensors = (*streams, residual) if weight is None else (*streams, residual, weight)
-    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors) and (
-            _ops._nobody_intercepts(tensors)):
-        return _LossNode.apply(reduction, residual, weight, *streams)
-    return weighted_mean_square(streams, residual, weight, reduction)
+    time = check_time(t, x1)
+    tensors = [*streams] + [x for x in (time, weight) if x is not None]
+    # One backend decision for the call's kernels and coefficients: a call that records a
+    # gradient is one autograd node of our own, which may still run them directly.
+    recording = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+    backend = _ops.eager_backend(tensors)
+    # A t that needs a gradient takes the per-sample formulas, through which it flows.
+    t_grad = time is not None and time.requires_grad and torch.is_grad_enabled()
+    residual = None if t_grad else _constant_residual(path, prediction, x1, math)
+    if residual is None:
+        t = batch_time(t, x1).expand(batch)  # one group per sample, for per-sample losses
+        target = target_coefficients(path, t, prediction, backend=None if t_grad else backend)
+        residual = _residual_coeffs(target, math)
+    if recording and backend is not None:
+        return _LossNode.apply(reduction, backend, residual, weight, *streams)
+    return weighted_mean_square(streams, residual, weight, reduction,
+                                None if recording else backend)
 
 
-def weighted_mean_square(inputs, rows, weight, reduction):
-    """reduce(weight * mean_square(inputs, rows)), recorded op by op."""
-    return _weighted(mean_square(inputs, rows), weight, reduction)
+def weighted_mean_square(inputs, coeffs, weight, reduction, backend=None):
+    """reduce(weight * residual_mean_square(inputs, coeffs)), recorded op by op."""
+    return _weighted(residual_mean_square(inputs, coeffs, backend), weight, reduction)
 
 
 def _weighted(per_sample, weight, reduction):
@@ -123,20 +133,22 @@ class _LossNode(torch.autograd.Function):
     small batch, most of a training step's loss. Here the backward folds the reduction, the
     weight and the count into the per-sample gradient of the squared norms, and runs the fused
     reduction's backward once. Traced calls take the op-by-op form, which compilers fuse.
-    `rows` are the residual's (1, -target) over (pred, x0, x1[, noise])."""
+    `coeffs` are the residual's [B, 1, K] (1, -target) over (pred, x0, x1[, noise]); `backend`
+    runs the forward's kernel (the backward's ops decide for themselves: a double backward
+    records them)."""
 
     @staticmethod
-    def forward(ctx, reduction, rows, weight, *inputs):
-        per_sample = mean_square(inputs, rows)
+    def forward(ctx, reduction, backend, coeffs, weight, *inputs):
+        per_sample = residual_mean_square(inputs, coeffs, backend)
         ctx.reduction = reduction
-        weight_grad = weight is not None and ctx.needs_input_grad[2]
-        ctx.save_for_backward(rows, weight, per_sample if weight_grad else None, *inputs)
+        weight_grad = weight is not None and ctx.needs_input_grad[3]
+        ctx.save_for_backward(coeffs, weight, per_sample if weight_grad else None, *inputs)
         return _weighted(per_sample, weight, reduction)
 
     @staticmethod
     def backward(ctx, grad):
-        rows, weight, per_sample, *inputs = ctx.saved_tensors
-        batch = rows.shape[0]
+        coeffs, weight, per_sample, *inputs = ctx.saved_tensors
+        batch = coeffs.shape[0]
         count = _count_per_sample(inputs[0], batch)
         # dL/d(each sample's weighted loss): one value for all samples unless unreduced.
         samples = batch if ctx.reduction == "mean" else 1
@@ -148,19 +160,17 @@ class _LossNode(torch.autograd.Function):
             grad_weight = grad * per_sample if per_sample is not None else None
             grad_squares = grad * weight / count
         if grad_squares.dim():
-            grad_squares = grad_squares[:, None]
+            grad_squares = grad_squares[:, None]    # [B, 1]
         needs = ctx.needs_input_grad
-        if needs[3] and not needs[1] and not any(needs[4:]):
+        if needs[4] and not needs[2] and not any(needs[5:]):
             # Only pred, as in training: the rows are (1, -target), so dL/dpred = 2 g (pred -
             # target) is the residual with its rows scaled, and there is no [B, K, K] mixing
             # matrix to build (a handful of tiny tensor ops, most of a small batch's backward).
-            (grad_pred,) = _ops.affine(inputs, _squares_coeffs(inputs, rows * (2 * grad_squares)))
-            return None, None, grad_weight, grad_pred, *([None] * (len(inputs) - 1))
+            (grad_pred,) = _ops.affine(inputs, coeffs * (2 * grad_squares)[..., None])
+            return None, None, None, grad_weight, grad_pred, *([None] * (len(inputs) - 1))
         grad_inputs, grad_coeffs = _ops.sqnorm_gradients(
-            _squares_coeffs(inputs, rows), inputs, grad_squares, ctx.needs_input_grad[3:],
-            ctx.needs_input_grad[1])
-        grad_rows = grad_coeffs[:, 0] if grad_coeffs is not None else None
-        return None, grad_rows, grad_weight, *grad_inputs
+            coeffs, inputs, grad_squares, needs[4:], needs[2])
+        return None, None, grad_coeffs, grad_weight, *grad_inputs
 
 
 def check_reduction(reduction):
@@ -172,13 +182,14 @@ def check_reduction(reduction):
 def mean_square(inputs, rows):
     """Per-sample mean of (sum_k rows[:, k] * inputs[k])^2 over each sample's elements, fused:
     rows is [B, K] and the combination is never written out."""
-    squares = _ops.affine_sqnorm(inputs, _squares_coeffs(inputs, rows))
-    return squares / _count_per_sample(inputs[0], rows.shape[0])
+    return residual_mean_square(inputs, rows[:, None, :].to(_ops.math_dtype(inputs[0].dtype)))
 
 
-def _squares_coeffs(inputs, rows):
-    """[B, K] rows as affine_sqnorm's [B, 1, K] coefficients, in the inputs' math type."""
-    return rows[:, None, :].to(_ops.math_dtype(inputs[0].dtype))
+def residual_mean_square(inputs, coeffs, backend=None):
+    """mean_square of coefficients already shaped [B, 1, K] in the inputs' math type, on
+    `backend` directly when the caller decided it (`_ops.eager_backend`)."""
+    squares = _ops.affine_sqnorm(inputs, coeffs, backend)
+    return squares / _count_per_sample(inputs[0], coeffs.shape[0])
 
 
 def _count_per_sample(x, batch):
