@@ -94,24 +94,28 @@ def _check_groups(ref, groups):
                          f"groups")
 
 
-def coefficient_matrix(entries, outputs, inputs, groups=None, dtype=None, device=None):
+def coefficient_matrix(entries, outputs, inputs, groups=None, dtype=None, device=None,
+                       backend=None):
     """[G, outputs, inputs] coefficients from their entries, row by row: [G] tensors; or, with
     `groups` (G), `dtype` and `device` (a torch.device) given, any mix of numbers and tensors
     of G values (any shape) or of one, converted (a number is rounded to `dtype`, as PyTorch
-    rounds a scalar operand).
+    rounds a scalar operand). `backend`: the call's direct backend (see `direct_backend`), when
+    its caller decided it.
 
     Stored entry-major, as a view of one [outputs * inputs, G] stack: stacking on the last
     dimension instead is a strided copy that costs ATen about 15 ns per entry on CPU, more than
     the kernel itself for small tensors. The CPU kernels read any strides; the GPU ones get the
     coefficients packed (`_packed_for`). A mix is assembled by the extension in one call where
-    it may run (csrc/coefficient_matrix.cpp): from Python each entry would cost a few tensor
-    ops of several microseconds each."""
+    it may run (csrc/coefficient_matrix.cpp; not for the reference backend, which is plain
+    PyTorch): from Python each entry would cost a few tensor ops of several microseconds each."""
     if len(entries) != outputs * inputs:
         raise ValueError(f"fastflow coefficient_matrix: expected {outputs} x {inputs} entries, "
                          f"got {len(entries)}")
     if groups is not None:
-        tensors = [c for c in entries if isinstance(c, torch.Tensor)]
-        native = _backends._extension()[0] if _nobody_intercepts(tensors, device) else None
+        if backend is None and _nobody_intercepts(
+                [c for c in entries if isinstance(c, torch.Tensor)], device):
+            backend = _backends.select(device)  # the assembly records gradients itself
+        native = _backends._extension()[0] if backend not in (None, "reference") else None
         if native is not None:
             return native.coefficient_matrix(entries, outputs, inputs, groups, dtype, device)
         entries = [_column(c, groups, dtype, device) for c in entries]

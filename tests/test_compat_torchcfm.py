@@ -61,9 +61,9 @@ def fused_calls(monkeypatch):
     calls = []
     real = fastflow._ops.affine
 
-    def spy(inputs, coeffs):
+    def spy(inputs, coeffs, backend=None):
         calls.append(len(inputs))
-        return real(inputs, coeffs)
+        return real(inputs, coeffs, backend)
 
     monkeypatch.setattr(fastflow._ops, "affine", spy)
     return calls

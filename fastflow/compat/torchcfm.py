@@ -105,9 +105,11 @@ def _fused(streams, rows):
         if c.numel() != batch and c.numel() != 1:
             raise _BatchSizeError(f"t: expected one time per sample of the batch of {batch}, got "
                                   f"{c.numel()} values")
+    backend = _ops.direct_backend(xs + per_sample)  # one decision for the assembly and the pass
     coeffs = _ops.coefficient_matrix([row.get(n, 0) for row in rows for n in names], len(rows),
-                                     len(names), batch, _ops.math_dtype(dtype), ref.device)
-    return _ops.affine([x.to(dtype) for x in xs], coeffs)
+                                     len(names), batch, _ops.math_dtype(dtype), ref.device,
+                                     backend)
+    return _ops.affine([x if x.dtype == dtype else x.to(dtype) for x in xs], coeffs, backend)
 
 
 class ConditionalFlowMatcher:
