@@ -12,9 +12,9 @@
 namespace fastflow {
 
 // [G, 2, K] coefficients, rows (x_t, u_t) over columns (x0, x1[, noise]), of the path `path`
-// (a name of fastflow.paths._NATIVE) with parameters `params` at the float64 times t [G], in
-// `dtype` (float32 or float64): what fastflow.paths computes with PyTorch, to its bits where the
-// formulas are arithmetic (see paths_cpu.cpp).
+// (a name of fastflow.paths._NATIVE) with parameters `params` at the times t [G] (any float type,
+// widened to double), in `dtype` (float32 or float64): what fastflow.paths computes with PyTorch
+// in float64, to its bits where the formulas are arithmetic (see paths_cpu.cpp).
 at::Tensor path_coefficients_cpu(const at::Tensor& t, const std::string& path,
                                  const std::vector<double>& params, at::ScalarType dtype);
 

@@ -120,21 +120,24 @@ at::Tensor path_coefficients_cpu(const at::Tensor& t, const std::string& path,
   TORCH_CHECK_VALUE(found != nullptr, "fastflow path_coefficients: no native path '", path, "'");
   TORCH_CHECK_VALUE(params.size() == found->params, "fastflow path_coefficients: '", path,
                     "' takes ", found->params, " parameters, got ", params.size());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.scalar_type() == at::kDouble && t.device().is_cpu(),
-                    "fastflow path_coefficients: t must be a 1-D float64 CPU tensor, got ",
+  TORCH_CHECK_VALUE(t.dim() == 1 && at::isFloatingType(t.scalar_type()) && t.device().is_cpu(),
+                    "fastflow path_coefficients: t must be a 1-D floating-point CPU tensor, got ",
                     t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
   TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kDouble,
                     "fastflow path_coefficients: dtype must be float32 or float64, got ", dtype);
   const int64_t groups = t.size(0), width = 2 * found->columns, stride = t.stride(0);
   at::Tensor out = at::empty({groups, 2, found->columns}, t.options().dtype(dtype));
-  const double* times = t.const_data_ptr<double>();
-  AT_DISPATCH_FLOATING_TYPES(dtype, "path_coefficients_cpu", [&] {
-    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    double row[6];
-    for (int64_t g = 0; g < groups; ++g) {
-      found->entries(times[g * stride], params, row);
-      for (int64_t j = 0; j < width; ++j) dst[g * width + j] = static_cast<scalar_t>(row[j]);
-    }
+  // t in its own type, widened to double on load (exactly): the caller saves a conversion.
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "path_times", [&] {
+    const scalar_t* times = t.const_data_ptr<scalar_t>();
+    AT_DISPATCH_FLOATING_TYPES(dtype, "path_coefficients_cpu", [&] {
+      scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+      double row[6];
+      for (int64_t g = 0; g < groups; ++g) {
+        found->entries(static_cast<double>(times[g * stride]), params, row);
+        for (int64_t j = 0; j < width; ++j) dst[g * width + j] = static_cast<scalar_t>(row[j]);
+      }
+    });
   });
   return out;
 }

@@ -30,17 +30,28 @@ def check_like(x, ref, name, ref_name):
                          f"got {x.device}")
 
 
-def batch_time(t, x, name="t"):
+def batch_time(t, x, name="t", keep_type=False):
     """t as a 1-D tensor of length 1 (one time for the whole batch) or B = x.shape[0], on x's
-    device, in a dtype fit for computing coefficients (fp64 where the device has it).
+    device, in a dtype fit for computing coefficients (`formula_time`).
 
     Accepts a Python number, a 0-d tensor, or a tensor of shape [B] or [B, 1, ..., 1] with at
-    most x.dim() dimensions. Gradients flow back to a tensor t.
+    most x.dim() dimensions. Gradients flow back to a tensor t. With keep_type, a tensor t keeps
+    its float type, for ``paths.coefficients`` and the conversions, whose native builders read
+    any and convert on load: that saves the call a conversion (a kernel launch on a GPU).
     """
-    work = torch.float32 if x.device.type == "mps" else torch.float64
     if check_time(t, x, name) is None:
-        return torch.full((1,), float(t), dtype=work, device=x.device)
-    return (t if t.dim() == 1 else t.reshape(-1)).to(device=x.device, dtype=work)
+        return torch.full((1,), float(t), dtype=_formula_dtype(x.device), device=x.device)
+    t = (t if t.dim() == 1 else t.reshape(-1)).to(x.device)
+    return t if keep_type and t.dtype in FLOAT_DTYPES else formula_time(t)
+
+
+def formula_time(t):
+    """t in the type the paths' PyTorch formulas compute in: fp64 where the device has it."""
+    return t.to(_formula_dtype(t.device))
+
+
+def _formula_dtype(device):
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def check_time(t, x, name="t"):

@@ -470,12 +470,11 @@ class DeviceCache:
 
 def coefficient_builder(t, name, backend=None):
     """The backend's builder `name` (a field of _backends._Kernels, such as "path_coefficients")
-    for coefficients from the float64 times t, or None where PyTorch must compute them: t needs
-    a gradient, which must flow through PyTorch's formulas; something traces the call; or the
-    backend has no such builder. The builders repeat those formulas and give their bits.
-    `backend`: the call's direct backend (see `direct_backend`), when its caller decided it."""
-    if t.dtype != torch.float64:
-        return None
+    for coefficients from the times t (any float type, converted to float64 on load), or None
+    where PyTorch must compute them: t needs a gradient, which must flow through PyTorch's
+    formulas; something traces the call; or the backend has no such builder. The builders
+    repeat those formulas in float64 and give their bits. `backend`: the call's direct backend
+    (see `direct_backend`), when its caller decided it."""
     if backend is None:
         if (t.requires_grad and torch.is_grad_enabled()) or not _nobody_intercepts((t,)):
             return None

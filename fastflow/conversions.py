@@ -12,7 +12,7 @@ x_t and pred, one write.
 import torch
 
 from . import _ops
-from ._checks import batch_time, check_like, check_stream
+from ._checks import batch_time, check_like, check_stream, formula_time
 from .paths import AffinePath, coefficients, get_path
 
 KINDS = ("velocity", "epsilon", "data", "score")
@@ -73,7 +73,7 @@ def _conversion_rows(path, t, src, dst, eps, dtype, backend=None):
     build = _ops.coefficient_builder(t, "conversion_coefficients", backend)
     if build is not None:
         return build(coefficients(path, t, torch.float64, backend), src, dst, float(eps), dtype)
-    return conversion_coefficients(path, t, src, dst, eps).to(dtype)
+    return conversion_coefficients(path, formula_time(t), src, dst, eps).to(dtype)
 
 
 def convert(pred, x_t, t, path=None, src="epsilon", dst="velocity", eps=1e-6):
@@ -106,7 +106,7 @@ def convert(pred, x_t, t, path=None, src="epsilon", dst="velocity", eps=1e-6):
     _check_kind(dst, "dst")
     check_stream(pred, "pred")
     check_like(x_t, pred, "x_t", "pred")
-    t = batch_time(t, pred)
+    t = batch_time(t, pred, keep_type=True)
     backend = _ops.direct_backend((x_t, pred, t))
     coeffs = _conversion_rows(path, t, src, dst, eps, _ops.math_dtype(pred.dtype), backend)
     (out,) = _ops.affine([x_t, pred], coeffs, backend)

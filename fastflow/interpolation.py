@@ -39,7 +39,7 @@ def interpolate(x0, x1, t, path=None, noise=None, out=None):
     """
     path = get_path(path)
     inputs = path_inputs(path, x0, x1, noise)
-    t = batch_time(t, x1)
+    t = batch_time(t, x1, keep_type=True)
     if out is not None:
         _check_out(out, x1, inputs, t)
     # The outputs too: a subclass, or a leaf that records gradients, takes the dispatcher.

@@ -111,7 +111,7 @@ class FlowMatcher:
         """Draw t (and x0, noise), build x_t, call ``model(x_t, t, **model_kwargs)`` and return
         the fused loss against the target of the matcher's prediction kind."""
         x0, t, noise = self._draw(x1, x0, None, generator)
-        inputs, times = path_inputs(self.path, x0, x1, noise), batch_time(t, x1)
+        inputs, times = path_inputs(self.path, x0, x1, noise), batch_time(t, x1, keep_type=True)
         backend = _ops.direct_backend((*inputs, times))
         location = coefficients(self.path, times, _ops.math_dtype(x1.dtype), backend)[:, :1]
         (x_t,) = _ops.affine(inputs, location, backend)

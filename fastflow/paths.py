@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from ._checks import formula_time
 from ._ops import coefficient_builder, coefficient_matrix
 
 __all__ = ["Path", "AffinePath", "CondOT", "Polynomial", "Cosine", "LinearVP", "VP", "TargetCFM",
@@ -223,8 +224,8 @@ _NATIVE = {
 
 
 def coefficients(path, t, dtype, backend=None):
-    """``path.coefficients(t).to(dtype)``, for float64 times t [G]; `backend` as in
-    ``_ops.coefficient_builder``.
+    """``path.coefficients(t).to(dtype)`` for times t [G] of any float type (computed in
+    fp64: ``_checks.formula_time``); `backend` as in ``_ops.coefficient_builder``.
 
     For the paths of _NATIVE, when t needs no gradient and nothing traces the call, the C++
     (CPU) or Triton (GPU) backend computes the same formulas in the same order in one call,
@@ -235,4 +236,4 @@ def coefficients(path, t, dtype, backend=None):
     native = _NATIVE.get(type(path))
     build = coefficient_builder(t, "path_coefficients", backend) if native is not None else None
     coeffs = build(t, *native(path), dtype) if build is not None else None
-    return coeffs if coeffs is not None else path.coefficients(t).to(dtype)
+    return coeffs if coeffs is not None else path.coefficients(formula_time(t)).to(dtype)

@@ -126,8 +126,9 @@ def _cases():
             torch.empty(64, 256, dtype=dtype), torch.empty(64, dtype=dtype),
             torch.empty(128, dtype=dtype), 1.0, False, t_grad, freqs_grad)
 
-    def run_path(path, params, dtype):
-        return lambda: paths.path_coefficients(torch.empty(1000, dtype=f64), path, params, dtype)
+    def run_path(path, params, dtype, time_dtype=f64):
+        return lambda: paths.path_coefficients(torch.empty(1000, dtype=time_dtype), path, params,
+                                               dtype)
 
     def run_conversion(src, dst, dtype):
         return lambda: conversions.conversion_coefficients(torch.empty(1000, 2, 2, dtype=f64), src,
@@ -160,6 +161,9 @@ def _cases():
         ("sinusoid backward fp32 t only", run_sinusoid_backward(f32, True, False)),
         ("sinusoid backward fp64 freqs only", run_sinusoid_backward(f64, False, True)),
         ("path coefficients CondOT fp32", run_path("cond_ot", [0.0], f32)),
+        ("path coefficients CondOT fp32 from fp32 times", run_path("cond_ot", [0.0], f32, f32)),
+        ("path coefficients CondOT fp32 from bf16 times",
+         run_path("cond_ot", [0.0], f32, torch.bfloat16)),
         ("path coefficients constant noise fp64", run_path("constant_noise", [0.5], f64)),
         ("path coefficients Polynomial fp32 (libdevice pow)", run_path("polynomial", [2.0], f32)),
         ("path coefficients Cosine fp32 (libdevice sin, cos)", run_path("cosine", [], f32)),

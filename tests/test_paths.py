@@ -257,6 +257,21 @@ def test_native_coefficients_round_like_the_formula(backend, path, dtype):
                                    equal_nan=True)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter: sqrt(-x), 1/0
+@pytest.mark.parametrize("time_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("path", ARITHMETIC_PATHS + TRANSCENDENTAL_PATHS, ids=repr)
+def test_times_of_any_float_type_give_the_bits_of_their_float64_values(backend, path,
+                                                                       time_dtype):
+    # The builders read t in its own type (interpolate and convert pass it unconverted) and
+    # widen it exactly; the PyTorch formulas get it converted to float64.
+    from conftest import bits_equal
+
+    times = NATIVE_TIMES.to(backend, time_dtype)
+    for dtype in (torch.float32, torch.float64):
+        assert bits_equal(paths.coefficients(path, times, dtype),
+                          paths.coefficients(path, times.double(), dtype))
+
+
 def test_native_coefficients_are_for_exact_types_only():
     class Steeper(paths.CondOT):
         def __call__(self, t):
@@ -279,8 +294,8 @@ def test_native_coefficients_leave_gradients_to_pytorch():
 @pytest.mark.parametrize("args, message", [
     ((torch.zeros(3, dtype=torch.float64), "sigmoid", [], torch.float32), "no native path"),
     ((torch.zeros(3, dtype=torch.float64), "cond_ot", [], torch.float32), "takes 1 parameters"),
-    ((torch.zeros(3), "cond_ot", [0.0], torch.float32), "1-D float64"),
-    ((torch.zeros(3, 1, dtype=torch.float64), "cond_ot", [0.0], torch.float32), "1-D float64"),
+    ((torch.zeros(3, dtype=torch.int64), "cond_ot", [0.0], torch.float32), "1-D floating-point"),
+    ((torch.zeros(3, 1, dtype=torch.float64), "cond_ot", [0.0], torch.float32), "1-D floating"),
     ((torch.zeros(3, dtype=torch.float64), "cond_ot", [0.0], torch.float16), "float32 or float64"),
 ])
 def test_native_coefficients_reject_bad_calls(args, message):

@@ -29,7 +29,7 @@ def _path_coefficients_kernel(t_ptr, p0: tl.float64, p1: tl.float64, out_ptr, gr
                               PATH: tl.constexpr, COLUMNS: tl.constexpr, BLOCK: tl.constexpr):
     g = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = g < groups
-    t = tl.load(t_ptr + g * t_stride, mask=mask)
+    t = tl.load(t_ptr + g * t_stride, mask=mask).to(tl.float64)  # any float type, exactly
     # Typed scalars, and inexact constants as fp64: the interpreter passes Python floats, and a
     # float literal would be rounded to fp32 first.
     p0 = tl.full([], p0, tl.float64)
@@ -78,8 +78,8 @@ def _path_coefficients_kernel(t_ptr, p0: tl.float64, p1: tl.float64, out_ptr, gr
 
 @on_tensors_device
 def path_coefficients(t, path, params, dtype):
-    """[G, 2, K] coefficients of `path` with `params` at the float64 times t [G], in dtype; None
-    for a path this backend does not build."""
+    """[G, 2, K] coefficients of `path` with `params` at the times t [G] (any float type), in
+    dtype; None for a path this backend does not build."""
     if path not in _PATHS:
         return None
     kind, columns = _PATHS[path]
