@@ -20,8 +20,9 @@
         its gradients to t and freqs (empty where not asked for), in one pass over grad
 
 Coefficients are [G, M, K] in the math type (fp32, or fp64 when a stream is fp64). The public ops
-(interpolation, conversions, losses) compute their coefficients from t in plain PyTorch and
-call these, so autograd reaches t.
+(interpolation, conversions, losses) compute their coefficients from t in plain PyTorch, so
+autograd reaches t, or, when t needs no gradient, with the backend's builders of the same
+formulas (`coefficient_builder`); then they call these.
 
 The device kernels are chosen per call by fastflow._backends. They are registered as one
 CompositeExplicitAutograd kernel that picks the backend from the device and FASTFLOW_BACKEND.
