@@ -369,8 +369,11 @@ def test_calls_that_need_the_dispatcher_take_it():
 
 
 @pytest.mark.parametrize("call", ["interpolate", "interpolate out=", "interpolate VP", "convert",
-                                  "FlowMatcher x_t", "loss", "loss recorded", "loss VP"])
+                                  "FlowMatcher x_t", "loss", "loss recorded", "loss VP",
+                                  "torchcfm drop-in"])
 def test_one_backend_decision_per_public_call(call, monkeypatch):
+    from fastflow.compat.torchcfm import ConditionalFlowMatcher
+
     # A public op decides once whether its ops skip the dispatcher, and on which backend
     # (_ops.direct_backend): on a small tensor each decision costs about as much as a kernel.
     x0, x1, t = _interpolate_case()
@@ -386,6 +389,9 @@ def test_one_backend_decision_per_public_call(call, monkeypatch):
         # The forward of a loss that records its gradient (its backward is a call of its own).
         "loss recorded": lambda: fastflow.flow_matching_loss(x0.requires_grad_(), x0, x1, t),
         "loss VP": lambda: fastflow.flow_matching_loss(x0, x0, x1, t, "vp"),
+        # One fused pass (x_t and u_t), its coefficients assembled by the extension.
+        "torchcfm drop-in": lambda: ConditionalFlowMatcher(0.1).sample_location_and_conditional_flow(
+            x0, x1, t),
     }
     try:  # once, to fill the caches of constant coefficients
         calls[call]()
