@@ -200,10 +200,11 @@ class FlowMatchEulerDiscreteScheduler(_diffusers_fm.FlowMatchEulerDiscreteSchedu
 
     def _coefficients(self, model_dtype, device, exact):
         """The per-step coefficient tensors on `device`, built once per schedule from
-        ``self.sigmas`` with device operations: ``[N, 1, 1, 2]`` rows ``[[1, dt_i]]`` (or, in
-        exact mode, ``[N, 1, 1, 1]`` rows ``[[dt_i]]``), dt_i = sigma_{i+1} - sigma_i in fp32 as
-        the original subtracts them, rounded to the model's dtype as the original's
-        ``dt * model_output`` rounds it."""
+        ``self.sigmas`` with device operations: a list of N ``[1, 1, 2]`` rows ``[[1, dt_i]]``
+        (or, in exact mode, ``[1, 1, 1]`` rows ``[[dt_i]]``), dt_i = sigma_{i+1} - sigma_i in
+        fp32 as the original subtracts them, rounded to the model's dtype as the original's
+        ``dt * model_output`` rounds it. Views of one device tensor, so that a step indexes a
+        list, not a tensor (an op of a few microseconds)."""
         tables, sigmas = self._tables(), self.sigmas
         key = (model_dtype, device, exact)
         table = tables.get(key)
@@ -215,7 +216,7 @@ class FlowMatchEulerDiscreteScheduler(_diffusers_fm.FlowMatchEulerDiscreteSchedu
                 table = dt.reshape(-1, 1, 1, 1)
             else:
                 table = torch.stack([torch.ones_like(dt), dt], dim=-1).reshape(-1, 1, 1, 2)
-            table = _to_device(table.contiguous(), device)
+            table = list(_to_device(table.contiguous(), device).unbind(0))
             tables[key] = table
         return table
 
@@ -270,7 +271,7 @@ class FlowMatchEulerDiscreteScheduler(_diffusers_fm.FlowMatchEulerDiscreteSchedu
         exact = bool(self.exact_low_precision_rounding) and low
         table = self._coefficients(model_output.dtype, sample.device, exact)
         index = self._step_index
-        if not 0 <= index < table.shape[0]:  # the original's indexing, errors included
+        if not 0 <= index < len(table):  # the original's indexing, errors included
             return super().step(model_output, timestep, sample, return_dict=return_dict)
 
         prev_sample = torch.empty_like(sample, dtype=model_output.dtype)
