@@ -40,17 +40,18 @@ def batch_time(t, x, name="t", keep_type=False):
     any and convert on load: that saves the call a conversion (a kernel launch on a GPU).
     """
     if check_time(t, x, name) is None:
-        return torch.full((1,), float(t), dtype=_formula_dtype(x.device), device=x.device)
+        return torch.full((1,), float(t), dtype=formula_dtype(x.device), device=x.device)
     t = (t if t.dim() == 1 else t.reshape(-1)).to(x.device)
     return t if keep_type and t.dtype in FLOAT_DTYPES else formula_time(t)
 
 
 def formula_time(t):
     """t in the type the paths' PyTorch formulas compute in: fp64 where the device has it."""
-    return t.to(_formula_dtype(t.device))
+    return t.to(formula_dtype(t.device))
 
 
-def _formula_dtype(device):
+def formula_dtype(device):
+    """The type the paths' PyTorch formulas compute t in on `device`."""
     return torch.float32 if device.type == "mps" else torch.float64
 
 

@@ -115,7 +115,8 @@ def coefficient_matrix(entries, outputs, inputs, groups=None, dtype=None, device
     if groups is not None:
         if backend is None and _nobody_intercepts(
                 [c for c in entries if isinstance(c, torch.Tensor)], device):
-            backend = _backends.select(device)  # the assembly records gradients itself
+            # Gradients or not: the extension's ATen ops record them.
+            backend = _backends.select(device)
         native = _backends._extension()[0] if backend not in (None, "reference") else None
         if native is not None:
             return native.coefficient_matrix(entries, outputs, inputs, groups, dtype, device)

@@ -12,7 +12,8 @@ gradients of the inputs that need them (dL/dpred first among them).
 import torch
 
 from . import _ops
-from ._checks import batch_time, check_like, check_time, path_inputs
+from ._checks import (batch_time, check_like, check_time, formula_dtype, formula_time,
+                      path_inputs)
 from .conversions import _check_kind, _safe
 from .paths import AffinePath, ConstantNoise, CondOT, TargetCFM, coefficients, get_path
 
@@ -20,10 +21,12 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def target_coefficients(path, t, prediction, eps=1e-6, backend=None):
-    """[G, K] coefficients of the regression target of kind `prediction` over (x0, x1[, noise]);
-    `backend` as in ``paths.coefficients``."""
+    """[G, K] coefficients of the regression target of kind `prediction` over (x0, x1[, noise]),
+    computed in float64 from the times t (any float type); `backend` as in
+    ``paths.coefficients``."""
     if prediction == "velocity":
-        return coefficients(path, t, t.dtype, backend)[:, 1]
+        return coefficients(path, t, formula_dtype(t.device), backend)[:, 1]
+    t = formula_time(t)
     if prediction == "score":  # -x0 / sigma_t
         if not isinstance(path, AffinePath):
             raise TypeError(f"prediction: 'score' needs an affine path (alpha_t, sigma_t), got {path!r}")
@@ -107,7 +110,8 @@ def flow_matching_loss(pred, x0, x1, t, path=None, prediction="velocity", noise=
     t_grad = time is not None and time.requires_grad and torch.is_grad_enabled()
     residual = None if t_grad else _constant_residual(path, prediction, x1, math)
     if residual is None:
-        t = batch_time(t, x1).expand(batch)  # one group per sample, for per-sample losses
+        # One group per sample, for per-sample losses; t unconverted for the path's builder.
+        t = batch_time(t, x1, keep_type=True).expand(batch)
         target = target_coefficients(path, t, prediction, backend=None if t_grad else backend)
         residual = _residual_coeffs(target, math)
     if recording and backend is not None:

@@ -50,6 +50,23 @@ def test_paths_with_and_without_noise(backend, path):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_times_of_any_float_type_give_the_loss_of_their_float64_values(backend, dtype):
+    # The velocity rows come from the path's builder, which reads t in its own type and widens
+    # it exactly: the coefficients, and so the loss, are those of t in float64.
+    from conftest import bits_equal
+
+    for path in (paths.VP(), paths.Cosine(), paths.SchrodingerBridge(0.5)):
+        pred, x0, x1, t, noise, _ = _batch((4, 9), dtype, backend, path, seed=5)
+        for time_dtype in (torch.float32, torch.float16, torch.bfloat16):
+            low = t.to(time_dtype)
+            got = fastflow.flow_matching_loss(pred, x0, x1, low, path, noise=noise,
+                                              reduction="none")
+            want = fastflow.flow_matching_loss(pred, x0, x1, low.double(), path, noise=noise,
+                                               reduction="none")
+            assert bits_equal(got, want), (path, time_dtype)
+
+
 # The targets whose residual rows do not depend on t come from a cached row
 # (losses._constant_residual); a t that needs a gradient takes the per-sample formulas.
 CONSTANT_TARGETS = [(paths.CondOT(), "velocity"), (paths.CondOT(0.2), "velocity"),
