@@ -267,9 +267,10 @@ def test_times_of_any_float_type_give_the_bits_of_their_float64_values(backend, 
     from conftest import bits_equal
 
     times = NATIVE_TIMES.to(backend, time_dtype)
-    for dtype in (torch.float32, torch.float64):
-        assert bits_equal(paths.coefficients(path, times, dtype),
-                          paths.coefficients(path, times.double(), dtype))
+    for t in (times, times[::3]):  # contiguous, and strided
+        for dtype in (torch.float32, torch.float64):
+            assert bits_equal(paths.coefficients(path, t, dtype),
+                              paths.coefficients(path, t.double(), dtype))
 
 
 def test_native_coefficients_are_for_exact_types_only():
