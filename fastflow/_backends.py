@@ -148,7 +148,8 @@ def kernels(name):
     ``sinusoid_backward(grad, t, freqs, scale, cos_first, t_grad, freqs_grad)``, which return
     their results. Optional: ``affine_fresh(inputs, coeffs)``, affine into outputs it allocates
     after checking the arguments; ``path_coefficients(t, path, params, dtype)`` for the paths of
-    fastflow.paths._NATIVE (it returns None for a path it cannot build) and
+    fastflow.paths._NATIVE, at times t of any float type (it returns None for a path it cannot
+    build), and
     ``conversion_coefficients(path_coeffs, src, dst, eps, dtype)`` for fastflow.convert (None
     where PyTorch computes them); ``checks_args``, whether the kernels check their arguments
     themselves (the C++ ones do)."""
