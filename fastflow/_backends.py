@@ -149,10 +149,9 @@ def kernels(name):
     their results. Optional: ``affine_fresh(inputs, coeffs)``, affine into outputs it allocates
     after checking the arguments; ``path_coefficients(t, path, params, dtype)`` for the paths of
     fastflow.paths._NATIVE, at times t of any float type (it returns None for a path it cannot
-    build), and
-    ``conversion_coefficients(path_coeffs, src, dst, eps, dtype)`` for fastflow.convert (None
-    where PyTorch computes them); ``checks_args``, whether the kernels check their arguments
-    themselves (the C++ ones do)."""
+    build), and ``conversion_coefficients(path_coeffs, src, dst, eps, dtype)`` for
+    fastflow.convert (None where PyTorch computes them); ``checks_args``, whether the kernels
+    check their arguments themselves (the C++ ones do)."""
     return _KERNELS[name]()
 
 

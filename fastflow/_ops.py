@@ -525,10 +525,13 @@ def _unflatten(spec, flat):
     return args
 
 
-def _call(name, tensors, *args):
-    """Op `name` on `args` (whose tensors are `tensors`): when nothing but autograd must see the
-    call, its kernel directly, or through _EagerAutograd when there is a gradient to record;
-    else through torch.ops."""
+def _call(name, tensors, *args, backend=None):
+    """Op `name` on `args` (whose tensors are `tensors`): on `backend` directly when the caller
+    decided it (`direct_backend`); else, when nothing but autograd must see the call, its kernel
+    directly, or through _EagerAutograd when there is a gradient to record; else through
+    torch.ops."""
+    if backend is not None:
+        return _KERNELS[name](*args, backend)
     if _nobody_intercepts(tensors):
         if not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)):
             return _KERNELS[name](*args)
@@ -560,18 +563,14 @@ def affine(inputs, coeffs, backend=None):
     """``outputs[m] = sum_k coeffs[:, m, k] * inputs[k]`` (see the module docstring), on
     `backend` directly when the caller decided it (`direct_backend`)."""
     inputs = list(inputs)
-    if backend is not None:
-        return _affine(inputs, coeffs, backend)
-    return _call("affine", (*inputs, coeffs), inputs, coeffs)
+    return _call("affine", (*inputs, coeffs), inputs, coeffs, backend=backend)
 
 
 def affine_sqnorm(inputs, coeffs, backend=None):
     """Per-group sum of squares of ``sum_k coeffs[:, 0, k] * inputs[k]`` (see the module
     docstring), on `backend` directly when the caller decided it."""
     inputs = list(inputs)
-    if backend is not None:
-        return _affine_sqnorm(inputs, coeffs, backend)
-    return _call("affine_sqnorm", (*inputs, coeffs), inputs, coeffs)
+    return _call("affine_sqnorm", (*inputs, coeffs), inputs, coeffs, backend=backend)
 
 
 def affine_dot(a, b, groups):
@@ -582,10 +581,7 @@ def affine_dot(a, b, groups):
 
 def affine_out(inputs, coeffs, out, backend=None):
     inputs, outputs = list(inputs), list(out)
-    if backend is not None:
-        _affine_out(inputs, coeffs, outputs, backend)
-    else:
-        _call("affine_out", (*inputs, coeffs, *outputs), inputs, coeffs, outputs)
+    _call("affine_out", (*inputs, coeffs, *outputs), inputs, coeffs, outputs, backend=backend)
     return out
 
 
