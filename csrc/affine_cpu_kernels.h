@@ -59,17 +59,16 @@ void visit_float_type(at::ScalarType type, const Visit& visit) {
   }
 }
 
-// The 16-bit conversions are bit manipulation on integers: 8 lanes at a time with AVX2. fp16 has
-// hardware conversions in F16C, used where the includer enables them (FASTFLOW_CPU_F16C): they
-// round the same way (to nearest even, overflow to inf, subnormals kept), and widening gives
-// the same bits for every input, NaNs included. Narrowing differs on NaNs only: c10 gives every
-// NaN the payload 0x7E00, the hardware keeps the top of the input's payload; a blend restores
-// c10's.
-void widen(const c10::BFloat16* src, int64_t n, float* dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
-}
-#ifdef FASTFLOW_CPU_F16C
-constexpr bool kHasF16C = true;
+// The 16-bit conversions. Without AVX2 they are float_bits.h's formulas, which the compiler
+// vectorises where it can. With AVX2 (FASTFLOW_CPU_AVX2) both types go eight values at a time:
+// bf16 through integer shifts and the same round-to-nearest-even arithmetic (the scalar loop
+// left fp16 1.6x faster than bf16 at 1M elements, F16C against none), fp16 through F16C's
+// instructions. These round the same way (to nearest even, overflow to inf, subnormals kept),
+// and widening gives the same bits for every input, NaNs included. Narrowing fp16 differs on
+// NaNs only: c10 gives every NaN the payload 0x7E00, the hardware keeps the top of the input's
+// payload; a blend restores c10's.
+#ifdef FASTFLOW_CPU_AVX2
+constexpr bool kVector16 = true;
 __m256 widen8(const c10::Half* src) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
 }
@@ -82,38 +81,54 @@ void narrow8(__m256 x, c10::Half* dst) {
                                        _mm_set1_epi16(0x7E00));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_blendv_epi8(h, c10_nan, nan16));
 }
+__m256 widen8(const c10::BFloat16* src) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+void narrow8(__m256 x, c10::BFloat16* dst) {  // float_bits.h's to_bfloat16, eight at a time
+  const __m256i u = _mm256_castps_si256(x);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(
+      _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd), 16);
+  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)),
+                                         _mm256_set1_epi32(0x7F800000));
+  const __m256i bits = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+  // Every lane holds at most 0xFFFF, so the saturating pack keeps it as it is.
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
+                   _mm_packus_epi32(_mm256_castsi256_si128(bits),
+                                    _mm256_extracti128_si256(bits, 1)));
+}
 #else
-constexpr bool kHasF16C = false;
+constexpr bool kVector16 = false;
 #endif
 
-void widen(const c10::Half* src, int64_t n, float* dst) {
+template <typename half_t>  // c10::Half or c10::BFloat16
+void widen(const half_t* src, int64_t n, float* dst) {
   int64_t i = 0;
-#ifdef FASTFLOW_CPU_F16C
+#ifdef FASTFLOW_CPU_AVX2
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, widen8(src + i));
 #endif
   for (; i < n; ++i) dst[i] = to_float(src[i]);
 }
-void narrow(const float* src, int64_t n, c10::BFloat16* dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = to_bfloat16(src[i]);
-}
-void narrow(const float* src, int64_t n, c10::Half* dst) {
+template <typename half_t>
+void narrow(const float* src, int64_t n, half_t* dst) {
   int64_t i = 0;
-#ifdef FASTFLOW_CPU_F16C
+#ifdef FASTFLOW_CPU_AVX2
   for (; i + 8 <= n; i += 8) narrow8(_mm256_loadu_ps(src + i), dst + i);
 #endif
-  for (; i < n; ++i) dst[i] = to_half(src[i]);
+  for (; i < n; ++i) dst[i] = store_as<half_t>(src[i]);
 }
 
-// Streaming (non-temporal) stores, where the includer enables them (FASTFLOW_CPU_STREAMING), for
-// calls that write at least kStreamingMinBytes into existing tensors: outputs far larger than
-// the last-level cache leave it before anyone reads them. A plain store first reads the
+// Streaming (non-temporal) stores, with AVX2 (FASTFLOW_CPU_AVX2), for calls that write at least
+// kStreamingMinBytes into existing tensors: outputs far larger than the last-level cache leave
+// it before anyone reads them. A plain store first reads the
 // destination line (read for ownership); a streaming store writes it without reading, a third
 // of a 2 -> 2 map's traffic. Not into fresh tensors: the kernel has just zeroed each page on its
 // first touch, through the cache, and a streaming store then makes that dirty line travel to
 // memory as well (the loss backward at 64M elements was 7% slower).
 // Measured on 16M fp32 elements with out=: 13 to 17% faster (15.1 -> 12.8 ms; 12.9 -> 10.7 ms
 // with THP_MEM_ALLOC_ENABLE=1), 64M elements 4 to 8%.
-#ifdef FASTFLOW_CPU_STREAMING
+#ifdef FASTFLOW_CPU_AVX2
 constexpr bool kCanStream = true;
 void stream_tile(float* dst, const float* src, int64_t n) {
   int64_t i = 0;
@@ -172,11 +187,11 @@ void store_tile(const Stream& s, int64_t j0, int64_t n, const math_t* src) {
 // coefficients per element, gathered into an L1 table first. Both compute each output with the
 // same operations in the same order.
 //
-// Uniform, when not void, is the storage type of every stream (bf16, or fp16 with F16C; one
+// Uniform, when not void, is the storage type of every stream (bf16, or fp16 with AVX2; one
 // group's span): values are then converted in the loop that computes them, all outputs per
-// index, with no tile. For bf16 (no conversion instructions) the round trip through the tiles
-// cost as much as the conversions themselves: this is 1.8x to 2.3x faster at 1M elements, with
-// the same operations in the same order. Each index still reads every input before any output
+// index, with no tile. For scalar bf16 conversions the round trip through the tiles cost as
+// much as the conversions themselves: this was 1.8x to 2.3x faster at 1M elements, with the
+// same operations in the same order. Each index still reads every input before any output
 // is written there.
 //
 // With `streaming`, outputs in the math type are computed into the tile and written to memory
@@ -199,10 +214,10 @@ void affine_span(const std::array<Stream, K>& in, const std::array<Stream, M>& o
     for (int k = 0; k < K; ++k) x[k] = static_cast<const Uniform*>(in[k].data);
     for (int m = 0; m < M; ++m) y[m] = static_cast<Uniform*>(out[m].data);
     int64_t i = lo;
-#ifdef FASTFLOW_CPU_F16C
-    if constexpr (std::is_same_v<Uniform, c10::Half>) {
-      // fp16 through F16C, eight values at a time (the compiler does not vectorise c10's
-      // conversions into it); the scalar loop below gives the same bits for the tail.
+#ifdef FASTFLOW_CPU_AVX2
+    {
+      // Eight values at a time (the compiler does not vectorise c10's conversions); the scalar
+      // loop below gives the same bits for the tail.
       __m256 coeff[M * K];
       for (int j = 0; j < M * K; ++j) coeff[j] = _mm256_set1_ps(fixed[j]);
       for (; i + 8 <= hi; i += 8) {
@@ -294,11 +309,11 @@ void affine_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coef
   const int64_t numel = inputs[0].numel();
   const int64_t n = numel / coeffs.size(0);
 
-  // Streams all in bf16, or all in fp16 where F16C converts them (with fp32 math), are converted
+  // Streams all in bf16, or all in fp16 where AVX2 converts them (with fp32 math), are converted
   // in registers: affine_span's Uniform.
   constexpr bool kFloatMath = std::is_same_v<math_t, float>;
   using Bf16 = std::conditional_t<kFloatMath, c10::BFloat16, void>;
-  using Fp16 = std::conditional_t<kFloatMath && kHasF16C, c10::Half, void>;
+  using Fp16 = std::conditional_t<kFloatMath && kVector16, c10::Half, void>;
   const at::ScalarType type = inputs[0].scalar_type();
   bool uniform = (type == at::kBFloat16 && kFloatMath) ||
                  (type == at::kHalf && !std::is_void_v<Fp16>);

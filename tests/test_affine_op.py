@@ -654,7 +654,7 @@ def test_streaming_stores_give_the_same_bits():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("k, m", [(1, 1), (2, 2), (5, 4)])
 def test_16_bit_streams_round_the_fp32_result_once(k, m, dtype):
-    # Streams all in bf16 (or in fp16, with F16C) take a path of their own on CPU (no L1 tile):
+    # Streams all in bf16 (or in fp16, with AVX2) take a path of their own on CPU (no L1 tile):
     # the bits must be those of the fp32 result rounded once, as mixed-type calls compute it.
     # Groups of 1003 elements: eight at a time, then a tail of three.
     inputs, coeffs = _case(k, m, (6, 1003), True, dtype, "cpu")
@@ -672,13 +672,17 @@ def test_16_bit_streams_round_the_fp32_result_once(k, m, dtype):
 
 
 def test_cpu_instruction_sets_convert_16_bit_floats_alike():
-    # The AVX2 build widens and narrows fp16 with F16C, the baseline with c10's formulas: every
-    # fp16 and bf16 bit pattern widened, and fp32 values narrowed around every rounding tie,
-    # overflow, subnormal and NaN payload, must give the same bits.
+    # The AVX2 build widens and narrows eight values at a time (fp16 with F16C, bf16 with integer
+    # vectors), the baseline one at a time with c10's formulas: every fp16 and bf16 bit pattern
+    # widened, and fp32 values narrowed around every rounding tie, overflow, subnormal and NaN
+    # payload, must give the same bits.
     halves = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
-    finite = halves.view(torch.float16).float()
-    finite = finite[torch.isfinite(finite)].unique()
-    ties = (finite[:-1] + finite[1:]) / 2  # exact in fp32
+    ties = []
+    for dtype in (torch.float16, torch.bfloat16):
+        finite = halves.view(dtype).float()
+        finite = finite[torch.isfinite(finite)].unique()
+        ties.append((finite[:-1] + finite[1:]) / 2)  # exact in fp32
+    ties = torch.cat(ties)
     narrowing = torch.cat([
         ties, torch.nextafter(ties, torch.tensor(float("inf"))),
         torch.nextafter(ties, torch.tensor(-float("inf"))),
