@@ -14,6 +14,7 @@
 #include <array>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #ifdef FASTFLOW_AVX2_KERNELS
 #include <immintrin.h>

@@ -375,8 +375,16 @@ void grouped_sums(int64_t groups, int64_t n, acc_t* out, const Span& span) {
     }
 }
 
-// Sums v(j) for j in [lo, hi) into kLanes independent accumulators, then folds them: lets the
-// compiler vectorise the reduction without reassociating it.
+template <typename acc_t>
+acc_t fold_lanes(const acc_t (&acc)[kLanes]) {
+  acc_t s = 0;
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
+// Sums v(j) for j in [lo, hi) into kLanes independent accumulators, term j to lane
+// (j - lo) % kLanes, then folds them: lets the compiler vectorise the reduction without
+// reassociating it.
 template <typename acc_t, typename Value>
 acc_t lane_sum(int64_t lo, int64_t hi, const Value& v) {
   if (hi - lo <= kLanes) {
@@ -386,15 +394,41 @@ acc_t lane_sum(int64_t lo, int64_t hi, const Value& v) {
     for (int64_t j = lo; j < hi; ++j) s += v(j);
     return s;
   }
+  // Counted from 0 (lo + i): affine_dot's sums ran 2x to 3.7x faster at 64K to 1M elements
+  // than with j counted from lo, the same operations in the same order.
+  const int64_t n = hi - lo;
   acc_t acc[kLanes] = {};
-  int64_t j = lo;
-  for (; j + kLanes <= hi; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += v(j + l);
-  for (int l = 0; j < hi; ++j, ++l) acc[l] += v(j);
-  acc_t s = 0;
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
-  return s;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += v(lo + i + l);
+  for (int l = 0; i < n; ++i, ++l) acc[l] += v(lo + i);
+  return fold_lanes(acc);
 }
+
+#ifdef FASTFLOW_CPU_AVX2
+// lane_sum of the terms double(x) * double(y) for fp32 factors (x, y) = factors(j) computed from
+// 16-bit streams, eight terms at a time: the compiler does not vectorise c10::Half's conversion
+// inside a sum (fp16 ran 4.6x slower than bf16 at 1M elements). The two halves of a vector are
+// lanes 0-3 and 4-7 of lane_sum, and every term takes the same operations in the same order:
+// the same bits. term(j) is the scalar term, for the tail.
+template <typename Factors, typename Term>
+double vector_lane_sum(int64_t lo, int64_t hi, const Factors& factors, const Term& term) {
+  __m256d low = _mm256_setzero_pd(), high = _mm256_setzero_pd();
+  int64_t j = lo;
+  for (; j + kLanes <= hi; j += kLanes) {
+    const auto [x, y] = factors(j);
+    low = _mm256_add_pd(low, _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)),
+                                           _mm256_cvtps_pd(_mm256_castps256_ps128(y))));
+    high = _mm256_add_pd(high, _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)),
+                                             _mm256_cvtps_pd(_mm256_extractf128_ps(y, 1))));
+  }
+  double acc[kLanes];
+  _mm256_storeu_pd(acc, low);
+  _mm256_storeu_pd(acc + 4, high);
+  for (int l = 0; j < hi; ++j, ++l) acc[l] += term(j);
+  return fold_lanes(acc);
+}
+#endif
 
 template <typename scalar_t, typename acc_t, int K, int M>
 void dot_kernel(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b,
@@ -406,10 +440,22 @@ void dot_kernel(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>&
   grouped_sums<acc_t, M * K>(groups, a[0].numel() / groups, result.mutable_data_ptr<acc_t>(),
                              [&](int64_t, int64_t lo, int64_t hi, acc_t* sums) {
     for (int m = 0; m < M; ++m)
-      for (int k = 0; k < K; ++k)
-        sums[m * K + k] = lane_sum<acc_t>(lo, hi, [&](int64_t j) {
+      for (int k = 0; k < K; ++k) {
+        const auto product = [&](int64_t j) {
           return load_as<acc_t>(pa[m][j]) * load_as<acc_t>(pb[k][j]);
-        });
+        };
+#ifdef FASTFLOW_CPU_AVX2
+        if constexpr (sizeof(scalar_t) == 2 && std::is_same_v<acc_t, double>) {
+          if (hi - lo > kLanes) {  // else lane_sum's shortcut for tiny groups
+            sums[m * K + k] = vector_lane_sum(lo, hi, [&](int64_t j) {
+              return std::pair(widen8(pa[m] + j), widen8(pb[k] + j));
+            }, product);
+            continue;
+          }
+        }
+#endif
+        sums[m * K + k] = lane_sum<acc_t>(lo, hi, product);
+      }
   });
 }
 
@@ -428,11 +474,27 @@ void sqnorm_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coef
                           [&](int64_t g, int64_t lo, int64_t hi, double* sum) {
     math_t cg[K];
     for (int k = 0; k < K; ++k) cg[k] = c.at(c.group(g), 0, k);
-    *sum = lane_sum<double>(lo, hi, [&](int64_t j) {
+    const auto squared_residual = [&](int64_t j) {
       math_t r = cg[0] * load_as<math_t>(in[0][j]);
       for (int k = 1; k < K; ++k) r = r + cg[k] * load_as<math_t>(in[k][j]);
       return static_cast<double>(r) * static_cast<double>(r);
-    });
+    };
+#ifdef FASTFLOW_CPU_AVX2
+    if constexpr (sizeof(scalar_t) == 2) {
+      if (hi - lo > kLanes) {
+        __m256 coeff[K];
+        for (int k = 0; k < K; ++k) coeff[k] = _mm256_set1_ps(cg[k]);
+        *sum = vector_lane_sum(lo, hi, [&](int64_t j) {
+          __m256 r = _mm256_mul_ps(coeff[0], widen8(in[0] + j));
+          for (int k = 1; k < K; ++k)
+            r = _mm256_add_ps(r, _mm256_mul_ps(coeff[k], widen8(in[k] + j)));
+          return std::pair(r, r);
+        }, squared_residual);
+        return;
+      }
+    }
+#endif
+    *sum = lane_sum<double>(lo, hi, squared_residual);
   });
 }
 
