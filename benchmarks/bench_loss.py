@@ -1,6 +1,6 @@
 """fastflow.flow_matching_loss forward + backward against the eager MSE and torch.compile of it.
 
-    python benchmarks/bench_loss.py [--device cpu|cuda] [--sizes ...] [--dtypes fp32,bf16]
+    python benchmarks/bench_loss.py [--device cpu|cuda] [--sizes ...] [--dtypes fp32,bf16,fp16]
 
 The eager reference is what a training loop writes: F.mse_loss(pred, x1 - x0), backward to pred.
 Reports ms for forward + backward, effective GB/s (the fused op's minimum traffic: pred, x0, x1
@@ -21,7 +21,7 @@ import common  # noqa: E402
 
 import fastflow  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BATCH = 64
 
 
@@ -114,4 +114,4 @@ def run(device, sizes, dtypes):
 
 if __name__ == "__main__":
     common.main(run, "loss", "flow_matching_loss forward+backward", __doc__,
-                sizes=[1 << p for p in (10, 16, 20, 24, 26)], dtypes=["fp32", "bf16"])
+                sizes=[1 << p for p in (10, 16, 20, 24, 26)], dtypes=["fp32", "bf16", "fp16"])

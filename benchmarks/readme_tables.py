@@ -71,7 +71,8 @@ def interpolate(results):
 def loss(results):
     variants = ["fused", "eager", "torch.compile"]
     cases = [("fp32", "fp32", [K, 64 * K, M, 16 * M, 64 * M], 1),
-             ("bf16", "bf16", [M, 16 * M, 64 * M], 1)]
+             ("bf16", "bf16", [M, 16 * M, 64 * M], 1),
+             ("fp16", "fp16", [M, 16 * M], 1)]
     rows = op_table(results, "loss", cases, variants, lambda by: [
         " / ".join(megabytes(by[v]["peak MB"]) for v in variants)])
     return _markdown(["dtype", "elements", "fused", "eager", "torch.compile", "fused vs eager",
