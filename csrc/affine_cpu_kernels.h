@@ -60,13 +60,12 @@ void visit_float_type(at::ScalarType type, const Visit& visit) {
 }
 
 // The 16-bit conversions. Without AVX2 they are float_bits.h's formulas, which the compiler
-// vectorises where it can. With AVX2 (FASTFLOW_CPU_AVX2) both types go eight values at a time:
-// bf16 through integer shifts and the same round-to-nearest-even arithmetic (the scalar loop
-// left fp16 1.6x faster than bf16 at 1M elements, F16C against none), fp16 through F16C's
-// instructions. These round the same way (to nearest even, overflow to inf, subnormals kept),
-// and widening gives the same bits for every input, NaNs included. Narrowing fp16 differs on
-// NaNs only: c10 gives every NaN the payload 0x7E00, the hardware keeps the top of the input's
-// payload; a blend restores c10's.
+// vectorises where it can. With AVX2 (FASTFLOW_CPU_AVX2) they go eight values at a time: bf16
+// through float_bits.h's integer arithmetic on vectors (one value at a time, bf16 ran 1.6x
+// slower than fp16 at 1M elements), fp16 through F16C's instructions. F16C rounds as c10 does
+// (to nearest even, overflow to inf, subnormals kept) and widens to the same bits for every
+// input, NaNs included. Its narrowing differs on NaNs only: c10 gives every NaN the payload
+// 0x7E00, the hardware keeps the top of the input's payload; a blend restores c10's.
 #ifdef FASTFLOW_CPU_AVX2
 constexpr bool kVector16 = true;
 __m256 widen8(const c10::Half* src) {
@@ -121,11 +120,11 @@ void narrow(const float* src, int64_t n, half_t* dst) {
 
 // Streaming (non-temporal) stores, with AVX2 (FASTFLOW_CPU_AVX2), for calls that write at least
 // kStreamingMinBytes into existing tensors: outputs far larger than the last-level cache leave
-// it before anyone reads them. A plain store first reads the
-// destination line (read for ownership); a streaming store writes it without reading, a third
-// of a 2 -> 2 map's traffic. Not into fresh tensors: the kernel has just zeroed each page on its
-// first touch, through the cache, and a streaming store then makes that dirty line travel to
-// memory as well (the loss backward at 64M elements was 7% slower).
+// it before anyone reads them. A plain store first reads the destination line (read for
+// ownership); a streaming store writes it without reading, a third of a 2 -> 2 map's traffic.
+// Not into fresh tensors: the kernel has just zeroed each page on its first touch, through the
+// cache, and a streaming store then makes that dirty line travel to memory as well (the loss
+// backward at 64M elements was 7% slower).
 // Measured on 16M fp32 elements with out=: 13 to 17% faster (15.1 -> 12.8 ms; 12.9 -> 10.7 ms
 // with THP_MEM_ALLOC_ENABLE=1), 64M elements 4 to 8%.
 #ifdef FASTFLOW_CPU_AVX2
