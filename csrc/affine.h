@@ -62,6 +62,10 @@ void dispatch_arity(int64_t k, int64_t m, F&& f) {
 // between the available ones (the tests run each).
 std::string cpu_isa();
 void set_cpu_isa(const std::string& isa);
+// n fp32 values rounded to the 16-bit float type `type` (kHalf or kBFloat16) into dst, as c10
+// rounds, with the affine kernels' conversions: eight values per instruction on the AVX2
+// instruction set. For the CPU kernels outside this family that write 16-bit outputs.
+void narrow_floats(const float* src, int64_t n, at::ScalarType type, void* dst);
 // Total output bytes from which the AVX2 affine kernels write fp32 and fp64 outputs into
 // existing tensors (out=, in-place updates) with streaming stores (affine_cpu_kernels.h): twice
 // the 32 MB last-level cache of the machines measured, so that outputs an op would find in

@@ -27,6 +27,7 @@ void affine(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
 void dot(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b, int64_t groups,
          at::Tensor& sums);
 void sqnorm(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs, at::Tensor& sums);
+void narrow_floats(const float* src, int64_t n, at::ScalarType type, void* dst);
 }  // namespace avx2
 #else
 namespace avx2 = baseline;  // never chosen: avx2_available() is false
@@ -56,6 +57,11 @@ void set_cpu_isa(const std::string& isa) {
                     avx2_available() ? " or 'avx2'" : "",
                     " (what this CPU and build support), got '", isa, "'");
   g_use_avx2 = isa == "avx2";
+}
+
+void narrow_floats(const float* src, int64_t n, at::ScalarType type, void* dst) {
+  if (use_avx2()) return avx2::narrow_floats(src, n, type, dst);
+  baseline::narrow_floats(src, n, type, dst);
 }
 
 namespace {

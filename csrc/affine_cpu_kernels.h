@@ -532,5 +532,11 @@ void sqnorm(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs, at:
   });
 }
 
+void narrow_floats(const float* src, int64_t n, at::ScalarType type, void* dst) {
+  if (type == at::kHalf) return narrow(src, n, static_cast<c10::Half*>(dst));
+  TORCH_CHECK(type == at::kBFloat16, "fastflow narrow_floats: expected a 16-bit type, got ", type);
+  narrow(src, n, static_cast<c10::BFloat16*>(dst));
+}
+
 }  // namespace FASTFLOW_CPU_ISA
 }  // namespace fastflow

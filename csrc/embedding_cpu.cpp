@@ -7,6 +7,7 @@
 // and cos of the same fp32 argument, for |a| <= kFastLimit; rows whose arguments can exceed that
 // (or are not finite) take the exact path: libm in double precision, rounded once.
 #include "embedding.h"
+#include "affine.h"
 #include "float_bits.h"
 #include "simd_clones.h"
 
@@ -108,8 +109,15 @@ void sinusoid_kernel(const at::Tensor& t, const at::Tensor& freqs, math_t scale,
       for (int64_t j0 = 0; j0 < half; j0 += kTile) {
         const int64_t n = std::min(kTile, half - j0);
         sincos_tile(tp[b], f + j0, scale, bound, n, s, c);
-        for (int64_t i = 0; i < n; ++i) sin_out[j0 + i] = store_as<scalar_t>(s[i]);
-        for (int64_t i = 0; i < n; ++i) cos_out[j0 + i] = store_as<scalar_t>(c[i]);
+        if constexpr (std::is_same_v<math_t, float> && sizeof(scalar_t) == 2) {
+          // The affine kernels' conversions: c10's formulas one value at a time made an fp16
+          // embedding 2x slower than an fp32 one.
+          narrow_floats(s, n, out.scalar_type(), sin_out + j0);
+          narrow_floats(c, n, out.scalar_type(), cos_out + j0);
+        } else {
+          for (int64_t i = 0; i < n; ++i) sin_out[j0 + i] = store_as<scalar_t>(s[i]);
+          for (int64_t i = 0; i < n; ++i) cos_out[j0 + i] = store_as<scalar_t>(c[i]);
+        }
       }
       if (dim > 2 * half) row[2 * half] = scalar_t(0);
     }

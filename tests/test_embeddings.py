@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import fastflow
-from fastflow import embeddings, reference
+from fastflow import _backends, embeddings, reference
 from fastflow.nn import FourierEmbedding, SinusoidalEmbedding, TimestepEmbedder
 
-from conftest import TOLERANCE, assert_close_to_reference
+from conftest import TOLERANCE, assert_close_to_reference, bits_equal
 
 # Every combination of diffusers' arguments, on odd and even widths.
 DIMS = [1, 3, 8, 9, 64, 255, 256]
@@ -96,10 +96,13 @@ def test_fourier_embedding(backend, log, flip):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_output_dtypes(backend, dtype):
     t = torch.rand(6, device=backend) * 1000
-    out = fastflow.timestep_embedding(t, 33, dtype=dtype)
+    out = fastflow.timestep_embedding(t, 43, dtype=dtype)   # 21 frequencies: vectors and a tail
     assert out.dtype == dtype
-    # Computed in fp32 (t is fp32), rounded once to the output dtype.
-    err = (out.double() - reference.timestep_embedding(t, 33).double()).abs().max().item()
+    # Computed in fp32 (t is fp32), rounded once to the output dtype. (Not on the Triton
+    # interpreter, which narrows to bf16 by truncation; compiled Triton rounds to nearest even.)
+    if not (backend.type == "cpu" and _backends.select(backend) == "triton"):
+        assert bits_equal(out, fastflow.timestep_embedding(t, 43).to(dtype))
+    err = (out.double() - reference.timestep_embedding(t, 43).double()).abs().max().item()
     assert err <= max(TOLERANCE[dtype], TOLERANCE[torch.float32])
 
 
