@@ -409,9 +409,10 @@ acc_t lane_sum(int64_t lo, int64_t hi, const Value& v) {
 // 16-bit streams, eight terms at a time: the compiler does not vectorise c10::Half's conversion
 // inside a sum (fp16 ran 4.6x slower than bf16 at 1M elements). The two halves of a vector are
 // lanes 0-3 and 4-7 of lane_sum, and every term takes the same operations in the same order:
-// the same bits. term(j) is the scalar term, for the tail.
+// the same bits. term(j) is the scalar term, for the tail and for lane_sum's tiny groups.
 template <typename Factors, typename Term>
 double vector_lane_sum(int64_t lo, int64_t hi, const Factors& factors, const Term& term) {
+  if (hi - lo <= kLanes) return lane_sum<double>(lo, hi, term);
   __m256d low = _mm256_setzero_pd(), high = _mm256_setzero_pd();
   int64_t j = lo;
   for (; j + kLanes <= hi; j += kLanes) {
@@ -445,12 +446,10 @@ void dot_kernel(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>&
         };
 #ifdef FASTFLOW_CPU_AVX2
         if constexpr (sizeof(scalar_t) == 2 && std::is_same_v<acc_t, double>) {
-          if (hi - lo > kLanes) {  // else lane_sum's shortcut for tiny groups
-            sums[m * K + k] = vector_lane_sum(lo, hi, [&](int64_t j) {
-              return std::pair(widen8(pa[m] + j), widen8(pb[k] + j));
-            }, product);
-            continue;
-          }
+          sums[m * K + k] = vector_lane_sum(lo, hi, [&](int64_t j) {
+            return std::pair(widen8(pa[m] + j), widen8(pb[k] + j));
+          }, product);
+          continue;
         }
 #endif
         sums[m * K + k] = lane_sum<acc_t>(lo, hi, product);
@@ -480,17 +479,15 @@ void sqnorm_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coef
     };
 #ifdef FASTFLOW_CPU_AVX2
     if constexpr (sizeof(scalar_t) == 2) {
-      if (hi - lo > kLanes) {
-        __m256 coeff[K];
-        for (int k = 0; k < K; ++k) coeff[k] = _mm256_set1_ps(cg[k]);
-        *sum = vector_lane_sum(lo, hi, [&](int64_t j) {
-          __m256 r = _mm256_mul_ps(coeff[0], widen8(in[0] + j));
-          for (int k = 1; k < K; ++k)
-            r = _mm256_add_ps(r, _mm256_mul_ps(coeff[k], widen8(in[k] + j)));
-          return std::pair(r, r);
-        }, squared_residual);
-        return;
-      }
+      __m256 coeff[K];
+      for (int k = 0; k < K; ++k) coeff[k] = _mm256_set1_ps(cg[k]);
+      *sum = vector_lane_sum(lo, hi, [&](int64_t j) {
+        __m256 r = _mm256_mul_ps(coeff[0], widen8(in[0] + j));
+        for (int k = 1; k < K; ++k)
+          r = _mm256_add_ps(r, _mm256_mul_ps(coeff[k], widen8(in[k] + j)));
+        return std::pair(r, r);
+      }, squared_residual);
+      return;
     }
 #endif
     *sum = lane_sum<double>(lo, hi, squared_residual);
