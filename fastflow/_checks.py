@@ -1,4 +1,5 @@
 """Argument checks shared by the public ops: each error names the argument and what was expected."""
+import math
 import numbers
 
 import torch
@@ -28,6 +29,76 @@ def check_like(x, ref, name, ref_name):
     if x.device != ref.device:
         raise ValueError(f"{name}: expected a tensor on {ref.device} (the device of {ref_name}), "
                          f"got {x.device}")
+
+
+def check_outputs(outs, names, ref, ref_name, inputs):
+    """The tensors of an ``out=`` argument, one per name in `names` ("out[0]", ...): each like
+    `ref`; no two overlapping in memory; and, while grad mode is on, none of them and no input
+    requiring grad (PyTorch's rule for out=: writing into a tensor records no gradient).
+
+    Overlap: the outputs are written one after another, so one that shares memory with another
+    would overwrite (part of) it. Each output's span, from its first to its last byte, must be
+    disjoint from the others': separate slices of one buffer pass, views that interleave are
+    refused too (their spans overlap though no element is shared; telling the two apart costs
+    more than the call). An output may alias an INPUT: the kernels read each element before
+    writing it, or work from a copy (fastflow._ops._writable_in_place). While torch.compile
+    traces the call only the same tensor passed twice is caught: the tracer cannot read
+    addresses."""
+    grad = torch.is_grad_enabled()
+    for o, name in zip(outs, names):
+        check_like(o, ref, name, ref_name)
+        if grad and o.requires_grad:
+            raise _not_differentiable(name)
+    if grad and any(x.requires_grad for x in inputs):
+        raise _not_differentiable("an input")
+    compiling = torch.compiler.is_compiling()
+    for i in range(1, len(outs)):
+        for j in range(i):
+            if outs[i] is outs[j] or (not compiling and _overlap(outs[i], outs[j])):
+                raise ValueError(f"out: {names[j]} and {names[i]} overlap in memory (first to "
+                                 f"last element); expected separate tensors (an output may "
+                                 f"alias an input, not another output)")
+
+
+def _not_differentiable(culprit):
+    """The error of an out= call that autograd would have to record: `culprit` requires grad."""
+    return RuntimeError(f"out: writing into out= does not support automatic differentiation, but "
+                        f"{culprit} requires grad; call it under torch.no_grad(), or without out= "
+                        f"for differentiable outputs")
+
+
+def _overlap(a, b):
+    """Whether the byte spans of two tensors on one device intersect. Addresses, not storages:
+    two storages may share memory too (torch.frombuffer, DLPack). No device sync. False for
+    tensors without addresses: meta and fake tensors (address 0), functorch's wrappers (which
+    raise)."""
+    try:
+        start_a, start_b = a.data_ptr(), b.data_ptr()
+    except RuntimeError:
+        return False
+    if start_a == 0 or start_b == 0:
+        return False
+    end_a, end_b = start_a + _extent(a), start_b + _extent(b)
+    # Half-open spans: neither empty, each starting before the other ends.
+    return start_a < end_a and start_b < end_b and start_a < end_b and start_b < end_a
+
+
+def _extent(x):
+    """The number of bytes from x's first element to the end of its last; 0 if it has none."""
+    if x.is_contiguous():
+        return x.nbytes
+    if x.numel() == 0:
+        return 0
+    return (sum((n - 1) * s for n, s in zip(x.shape, x.stride())) + 1) * x.element_size()
+
+
+def check_positive(x, name):
+    """A finite positive Python (or NumPy) number; not a tensor, whose value only a device sync
+    could check."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name}: expected a finite positive number, got {type(x).__name__}")
+    if not 0 < x < math.inf:
+        raise ValueError(f"{name}: expected a finite positive number, got {x!r}")
 
 
 def batch_time(t, x, name="t", keep_type=False):

@@ -12,7 +12,7 @@ x_t and pred, one write.
 import torch
 
 from . import _ops
-from ._checks import batch_time, check_like, check_stream, formula_time
+from ._checks import batch_time, check_like, check_positive, check_stream, formula_time
 from .paths import AffinePath, coefficients, get_path
 
 KINDS = ("velocity", "epsilon", "data", "score")
@@ -92,7 +92,7 @@ def convert(pred, x_t, t, path=None, src="epsilon", dst="velocity", eps=1e-6):
         t: a float, a 0-d tensor, [B] or [B, 1, ..., 1].
         path: an affine path (``fastflow.paths.AffinePath``) or its name; default CondOT.
         src, dst: the kinds to convert from and to.
-        eps: the smallest magnitude a divisor is allowed.
+        eps: the smallest magnitude a divisor is allowed: a finite positive number.
 
     Example::
 
@@ -104,6 +104,7 @@ def convert(pred, x_t, t, path=None, src="epsilon", dst="velocity", eps=1e-6):
         raise TypeError(f"path: conversions need an affine path (alpha_t, sigma_t), got {path!r}")
     _check_kind(src, "src")
     _check_kind(dst, "dst")
+    check_positive(eps, "eps")
     check_stream(pred, "pred")
     check_like(x_t, pred, "x_t", "pred")
     t = batch_time(t, pred, keep_type=True)

@@ -1,8 +1,6 @@
 """Fused interpolation plus target: (x_t, u_t) from (x0, x1[, noise]) in one pass."""
-import torch
-
 from . import _ops
-from ._checks import batch_time, check_like, path_inputs
+from ._checks import batch_time, check_outputs, path_inputs
 from .paths import coefficients, get_path
 
 
@@ -24,7 +22,11 @@ def interpolate(x0, x1, t, path=None, noise=None, out=None):
         noise: the extra Gaussian sample of paths with ``uses_noise`` (like x1); None otherwise.
         out: optional pair of preallocated tensors (x_t, u_t) like x1, written in place and
             returned; skips the allocation (and, on CPU, its page faults) in training loops.
-            Not differentiable, like every ``out=`` in PyTorch.
+            Either may be an input (updated in place), but their memory spans (first to last
+            element) must not overlap (ValueError): buf[0] and buf[1] of one buffer are fine;
+            the same tensor twice, or buf[:, :n] and buf[:, n:], are not.
+            Not differentiable, like every ``out=`` in PyTorch: with grad mode on, no input nor
+            output may require grad (RuntimeError).
 
     Returns:
         (x_t, u_t), each shaped and typed like x1.
@@ -41,22 +43,14 @@ def interpolate(x0, x1, t, path=None, noise=None, out=None):
     inputs = path_inputs(path, x0, x1, noise)
     t = batch_time(t, x1, keep_type=True)
     if out is not None:
-        _check_out(out, x1, inputs, t)
-    # The outputs too: a subclass, or a leaf that records gradients, takes the dispatcher.
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise TypeError("out: expected a pair of tensors (x_t, u_t)")
+        # t too: the coefficients need a gradient exactly when t does.
+        check_outputs(out, ("out[0]", "out[1]"), x1, "x1", (*inputs, t))
+    # The outputs too: a subclass takes the dispatcher.
     backend = _ops.direct_backend((*inputs, t, *(out or ())))
     coeffs = coefficients(path, t, _ops.math_dtype(x1.dtype), backend)
     if out is None:
         x_t, u_t = _ops.affine(inputs, coeffs, backend)
         return x_t, u_t
     return tuple(_ops.affine_out(inputs, coeffs, out, backend))
-
-
-def _check_out(out, x1, inputs, t):
-    if not isinstance(out, (tuple, list)) or len(out) != 2:
-        raise TypeError("out: expected a pair of tensors (x_t, u_t)")
-    for name, o in zip(("out[0]", "out[1]"), out):
-        check_like(o, x1, name, "x1")
-    # The coefficients need a gradient exactly when t does.
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (*inputs, t)):
-        raise RuntimeError("out: interpolate(..., out=...) does not support automatic "
-                           "differentiation; call it under torch.no_grad() or without out=")

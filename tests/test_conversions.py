@@ -167,6 +167,21 @@ def test_torch_compile_fullgraph():
                                fastflow.convert(pred, x_t, t, path="vp", src="epsilon"))
 
 
+@pytest.mark.parametrize("eps", [float("nan"), -1e-6, 0.0, float("inf")], ids=repr)
+def test_eps_must_be_finite_and_positive(backend, eps):
+    pred, x_t, _ = _data((3, 4), torch.float32, backend)
+    t = torch.tensor([0.0, 0.5, 1.0], device=backend)   # t = 0 divides by a clamped alpha
+    with pytest.raises(ValueError, match="eps: expected a finite positive number, got"):
+        fastflow.convert(pred, x_t, t, eps=eps)
+
+
+@pytest.mark.parametrize("eps", [None, "1e-6", True, torch.tensor(1e-6)], ids=repr)
+def test_eps_must_be_a_number(eps):
+    x = torch.randn(2, 3)
+    with pytest.raises(TypeError, match="eps: expected a finite positive number, got"):
+        fastflow.convert(x, x, 0.5, eps=eps)
+
+
 class TestBadInput:
     def test_unknown_kind(self):
         x = torch.randn(2, 3)

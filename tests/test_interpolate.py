@@ -144,6 +144,65 @@ def test_out_may_alias_inputs_or_be_strided(backend):
     assert torch.equal(strided, expected[0])
 
 
+@pytest.mark.parametrize("alias", ["x_t on x0, u_t on x1", "u_t on x0", "x_t on x1",
+                                   "x_t on a view of x0"])
+def test_out_may_update_an_input_in_place(backend, alias):
+    x0, x1, t, _ = _make((3, 8), torch.float32, backend, paths.Cosine())
+    expected = fastflow.interpolate(x0, x1, t, path="cosine")
+    a, b, spare = x0.clone(), x1.clone(), torch.empty_like(x1)
+    out = {"x_t on x0, u_t on x1": (a, b), "u_t on x0": (spare, a), "x_t on x1": (b, spare),
+           "x_t on a view of x0": (a.view(3, 8), spare)}[alias]
+    x_t, u_t = fastflow.interpolate(a, b, t, path="cosine", out=out)
+    assert torch.equal(x_t, expected[0]) and torch.equal(u_t, expected[1])
+
+
+def _outputs_sharing_memory(x0):
+    """Pairs of outputs like x0 ([2, 6]) that overlap in memory, by name."""
+    device = x0.device
+    o, flat, wide = (torch.empty(2, 6, device=device), torch.empty(18, device=device),
+                     torch.empty(2, 12, device=device))
+    return {"one tensor twice": (o, o), "x0 twice": (x0, x0), "two views of one tensor": (o, o[:]),
+            "partly overlapping": (flat[:12].view(2, 6), flat[6:].view(2, 6)),
+            "strided, partly overlapping": (wide[:, :6], wide[:, 3:9]),
+            # Share no element, but their spans overlap: refused too (see check_outputs).
+            "interleaved": (wide[:, ::2], wide[:, 1::2])}
+
+
+@pytest.mark.parametrize("case", ["one tensor twice", "x0 twice", "two views of one tensor",
+                                  "partly overlapping", "strided, partly overlapping",
+                                  "interleaved"])
+def test_out_rejects_outputs_that_share_memory(backend, case):
+    x0, x1, t, _ = _make((2, 6), torch.float32, backend, paths.CondOT())
+    before = x0.clone()
+    with pytest.raises(ValueError, match=r"out: out\[0\] and out\[1\] overlap in memory"):
+        fastflow.interpolate(x0, x1, t, out=_outputs_sharing_memory(x0)[case])
+    assert torch.equal(x0, before)   # refused before anything was written
+
+
+def test_out_may_be_separate_slices_of_one_buffer(backend):
+    x0, x1, t, _ = _make((2, 6), torch.float32, backend, paths.CondOT())
+    expected = fastflow.interpolate(x0, x1, t)
+    buf = torch.empty(2, 2, 6, device=backend)
+    fastflow.interpolate(x0, x1, t, out=(buf[0], buf[1]))
+    assert torch.equal(buf[0], expected[0]) and torch.equal(buf[1], expected[1])
+
+
+@pytest.mark.parametrize("which", [0, 1])
+@pytest.mark.parametrize("kind", ["leaf", "non-leaf"])
+def test_out_requiring_grad_is_refused_in_grad_mode(backend, which, kind):
+    x0, x1, t, _ = _make((2, 6), torch.float32, backend, paths.CondOT())
+    weights = torch.zeros(2, 6, device=backend, requires_grad=True)
+    out = [torch.empty_like(x1), torch.empty_like(x1)]
+    out[which] = weights if kind == "leaf" else weights * 1
+    with pytest.raises(RuntimeError, match=rf"out: .*automatic differentiation, but out\[{which}\] "
+                                           r"requires grad"):
+        fastflow.interpolate(x0, x1, t, out=out)
+    assert not out[which].detach().any()   # refused before anything was written
+    with torch.no_grad():                  # PyTorch's rule: without grad mode, out= may write it
+        got = fastflow.interpolate(x0, x1, t, out=out)
+    assert torch.equal(got[which], fastflow.interpolate(x0, x1, t)[which])
+
+
 def test_torch_compile_fullgraph(backend):
     x0, x1, t, _ = _make((4, 3, 8), torch.float32, backend, paths.Cosine())
     t.requires_grad_()
@@ -171,6 +230,16 @@ def test_torch_compile_inductor_with_out(backend):
     tt = t[:, None]
     torch.testing.assert_close(out[0], tt * x1 + (1 - tt) * x0)
     torch.testing.assert_close(out[1], x1 - x0)
+
+
+def test_torch_compile_refuses_one_tensor_as_both_outputs():
+    # The tracer cannot read addresses: of the overlaps, it sees only the same tensor twice.
+    x = torch.randn(2, 4)
+    out = torch.empty_like(x)
+    compiled = torch.compile(lambda a, b, o: fastflow.interpolate(a, b, 0.5, out=(o, o)),
+                             backend="eager")
+    with pytest.raises(ValueError, match=r"out\[0\] and out\[1\] overlap"):
+        compiled(x, x, out)
 
 
 @pytest.mark.parametrize("t", [-0.0, 0.0, 1.0])
