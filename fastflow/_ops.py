@@ -7,7 +7,8 @@
         type (a sampler's fp32 state beside a bf16 model's output), and the last output may be an
         input (updated in place)
     fastflow::affine_dot(Tensor[] a, Tensor[] b, int groups) -> Tensor
-        dot[g, m, k] = sum_i a[m][g, i] * b[k][g, i], the reduction of affine's backward
+        dot[g, m, k] = sum_i a[m][g, i] * b[k][g, i], the reduction of affine's backward; its
+        own backward is affine again, so the affine ops differentiate to any order
     fastflow::affine_sqnorm(Tensor[] inputs, Tensor coeffs) -> Tensor
         sq[g] = sum_i r[g, i]^2 with r = affine(inputs, coeffs) (one output), never written:
         the reduction of the fused losses
@@ -17,7 +18,8 @@
         dim = 2H or 2H + 1 (a zero last column): every sinusoidal time embedding
     fastflow::sinusoid_backward(Tensor grad, Tensor t, Tensor freqs, float scale, bool cos_first,
                                 bool t_grad, bool freqs_grad) -> (Tensor, Tensor)
-        its gradients to t and freqs (empty where not asked for), in one pass over grad
+        its gradients to t and freqs (empty where not asked for), in one pass over grad; not
+        differentiable itself: a double backward through it raises NotImplementedError
 
 Coefficients are [G, M, K] in the math type (fp32, or fp64 when a stream is fp64). The public ops
 (interpolation, conversions, losses) compute their coefficients from t in plain PyTorch, so
@@ -323,6 +325,19 @@ torch.library.register_autograd("fastflow::sinusoid", _sinusoid_grad,
                                 setup_context=_sinusoid_setup_context)
 
 
+def _sinusoid_double_backward(ctx, grad_t, grad_freqs):
+    # Without a formula PyTorch would only warn and treat the kernels' gradients as constants:
+    # every second derivative through an embedding would silently come back zero.
+    raise NotImplementedError(
+        "double backward through fastflow's sinusoidal embeddings is not supported "
+        "(fastflow::sinusoid_backward has no derivative); for higher-order gradients in t or "
+        "the frequencies, compute the embedding with plain PyTorch ops, such as "
+        "fastflow.reference.timestep_embedding or fastflow.reference.fourier_embedding")
+
+
+torch.library.register_autograd("fastflow::sinusoid_backward", _sinusoid_double_backward)
+
+
 def _take(x, dim, indices):
     """x at `indices` (increasing) along dim: a view when they are a run, as they usually are.
     Never an index tensor: one made from a list would be copied from the host, a sync on GPUs."""
@@ -370,6 +385,44 @@ torch.library.register_autograd("fastflow::affine", _affine_backward,
                                 setup_context=_affine_setup_context)
 
 
+def _dot_setup_context(ctx, inputs, output):
+    a, b, _ = inputs
+    ctx.a_needs_grad = [x.requires_grad for x in a]
+    ctx.b_needs_grad = [x.requires_grad for x in b]
+    ctx.num_a = len(a)
+    # Each side's gradient is the other side mixed: keep only what a wanted gradient reads.
+    ctx.save_for_backward(*(a if any(ctx.b_needs_grad) else ()),
+                          *(b if any(ctx.a_needs_grad) else ()))
+
+
+def _dot_backward(ctx, grad):
+    """Affine again, so differentiable again: with dot[g, m, k] = <a[m], b[k]> per group,
+    grad_a[m] = sum_k grad[g, m, k] b[k] and grad_b[k] = sum_m grad[g, m, k] a[m]. grad is
+    [G, M, K] in the math type of the streams (autograd casts it to the output's type), which
+    is what affine takes as coefficients."""
+    saved = ctx.saved_tensors
+    a = saved[:ctx.num_a] if any(ctx.b_needs_grad) else ()
+    b = saved[len(a):]
+    return (_mixed(b, grad, ctx.a_needs_grad), _mixed(a, grad.transpose(1, 2), ctx.b_needs_grad),
+            None)
+
+
+def _mixed(streams, coeffs, needed):
+    """affine(streams, coeffs) for the outputs that are `needed` (None for the others), at most
+    MAX_OUTPUTS per call: a dot's b side may have MAX_INPUTS streams."""
+    out = [None] * len(needed)
+    wanted = [m for m, n in enumerate(needed) if n]
+    for start in range(0, len(wanted), MAX_OUTPUTS):
+        rows = wanted[start:start + MAX_OUTPUTS]
+        for m, x in zip(rows, affine(streams, _take(coeffs, 1, rows))):
+            out[m] = x
+    return out
+
+
+torch.library.register_autograd("fastflow::affine_dot", _dot_backward,
+                                setup_context=_dot_setup_context)
+
+
 def _sqnorm_setup_context(ctx, inputs, output):
     xs, coeffs = inputs
     ctx.input_needs_grad = [x.requires_grad for x in xs]
@@ -400,7 +453,8 @@ def sqnorm_gradients(coeffs, xs, grad, input_needs_grad, coeffs_needs_grad):
     grad_coeffs = None
     if coeffs_needs_grad:
         gram = affine_dot(xs, xs, coeffs.shape[0])  # [G, K, K]
-        grad_coeffs = torch.einsum("gjk,gj->gk", gram, scaled)[:, None, :]
+        # Elementwise, not einsum: under autocast a matrix product would run in 16 bits.
+        grad_coeffs = (gram * scaled[:, :, None]).sum(1)[:, None, :]
     return grad_inputs, grad_coeffs
 
 
@@ -409,6 +463,7 @@ torch.library.register_autograd("fastflow::affine_sqnorm", _sqnorm_backward,
 
 # (setup_context, backward) of the ops that _call may run through _EagerAutograd.
 _AUTOGRAD = {"affine": (_affine_setup_context, _affine_backward),
+             "affine_dot": (_dot_setup_context, _dot_backward),
              "affine_sqnorm": (_sqnorm_setup_context, _sqnorm_backward),
              "sinusoid": (_sinusoid_setup_context, _sinusoid_grad)}
 

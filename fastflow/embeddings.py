@@ -16,7 +16,8 @@ PyTorch operations as the source formulas, and the arguments with the same round
 match diffusers' and ADM's to within an ulp or two of sin and cos.
 
 Gradients reach t (``d sin(a)/dt = freq * scale * cos(a)``) and the frequencies (learned Fourier
-W) through a fused backward; double backward is not supported.
+W) through a fused backward. Double backward is not supported: differentiating those gradients
+again (create_graph=True, then a second backward through them) raises NotImplementedError.
 """
 import math
 import numbers
@@ -72,8 +73,8 @@ def timestep_embedding(t, dim, *, max_period=10000, flip_sin_to_cos=False, downs
     """
     t = _times(t)
     _check_dim(dim)
-    if not isinstance(max_period, numbers.Real) or max_period <= 0:
-        raise ValueError(f"max_period: expected a positive number, got {max_period!r}")
+    if not isinstance(max_period, numbers.Real) or not 0 < max_period < math.inf:
+        raise ValueError(f"max_period: expected a finite positive number, got {max_period!r}")
     half = dim // 2
     if half and half == downscale_freq_shift:
         raise ValueError(f"downscale_freq_shift: equal to dim // 2 = {half}, which divides by zero "

@@ -215,8 +215,8 @@ def test_opcheck_affine_out(backend):
 
 
 def test_opcheck_affine_dot(backend):
-    a = _streams(2, (3, 5), torch.float32, backend, seed=7)
-    b = _streams(3, (3, 5), torch.float32, backend, seed=8)
+    a = [x.requires_grad_() for x in _streams(2, (3, 5), torch.float32, backend, seed=7)]
+    b = [x.requires_grad_() for x in _streams(3, (3, 5), torch.float32, backend, seed=8)]
     torch.library.opcheck(torch.ops.fastflow.affine_dot.default, (a, b, 3))
 
 
@@ -575,6 +575,61 @@ def test_backward_of_the_streams_is_differentiable_again(backend):
             for _ in range(2))
     coeffs = torch.randn(3, 2, 2, generator=g, dtype=torch.float64).to(backend)
     assert torch.autograd.gradgradcheck(lambda a, b: _ops.affine([a, b], coeffs), (x, y))
+
+
+def test_affine_dot_is_differentiable_twice(backend):
+    # Its backward is affine again. b has MAX_INPUTS streams, more than one affine call may
+    # write, and one that needs no gradient; fast_mode: the Triton interpreter is slow.
+    shape = (2, 3)
+    a = [x.requires_grad_() for x in _streams(2, shape, torch.float64, backend, seed=11)]
+    b = [x.requires_grad_(k != 1) for k, x in
+         enumerate(_streams(_ops.MAX_INPUTS, shape, torch.float64, backend, seed=12))]
+    assert type(_ops.affine_dot(a, b, shape[0]).grad_fn).__name__ == "_EagerAutogradBackward"
+
+    def fn(*xs):
+        return _ops.affine_dot(xs[:2], xs[2:], shape[0])
+    assert torch.autograd.gradcheck(fn, (*a, *b), fast_mode=True)
+    assert torch.autograd.gradgradcheck(fn, (*a, *b), fast_mode=True)
+    # The dispatcher's route runs the same backward (opcheck checks its registration too).
+    assert torch.autograd.gradcheck(
+        lambda *xs: torch.ops.fastflow.affine_dot(xs[:2], xs[2:], shape[0]), (*a, *b),
+        fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_affine_dot_gradients_keep_each_stream_type(backend, dtype):
+    # The output, and so its gradient, is in the math type: affine's coefficients type.
+    a = [x.requires_grad_() for x in _streams(2, (3, 5), dtype, backend, seed=13)]
+    b = [x.requires_grad_() for x in _streams(3, (3, 5), dtype, backend, seed=14)]
+    grad = _coeffs(3, 2, 3, dtype, backend)
+    torch.ops.fastflow.affine_dot(a, b, 3).backward(grad)
+    g = grad.double()
+    for m, x in enumerate(a):  # grad_a[m] = sum_k grad[:, m, k] b[k], per group
+        assert_close_to_reference(x.grad, sum(g[:, m, k, None] * y.double() for k, y in
+                                              enumerate(b)), dtype)
+    for k, y in enumerate(b):  # grad_b[k] = sum_m grad[:, m, k] a[m]
+        assert_close_to_reference(y.grad, sum(g[:, m, k, None] * x.double() for m, x in
+                                              enumerate(a)), dtype)
+
+
+@pytest.mark.parametrize("path", ["cond_ot", "schrodinger_bridge"])
+def test_interpolate_is_differentiable_twice_in_t(backend, path):
+    # dx_t/dt reads the streams through the coefficients' backward (affine_dot), whose own
+    # backward was missing: d/dx0 sum(dx_t/dt), -1 for CondOT, came back None.
+    g = torch.Generator().manual_seed(15)
+    x0, x1, noise = (torch.randn(2, 3, generator=g, dtype=torch.float64).to(backend)
+                     .requires_grad_() for _ in range(3))
+    t = (0.25 + 0.5 * torch.rand(2, generator=g, dtype=torch.float64)).to(backend).requires_grad_()
+    streams = (x0, x1, noise) if fastflow.paths.get_path(path).uses_noise else (x0, x1)
+
+    def fn(t, x0, x1, *noise):
+        return fastflow.interpolate(x0, x1, t, path=path, noise=noise[0] if noise else None)
+    assert torch.autograd.gradgradcheck(fn, (t, *streams), fast_mode=True)
+    if path == "cond_ot":
+        x_t, _ = fn(t, x0, x1)
+        (grad_t,) = torch.autograd.grad(x_t.sum(), t, create_graph=True)
+        (grad_x0,) = torch.autograd.grad(grad_t.sum(), x0)
+        assert torch.equal(grad_x0, torch.full_like(x0, -1))
 
 
 # The CPU kernels are compiled for the baseline and again for AVX2 (csrc/affine_cpu_avx2.cpp),

@@ -184,6 +184,23 @@ def test_gradients_match_reference_autograd(backend, wanted, out_dtype):
         assert W.grad is None
 
 
+@pytest.mark.parametrize("embed", ["timestep", "fourier"])
+def test_double_backward_raises_a_clear_error(backend, embed):
+    # It is not supported: without this error the gradients that went through the fused
+    # backward would silently count as constants (zero second derivatives).
+    t = torch.rand(3, dtype=torch.float64, device=backend, requires_grad=True)
+    W = torch.randn(2, dtype=torch.float64, device=backend, requires_grad=True)
+    if embed == "timestep":
+        out = fastflow.timestep_embedding(t, 5)
+    else:
+        out = fastflow.fourier_embedding(t, W)
+    # A first-order gradient that records its graph is fine; differentiating it is not.
+    (grad_t,) = torch.autograd.grad(out.square().sum(), t, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward through fastflow's "
+                                                  "sinusoidal embeddings is not supported"):
+        grad_t.sum().backward()
+
+
 def test_backward_is_deterministic_across_thread_counts():
     t = torch.rand(3000, requires_grad=True)
     W = torch.randn(128, requires_grad=True)
@@ -271,8 +288,9 @@ def test_bad_input():
             fastflow.timestep_embedding(t, dim)
     with pytest.raises(ValueError, match="downscale_freq_shift: equal to dim // 2"):
         fastflow.timestep_embedding(t, 2)
-    with pytest.raises(ValueError, match="max_period"):
-        fastflow.timestep_embedding(t, 8, max_period=0)
+    for bad in (0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="max_period: expected a finite positive number"):
+            fastflow.timestep_embedding(t, 8, max_period=bad)
     with pytest.raises(TypeError, match="dtype"):
         fastflow.timestep_embedding(t, 8, dtype=torch.int32)
     with pytest.raises(ValueError, match="W: expected a 1-D floating tensor"):
