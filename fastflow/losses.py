@@ -12,8 +12,8 @@ gradients of the inputs that need them (dL/dpred first among them).
 import torch
 
 from . import _ops
-from ._checks import (batch_time, check_like, check_time, formula_dtype, formula_time,
-                      path_inputs)
+from ._checks import (batch_time, check_like, check_stream, check_time, formula_dtype,
+                      formula_time, path_inputs)
 from .conversions import _check_kind, _safe
 from .paths import AffinePath, ConstantNoise, CondOT, TargetCFM, coefficients, get_path
 
@@ -72,7 +72,8 @@ def flow_matching_loss(pred, x0, x1, t, path=None, prediction="velocity", noise=
     """Mean squared error between a network output and the flow-matching target, fused.
 
     Args:
-        pred: the network output at x_t, shaped like x1.
+        pred: the network output at x_t, shaped like x1, of any float type: under autocast
+            it may differ from the data's (x0, x1 and noise share one).
         x0, x1, t, path, noise: as in ``fastflow.interpolate``, which built the network's input.
         prediction: what the network predicts: "velocity" (default), "epsilon" (the noise x0),
             "data" (x1) or "score" (-x0 / sigma_t, affine paths only).
@@ -81,8 +82,10 @@ def flow_matching_loss(pred, x0, x1, t, path=None, prediction="velocity", noise=
             "none" (the [B] per-sample losses).
 
     Returns:
-        The loss in fp32 (fp64 for fp64 inputs), whatever the input dtype. Differentiable in
-        pred, x0, x1, noise, t and weight.
+        The loss in fp32, or fp64 when pred or the data is fp64: computed in that type on the
+        values given, whatever their storage types (pred's may differ from the data's: they
+        promote, as in ``F.mse_loss``). Differentiable in pred, x0, x1, noise, t and weight;
+        each gradient comes back in its tensor's own dtype.
 
     Example::
 
@@ -94,12 +97,20 @@ def flow_matching_loss(pred, x0, x1, t, path=None, prediction="velocity", noise=
     _check_kind(prediction, "prediction")
     check_reduction(reduction)
     inputs = path_inputs(path, x0, x1, noise)
-    check_like(pred, x1, "pred", "x1")
+    streams = [pred, *inputs]
+    if isinstance(pred, torch.Tensor) and pred.dtype != x1.dtype:
+        # A network under autocast returns another float type than the data's. The kernels
+        # stream one type, so the narrower side is widened to the promoted one, as F.mse_loss
+        # promotes: exactly, so this is the loss of the values given; autograd brings each
+        # gradient back to its tensor's own type.
+        check_stream(pred, "pred")
+        promoted = torch.promote_types(pred.dtype, x1.dtype)
+        streams = [x.to(promoted) for x in streams]
+    check_like(streams[0], streams[2], "pred", "x1")
     batch = x1.shape[0]
-    math = _ops.math_dtype(x1.dtype)
+    math = _ops.math_dtype(streams[0].dtype)
     if weight is not None:
         weight = _check_weight(weight, batch, x1.device).to(math)
-    streams = [pred] + inputs
     time = check_time(t, x1)
     tensors = [*streams] + [x for x in (time, weight) if x is not None]
     # One backend decision for the call's kernels and coefficients: a call that records a
@@ -161,6 +172,10 @@ class _LossNode(torch.autograd.Function):
             grad_weight = None
         else:
             grad = grad / samples
+            if per_sample is not None and torch.is_grad_enabled():
+                # A double backward (create_graph) must see how dL/dweight depends on the
+                # inputs, and the forward's per_sample has no history: recompute it, recorded.
+                per_sample = residual_mean_square(inputs, coeffs)
             grad_weight = grad * per_sample if per_sample is not None else None
             grad_squares = grad * weight / count
         if grad_squares.dim():

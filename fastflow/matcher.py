@@ -106,11 +106,14 @@ class FlowMatcher:
         x_t, target = _ops.affine(path_inputs(self.path, x0, x1, noise), both)
         return FlowSample(t, x_t, target, noise)
 
-    def loss(self, model, x1, x0=None, generator=None, reduction="mean", weight=None,
+    def loss(self, model, x1, x0=None, generator=None, reduction="mean", weight=None, t=None,
              **model_kwargs):
-        """Draw t (and x0, noise), build x_t, call ``model(x_t, t, **model_kwargs)`` and return
-        the fused loss against the target of the matcher's prediction kind."""
-        x0, t, noise = self._draw(x1, x0, None, generator)
+        """Draw t (unless given: one time per sample) and x0 (unless given) and the noise of
+        noisy paths, build x_t, call ``model(x_t, t, **model_kwargs)`` and return the fused
+        loss against the target of the matcher's prediction kind. The model may run under
+        torch.autocast: its output may be of another float type than x1 (see
+        ``flow_matching_loss`` for the loss's type)."""
+        x0, t, noise = self._draw(x1, x0, t, generator)
         inputs, times = path_inputs(self.path, x0, x1, noise), batch_time(t, x1, keep_type=True)
         backend = _ops.direct_backend((*inputs, times))
         location = coefficients(self.path, times, _ops.math_dtype(x1.dtype), backend)[:, :1]

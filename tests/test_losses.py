@@ -200,6 +200,95 @@ def test_second_derivatives_match_reference(backend):
     torch.testing.assert_close(*curvatures, rtol=1e-10, atol=1e-12)
 
 
+def test_double_backward_with_a_learned_weight(backend):
+    # dL/dweight is the per-sample loss, a function of pred: a double backward must see that.
+    path = paths.Cosine()
+    pred, x0, x1, t, _, weight = _batch((2, 2), torch.float64, backend, path, seed=6)
+    for reduction in REDUCTIONS:
+        def loss(p, w):
+            return fastflow.flow_matching_loss(p, x0, x1, t, path, weight=w, reduction=reduction)
+
+        assert torch.autograd.gradgradcheck(loss, (pred.clone().requires_grad_(),
+                                                   weight.clone().requires_grad_()))
+
+
+# Under autocast a network returns another float type than the data's: (pred, data) pairs.
+MIXED_DTYPES = [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                (torch.bfloat16, torch.float64), (torch.float16, torch.float64),
+                (torch.float32, torch.bfloat16), (torch.float64, torch.float32)]
+
+
+@pytest.mark.parametrize("pred_dtype,data_dtype", MIXED_DTYPES, ids=str)
+def test_mixed_pred_and_data_dtypes_match_reference(backend, pred_dtype, data_dtype):
+    path = paths.Cosine()
+    pred, x0, x1, t, _, weight = _batch((4, 3, 5), data_dtype, backend, path, seed=7)
+    pred = pred.to(pred_dtype)
+    math = torch.promote_types(torch.promote_types(pred_dtype, data_dtype), torch.float32)
+    for wanted in ([pred], [pred, x0, x1]):  # pred alone (a shortcut), and the data too
+        leaves = [x.clone().requires_grad_(any(x is w for w in wanted)) for x in (pred, x0, x1)]
+        got = fastflow.flow_matching_loss(*leaves, t, path, weight=weight, reduction="none")
+        ref_leaves = [x.detach().double().requires_grad_(x.requires_grad) for x in leaves]
+        want = reference_loss(*ref_leaves, t.double(), path, weight=weight.double(),
+                              reduction="none")
+        assert got.dtype == math
+        torch.testing.assert_close(got.double(), want, rtol=LOSS_TOLERANCE[math], atol=1e-12)
+        got.sum().backward()
+        want.sum().backward()
+        for leaf, ref_leaf in zip(leaves, ref_leaves):
+            if leaf.requires_grad:  # in its own type, the reference's gradient rounded to it
+                assert leaf.grad.dtype == leaf.dtype
+                torch.testing.assert_close(leaf.grad, ref_leaf.grad.to(leaf.dtype))
+
+
+@pytest.mark.parametrize("pred_dtype,data_dtype", MIXED_DTYPES[:4], ids=str)
+def test_mixed_dtypes_match_torch_mse_loss(pred_dtype, data_dtype):
+    pred, x0, x1, _, _, _ = _batch((3, 8), data_dtype, "cpu", paths.CondOT(), seed=8)
+    pred = pred.to(pred_dtype).requires_grad_()
+    loss = fastflow.flow_matching_loss(pred, x0, x1, 0.25)
+    (grad,) = torch.autograd.grad(loss, pred)
+    want = torch.nn.functional.mse_loss(pred, x1 - x0)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(grad, torch.autograd.grad(want, pred)[0])
+
+
+def _autocast_model_gradients(backend, loss_fn):
+    """The model's gradients of loss_fn(model(x_t), x0, x1, t) with the model under autocast."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.SiLU(), torch.nn.Linear(16, 6))
+    model.to(backend)
+    _, x0, x1, t, _, _ = _batch((8, 6), torch.float32, backend, paths.CondOT(), seed=9)
+    x_t = t[:, None] * x1 + (1 - t[:, None]) * x0
+    with torch.autocast(backend.type, dtype=torch.bfloat16):
+        out = model(x_t)
+        loss = loss_fn(out, x0, x1, t)
+    loss.backward()
+    return out.dtype, loss, [p.grad for p in model.parameters()]
+
+
+def test_autocast_training_step_matches_torch_mse_loss(backend):
+    def mse(pred, x0, x1, t):
+        return torch.nn.functional.mse_loss(pred, x1 - x0)
+
+    out_dtype, loss, grads = _autocast_model_gradients(backend, fastflow.flow_matching_loss)
+    _, want, want_grads = _autocast_model_gradients(backend, mse)
+    assert out_dtype == torch.bfloat16 and loss.dtype == torch.float32
+    torch.testing.assert_close(loss, want)
+    for g, r in zip(grads, want_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_backward_inside_autocast_keeps_fp32_gradients(backend):
+    # The gradient to t goes through the inputs' Gram matrix: no 16-bit matrix product there.
+    pred, x0, x1, t, _, _ = _batch((4, 6), torch.float32, backend, paths.Cosine(), seed=3)
+    grads = []
+    for autocast in (False, True):
+        t_ = t.clone().requires_grad_()
+        with torch.autocast(backend.type, dtype=torch.bfloat16, enabled=autocast):
+            fastflow.flow_matching_loss(pred, x0, x1, t_, "cosine").backward()
+        grads.append(t_.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-7)
+
+
 def test_empty_batch_gradients(backend):
     pred, x0, x1 = (torch.randn(0, 3, device=backend) for _ in range(3))
     pred.requires_grad_()
@@ -241,6 +330,24 @@ def test_compiled_training_step():
         torch.testing.assert_close(g, p.grad)
 
 
+def test_compiled_training_step_under_autocast():
+    model = torch.nn.Linear(6, 6)
+    x1, x0, t = torch.randn(8, 6), torch.randn(8, 6), torch.rand(8)
+
+    def step(x0, x1, t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            x_t, _ = fastflow.interpolate(x0, x1, t)
+            return fastflow.flow_matching_loss(model(x_t), x0, x1, t)  # bf16 pred, fp32 data
+
+    grads = []
+    for fn in (torch.compile(step, fullgraph=True), step):
+        model.zero_grad()
+        fn(x0, x1, t).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for g, r in zip(*grads):
+        torch.testing.assert_close(g, r)
+
+
 class TestBadInput:
     def setup_method(self):
         self.x = torch.randn(2, 3)
@@ -254,6 +361,20 @@ class TestBadInput:
     def test_pred_shape(self):
         with pytest.raises(ValueError, match="pred: expected shape"):
             fastflow.flow_matching_loss(torch.randn(2, 4), self.x, self.x, 0.5)
+        with pytest.raises(ValueError, match="pred: expected shape"):  # and of another type
+            fastflow.flow_matching_loss(torch.randn(2, 4).bfloat16(), self.x, self.x, 0.5)
+
+    def test_pred_must_be_floating_point(self):
+        with pytest.raises(TypeError, match="pred: expected a float16, bfloat16, float32 or"):
+            fastflow.flow_matching_loss(self.x.int(), self.x, self.x, 0.5)
+
+    def test_data_share_one_dtype(self):
+        # pred may be of another float type (autocast); x0, x1 and noise may not.
+        with pytest.raises(TypeError, match="x0: expected dtype torch.float32"):
+            fastflow.flow_matching_loss(self.x, self.x.bfloat16(), self.x, 0.5)
+        with pytest.raises(TypeError, match="noise: expected dtype torch.float32"):
+            fastflow.flow_matching_loss(self.x, self.x, self.x, 0.5, path="constant_noise",
+                                        noise=self.x.double())
 
     @pytest.mark.parametrize("weight,error", [(torch.ones(3), ValueError),
                                               (torch.ones(2, 1), ValueError),

@@ -45,6 +45,15 @@ def test_reproducible_with_a_generator():
     assert torch.equal(first, again) and not torch.equal(first, other)
 
 
+def test_loss_with_the_callers_times():
+    model, x1 = Tiny(), torch.randn(6, 6)
+    x0, t = torch.randn_like(x1), torch.linspace(0.1, 0.9, 6)
+    fm = fastflow.FlowMatcher(path="cosine", prediction="epsilon")
+    x_t, _ = reference_interpolate(x0, x1, t, fm.path)
+    want = reference_loss(model(x_t, t), x0, x1, t, fm.path, "epsilon")
+    torch.testing.assert_close(fm.loss(model, x1, x0=x0, t=t), want, rtol=1e-5, atol=1e-6)
+
+
 def test_gradients_reach_the_model():
     model, x1 = Tiny(), torch.randn(16, 6)
     x0 = torch.randn_like(x1)
@@ -58,6 +67,30 @@ def test_gradients_reach_the_model():
     torch.nn.functional.mse_loss(model(x_t, t), x1 - x0).backward()
     for g, p in zip(got, model.parameters()):
         torch.testing.assert_close(g, p.grad)
+
+
+def test_loss_under_autocast(backend):
+    # The model returns bf16 beside fp32 data: the loss and its gradients are F.mse_loss's.
+    model, x1 = Tiny().to(backend), torch.randn(16, 6, device=backend)
+    x0 = torch.randn_like(x1)
+    runs = []
+    for fused in (True, False):
+        model.zero_grad()
+        g = torch.Generator(backend).manual_seed(4)
+        with torch.autocast(backend.type, dtype=torch.bfloat16):
+            if fused:
+                loss = fastflow.FlowMatcher().loss(model, x1, x0=x0, generator=g)
+            else:  # the same draw of t, the same x_t
+                t = torch.rand(16, device=backend, generator=g)
+                x_t, _ = fastflow.interpolate(x0, x1, t)
+                loss = torch.nn.functional.mse_loss(model(x_t, t), x1 - x0)
+        loss.backward()
+        runs.append((loss, [p.grad.clone() for p in model.parameters()]))
+    (loss, grads), (want, want_grads) = runs
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, want)
+    for got, ref in zip(grads, want_grads):
+        torch.testing.assert_close(got, ref)
 
 
 @pytest.mark.parametrize("prediction", ["velocity", "epsilon", "data", "score"])

@@ -8,9 +8,10 @@ from ._interpolation import interpolate
 
 def flow_matching_loss(pred, x0, x1, t, path=None, prediction="velocity", noise=None, weight=None,
                        reduction="mean"):
-    """Per-sample mean of (pred - target)^2 in fp32 (fp64 for fp64), weighted, then reduced."""
+    """Per-sample mean of (pred - target)^2 in fp32 (fp64 when pred or x1 is fp64), weighted,
+    then reduced."""
     path = get_path(path)
-    math = torch.float64 if x1.dtype == torch.float64 else torch.float32
+    math = torch.float64 if torch.float64 in (pred.dtype, x1.dtype) else torch.float32
     if prediction == "velocity":
         target = interpolate(x0, x1, t, path, noise)[1]
     elif prediction == "epsilon":
