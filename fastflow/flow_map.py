@@ -95,7 +95,7 @@ def sample_flow_map(model, x_init, steps=1, time_grid=None, **model_kwargs):
     from .sampling import _host_grid
 
     grid = _host_grid(None if time_grid is not None else steps, time_grid, None, False)
-    times = _device_times(tuple(grid), x_init.device)
+    times = _device_times(tuple(grid), x_init.device, _ops.math_dtype(x_init.dtype))
     batch = x_init.shape[0]
     x = x_init
     for i in range(len(grid) - 1):
@@ -110,9 +110,10 @@ def sample_flow_map(model, x_init, steps=1, time_grid=None, **model_kwargs):
 _times = _ops.DeviceCache(maxsize=32)
 
 
-def _device_times(grid, device):
-    """The grid (a tuple) as float32 times on `device`, made once per grid and device: a copy
-    from the host on every call would make the host wait for the GPU each time. Built by fills,
-    without a copy from the host, which a CUDA graph could not capture."""
-    return _times.get((grid, device), device, lambda: torch.stack(
-        [torch.full((), v, dtype=torch.float32, device=device) for v in grid]))
+def _device_times(grid, device, dtype):
+    """The grid (a tuple) as times of `dtype` (the math type, as flow_map_loss gives the model)
+    on `device`, made once per grid, device and dtype: a copy from the host on every call would
+    make the host wait for the GPU each time. Built by fills, without a copy from the host,
+    which a CUDA graph could not capture."""
+    return _times.get((grid, device, dtype), device, lambda: torch.stack(
+        [torch.full((), v, dtype=dtype, device=device) for v in grid]))

@@ -223,6 +223,12 @@ _NATIVE = {
 }
 
 
+def value_key(path):
+    """A hashable value that names the path's formulas, for caches of what they compute; None
+    for a path of the user's own, whose formulas may change under the same parameters."""
+    return (type(path), tuple(vars(path).items())) if type(path) in _NATIVE else None
+
+
 def coefficients(path, t, dtype, backend=None):
     """``path.coefficients(t).to(dtype)`` for times t [G] of any float type (computed in
     fp64: ``_checks.formula_time``); `backend` as in ``_ops.coefficient_builder``.

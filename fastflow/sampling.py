@@ -16,15 +16,17 @@ never synchronises with the host, and on CUDA it can be recorded as one CUDA gra
     ...                            guidance_scale=3.5)
     >>> images = sampler(latents, uncond_kwargs={"y": null_labels}, y=labels)
 """
+import inspect
 import numbers
 import warnings
 
 import torch
 
 from . import _noise, _ops
+from ._checks import check_positive
 from ._tableaus import TABLEAUS
 from .conversions import KINDS, conversion_coefficients
-from .paths import AffinePath, get_path
+from .paths import AffinePath, get_path, value_key
 
 __all__ = ["METHODS", "Sampler", "sample"]
 
@@ -38,6 +40,10 @@ _PLANS = {}
 _PLAN_CACHE_SIZE = 32
 # CFG-Zero*: alpha = <v_c, v_u> / (|v_u|^2 + _ZERO_STAR_EPS), per sample.
 _ZERO_STAR_EPS = 1e-8
+# Where |alpha_t| or |sigma_t| is below this, a prediction cannot become a velocity (the
+# conversions' own eps).
+_DIVISOR_EPS = 1e-6
+_STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def sample(model, x_init, *, model_kwargs=None, uncond_kwargs=None, sample_ids=None, **options):
@@ -49,6 +55,10 @@ def sample(model, x_init, *, model_kwargs=None, uncond_kwargs=None, sample_ids=N
     Every other option is the :class:`Sampler`'s; this is ``Sampler(model, **options)(x_init,
     uncond_kwargs=uncond_kwargs, sample_ids=sample_ids, **model_kwargs)``.
     """
+    unknown = sorted(set(options) - _OPTIONS)
+    if unknown:
+        raise TypeError(f"sample: unknown option {', '.join(map(repr, unknown))}; the model's "
+                        f"keyword arguments go in model_kwargs={{...}} (and uncond_kwargs=)")
     return Sampler(model, **options)(x_init, uncond_kwargs=uncond_kwargs, sample_ids=sample_ids,
                                      **(model_kwargs or {}))
 
@@ -56,6 +66,9 @@ def sample(model, x_init, *, model_kwargs=None, uncond_kwargs=None, sample_ids=N
 class Sampler:
     """A reusable sampler: validates its options and computes every step's coefficients once,
     keeps static buffers per input shape, and runs the loop without host synchronisation.
+
+    Sampling is not differentiable: the fused passes update buffers in place, so the loop runs
+    without autograd (``fastflow.reference.sample`` is the differentiable loop).
 
     Args:
         model: called as ``model(x, t, **kwargs)``, x in x_init's dtype, t a [B] tensor.
@@ -69,34 +82,47 @@ class Sampler:
             Exactly one of steps, time_grid and sigmas.
         reverse: with steps, integrate from t = 1 to 0.
         prediction: what the model returns: "velocity" (default), "epsilon", "data" or "score",
-            converted to a velocity on `path` inside the fused pass.
-        path: the affine path of a non-velocity prediction (default CondOT).
+            converted to a velocity on `path` inside the fused pass. The conversion divides by
+            sigma_t (data) or alpha_t (epsilon, score), which vanish at an end of most paths
+            (t = 1, t = 0): the model is never evaluated there. A grid that starts at such a
+            point is refused (start it just inside, e.g. at t = 1e-3); where it ends at one, a
+            method that would evaluate there (Heun, RK4) takes its last step with the midpoint
+            rule, as diffusers' Heun scheduler and EDM drop to Euler at sigma = 0.
+        path: the affine path of a non-velocity prediction and of stochastic re-noising
+            (default CondOT).
         time_convention: "t" (default) gives the model t; "sigma" gives it 1 - t and reads a
             velocity prediction as dx/dsigma = -dx/dt (diffusers' flow-matching models).
         time_scale: multiplies the time the model sees (1000 for diffusers' transformers).
         guidance_scale: classifier-free guidance scale w: a float, a [B] tensor (per sample)
             or a callable ``w(t) -> float or [B] tensor`` evaluated once per step when the
-            sampler is built. None disables guidance.
+            sampler is built. None disables guidance; a step whose scale is 1 (the conditional
+            prediction alone) skips the unconditional call.
         guidance: "cfg" (v_u + w (v_c - v_u)) or "cfg_zero_star" (the unconditional
             prediction first projected on the conditional one, per sample).
         guidance_interval: (t_lo, t_hi): guide only the steps starting inside it; the others
-            use the conditional prediction alone (and skip the unconditional call).
+            use the conditional prediction alone (and skip the unconditional call, unless the
+            batch is doubled).
         zero_init_steps: CFG-Zero*'s zero init: the first steps use a zero prediction.
-        stochastic: re-noise after every Euler step instead of following the ODE: from the data
-            estimate x1^ = x + (1 - t) v, x' = t' x1^ + (1 - t') eps (increasing grids, Euler).
+        stochastic: re-noise after every Euler step instead of following the ODE: with x1^
+            the data estimate of (x, v) on `path`, x' = alpha_t' x1^ + sigma_t' eps (on CondOT,
+            x1^ = x + (1 - t) v and x' = t' x1^ + (1 - t') eps); increasing grids, Euler.
             The noise of sample b at step i depends only on (noise_seed, sample_ids[b], i).
             With capture, give sample_ids as a tensor on the device: a list or a CPU tensor is
             copied from the host at every call.
-        noise_seed: the seed of that noise (a Python int).
+        noise_seed: the seed of that noise, an integer in [-2**63, 2**64) (a negative seed
+            is its 64-bit two's complement, as in ``torch.manual_seed``).
         doubled_batch: call the model once on a doubled batch [uncond; cond] (the diffusers
             convention: the kwargs must then describe 2B samples) instead of twice.
         state_dtype: dtype of the integrated state; default float32 (float64 for float64 x).
-        callback: ``callback(step, t, x)`` after every `callback_every` steps, x the state.
+        callback: ``callback(step, t, x)`` after every `callback_every` steps, x the state: a
+            buffer the next steps overwrite (clone it to keep it).
         return_intermediates: also return the states after every step, [N + 1, *x.shape].
         progress: show a tqdm progress bar (if tqdm is installed).
         capture: on CUDA, record the whole loop as one CUDA graph on the first call for a
             shape and replay it afterwards (model kwargs are copied into static buffers); on
             other devices the loop runs normally.
+
+    The model's input x is also a buffer that later stages overwrite.
     """
 
     def __init__(self, model, *, method="euler", steps=None, time_grid=None, sigmas=None,
@@ -121,52 +147,124 @@ class Sampler:
         if doubled_batch and guidance_scale is None:
             raise ValueError("doubled_batch: needs a guidance_scale (the doubled batch is the "
                              "[unconditional; conditional] pair of classifier-free guidance)")
-        if callback_every < 1 or not isinstance(callback_every, numbers.Integral):
+        if not _is_int(zero_init_steps) or zero_init_steps < 0:
+            raise ValueError(f"zero_init_steps: expected a non-negative integer, got "
+                             f"{zero_init_steps!r}")
+        if not _is_int(callback_every) or callback_every < 1:
             raise ValueError(f"callback_every: expected a positive integer, got {callback_every!r}")
         if callback is not None and not callable(callback):
             raise TypeError("callback: expected a callable callback(step, t, x)")
+        if state_dtype is not None and state_dtype not in _STATE_DTYPES:
+            raise TypeError(f"state_dtype: expected None or one of "
+                            f"{', '.join(map(str, _STATE_DTYPES))}, got {state_dtype!r}")
         self.model = model
         self.method = method
         self.prediction = prediction
         self.path = get_path(path)
-        if prediction != "velocity" and not isinstance(self.path, AffinePath):
-            raise TypeError(f"path: converting a {prediction!r} prediction needs an affine path, "
-                            f"got {self.path!r}")
+        if (prediction != "velocity" or stochastic) and not isinstance(self.path, AffinePath):
+            raise TypeError(f"path: converting a {prediction!r} prediction or re-noising needs "
+                            f"an affine path, got {self.path!r}")
         self.time_convention = time_convention
+        check_positive(time_scale, "time_scale")
         self.time_scale = float(time_scale)
         self.grid = _host_grid(steps, time_grid, sigmas, reverse)
         self.guidance_scale = guidance_scale
         self.zero_star = guidance == "cfg_zero_star"
         self.doubled_batch = bool(doubled_batch)
         self.zero_init_steps = int(zero_init_steps)
-        self.stochastic, self.noise_seed = bool(stochastic), int(noise_seed)
+        self.stochastic, self.noise_seed = bool(stochastic), _seed(noise_seed)
         if self.stochastic and (method != "euler" or self.grid[-1] < self.grid[0]):
             raise ValueError("stochastic: re-noising is defined for method='euler' on an "
                              "increasing time grid")
+        self.last_method = self._last_step_method()
+        self.guidance_weights = self._guidance_weights()
         self.guided_steps = self._guided_steps(guidance_interval)
-        self.guidance_host = self._guidance_host()
         self.state_dtype = state_dtype
         self.callback, self.callback_every = callback, int(callback_every)
         self.return_intermediates = return_intermediates
         self.progress = progress
         self.capture = capture
+        self._plans = {}    # (device, math type, shared) -> this sampler's tables
         self._graphs = {}   # input signature -> captured CUDA graph and its static tensors
 
     # ---------------------------------------------------------------- setup (host, once)
 
-    def _guided_steps(self, interval):
-        steps = len(self.grid) - 1
-        if self.guidance_scale is None:
-            return [False] * steps
-        if interval is None:
-            return [True] * steps
-        if len(interval) != 2 or interval[0] > interval[1]:
-            raise ValueError(f"guidance_interval: expected (t_lo, t_hi) with t_lo <= t_hi, got "
-                             f"{interval!r}")
-        # A doubled batch evaluates both halves anyway: outside the interval it weighs them 0, 1.
-        return [self.doubled_batch or interval[0] <= t <= interval[1] for t in self.grid[:-1]]
+    def _method(self, step):
+        return self.last_method if step == len(self.grid) - 2 else self.method
 
-    def _passes(self, stage, guided, shared):
+    def _stage_times(self, method, steps):
+        """Per step of `steps`, the times of the method's stages."""
+        c = TABLEAUS[method][0]
+        return [[self.grid[i] + cj * (self.grid[i + 1] - self.grid[i]) for cj in c] for i in steps]
+
+    def _last_step_method(self):
+        """The method of the last step (see `prediction`): the main one, or the midpoint rule
+        where the main one would evaluate the model at the end of the grid and the prediction
+        cannot become a velocity there. Raises for any other such evaluation."""
+        if self.prediction == "velocity":
+            return self.method
+        last = len(self.grid) - 2
+        earlier = [tau for row in self._stage_times(self.method, range(last)) for tau in row]
+        for method in dict.fromkeys((self.method, "midpoint")):
+            taus = earlier + self._stage_times(method, [last])[0]
+            singular = self._unconvertible(taus)
+            if not any(singular):
+                return method
+            # Only stages at the end of the grid (c = 1 of the last step) can be avoided.
+            ends = [False] * len(earlier) + [c == 1.0 for c in TABLEAUS[method][0]]
+            if any(s and not end for s, end in zip(singular, ends)):
+                break
+        tau = next(tau for tau, s in zip(taus, singular) if s)
+        divisor = "sigma_t" if self.prediction == "data" else "alpha_t"
+        inside = "1e-3" if tau < 0.5 else "1 - 1e-3"
+        raise ValueError(f"prediction: a {self.prediction!r} prediction cannot be turned into a "
+                         f"velocity at t = {tau:g} on {self.path!r} ({divisor} vanishes there), "
+                         f"where the grid would evaluate the model; start the grid just inside, "
+                         f"e.g. at t = {inside}")
+
+    def _unconvertible(self, taus):
+        """Whether the prediction can not become a velocity at each time: its conversion
+        divides by sigma_t (data) or alpha_t (epsilon, score), or the path's derivatives are
+        infinite there."""
+        alpha, sigma, d_alpha, d_sigma = self.path(torch.tensor(taus, dtype=torch.float64))
+        divisor = sigma if self.prediction == "data" else alpha
+        singular = ((divisor.abs() < _DIVISOR_EPS) | ~torch.isfinite(d_alpha)
+                    | ~torch.isfinite(d_sigma))
+        return singular.tolist()
+
+    def _guidance_weights(self):
+        """Per step, the scale w: a float64 [steps, G] table, G = 1 or one column per sample."""
+        if self.guidance_scale is None:
+            return None
+        scale = self.guidance_scale
+        steps = self.grid[:-1]
+        rows = ([_scale_row(scale(t)) for t in steps] if callable(scale) else
+                [_scale_row(scale)] * len(steps))
+        if len({len(r) for r in rows}) > 1:
+            raise ValueError("guidance_scale: every step must give one scale or one per sample")
+        return torch.stack(rows)
+
+    def _guided_steps(self, interval):
+        """Per step, whether it runs guidance: inside the interval, with a scale other than 1
+        (w = 1 is the conditional prediction alone, CFG-Zero*'s included). A doubled batch
+        still evaluates both halves outside; the step then reads the conditional one."""
+        steps = len(self.grid) - 1
+        if self.guidance_weights is None:
+            return [False] * steps
+        lo, hi = -float("inf"), float("inf")
+        if interval is not None:
+            try:
+                lo, hi = (float(v) for v in interval)
+            except (TypeError, ValueError):
+                raise ValueError(f"guidance_interval: expected (t_lo, t_hi), got "
+                                 f"{interval!r}") from None
+            if not lo <= hi:
+                raise ValueError(f"guidance_interval: expected (t_lo, t_hi) with t_lo <= t_hi, "
+                                 f"got {interval!r}")
+        return [lo <= t <= hi and not bool((w == 1).all())
+                for t, w in zip(self.grid[:-1], self.guidance_weights)]
+
+    def _passes(self, method, stage, guided, shared):
         """The fused passes after stage `stage`'s model call, as ({output: combo}, copies) with
         each combo {stream: coefficient per step} over named streams, and copies (dst, src) of
         buffers to make after the pass:
@@ -178,10 +276,10 @@ class Sampler:
             Kcur  this stage's velocity, stored when one pass would need too many streams
             E     the stochastic sampler's fresh noise
         """
-        c, a, b = TABLEAUS[self.method]
+        c, a, b = TABLEAUS[method]
         last = stage == len(c) - 1
         h = [t1 - t0 for t0, t1 in zip(self.grid[:-1], self.grid[1:])]
-        alpha, beta = self._velocity_rows(stage)
+        alpha, beta = self._velocity_rows(method, stage)
         here = "x" if stage == 0 else "S"
         k = {} if self.prediction == "velocity" else {here: alpha}
         for name in (("Pu", "Pc") if guided else ("P",)):
@@ -204,10 +302,10 @@ class Sampler:
         update = {"F": [1.0] * len(h)} if carried else {"x": [1.0] * len(h)}
         if b[stage]:
             _add(update, k, [b[stage] * hi for hi in h])
-        if self.stochastic:  # Euler: x' = t' (x + (1 - t) v) + (1 - t') eps
-            t0s, t1s = self.grid[:-1], self.grid[1:]
-            update = {"x": list(t1s), "E": [1 - t1 for t1 in t1s]}
-            _add(update, k, [t1 * (1 - t0) for t0, t1 in zip(t0s, t1s)])
+        if self.stochastic:  # Euler: x' = alpha' x1^ + sigma' eps, x1^ the data estimate
+            x_coeff, v_coeff, noise = self._renoising_rows()
+            update = {"x": x_coeff, "E": noise}
+            _add(update, k, v_coeff)
         if last:
             if not shared:
                 out.update({m: update for m in (("Mu", "Mc") if self.doubled_batch else ("M",))})
@@ -224,10 +322,9 @@ class Sampler:
             return [({"Kcur": k}, []), (stored, copies)]
         return [(out, copies)]
 
-    def _velocity_rows(self, stage):
+    def _velocity_rows(self, method, stage):
         """Per step, the velocity k = alpha * x_stage + beta * prediction at the stage's time."""
-        c = TABLEAUS[self.method][0][stage]
-        taus = [t0 + c * (t1 - t0) for t0, t1 in zip(self.grid[:-1], self.grid[1:])]
+        taus = [row[stage] for row in self._stage_times(method, range(len(self.grid) - 1))]
         if self.prediction == "velocity":
             sign = -1.0 if self.time_convention == "sigma" else 1.0
             return [0.0] * len(taus), [sign] * len(taus)
@@ -235,46 +332,68 @@ class Sampler:
                                        self.prediction, "velocity")[:, 0]
         return rows[:, 0].tolist(), rows[:, 1].tolist()
 
-    def _plan(self, device, math):
-        """Every stage's passes with their coefficients on the device: [steps, G, M, K] tables,
-        G = 1 unless the guidance is per sample. Shared by samplers with the same options (a
-        one-shot ``fastflow.sample`` in a loop builds them once)."""
-        key = (device, math, self.method, tuple(self.grid), self.prediction, repr(self.path),
-               self.time_convention, self.time_scale, tuple(self.guided_steps),
-               self.zero_init_steps, self.doubled_batch, self.guidance_host, self.stochastic)
-        if key in _PLANS:
-            return _PLANS[key]
-        stages = len(TABLEAUS[self.method][0])
-        steps = len(self.grid) - 1
-        weights = (None if self.guidance_host is None else
-                   torch.tensor(self.guidance_host, dtype=torch.float64))   # [steps, G]
-        plan = {}
-        for guided in {*self.guided_steps}:
-            for shared in (False, True):
-                plan[guided, shared] = [
-                    [_Pass(p, copies, steps, weights if guided else None, self.zero_init_steps,
-                           device, math) for p, copies in self._passes(j, guided, shared)]
-                    for j in range(stages)]
-        c = TABLEAUS[self.method][0]
-        taus = torch.tensor([[t0 + cj * (t1 - t0) for cj in c]
-                             for t0, t1 in zip(self.grid[:-1], self.grid[1:])], dtype=torch.float64)
-        model_t = (taus if self.time_convention == "t" else 1 - taus) * self.time_scale
-        if len(_PLANS) >= _PLAN_CACHE_SIZE:
-            del _PLANS[next(iter(_PLANS))]
-        _PLANS[key] = plan, _TimeViews(model_t.to(device=device, dtype=math))
-        return _PLANS[key]
+    def _renoising_rows(self):
+        """Per step t -> t', the stochastic update x' = alpha_t' x1^ + sigma_t' eps with the
+        data estimate x1^ = d_x x + d_v v of (x, v) at t on the path, as the coefficients
+        (alpha_t' d_x, alpha_t' d_v, sigma_t')."""
+        t0 = torch.tensor(self.grid[:-1], dtype=torch.float64)
+        to_data = conversion_coefficients(self.path, t0, "velocity", "data")[:, 0]   # [steps, 2]
+        alpha, sigma, _, _ = self.path(torch.tensor(self.grid[1:], dtype=torch.float64))
+        return ((alpha * to_data[:, 0]).tolist(), (alpha * to_data[:, 1]).tolist(),
+                sigma.tolist())
 
-    def _guidance_host(self):
-        """Per step, the scale w as a tuple (one entry, or one per sample), read once here."""
-        if self.guidance_scale is None:
-            return None
-        scale = self.guidance_scale
-        rows = [tuple(torch.as_tensor(scale(t) if callable(scale) else scale,
-                                      dtype=torch.float64).reshape(-1).tolist())
-                for t in self.grid[:-1]]
-        if len({len(r) for r in rows}) > 1:
-            raise ValueError("guidance_scale: every step must give one scale or one per sample")
-        return tuple(rows)
+    def _plan(self, device, math, shared):
+        """(passes, model times) for a run on `device` in the `math` type, built once by this
+        sampler, or taken from a sampler with the same options (a one-shot
+        ``fastflow.sample`` in a loop builds them once) when they compare by value."""
+        plan = self._plans.get((device, math, shared))
+        if plan is None:
+            key = self._cache_key(device, math, shared)
+            plan = _PLANS.get(key) if key is not None else None
+            if plan is None:
+                plan = self._build_plan(device, math, shared)
+                if key is not None:
+                    if len(_PLANS) >= _PLAN_CACHE_SIZE:
+                        del _PLANS[next(iter(_PLANS))]
+                    _PLANS[key] = plan
+            self._plans[device, math, shared] = plan
+        return plan
+
+    def _cache_key(self, device, math, shared):
+        """The options that shape the plan, as a hashable value; None for a path of the user's
+        own, which does not compare by value (its formulas can change under the same repr)."""
+        path = None
+        if self.prediction != "velocity" or self.stochastic:
+            path = value_key(self.path)
+            if path is None:
+                return None
+        weights = self.guidance_weights
+        if weights is not None:   # the bytes hash in microseconds, even one scale per sample
+            weights = (tuple(weights.shape), weights.numpy().tobytes())
+        return (device, math, shared, self.method, self.last_method, tuple(self.grid),
+                self.prediction, path, self.time_convention, self.time_scale,
+                tuple(self.guided_steps), self.zero_init_steps, self.doubled_batch, weights,
+                self.stochastic)
+
+    def _build_plan(self, device, math, shared):
+        """Every stage's passes with their coefficients on the device ([steps, G, M, K] tables,
+        G = 1 unless the guidance is per sample), by (method, guided), and the model's time at
+        every (step, stage). `shared`: whether the model reads the state itself (same dtype)."""
+        steps = len(self.grid) - 1
+        passes = {}
+        for method in {self.method, self.last_method}:
+            for guided in {*self.guided_steps}:
+                passes[method, guided] = [
+                    [_Pass(p, copies, steps, self.guidance_weights if guided else None,
+                           self.zero_init_steps, device, math)
+                     for p, copies in self._passes(method, j, guided, shared)]
+                    for j in range(len(TABLEAUS[method][0]))]
+        stages = len(TABLEAUS[self.method][0])   # the last step's method may have fewer
+        rows = [self._stage_times(self._method(i), [i])[0] for i in range(steps)]
+        taus = torch.tensor([row + [0.0] * (stages - len(row)) for row in rows],
+                            dtype=torch.float64)
+        model_t = (taus if self.time_convention == "t" else 1 - taus) * self.time_scale
+        return passes, _TimeViews(model_t.to(device=device, dtype=math))
 
     # ---------------------------------------------------------------- the loop
 
@@ -284,6 +403,14 @@ class Sampler:
         integers, default 0..B-1) name the samples for the stochastic sampler's noise."""
         if not isinstance(x_init, torch.Tensor) or not x_init.is_floating_point() or x_init.dim() < 1:
             raise TypeError("x_init: expected a floating tensor [B, ...]")
+        if x_init.requires_grad and torch.is_grad_enabled():
+            raise ValueError("x_init: requires grad, but fastflow's sampler is not "
+                             "differentiable (its fused passes update buffers in place); pass "
+                             "x_init.detach(), or differentiate through fastflow.reference.sample")
+        groups = 1 if self.guidance_weights is None else self.guidance_weights.shape[1]
+        if groups not in (1, x_init.shape[0]):
+            raise ValueError(f"guidance_scale: expected one scale per sample ({x_init.shape[0]}), "
+                             f"got {groups}")
         guided_anywhere = any(self.guided_steps)
         if guided_anywhere and not self.doubled_batch and uncond_kwargs is None:
             raise ValueError("uncond_kwargs: guidance needs the unconditional call's keyword "
@@ -294,23 +421,27 @@ class Sampler:
                 raise ValueError("capture: a captured loop cannot call back to the host; drop "
                                  "callback and progress, or capture=False")
             # torch.cuda.graph captures on the current device's streams: make it x_init's.
-            with torch.cuda.device(x_init.device):
+            with torch.cuda.device(x_init.device), torch.no_grad():
                 return self._replay(x_init, uncond_kwargs or {}, model_kwargs, sample_ids)
-        return self._run(x_init, uncond_kwargs or {}, model_kwargs, sample_ids)
+        with torch.no_grad():
+            return self._run(x_init, uncond_kwargs or {}, model_kwargs, sample_ids)
 
     def _tables(self, x_init):
-        """(state dtype, plan, model times) of a run from x_init."""
+        """(state dtype, shared, plan, model times) of a run from x_init; shared: whether the
+        model reads the state itself (same dtype) rather than a copy."""
         state_dtype = self.state_dtype or (torch.float64 if x_init.dtype == torch.float64
                                            else torch.float32)
         math = _ops.streams_math_dtype(x_init, torch.empty(0, dtype=state_dtype))
-        return (state_dtype, *self._plan(x_init.device, math))
+        shared = x_init.dtype == state_dtype and not self.doubled_batch
+        return (state_dtype, shared, *self._plan(x_init.device, math, shared))
 
     def _run(self, x_init, uncond_kwargs, model_kwargs, sample_ids=None):
-        state_dtype, plan, model_t = self._tables(x_init)
+        state_dtype, shared, plan, model_t = self._tables(x_init)
         batch = x_init.shape[0]
         times = model_t.get(x_init.shape[0] * (2 if self.doubled_batch else 1))
         launch = _ops.affine_out_launcher(x_init.device, mixed_dtypes=True)
-        shared = x_init.dtype == state_dtype and not self.doubled_batch
+        # fp32 tables read streams of at most fp32: an fp64 output is narrowed to them.
+        narrow = torch.float64 not in (x_init.dtype, state_dtype)
         buf = {"x": x_init.to(state_dtype, memory_format=torch.contiguous_format, copy=True)}
         buf["F"] = torch.empty_like(buf["x"])
         if not shared:
@@ -336,14 +467,15 @@ class Sampler:
             trail[0].copy_(x_init)
         for i in _progress(range(steps), self.progress):
             guided = self.guided_steps[i]
-            for j, passes in enumerate(plan[guided, shared]):
+            for j, passes in enumerate(plan[self._method(i), guided]):
                 buf["S"], buf["S+"] = stage_bufs[j % 2], stage_bufs[(j + 1) % 2]
                 if shared:
                     x_model = buf["x"] if j == 0 else buf["S"]
                 else:
                     x_model = buf["M"]
                 t = times[i][j]
-                preds = self._predict(x_model, t, guided, uncond_kwargs, model_kwargs, batch)
+                preds = self._predict(x_model, t, guided, uncond_kwargs, model_kwargs, batch,
+                                      narrow)
                 buf.update(preds)
                 g = None
                 if self.stochastic:
@@ -359,18 +491,18 @@ class Sampler:
         out = buf["x"].to(x_init.dtype, copy=True)
         return (out, trail) if trail is not None else out
 
-    def _predict(self, x, t, guided, uncond_kwargs, model_kwargs, batch):
+    def _predict(self, x, t, guided, uncond_kwargs, model_kwargs, batch, narrow):
         """The model's output(s) for this stage: {"P"} or {"Pu", "Pc"}, contiguous, checked."""
         want = (batch, *x.shape[1:])
         if self.doubled_batch:
-            out = _checked(self.model(x, t, **model_kwargs), (2 * batch, *want[1:]), x)
+            out = _checked(self.model(x, t, **model_kwargs), (2 * batch, *want[1:]), narrow)
             if not guided:
                 return {"P": out[batch:]}
             return {"Pu": out[:batch], "Pc": out[batch:]}
-        cond = _checked(self.model(x, t, **model_kwargs), want, x)
+        cond = _checked(self.model(x, t, **model_kwargs), want, narrow)
         if not guided:
             return {"P": cond}
-        return {"Pu": _checked(self.model(x, t, **uncond_kwargs), want, x), "Pc": cond}
+        return {"Pu": _checked(self.model(x, t, **uncond_kwargs), want, narrow), "Pc": cond}
 
     def _replay(self, x_init, uncond_kwargs, model_kwargs, sample_ids):
         """Capture the loop as a CUDA graph on the first call for this signature, then replay."""
@@ -418,15 +550,13 @@ class _Pass:
         table = torch.tensor([[[outputs[o].get(s, [0.0] * steps)[i] for s in self.inputs]
                                for o in self.outputs] for i in range(steps)], dtype=torch.float64)
         self.guided_cols = [self.inputs.index(s) for s in ("Pu", "Pc") if s in self.inputs]
-        scale = torch.ones(steps, 1, len(self.inputs), dtype=torch.float64)
-        scale[:zero_init_steps, :, [k for k, s in enumerate(self.inputs) if s[0] == "P"]] = 0
-        table = table[:, None] * scale[:, :, None, :]           # [steps, 1, M, K]
+        table[:zero_init_steps, :, [k for k, s in enumerate(self.inputs) if s[0] == "P"]] = 0
+        table = table[:, None]                                  # [steps, 1, M, K]
         if self.guided_cols and weights is not None:
-            w = weights
             u, c = self.guided_cols
-            cols = torch.ones(steps, w.shape[1], len(self.inputs), dtype=torch.float64)
-            cols[:, :, u], cols[:, :, c] = 1 - w, w
-            table = table * cols[:, :, None, :]                 # [steps, G, M, K]
+            table = table.expand(-1, weights.shape[1], -1, -1).clone()   # [steps, G, M, K]
+            table[..., u] *= (1 - weights)[:, :, None]
+            table[..., c] *= weights[:, :, None]
         # One contiguous [G, M, K] view per step, indexed without a tensor op in the loop.
         self.per_step = list(table.to(device=device, dtype=math).contiguous().unbind(0))
         self.uncond_col = self.guided_cols[0] if self.guided_cols else None
@@ -491,10 +621,37 @@ def _sample_ids(ids, batch, device):
     if ids is None:
         return torch.arange(batch, device=device)
     ids = torch.as_tensor(ids, device=device)
-    if ids.shape != (batch,) or ids.is_floating_point():
+    if ids.shape != (batch,) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise ValueError(f"sample_ids: expected {batch} integers, got {ids.dtype} of shape "
                          f"{tuple(ids.shape)}")
     return ids
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _seed(seed):
+    if not _is_int(seed) or not -2**63 <= seed < 2**64:
+        raise ValueError(f"noise_seed: expected an integer in [-2**63, 2**64), got {seed!r}")
+    return int(seed)
+
+
+def _scale_row(value):
+    """One step's guidance scale as a 1-D float64 host tensor: one entry, or one per sample."""
+    if (isinstance(value, torch.Tensor) and value.dim() <= 1 and value.numel()
+            and not value.is_complex() and value.dtype != torch.bool):
+        row = value.detach().to("cpu", torch.float64).reshape(-1)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        row = torch.tensor([float(value)], dtype=torch.float64)
+    else:
+        got = (f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+               if isinstance(value, torch.Tensor) else repr(value))
+        raise ValueError(f"guidance_scale: expected a real number or a [B] tensor of scales "
+                         f"(one per sample), or a callable giving one per step; got {got}")
+    if not torch.isfinite(row).all():
+        raise ValueError(f"guidance_scale: expected finite scales, got {value!r}")
+    return row
 
 
 def _streams(outputs):
@@ -504,14 +661,17 @@ def _streams(outputs):
     return [name for name in order if name in used]
 
 
-def _checked(out, shape, x):
+def _checked(out, shape, narrow):
     """The model's output, contiguous, after the checks that keep the fused pass in bounds (the
-    kernels check devices themselves)."""
+    kernels check devices themselves); fp64 narrowed to fp32 where the tables are fp32."""
     if not isinstance(out, torch.Tensor) or out.shape != shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"model: expected an output of shape {shape}, got {got}")
-    if not out.is_floating_point():
-        raise ValueError(f"model: expected a floating output, got {out.dtype}")
+    if out.dtype not in _STATE_DTYPES:
+        raise ValueError(f"model: expected a floating output (float32, float64, bfloat16 or "
+                         f"float16), got {out.dtype}")
+    if narrow and out.dtype == torch.float64:
+        out = out.float()
     return out.contiguous()
 
 
@@ -535,6 +695,8 @@ def _host_grid(steps, time_grid, sigmas, reverse):
         raise ValueError(f"{name}: expected a 1-D floating grid of at least 2 points, got shape "
                          f"{tuple(values.shape)} and dtype {values.dtype}")
     grid = values.double().cpu().tolist()
+    if not all(abs(t) < float("inf") for t in grid):
+        raise ValueError(f"{name}: expected finite values, got {values.tolist()}")
     if name == "sigmas":
         grid = [1.0 - s for s in grid]
     diffs = [t1 - t0 for t0, t1 in zip(grid[:-1], grid[1:])]
@@ -591,3 +753,7 @@ def _copy_into(static, kwargs):
     for k, v in kwargs.items():
         if isinstance(v, torch.Tensor):
             static[k].copy_(v)
+
+
+# The options fastflow.sample passes on to the Sampler (everything but the model).
+_OPTIONS = frozenset(inspect.signature(Sampler).parameters) - {"model"}

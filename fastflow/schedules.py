@@ -212,7 +212,10 @@ def time_grid(sigmas):
     the sampler steps with h = t_{i+1} - t_i. Do not use it on ``invert_sigmas`` schedules, which
     already count up.
     """
-    return 1 - torch.as_tensor(sigmas, dtype=torch.float32)
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
+    if sigmas.dim() != 1:
+        raise ValueError(f"sigmas: expected a 1-D grid, got shape {tuple(sigmas.shape)}")
+    return 1 - sigmas
 
 
 def uniform_time_grid(num_steps, device=None, dtype=torch.float32):

@@ -314,6 +314,7 @@ def test_bad_input():
         (dict(time_grid=torch.zeros(2, 3)), ValueError, "time_grid: expected a 1-D"),
         (dict(time_grid=torch.tensor([0.0, 0.5, 0.4, 1.0])), ValueError, "strictly monotone"),
         (dict(sigmas=torch.tensor([1.0, 0.3, 0.5, 0.0])), ValueError, "sigmas: expected a strictly"),
+        (dict(time_grid=torch.tensor([0.0, float("inf")])), ValueError, "time_grid: expected finite"),
         (dict(steps=4, prediction="noise"), ValueError, "prediction: expected one of"),
         (dict(steps=4, time_convention="tau"), ValueError, "time_convention"),
         (dict(steps=4, guidance="apg", guidance_scale=2.0), ValueError, "guidance: expected"),
@@ -322,6 +323,21 @@ def test_bad_input():
          "guidance_interval"),
         (dict(time_grid=torch.linspace(0, 1, 5), reverse=True), ValueError, "reverse: only"),
         (dict(steps=4, method="heun", stochastic=True), ValueError, "stochastic: re-noising"),
+        (dict(steps=4, zero_init_steps=-1), ValueError, "zero_init_steps: expected a non-neg"),
+        (dict(steps=4, noise_seed=2 ** 64), ValueError, "noise_seed: expected an integer"),
+        (dict(steps=4, noise_seed=1.7), ValueError, "noise_seed: expected an integer"),
+        (dict(steps=4, state_dtype=torch.int32), TypeError, "state_dtype: expected None or"),
+        (dict(steps=4, time_scale="x"), TypeError, "time_scale: expected a finite positive"),
+        (dict(steps=4, time_scale=-1.0), ValueError, "time_scale: expected a finite positive"),
+        (dict(steps=4, guidance_scale=2.0, guidance_interval=0.5), ValueError,
+         r"guidance_interval: expected \(t_lo, t_hi\), got 0.5"),
+        (dict(steps=4, guidance_scale="3"), ValueError, "guidance_scale: expected a real number"),
+        (dict(steps=4, guidance_scale=1 + 2j), ValueError, "guidance_scale: expected a real"),
+        (dict(steps=4, guidance_scale=torch.tensor([])), ValueError, "guidance_scale: expected"),
+        (dict(steps=4, guidance_scale=torch.ones(4, 1)), ValueError, "guidance_scale: expected"),
+        (dict(steps=4, guidance_scale=float("nan")), ValueError, "guidance_scale: expected finite"),
+        (dict(steps=4, stochastic=True, path="schrodinger_bridge"), TypeError,
+         "path: converting a 'velocity' prediction or re-noising needs an affine path"),
     ]
     for options, error, message in cases:
         with pytest.raises(error, match=message):
@@ -334,6 +350,136 @@ def test_bad_input():
         fastflow.Sampler("model", steps=2)
     with pytest.raises(TypeError, match="x_init"):
         fastflow.sample(model, torch.zeros(4, 2, dtype=torch.long), steps=2)
+    with pytest.raises(TypeError, match=r"unknown option 'y'; the model's keyword arguments go "
+                                        r"in model_kwargs"):
+        fastflow.sample(model, x0, steps=2, y=x0)
+    with pytest.raises(ValueError, match="sample_ids: expected 4 integers"):
+        fastflow.sample(model, x0, steps=2, stochastic=True, sample_ids=torch.ones(4, dtype=bool))
+    with pytest.raises(ValueError, match="model: expected a floating output"):
+        fastflow.sample(lambda x, t: x.long(), x0, steps=2)
+
+
+def test_guidance_scales_are_one_per_sample():
+    model = lambda x, t, c: torch.full_like(x, c)  # noqa: E731
+    kwargs = dict(steps=1, uncond_kwargs={"c": 0.0}, model_kwargs={"c": 1.0})
+    for scales in (torch.tensor([2.0, 5.0]), torch.tensor([1.0, 2.0, 3.0, 4.0])):
+        with pytest.raises(ValueError, match=r"guidance_scale: expected one scale per sample "
+                                             r"\(3\), got"):
+            fastflow.sample(model, torch.zeros(3, 4), guidance_scale=scales, **kwargs)
+    sampler = fastflow.Sampler(model, steps=1, guidance_scale=torch.tensor([2.0, 5.0, 7.0]))
+    out = sampler(torch.zeros(3, 4), uncond_kwargs={"c": 0.0}, c=1.0)
+    assert torch.equal(out, torch.tensor([2.0, 5.0, 7.0])[:, None].expand(3, 4))
+    with pytest.raises(ValueError, match="guidance_scale: expected one scale per sample"):
+        sampler(torch.zeros(6, 4), uncond_kwargs={"c": 0.0}, c=1.0)
+
+
+def test_a_scale_of_one_skips_the_unconditional_call():
+    model = Net()
+    x0, y = torch.randn(4, 2), torch.randn(4, 2)
+    with torch.no_grad():
+        out = fastflow.sample(model, x0, steps=5, method="heun", guidance_scale=1.0,
+                              guidance="cfg_zero_star", model_kwargs={"y": y})
+        assert model.calls == 10
+        plain = fastflow.sample(model, x0, steps=5, method="heun", model_kwargs={"y": y})
+    assert torch.equal(out, plain)
+
+
+def test_guidance_interval_with_a_doubled_batch():
+    model = Net()
+    x0, y = torch.randn(4, 2), torch.randn(4, 2)
+    grid = torch.linspace(0, 1, 9)
+    common = dict(time_grid=grid, guidance_scale=3.0, guidance_interval=(0.2, 0.6))
+    with torch.no_grad():
+        doubled = fastflow.sample(model, x0, doubled_batch=True,
+                                  model_kwargs={"y": torch.cat([torch.zeros_like(y), y])}, **common)
+        twice = fastflow.sample(model, x0, model_kwargs={"y": y}, uncond_kwargs={}, **common)
+        everywhere = fastflow.sample(model, x0, time_grid=grid, guidance_scale=3.0,
+                                     model_kwargs={"y": y}, uncond_kwargs={})
+    assert _scaled_error(doubled, twice) < 2e-6
+    assert _scaled_error(doubled, everywhere) > 1e-3
+
+
+def test_plans_of_user_paths_are_not_shared_by_repr():
+    class MyPath(fastflow.paths.AffinePath):
+        def __call__(self, t):
+            return t, 1 - t, torch.ones_like(t), -torch.ones_like(t)
+
+    model = lambda x, t: 0.5 * x + 1  # noqa: E731
+    x0, grid = torch.ones(2, 3), [0.2, 0.5, 0.9]
+    first = fastflow.sample(model, x0, time_grid=torch.tensor(grid), prediction="epsilon",
+                            path=MyPath())
+
+    class MyPath(fastflow.paths.AffinePath):  # noqa: F811 (a notebook cell edited and re-run)
+        def __call__(self, t):
+            return t * t, 1 - t * t, 2 * t, -2 * t
+
+    second = fastflow.sample(model, x0, time_grid=torch.tensor(grid), prediction="epsilon",
+                             path=MyPath())
+    assert repr(MyPath()) == "MyPath()" and not torch.allclose(first, second)
+    want = reference.sample(model, x0, grid, prediction="epsilon", path=MyPath())
+    assert _scaled_error(second, want) < 1e-6
+    # Built-in paths are shared by value: a changed parameter is a new plan.
+    path = fastflow.paths.Polynomial(2.0)
+    a = fastflow.sample(model, x0, time_grid=torch.tensor(grid), prediction="data", path=path)
+    path.n = 3.0
+    b = fastflow.sample(model, x0, time_grid=torch.tensor(grid), prediction="data", path=path)
+    assert _scaled_error(b, reference.sample(model, x0, grid, prediction="data", path=path)) < 1e-6
+    assert not torch.allclose(a, b)
+
+
+def test_sampling_records_no_gradient():
+    model = Net()
+    x0 = torch.randn(4, 2)
+    out = fastflow.sample(model, x0, steps=3)
+    assert not out.requires_grad   # the model's parameters need grad: no graph was kept
+    with pytest.raises(ValueError, match="x_init: requires grad, but fastflow's sampler is not"):
+        fastflow.sample(model, x0.requires_grad_(), steps=3)
+    with torch.no_grad():
+        assert torch.equal(fastflow.sample(model, x0, steps=3), out)
+
+
+def test_a_float64_output_for_a_float32_state():
+    model = Net()
+    double = lambda x, t: model(x.double(), t.double())  # noqa: E731
+    x0 = torch.randn(4, 2)
+    with torch.no_grad():
+        out = fastflow.sample(double, x0, steps=4, method="heun")
+        ref = reference.sample(double, x0, torch.linspace(0, 1, 5).tolist(), method="heun")
+    assert out.dtype == torch.float32 and _scaled_error(out, ref) < 2e-6
+
+
+@pytest.mark.parametrize("path", ["cond_ot", "cosine", "vp", "linear_vp"])
+@pytest.mark.parametrize("method", ["heun", "rk4", "rk4_38"])
+def test_data_prediction_takes_a_midpoint_last_step_at_t_1(method, path):
+    """sigma_1 = 0: a data prediction has no velocity at t = 1, where these methods would
+    evaluate it; their last step is the midpoint rule instead."""
+    model = Net()
+    grid = torch.linspace(0, 1, 7).tolist()
+    x0 = torch.randn(8, 2, dtype=torch.float64)
+    with torch.no_grad():
+        out = fastflow.sample(model, x0, time_grid=torch.tensor(grid), method=method,
+                              prediction="data", path=path)
+        ref = reference.sample(model, x0, grid[:-1], method=method, prediction="data", path=path,
+                               state_dtype=torch.float64)
+        ref = reference.sample(model, ref, grid[-2:], method="midpoint", prediction="data",
+                               path=path, state_dtype=torch.float64)
+    assert torch.isfinite(out).all() and _scaled_error(out, ref) < 1e-6
+
+
+def test_predictions_are_never_converted_where_they_have_no_velocity():
+    model = Net()
+    x0 = torch.randn(4, 2)
+    for options, t in [(dict(steps=4, prediction="epsilon"), "0"),
+                       (dict(steps=4, prediction="score", method="rk4", path="cosine"), "0"),
+                       (dict(steps=4, prediction="data", reverse=True), "1"),
+                       (dict(time_grid=torch.tensor([1.0, 0.6, 0.0]), prediction="data"), "1")]:
+        with pytest.raises(ValueError, match=f"cannot be turned into a velocity at t = {t} on"):
+            fastflow.sample(model, x0, **options)
+    # Inversion towards t = 0 of a noise prediction: the last step avoids t = 0.
+    with torch.no_grad():
+        out = fastflow.sample(model, x0, time_grid=torch.tensor([0.9, 0.5, 0.0]), method="heun",
+                              prediction="epsilon", path="cosine")
+    assert torch.isfinite(out).all()
 
 
 def test_stochastic_sampling_renoises_with_batch_independent_noise():
@@ -355,6 +501,18 @@ def test_stochastic_sampling_renoises_with_batch_independent_noise():
         assert torch.equal(alone, out[[4, 1]])
         other_seed = fastflow.sample(model, x0, steps=5, stochastic=True, noise_seed=4)
         assert not torch.allclose(other_seed, out)
+
+
+def test_stochastic_sampling_renoises_on_the_path():
+    """x' = alpha_t' x1^ + sigma_t' eps: a perfect data prediction started on the cosine path
+    ends at the data, whatever the noise."""
+    mu = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    path = fastflow.paths.Cosine()
+    alpha, sigma, _, _ = path(torch.tensor(0.5, dtype=torch.float64))
+    x = alpha * mu + sigma * torch.randn(16, 2, dtype=torch.float64)
+    out = fastflow.sample(lambda x, t: mu.expand_as(x), x, time_grid=torch.tensor([0.5, 0.75, 1.0]),
+                          prediction="data", path=path, stochastic=True)
+    torch.testing.assert_close(out, mu.expand_as(out))
 
 
 def test_counter_noise_is_standard_normal_and_reproducible():
@@ -395,7 +553,7 @@ def test_flow_map_sampler_copies_its_grid_once():
     first = fastflow.sample_flow_map(phi, x0, time_grid=[0.0, 0.25, 1.0])
     again = fastflow.sample_flow_map(phi, x0, time_grid=[0.0, 0.25, 1.0])
     assert torch.equal(first, again)
-    times = _device_times((0.0, 0.25, 1.0), x0.device)
+    times = _device_times((0.0, 0.25, 1.0), x0.device, torch.float32)
     assert all(s.untyped_storage().data_ptr() == times.untyped_storage().data_ptr()
                for s, _ in calls)
 
@@ -427,3 +585,14 @@ def test_flow_map_sampler_composes_jumps():
     torch.testing.assert_close(back, x0)
     with pytest.raises(ValueError, match="model: expected the map to return"):
         fastflow.sample_flow_map(lambda x, s, t: x[:, :1], x0)
+
+
+def test_flow_map_sampler_gives_times_in_the_math_type():
+    """As flow_map_loss does in training: fp64 times for fp64 states, fp32 otherwise."""
+    seen = []
+    phi = lambda x, s, t: (seen.append((s.dtype, t.dtype)), x)[1]  # noqa: E731
+    for dtype, want in [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                        (torch.bfloat16, torch.float32)]:
+        seen.clear()
+        fastflow.sample_flow_map(phi, torch.zeros(2, 3, dtype=dtype), steps=2)
+        assert seen == [(want, want)] * 2

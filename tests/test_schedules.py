@@ -246,6 +246,8 @@ def test_device_and_grids():
     assert torch.equal(uniform_time_grid(4), torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))
     assert uniform_time_grid(3, dtype=torch.float64).dtype == torch.float64
     assert time_grid([1.0, 0.5, 0.0]).tolist() == [0.0, 0.5, 1.0]
+    with pytest.raises(ValueError, match=r"sigmas: expected a 1-D grid, got shape \(2, 2\)"):
+        time_grid(torch.ones(2, 2))
     bf16 = torch.tensor([1.0, 0.5, 0.25], dtype=torch.bfloat16)
     assert torch.equal(flow_match_sigmas(sigmas=bf16), flow_match_sigmas(sigmas=[1.0, 0.5, 0.25]))
 
