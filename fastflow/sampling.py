@@ -93,10 +93,10 @@ class Sampler:
         time_convention: "t" (default) gives the model t; "sigma" gives it 1 - t and reads a
             velocity prediction as dx/dsigma = -dx/dt (diffusers' flow-matching models).
         time_scale: multiplies the time the model sees (1000 for diffusers' transformers).
-        guidance_scale: classifier-free guidance scale w: a float, a [B] tensor (per sample)
-            or a callable ``w(t) -> float or [B] tensor`` evaluated once per step when the
-            sampler is built. None disables guidance; a step whose scale is 1 (the conditional
-            prediction alone) skips the unconditional call.
+        guidance_scale: classifier-free guidance scale w: a float, a [B] tensor, list or
+            array (per sample) or a callable ``w(t) -> float or [B] tensor`` evaluated once
+            per step when the sampler is built. None disables guidance; a step whose scale is
+            1 (the conditional prediction alone) skips the unconditional call.
         guidance: "cfg" (v_u + w (v_c - v_u)) or "cfg_zero_star" (the unconditional
             prediction first projected on the conditional one, per sample).
         guidance_interval: (t_lo, t_hi): guide only the steps starting inside it; the others
@@ -621,7 +621,8 @@ def _sample_ids(ids, batch, device):
     if ids is None:
         return torch.arange(batch, device=device)
     ids = torch.as_tensor(ids, device=device)
-    if ids.shape != (batch,) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+    if (ids.shape != (batch,) or ids.is_floating_point() or ids.is_complex()
+            or ids.dtype == torch.bool):
         raise ValueError(f"sample_ids: expected {batch} integers, got {ids.dtype} of shape "
                          f"{tuple(ids.shape)}")
     return ids
@@ -638,17 +639,24 @@ def _seed(seed):
 
 
 def _scale_row(value):
-    """One step's guidance scale as a 1-D float64 host tensor: one entry, or one per sample."""
-    if (isinstance(value, torch.Tensor) and value.dim() <= 1 and value.numel()
-            and not value.is_complex() and value.dtype != torch.bool):
-        row = value.detach().to("cpu", torch.float64).reshape(-1)
-    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-        row = torch.tensor([float(value)], dtype=torch.float64)
-    else:
-        got = (f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-               if isinstance(value, torch.Tensor) else repr(value))
+    """One step's guidance scale as a 1-D float64 host tensor: one entry, or one per sample
+    (from a tensor, a list or an array)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return _finite_scales(torch.tensor([float(value)], dtype=torch.float64), value)
+    try:
+        scales = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        scales = None
+    if (scales is None or scales.dim() > 1 or not scales.numel() or scales.is_complex()
+            or scales.dtype == torch.bool):
+        got = (f"a {scales.dtype} tensor of shape {tuple(scales.shape)}" if scales is not None
+               else repr(value))
         raise ValueError(f"guidance_scale: expected a real number or a [B] tensor of scales "
                          f"(one per sample), or a callable giving one per step; got {got}")
+    return _finite_scales(scales.detach().to("cpu", torch.float64).reshape(-1), value)
+
+
+def _finite_scales(row, value):
     if not torch.isfinite(row).all():
         raise ValueError(f"guidance_scale: expected finite scales, got {value!r}")
     return row
@@ -683,7 +691,7 @@ def _host_grid(steps, time_grid, sigmas, reverse):
         raise ValueError(f"steps, time_grid, sigmas: give exactly one, got "
                          f"{', '.join(given) or 'none'}")
     if steps is not None:
-        if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1:
+        if not _is_int(steps) or steps < 1:
             raise ValueError(f"steps: expected a positive integer, got {steps!r}")
         grid = torch.linspace(0, 1, steps + 1, dtype=torch.float64).tolist()
         return grid[::-1] if reverse else grid

@@ -369,6 +369,8 @@ def test_guidance_scales_are_one_per_sample():
     sampler = fastflow.Sampler(model, steps=1, guidance_scale=torch.tensor([2.0, 5.0, 7.0]))
     out = sampler(torch.zeros(3, 4), uncond_kwargs={"c": 0.0}, c=1.0)
     assert torch.equal(out, torch.tensor([2.0, 5.0, 7.0])[:, None].expand(3, 4))
+    as_list = fastflow.sample(model, torch.zeros(3, 4), guidance_scale=[2.0, 5.0, 7.0], **kwargs)
+    assert torch.equal(as_list, out)
     with pytest.raises(ValueError, match="guidance_scale: expected one scale per sample"):
         sampler(torch.zeros(6, 4), uncond_kwargs={"c": 0.0}, c=1.0)
 
