@@ -140,6 +140,40 @@ def _packed_for(backend, coeffs):
     return coeffs if backend == "cpu" else coeffs.contiguous()
 
 
+def _flat_layout(tensors, groups):
+    """Whether the kernels may stream `tensors` in place though they are not contiguous: all
+    share one shape and one dense layout with the batch outermost (channels_last, say), so each
+    sample is one run of memory, its elements in the same order in every tensor, and each of
+    the `groups` groups of coefficients covers whole samples. Per-sample coefficients then
+    apply alike in any order of a sample's elements."""
+    x = tensors[0] if tensors else None
+    if (x is None or x.dim() < 2 or x.numel() == 0 or x.is_contiguous() or groups < 1
+            or x.shape[0] % groups):
+        return False
+    if any(t.shape != x.shape or t.stride() != x.stride() for t in tensors[1:]):
+        return False
+    run = 1   # dense: the strides, fastest first, are the running products of the sizes
+    for stride, size in sorted((st, n) for st, n in zip(x.stride()[1:], x.shape[1:]) if n != 1):
+        if stride != run:
+            return False
+        run *= size
+    return x.shape[0] == 1 or x.stride(0) == run
+
+
+def _flat(x):
+    """The memory of x (in a _flat_layout) as a contiguous [B, n] view."""
+    n = x.numel() // x.shape[0]
+    return x.as_strided((x.shape[0], n), (n, 1))
+
+
+def _streamed(tensors, groups):
+    """The tensors as the kernels stream them: views of their own memory in a _flat_layout,
+    else contiguous (copies of the others)."""
+    if _flat_layout(tensors, groups):
+        return [_flat(x) for x in tensors]
+    return [x.contiguous() for x in tensors]
+
+
 def _launch(name, inputs, coeffs, outputs):
     """Run backend `name`'s kernel on contiguous streams, writing contiguous `outputs`."""
     if name == "cuda" and len({x.dtype for x in (*inputs, *outputs)}) > 1:
@@ -148,10 +182,14 @@ def _launch(name, inputs, coeffs, outputs):
     kernels.affine([x.contiguous() for x in inputs], _packed_for(name, coeffs), outputs)
 
 
-def _empty_output(x, shape=None, dtype=None):
-    """A fresh tensor like `x` (or of `shape` and `dtype` on x's device); large CPU ones get
-    transparent huge pages (see csrc/huge_pages.cpp)."""
-    out = torch.empty(x.shape if shape is None else shape, dtype=dtype or x.dtype, device=x.device)
+def _empty_output(x, shape=None, dtype=None, layout_of_x=False):
+    """A fresh tensor like `x` (or of `shape` and `dtype` on x's device), contiguous or with
+    x's strides; large CPU ones get transparent huge pages (see csrc/huge_pages.cpp)."""
+    if layout_of_x:
+        out = torch.empty_like(x)
+    else:
+        out = torch.empty(x.shape if shape is None else shape, dtype=dtype or x.dtype,
+                          device=x.device)
     if out.device.type == "cpu":
         ext, _ = _backends._extension()
         if ext is not None and out.nbytes >= ext.huge_page_min_bytes:
@@ -167,6 +205,13 @@ def _backend_of(streams):
 def _affine(inputs, coeffs, name=None):
     name = name or _backend_of(inputs)
     kernels = _backends.kernels(name)
+    if coeffs.dim() == 3 and _flat_layout(inputs, coeffs.shape[0]):
+        # Outputs in the inputs' layout (as PyTorch's elementwise ops give), read and written
+        # in place: a contiguous copy of each input would cost more than the pass.
+        _check_affine_args(inputs, coeffs, coeffs.shape[1])
+        outputs = [_empty_output(inputs[0], layout_of_x=True) for _ in range(coeffs.shape[1])]
+        _launch(name, [_flat(x) for x in inputs], coeffs, [_flat(o) for o in outputs])
+        return outputs
     if kernels.affine_fresh is not None:
         # One call checks (as _check_affine_args does), allocates and runs: on a small tensor
         # the same steps in Python take ten times the kernel.
@@ -181,6 +226,8 @@ def _affine_out(inputs, coeffs, out, name=None):
     name = name or _backend_of(inputs)
     if not _backends.kernels(name).checks_args:
         _check_affine_args(inputs, coeffs, len(out), out, one_dtype=False)
+    if coeffs.dim() == 3 and _flat_layout([*inputs, *out], coeffs.shape[0]):
+        inputs, out = [_flat(x) for x in inputs], [_flat(o) for o in out]
     staged = [o if _writable_in_place(o, inputs, last=m == len(out) - 1) else torch.empty_like(
         o, memory_format=torch.contiguous_format) for m, o in enumerate(out)]
     _launch(name, inputs, coeffs, staged)
@@ -215,7 +262,8 @@ def _affine_dot(a, b, groups):
     kernels = _backends.kernels(_backend_of(a))
     if not kernels.checks_args:
         _check_dot_args(a, b, groups)
-    return kernels.affine_dot([x.contiguous() for x in a], [x.contiguous() for x in b], groups)
+    streams = _streamed([*a, *b], groups)
+    return kernels.affine_dot(streams[:len(a)], streams[len(a):], groups)
 
 
 def _affine_sqnorm(inputs, coeffs, name=None):
@@ -223,7 +271,8 @@ def _affine_sqnorm(inputs, coeffs, name=None):
     kernels = _backends.kernels(name)
     if not kernels.checks_args:
         _check_affine_args(inputs, coeffs, 1)
-    return kernels.affine_sqnorm([x.contiguous() for x in inputs], _packed_for(name, coeffs))
+    groups = coeffs.shape[0] if coeffs.dim() == 3 else 0
+    return kernels.affine_sqnorm(_streamed(inputs, groups), _packed_for(name, coeffs))
 
 
 def _check_sinusoid_args(t, freqs, dim, dtype):
@@ -273,6 +322,8 @@ for _name, _kernel in _KERNELS.items():
 def _affine_fake(inputs, coeffs):
     _check_affine_args(inputs, coeffs, coeffs.shape[1] if coeffs.dim() == 3 else 0)
     x = inputs[0]
+    if _flat_layout(inputs, coeffs.shape[0]):   # as _affine: the inputs' layout
+        return [torch.empty_like(x) for _ in range(coeffs.shape[1])]
     return [torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(coeffs.shape[1])]
 
 

@@ -207,6 +207,51 @@ def test_opcheck_affine(backend):
     torch.library.opcheck(torch.ops.fastflow.affine.default, (inputs, coeffs))
 
 
+def _channels_last(xs):
+    return [x.to(memory_format=torch.channels_last) for x in xs]
+
+
+@pytest.mark.parametrize("groups", [4, 2, 1, 12], ids=lambda g: f"G{g}")
+def test_channels_last_streams_are_read_in_place(backend, groups):
+    """Streams sharing a dense batch-major layout are streamed as they lie: outputs in that
+    layout (as PyTorch's elementwise ops give), no contiguous copies. Groups that split a
+    sample (G = 12 over 4 samples of 3 channels) take the contiguous route."""
+    xs = _channels_last(_streams(3, (4, 3, 2, 5), torch.float32, backend, seed=11))
+    coeffs = _coeffs(groups, 2, 3, torch.float32, backend)
+    want = reference_affine([x.contiguous().double() for x in xs], coeffs.double())
+    got = _ops.affine(xs, coeffs)
+    for g, w in zip(got, want):
+        assert_close_to_reference(g, w, torch.float32)
+        assert g.is_contiguous(memory_format=torch.channels_last) == (groups != 12)
+    squares = _ops.affine_sqnorm(xs, coeffs[:, :1])
+    assert_close_to_reference(squares, (want[0] ** 2).reshape(groups, -1).sum(1), torch.float32)
+    dots = _ops.affine_dot(xs[:2], xs, groups)
+    want_dots = reference_affine_dot([x.contiguous().double() for x in xs[:2]],
+                                     [x.contiguous().double() for x in xs], groups)
+    assert_close_to_reference(dots, want_dots, torch.float32)
+    out = _channels_last([torch.empty(4, 3, 2, 5, device=backend) for _ in range(2)])
+    _ops.affine_out(xs, coeffs, out)
+    for o, w in zip(out, want):
+        assert_close_to_reference(o, w, torch.float32)
+
+
+def test_mixed_layouts_take_the_contiguous_route(backend):
+    xs = _streams(2, (2, 3, 4, 4), torch.float32, backend, seed=12)
+    xs[1] = xs[1].to(memory_format=torch.channels_last)
+    coeffs = _coeffs(2, 1, 2, torch.float32, backend)
+    (got,) = _ops.affine(xs, coeffs)
+    assert got.is_contiguous()
+    (want,) = reference_affine([x.double() for x in xs], coeffs.double())
+    assert_close_to_reference(got, want, torch.float32)
+
+
+def test_opcheck_affine_channels_last(backend):
+    inputs = [x.requires_grad_() for x in
+              _channels_last(_streams(2, (3, 2, 2, 3), torch.float32, backend, seed=13))]
+    torch.library.opcheck(torch.ops.fastflow.affine.default,
+                          (inputs, _coeffs(3, 2, 2, torch.float32, backend).requires_grad_()))
+
+
 def test_opcheck_affine_out(backend):
     inputs = _streams(2, (3, 5), torch.float32, backend, seed=6)
     out = [torch.empty(3, 5, device=backend) for _ in range(3)]

@@ -203,6 +203,20 @@ def test_out_requiring_grad_is_refused_in_grad_mode(backend, which, kind):
     assert torch.equal(got[which], fastflow.interpolate(x0, x1, t)[which])
 
 
+def test_channels_last_in_channels_last_out(backend):
+    """As PyTorch's elementwise ops: the outputs keep the inputs' layout (eager, and traced:
+    the fake kernel gives the same strides), CondOT's bits are the eager formula's."""
+    x0, x1, t, _ = _make((3, 4, 2, 5), torch.float32, backend, paths.CondOT())
+    x0, x1 = (x.to(memory_format=torch.channels_last) for x in (x0, x1))
+    tt = t[:, None, None, None]
+    want = (tt * x1 + (1 - tt) * x0, x1 - x0)
+    got = fastflow.interpolate(x0, x1, t)
+    compiled = torch.compile(fastflow.interpolate, fullgraph=True, backend="aot_eager")(x0, x1, t)
+    for g, c, w in zip(got, compiled, want):
+        assert g.stride() == c.stride() == w.stride() == x0.stride()
+        assert torch.equal(g, w) and torch.equal(c, w)
+
+
 def test_torch_compile_fullgraph(backend):
     x0, x1, t, _ = _make((4, 3, 8), torch.float32, backend, paths.Cosine())
     t.requires_grad_()
