@@ -168,8 +168,8 @@ def write_csv(name, rows):
 
 
 def plot_gbps(rows, path, title):
-    """Effective GB/s against size, one panel per dtype (and path, where rows name one), one
-    line per variant, copy dashed."""
+    """Effective GB/s against size, one panel per dtype (and op or path, where rows name
+    one), one line per variant, copy dashed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -197,7 +197,7 @@ def plot_gbps(rows, path, title):
 
 
 def _panel(row):
-    return f"{row['path']}, {row['dtype']}" if "path" in row else row["dtype"]
+    return ", ".join(str(row[k]) for k in ("op", "path", "dtype") if k in row)
 
 
 def print_table(rows, columns):
