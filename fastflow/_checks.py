@@ -92,6 +92,11 @@ def _extent(x):
     return (sum((n - 1) * s for n, s in zip(x.shape, x.stride())) + 1) * x.element_size()
 
 
+def is_integer(value):
+    """A Python (or NumPy) integer; not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_positive(x, name):
     """A finite positive Python (or NumPy) number; not a tensor, whose value only a device sync
     could check."""

@@ -205,20 +205,17 @@ def _backend_of(streams):
 def _affine(inputs, coeffs, name=None):
     name = name or _backend_of(inputs)
     kernels = _backends.kernels(name)
-    if coeffs.dim() == 3 and _flat_layout(inputs, coeffs.shape[0]):
-        # Outputs in the inputs' layout (as PyTorch's elementwise ops give), read and written
-        # in place: a contiguous copy of each input would cost more than the pass.
-        _check_affine_args(inputs, coeffs, coeffs.shape[1])
-        outputs = [_empty_output(inputs[0], layout_of_x=True) for _ in range(coeffs.shape[1])]
-        _launch(name, [_flat(x) for x in inputs], coeffs, [_flat(o) for o in outputs])
-        return outputs
-    if kernels.affine_fresh is not None:
+    # Inputs in a _flat_layout (channels_last, say) are read in place and the outputs get their
+    # layout, as PyTorch's elementwise ops give: a contiguous copy would cost more than the pass.
+    flat = coeffs.dim() == 3 and _flat_layout(inputs, coeffs.shape[0])
+    if kernels.affine_fresh is not None and not flat:
         # One call checks (as _check_affine_args does), allocates and runs: on a small tensor
         # the same steps in Python take ten times the kernel.
         return kernels.affine_fresh([x.contiguous() for x in inputs], coeffs)
     _check_affine_args(inputs, coeffs, coeffs.shape[1] if coeffs.dim() == 3 else 0)
-    outputs = [_empty_output(inputs[0]) for _ in range(coeffs.shape[1])]
-    _launch(name, inputs, coeffs, outputs)
+    outputs = [_empty_output(inputs[0], layout_of_x=flat) for _ in range(coeffs.shape[1])]
+    view = _flat if flat else (lambda x: x)
+    _launch(name, [view(x) for x in inputs], coeffs, [view(o) for o in outputs])
     return outputs
 
 

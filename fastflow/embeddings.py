@@ -25,7 +25,7 @@ import numbers
 import torch
 
 from . import _ops
-from ._checks import FLOAT_DTYPES
+from ._checks import FLOAT_DTYPES, is_integer
 
 # Named conventions: the arguments of timestep_embedding that each source uses.
 CONVENTIONS = {
@@ -136,7 +136,7 @@ def _times(t):
 
 
 def _check_dim(dim):
-    if not isinstance(dim, numbers.Integral) or isinstance(dim, bool) or dim < 1:
+    if not is_integer(dim) or dim < 1:
         raise ValueError(f"dim: expected a positive integer, got {dim!r}")
 
 

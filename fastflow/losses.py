@@ -15,7 +15,8 @@ from . import _ops
 from ._checks import (batch_time, check_like, check_stream, check_time, formula_dtype,
                       formula_time, path_inputs)
 from .conversions import _check_kind, _safe
-from .paths import AffinePath, ConstantNoise, CondOT, TargetCFM, coefficients, get_path
+from .paths import (AffinePath, ConstantNoise, CondOT, TargetCFM, coefficients, get_path,
+                    value_key)
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -53,7 +54,7 @@ def _constant_residual(path, prediction, x1, math):
         return None
     # The noise and data rows depend on the number of inputs only; the velocity rows on the
     # parameters of our own paths (floats).
-    kind = (type(path), tuple(vars(path).items())) if prediction == "velocity" else path.uses_noise
+    kind = value_key(path) if prediction == "velocity" else path.uses_noise
     device = x1.device
     row = _constant_rows.get((kind, prediction, math, device), device, lambda: _residual_coeffs(
         target_coefficients(path, batch_time(0.0, x1), prediction), math))

@@ -23,7 +23,7 @@ import warnings
 import torch
 
 from . import _noise, _ops
-from ._checks import check_positive
+from ._checks import check_positive, is_integer
 from ._tableaus import TABLEAUS
 from .conversions import KINDS, conversion_coefficients
 from .paths import AffinePath, get_path, value_key
@@ -147,10 +147,10 @@ class Sampler:
         if doubled_batch and guidance_scale is None:
             raise ValueError("doubled_batch: needs a guidance_scale (the doubled batch is the "
                              "[unconditional; conditional] pair of classifier-free guidance)")
-        if not _is_int(zero_init_steps) or zero_init_steps < 0:
+        if not is_integer(zero_init_steps) or zero_init_steps < 0:
             raise ValueError(f"zero_init_steps: expected a non-negative integer, got "
                              f"{zero_init_steps!r}")
-        if not _is_int(callback_every) or callback_every < 1:
+        if not is_integer(callback_every) or callback_every < 1:
             raise ValueError(f"callback_every: expected a positive integer, got {callback_every!r}")
         if callback is not None and not callable(callback):
             raise TypeError("callback: expected a callable callback(step, t, x)")
@@ -628,12 +628,8 @@ def _sample_ids(ids, batch, device):
     return ids
 
 
-def _is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _seed(seed):
-    if not _is_int(seed) or not -2**63 <= seed < 2**64:
+    if not is_integer(seed) or not -2**63 <= seed < 2**64:
         raise ValueError(f"noise_seed: expected an integer in [-2**63, 2**64), got {seed!r}")
     return int(seed)
 
@@ -691,7 +687,7 @@ def _host_grid(steps, time_grid, sigmas, reverse):
         raise ValueError(f"steps, time_grid, sigmas: give exactly one, got "
                          f"{', '.join(given) or 'none'}")
     if steps is not None:
-        if not _is_int(steps) or steps < 1:
+        if not is_integer(steps) or steps < 1:
             raise ValueError(f"steps: expected a positive integer, got {steps!r}")
         grid = torch.linspace(0, 1, steps + 1, dtype=torch.float64).tolist()
         return grid[::-1] if reverse else grid
