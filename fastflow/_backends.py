@@ -150,8 +150,10 @@ def kernels(name):
     after checking the arguments; ``path_coefficients(t, path, params, dtype)`` for the paths of
     fastflow.paths._NATIVE, at times t of any float type (it returns None for a path it cannot
     build), and ``conversion_coefficients(path_coeffs, src, dst, eps, dtype)`` for
-    fastflow.convert (None where PyTorch computes them); ``checks_args``, whether the kernels
-    check their arguments themselves (the C++ ones do)."""
+    fastflow.convert (None where PyTorch computes them); ``pred_loss(pred, data, coeffs,
+    divisor)``, the sum of ``affine_sqnorm([pred, *data], coeffs)`` over groups divided by
+    `divisor` as an autograd node differentiable in pred (fastflow.losses); ``checks_args``,
+    whether the kernels check their arguments themselves (the C++ ones do)."""
     return _KERNELS[name]()
 
 
@@ -165,6 +167,7 @@ class _Kernels:
     path_coefficients: object = None
     conversion_coefficients: object = None
     affine_fresh: object = None
+    pred_loss: object = None
     checks_args: bool = False
 
 
@@ -187,7 +190,8 @@ def _cpu_kernels():
     ext = _extension()[0]
     return _Kernels(ext.affine_cpu, ext.affine_dot_cpu, ext.affine_sqnorm_cpu, ext.sinusoid_cpu,
                     ext.sinusoid_backward_cpu, ext.path_coefficients_cpu,
-                    ext.conversion_coefficients_cpu, ext.affine_fresh_cpu, checks_args=True)
+                    ext.conversion_coefficients_cpu, ext.affine_fresh_cpu, ext.pred_loss_cpu,
+                    checks_args=True)
 
 
 def _cuda_kernels():

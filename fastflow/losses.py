@@ -11,7 +11,7 @@ gradients of the inputs that need them (dL/dpred first among them).
 """
 import torch
 
-from . import _ops
+from . import _backends, _ops
 from ._checks import (batch_time, check_like, check_stream, check_time, formula_dtype,
                       formula_time, path_inputs)
 from .conversions import _check_kind, _safe
@@ -43,11 +43,12 @@ _CONSTANT_VELOCITY = (CondOT, TargetCFM, ConstantNoise)
 _constant_rows = _ops.DeviceCache()
 
 
-def _constant_residual(path, prediction, x1, math):
-    """The residual's [B, 1, 1 + K] coefficients (1, -target) in the math type when they do not
-    depend on t: the noise and data targets of every path, the velocity of _CONSTANT_VELOCITY.
-    A view of one cached row, built on the device, so the commonest losses (rectified flow above
-    all) build no coefficients per call (nor convert t). None when the rows vary with t."""
+def _constant_residual(path, prediction, x1, math, whole_batch):
+    """The residual's coefficients (1, -target) in the math type when they do not depend on t:
+    the noise and data targets of every path, the velocity of _CONSTANT_VELOCITY. One cached row,
+    built on the device, so the commonest losses (rectified flow above all) build no
+    coefficients per call (nor convert t): [1, 1, 1 + K] when the whole batch is one group
+    (`whole_batch`), else a [B, 1, 1 + K] view of it. None when the rows vary with t."""
     constant = prediction in ("epsilon", "data") or (
         prediction == "velocity" and type(path) in _CONSTANT_VELOCITY)
     if not constant:
@@ -58,7 +59,7 @@ def _constant_residual(path, prediction, x1, math):
     device = x1.device
     row = _constant_rows.get((kind, prediction, math, device), device, lambda: _residual_coeffs(
         target_coefficients(path, batch_time(0.0, x1), prediction), math))
-    return row.expand(x1.shape[0], -1, -1)
+    return row if whole_batch else row.expand(x1.shape[0], -1, -1)
 
 
 def _residual_coeffs(target, math):
@@ -120,24 +121,51 @@ def flow_matching_loss(pred, x0, x1, t, path=None, prediction="velocity", noise=
     backend = _ops.eager_backend(tensors)
     # A t that needs a gradient takes the per-sample formulas, through which it flows.
     t_grad = time is not None and time.requires_grad and torch.is_grad_enabled()
-    residual = None if t_grad else _constant_residual(path, prediction, x1, math)
+    # A loss that is one unweighted number of constant rows reduces the batch as one group: no
+    # per-sample sums to fold, no [B] rows to expand.
+    whole_batch = weight is None and reduction != "none" and x1.numel() > 0
+    residual = None if t_grad else _constant_residual(path, prediction, x1, math, whole_batch)
     if residual is None:
-        # One group per sample, for per-sample losses; t unconverted for the path's builder.
+        # One group per sample; t unconverted for the path's builder.
         t = batch_time(t, x1, keep_type=True).expand(batch)
         target = target_coefficients(path, t, prediction, backend=None if t_grad else backend)
         residual = _residual_coeffs(target, math)
     if recording and backend is not None:
-        return _LossNode.apply(reduction, backend, residual, weight, *streams)
+        return _recorded_loss(reduction, backend, residual, weight, streams)
     return weighted_mean_square(streams, residual, weight, reduction,
                                 None if recording else backend)
 
 
+def _recorded_loss(reduction, backend, coeffs, weight, inputs):
+    """The loss of an eager call that records a gradient, as one autograd node: the backend's
+    own (`pred_loss`, C++ on CPU: csrc/loss_cpu.cpp) for the training step's case, an unweighted
+    number whose gradient goes to pred alone, on contiguous streams, where Python's
+    autograd.Function costs more than the kernels on a small batch; else _LossNode."""
+    pred_loss = _backends.kernels(backend).pred_loss
+    numel = inputs[0].numel()
+    if (pred_loss is not None and weight is None and reduction != "none" and numel
+            and not coeffs.requires_grad and not any(x.requires_grad for x in inputs[1:])
+            and all(x.is_contiguous() for x in inputs)):
+        divisor = numel if reduction == "mean" else numel // inputs[0].shape[0]
+        return pred_loss(inputs[0], inputs[1:], coeffs, divisor)
+    return _LossNode.apply(reduction, backend, coeffs, weight, *inputs)
+
+
 def weighted_mean_square(inputs, coeffs, weight, reduction, backend=None):
-    """reduce(weight * residual_mean_square(inputs, coeffs)), recorded op by op."""
-    return _weighted(residual_mean_square(inputs, coeffs, backend), weight, reduction)
+    """reduce(weight * per-sample mean of the squared residual), recorded op by op. `coeffs`:
+    the residual's [G, 1, K] rows over the inputs, one group per sample or (weight None,
+    reduction not "none") one for the whole batch."""
+    return _loss(_ops.affine_sqnorm(inputs, coeffs, backend), inputs[0], weight, reduction)
 
 
-def _weighted(per_sample, weight, reduction):
+def _loss(squares, x, weight, reduction):
+    """The loss from the sums of squared residuals of each group of x's elements (see
+    weighted_mean_square)."""
+    batch = x.shape[0]
+    count = _count_per_sample(x, batch)
+    if weight is None and reduction != "none" and count:
+        return squares.sum() / (batch * count if reduction == "mean" else count)
+    per_sample = squares / count
     return reduce(per_sample if weight is None else per_sample * weight, reduction)
 
 
@@ -147,37 +175,39 @@ class _LossNode(torch.autograd.Function):
     Recorded op by op, the loss is three or four nodes (the fused reduction, the division by the
     element count, the weight, the reduction) and a dozen small tensor ops in backward: on a
     small batch, most of a training step's loss. Here the backward folds the reduction, the
-    weight and the count into the per-sample gradient of the squared norms, and runs the fused
+    weight and the count into the gradient of the sums of squares, and runs the fused
     reduction's backward once. Traced calls take the op-by-op form, which compilers fuse.
-    `coeffs` are the residual's [B, 1, K] (1, -target) over (pred, x0, x1[, noise]); `backend`
-    runs the forward's kernel (the backward's ops decide for themselves: a double backward
-    records them)."""
+    `coeffs` are the residual's rows (1, -target) over (pred, x0, x1[, noise]) as in
+    weighted_mean_square; `backend` runs the forward's kernel, and the backward's when it
+    records nothing (a double backward records its ops, which then decide for themselves)."""
 
     @staticmethod
     def forward(ctx, reduction, backend, coeffs, weight, *inputs):
-        per_sample = residual_mean_square(inputs, coeffs, backend)
-        ctx.reduction = reduction
+        squares = _ops.affine_sqnorm(inputs, coeffs, backend)
+        ctx.reduction, ctx.backend = reduction, backend
         weight_grad = weight is not None and ctx.needs_input_grad[3]
-        ctx.save_for_backward(coeffs, weight, per_sample if weight_grad else None, *inputs)
-        return _weighted(per_sample, weight, reduction)
+        ctx.save_for_backward(coeffs, weight, squares if weight_grad else None, *inputs)
+        return _loss(squares, inputs[0], weight, reduction)
 
     @staticmethod
     def backward(ctx, grad):
-        coeffs, weight, per_sample, *inputs = ctx.saved_tensors
-        batch = coeffs.shape[0]
+        coeffs, weight, squares, *inputs = ctx.saved_tensors
+        batch = inputs[0].shape[0]
         count = _count_per_sample(inputs[0], batch)
-        # dL/d(each sample's weighted loss): one value for all samples unless unreduced.
+        recording = torch.is_grad_enabled()
+        # dL/d(each group's sum of squares): one value for every group unless the loss is
+        # unreduced or weighted, then one per sample.
         samples = batch if ctx.reduction == "mean" else 1
         if weight is None:  # one division for the mean and the element count
             grad_squares = grad / (samples * count)
             grad_weight = None
         else:
             grad = grad / samples
-            if per_sample is not None and torch.is_grad_enabled():
+            if squares is not None and recording:
                 # A double backward (create_graph) must see how dL/dweight depends on the
-                # inputs, and the forward's per_sample has no history: recompute it, recorded.
-                per_sample = residual_mean_square(inputs, coeffs)
-            grad_weight = grad * per_sample if per_sample is not None else None
+                # inputs, and the forward's squares have no history: recompute them, recorded.
+                squares = _ops.affine_sqnorm(inputs, coeffs)
+            grad_weight = grad * (squares / count) if squares is not None else None
             grad_squares = grad * weight / count
         if grad_squares.dim():
             grad_squares = grad_squares[:, None]    # [B, 1]
@@ -186,7 +216,8 @@ class _LossNode(torch.autograd.Function):
             # Only pred, as in training: the rows are (1, -target), so dL/dpred = 2 g (pred -
             # target) is the residual with its rows scaled, and there is no [B, K, K] mixing
             # matrix to build (a handful of tiny tensor ops, most of a small batch's backward).
-            (grad_pred,) = _ops.affine(inputs, coeffs * (2 * grad_squares)[..., None])
+            (grad_pred,) = _ops.affine(inputs, coeffs * (2 * grad_squares)[..., None],
+                                       None if recording else ctx.backend)
             return None, None, None, grad_weight, grad_pred, *([None] * (len(inputs) - 1))
         grad_inputs, grad_coeffs = _ops.sqnorm_gradients(
             coeffs, inputs, grad_squares, needs[4:], needs[2])
@@ -202,14 +233,8 @@ def check_reduction(reduction):
 def mean_square(inputs, rows):
     """Per-sample mean of (sum_k rows[:, k] * inputs[k])^2 over each sample's elements, fused:
     rows is [B, K] and the combination is never written out."""
-    return residual_mean_square(inputs, rows[:, None, :].to(_ops.math_dtype(inputs[0].dtype)))
-
-
-def residual_mean_square(inputs, coeffs, backend=None):
-    """mean_square of coefficients already shaped [B, 1, K] in the inputs' math type, on
-    `backend` directly when the caller decided it (`_ops.eager_backend`)."""
-    squares = _ops.affine_sqnorm(inputs, coeffs, backend)
-    return squares / _count_per_sample(inputs[0], coeffs.shape[0])
+    coeffs = rows[:, None, :].to(_ops.math_dtype(inputs[0].dtype))
+    return _ops.affine_sqnorm(inputs, coeffs) / _count_per_sample(inputs[0], rows.shape[0])
 
 
 def _count_per_sample(x, batch):

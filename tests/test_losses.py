@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fastflow
-from fastflow import paths
+from fastflow import _backends, paths
 from fastflow.losses import REDUCTIONS
 from fastflow.reference import flow_matching_loss as reference_loss
 
@@ -152,7 +152,17 @@ def test_gradient_dtype_follows_the_inputs(backend):
 
 
 # In eager calls with a gradient to record, the loss is one autograd node (losses._LossNode)
-# whose backward folds the reduction, the weight and the element count together.
+# whose backward folds the reduction, the weight and the element count together; on CPU, the
+# training step's case (an unweighted number, its gradient to pred alone) is a C++ node.
+PYTHON_NODE, CPP_NODE = "_LossNodeBackward", "torch::autograd::CppNode<fastflow::PredLoss>"
+
+
+def _expected_node(backend, reduction, weighted, pred_alone):
+    native = _backends.select(torch.device(backend)) == "cpu"
+    training_step = weighted == "none" and reduction != "none" and pred_alone
+    return CPP_NODE if native and training_step else PYTHON_NODE
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("weighted", ["none", "constant", "learned"])
 def test_one_node_gradients_match_reference_autograd(backend, reduction, weighted):
@@ -167,7 +177,8 @@ def test_one_node_gradients_match_reference_autograd(backend, reduction, weighte
             loss = fn(*xs[:4], path, "velocity", weight=None if weighted == "none" else xs[4],
                       reduction=reduction)
             if name == "fused":
-                assert type(loss.grad_fn).__name__ == "_LossNodeBackward"
+                assert loss.grad_fn.name() == _expected_node(backend, reduction, weighted,
+                                                              wanted == [0])
             out_grad = torch.linspace(0.5, 2.0, loss.numel(), dtype=loss.dtype,
                                       device=loss.device).reshape(loss.shape)
             grads[name] = torch.autograd.grad(loss, [xs[k] for k in wanted], out_grad)
@@ -198,6 +209,50 @@ def test_second_derivatives_match_reference(backend):
         (g,) = torch.autograd.grad(fn(p, x0, x1, t, path, weight=weight), p, create_graph=True)
         curvatures.append(torch.autograd.grad((g * g.detach().sin()).sum(), p)[0])
     torch.testing.assert_close(*curvatures, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_training_step_node_second_derivatives(backend, reduction):
+    # The training step's node (C++ on CPU): its backward, recorded under create_graph, is
+    # differentiable in pred and in the incoming gradient; constant rows (CondOT) and per-sample
+    # ones (cosine).
+    for path in (paths.CondOT(), paths.Cosine()):
+        pred, x0, x1, t, _, _ = _batch((3, 2, 2), torch.float64, backend, path, seed=10)
+
+        def loss(p):
+            return fastflow.flow_matching_loss(p, x0, x1, t, path, reduction=reduction)
+
+        p = pred.clone().requires_grad_()
+        assert loss(p).grad_fn.name() == _expected_node(backend, reduction, "none", True)
+        assert torch.autograd.gradgradcheck(loss, (p,))
+        (g,) = torch.autograd.grad(loss(p), p, create_graph=True)
+        (curvature,) = torch.autograd.grad((g * g.detach().sin()).sum(), p)
+        ref_p = pred.clone().requires_grad_()
+        (ref_g,) = torch.autograd.grad(reference_loss(ref_p, x0, x1, t, path, reduction=reduction),
+                                       ref_p, create_graph=True)
+        (ref_curvature,) = torch.autograd.grad((ref_g * ref_g.detach().sin()).sum(), ref_p)
+        torch.testing.assert_close(g, ref_g, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(curvature, ref_curvature, rtol=1e-10, atol=1e-12)
+
+
+def test_training_step_node_takes_only_its_case(backend):
+    # Streams that are not contiguous (channels_last) or data that needs a gradient go to the
+    # Python node, which handles them; the gradients are right either way.
+    path = paths.CondOT()
+    pred, x0, x1, t, _, _ = _batch((2, 3, 4, 5), torch.float32, backend, path, seed=11)
+    for layout, data_grad in ((torch.contiguous_format, False), (torch.channels_last, False),
+                              (torch.contiguous_format, True)):
+        leaves = [x.clone(memory_format=layout).requires_grad_(k == 0 or data_grad)
+                  for k, x in enumerate((pred, x0, x1))]
+        loss = fastflow.flow_matching_loss(*leaves, t, path)
+        native = _expected_node(backend, "mean", "none", True) == CPP_NODE
+        in_cpp = native and layout == torch.contiguous_format and not data_grad
+        assert loss.grad_fn.name() == (CPP_NODE if in_cpp else PYTHON_NODE)
+        loss.backward()
+        want = 2 * (pred - (x1 - x0)) / pred.numel()
+        torch.testing.assert_close(leaves[0].grad, want, rtol=1e-5, atol=1e-8)
+        if data_grad:
+            torch.testing.assert_close(leaves[2].grad, -want, rtol=1e-5, atol=1e-8)
 
 
 def test_double_backward_with_a_learned_weight(backend):
