@@ -40,10 +40,12 @@ at::Tensor affine_dot_cpu(const std::vector<at::Tensor>& a, const std::vector<at
 // sum_i (sum_k coeffs[g, 0, k] * in[k][g, i])^2 per group g: the squared norm of one affine
 // output, never written out. The reduction of the fused losses.
 at::Tensor affine_sqnorm_cpu(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs);
-// sum_g affine_sqnorm_cpu([pred, *data], coeffs)[g] / divisor, differentiable in pred alone:
-// the fused loss's eager training step as a C++ autograd node (loss_cpu.cpp).
+// sum_g weight[g] * affine_sqnorm_cpu([pred, *data], coeffs)[g] / divisor (weight optional),
+// differentiable in pred alone: the fused loss's eager training step as a C++ autograd node
+// (loss_cpu.cpp).
 at::Tensor pred_loss_cpu(const at::Tensor& pred, const std::vector<at::Tensor>& data,
-                         const at::Tensor& coeffs, double divisor);
+                         const at::Tensor& coeffs, const std::optional<at::Tensor>& weight,
+                         double divisor);
 
 // Calls f(std::integral_constant<int, K>{}, std::integral_constant<int, M>{}) for runtime k, m
 // within the arity limits, so that every kernel is compiled with its loops over K and M unrolled.

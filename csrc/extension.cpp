@@ -19,7 +19,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("affine_sqnorm_cpu", &fastflow::affine_sqnorm_cpu,
         "per-group sum of squares of sum_k coeffs[g, 0, k] * inputs[k]");
   m.def("pred_loss_cpu", &fastflow::pred_loss_cpu,
-        "sum of affine_sqnorm_cpu([pred, *data], coeffs) / divisor, differentiable in pred");
+        "sum of weight * affine_sqnorm_cpu([pred, *data], coeffs) / divisor, differentiable in "
+        "pred alone");
   m.def("sinusoid_cpu", &fastflow::sinusoid_cpu,
         "out[b] = [sin a, cos a] (or [cos a, sin a]) with a = (t[b] * freqs) * scale");
   m.def("sinusoid_backward_cpu", &fastflow::sinusoid_backward_cpu,

@@ -151,8 +151,9 @@ def kernels(name):
     fastflow.paths._NATIVE, at times t of any float type (it returns None for a path it cannot
     build), and ``conversion_coefficients(path_coeffs, src, dst, eps, dtype)`` for
     fastflow.convert (None where PyTorch computes them); ``pred_loss(pred, data, coeffs,
-    divisor)``, the sum of ``affine_sqnorm([pred, *data], coeffs)`` over groups divided by
-    `divisor` as an autograd node differentiable in pred (fastflow.losses); ``checks_args``,
+    weight, divisor)``, the sum of ``weight * affine_sqnorm([pred, *data], coeffs)`` (weight
+    None or one per group) over groups divided by `divisor`, as an autograd node
+    differentiable in pred (fastflow.losses); ``checks_args``,
     whether the kernels check their arguments themselves (the C++ ones do)."""
     return _KERNELS[name]()
 

@@ -153,13 +153,13 @@ def test_gradient_dtype_follows_the_inputs(backend):
 
 # In eager calls with a gradient to record, the loss is one autograd node (losses._LossNode)
 # whose backward folds the reduction, the weight and the element count together; on CPU, the
-# training step's case (an unweighted number, its gradient to pred alone) is a C++ node.
+# training step's case (a number, its gradient to pred alone) is a C++ node.
 PYTHON_NODE, CPP_NODE = "_LossNodeBackward", "torch::autograd::CppNode<fastflow::PredLoss>"
 
 
 def _expected_node(backend, reduction, weighted, pred_alone):
     native = _backends.select(torch.device(backend)) == "cpu"
-    training_step = weighted == "none" and reduction != "none" and pred_alone
+    training_step = weighted != "learned" and reduction != "none" and pred_alone
     return CPP_NODE if native and training_step else PYTHON_NODE
 
 
@@ -212,24 +212,25 @@ def test_second_derivatives_match_reference(backend):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_training_step_node_second_derivatives(backend, reduction):
+@pytest.mark.parametrize("weighted", ["none", "constant"])
+def test_training_step_node_second_derivatives(backend, reduction, weighted):
     # The training step's node (C++ on CPU): its backward, recorded under create_graph, is
     # differentiable in pred and in the incoming gradient; constant rows (CondOT) and per-sample
     # ones (cosine).
     for path in (paths.CondOT(), paths.Cosine()):
-        pred, x0, x1, t, _, _ = _batch((3, 2, 2), torch.float64, backend, path, seed=10)
+        pred, x0, x1, t, _, weight = _batch((3, 2, 2), torch.float64, backend, path, seed=10)
+        weight = None if weighted == "none" else weight
 
-        def loss(p):
-            return fastflow.flow_matching_loss(p, x0, x1, t, path, reduction=reduction)
+        def loss(p, fn=fastflow.flow_matching_loss):
+            return fn(p, x0, x1, t, path, weight=weight, reduction=reduction)
 
         p = pred.clone().requires_grad_()
-        assert loss(p).grad_fn.name() == _expected_node(backend, reduction, "none", True)
+        assert loss(p).grad_fn.name() == _expected_node(backend, reduction, weighted, True)
         assert torch.autograd.gradgradcheck(loss, (p,))
         (g,) = torch.autograd.grad(loss(p), p, create_graph=True)
         (curvature,) = torch.autograd.grad((g * g.detach().sin()).sum(), p)
         ref_p = pred.clone().requires_grad_()
-        (ref_g,) = torch.autograd.grad(reference_loss(ref_p, x0, x1, t, path, reduction=reduction),
-                                       ref_p, create_graph=True)
+        (ref_g,) = torch.autograd.grad(loss(ref_p, reference_loss), ref_p, create_graph=True)
         (ref_curvature,) = torch.autograd.grad((ref_g * ref_g.detach().sin()).sum(), ref_p)
         torch.testing.assert_close(g, ref_g, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(curvature, ref_curvature, rtol=1e-10, atol=1e-12)
