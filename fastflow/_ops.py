@@ -517,6 +517,12 @@ _AUTOGRAD = {"affine": (_affine_setup_context, _affine_backward),
 
 
 _DIRECT_DEVICE_TYPES = ("cpu", "cuda")
+# Bound once: on a small tensor's call the attribute lookups cost as much as the checks.
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_functorch_level = torch._C._functorch.peek_interpreter_stack
+_tracing_state = torch._C._get_tracing_state
+_profiling = torch._C._autograd._profiler_enabled
 
 
 def _nobody_intercepts(tensors, device=None):
@@ -526,14 +532,16 @@ def _nobody_intercepts(tensors, device=None):
     dispatcher: through it a call costs about 60 us more on CPU (two crossings into Python
     kernels: autograd, then the backend choice), and with a gradient to record about 0.2 ms
     more (torch.library's argument flattening on top), most of what a small tensor's call
-    takes."""
-    return (all(type(x) is torch.Tensor for x in tensors)
-            and (device or tensors[0].device).type in _DIRECT_DEVICE_TYPES
-            and not torch.compiler.is_compiling()
-            and torch._C._len_torch_dispatch_stack() == 0
-            and torch._C._functorch.peek_interpreter_stack() is None
-            and torch._C._get_tracing_state() is None
-            and not torch._C._autograd._profiler_enabled())
+    takes. Every public op asks once per call, so this is kept to about 1 us."""
+    for x in tensors:
+        if type(x) is not torch.Tensor:
+            return False
+    if device is None:
+        direct = tensors[0].is_cpu or tensors[0].is_cuda
+    else:
+        direct = device.type in _DIRECT_DEVICE_TYPES
+    return (direct and not _is_compiling() and _dispatch_modes() == 0
+            and _functorch_level() is None and _tracing_state() is None and not _profiling())
 
 
 def capturing(device):
