@@ -153,8 +153,8 @@ def kernels(name):
     fastflow.convert (None where PyTorch computes them); ``pred_loss(pred, data, coeffs,
     weight, divisor)``, the sum of ``weight * affine_sqnorm([pred, *data], coeffs)`` (weight
     None or one per group) over groups divided by `divisor`, as an autograd node
-    differentiable in pred (fastflow.losses); ``checks_args``,
-    whether the kernels check their arguments themselves (the C++ ones do)."""
+    differentiable in pred (fastflow.losses); ``checks_args``, whether the kernels check their
+    arguments themselves (the C++ ones do)."""
     return _KERNELS[name]()
 
 
