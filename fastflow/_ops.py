@@ -523,16 +523,29 @@ _dispatch_modes = torch._C._len_torch_dispatch_stack
 _functorch_level = torch._C._functorch.peek_interpreter_stack
 _tracing_state = torch._C._get_tracing_state
 _profiling = torch._C._autograd._profiler_enabled
+_forward_ad = torch.autograd.forward_ad
+
+
+def _transforming():
+    """Whether a transform that cannot see into the kernels is active: a torch.func transform
+    (grad, vmap, jvp, jacrev, ...) or forward-mode AD (a dual level). Their rules exist for
+    PyTorch's own operators only: the kernels would drop the tangents of dual tensors, and
+    torch.library's autograd is not functorch's. `_call` then runs the ops' plain PyTorch
+    formulas (`_transformable`), which every transform sees through. Not while torch.compile
+    traces: its tracers take the ops as they are (fake kernels, registered autograd), and run
+    under functorch interpreters of their own."""
+    return not _is_compiling() and (_functorch_level() is not None
+                                    or _forward_ad._current_level >= 0)
 
 
 def _nobody_intercepts(tensors, device=None):
     """Whether nothing but autograd must see an eager call of an op on `tensors` (on `device`,
     by default the first tensor's): no compiler or tracer, dispatch mode (FakeTensorMode),
-    functorch transform, tensor subclass, meta tensors or profiler. Then `_call` may skip the
-    dispatcher: through it a call costs about 60 us more on CPU (two crossings into Python
-    kernels: autograd, then the backend choice), and with a gradient to record about 0.2 ms
-    more (torch.library's argument flattening on top), most of what a small tensor's call
-    takes. Every public op asks once per call, so this is kept to about 1 us."""
+    transform (`_transforming`), tensor subclass, meta tensors or profiler. Then `_call` may
+    skip the dispatcher: through it a call costs about 60 us more on CPU (two crossings into
+    Python kernels: autograd, then the backend choice), and with a gradient to record about
+    0.2 ms more (torch.library's argument flattening on top), most of what a small tensor's
+    call takes. Every public op asks once per call, so this is kept to about 1 us."""
     for x in tensors:
         if type(x) is not torch.Tensor:
             return False
@@ -541,7 +554,7 @@ def _nobody_intercepts(tensors, device=None):
     else:
         direct = device.type in _DIRECT_DEVICE_TYPES
     return (direct and not _is_compiling() and _dispatch_modes() == 0
-            and _functorch_level() is None and _tracing_state() is None and not _profiling())
+            and not _transforming() and _tracing_state() is None and not _profiling())
 
 
 def capturing(device):
@@ -639,8 +652,8 @@ def _unflatten(spec, flat):
 def _call(name, tensors, *args, backend=None):
     """Op `name` on `args` (whose tensors are `tensors`): on `backend` directly when the caller
     decided it (`direct_backend`); else, when nothing but autograd must see the call, its kernel
-    directly, or through _EagerAutograd when there is a gradient to record; else through
-    torch.ops."""
+    directly, or through _EagerAutograd when there is a gradient to record; under a transform
+    (`_transforming`), its plain PyTorch formulas; else through torch.ops."""
     if backend is not None:
         return _KERNELS[name](*args, backend)
     if _nobody_intercepts(tensors):
@@ -650,7 +663,25 @@ def _call(name, tensors, *args, backend=None):
             spec, flat = _flatten(args)
             out = _EagerAutograd.apply(name, spec, *flat)
             return list(out) if isinstance(out, tuple) else out
+    if _transforming():
+        return _transformable(name, args)
     return getattr(torch.ops.fastflow, name)(*args)
+
+
+def _transformable(name, args):
+    """Op `name`'s formulas in PyTorch's own operators, for transforms: fastflow.reference (the
+    same math, the oracle of the tests; imported here, as it imports the paths, which import
+    this module), the affine outputs in inputs[0]'s type as the kernels give them."""
+    from . import reference
+    if name == "sinusoid":
+        *args, dtype = args
+        return reference.sinusoid(*args).to(dtype)
+    if name in ("affine", "affine_dot", "affine_sqnorm"):
+        return getattr(reference, name)(*args)
+    # affine_out writes in place; sinusoid_backward only serves sinusoid's registered backward,
+    # which transforms do not reach.
+    raise RuntimeError(f"fastflow: {name} (out=, in place) does not support torch.func "
+                       f"transforms or forward-mode AD; call the op without out=")
 
 
 def direct_backend(tensors):

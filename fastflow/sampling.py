@@ -407,6 +407,10 @@ class Sampler:
             raise ValueError("x_init: requires grad, but fastflow's sampler is not "
                              "differentiable (its fused passes update buffers in place); pass "
                              "x_init.detach(), or differentiate through fastflow.reference.sample")
+        if _ops._transforming():
+            raise RuntimeError("fastflow's sampler does not run under torch.func transforms or "
+                               "forward-mode AD (its fused passes update buffers in place, "
+                               "which would drop the tangents); use fastflow.reference.sample")
         groups = 1 if self.guidance_weights is None else self.guidance_weights.shape[1]
         if groups not in (1, x_init.shape[0]):
             raise ValueError(f"guidance_scale: expected one scale per sample ({x_init.shape[0]}), "

@@ -47,7 +47,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from ... import sampling as _sampling
+from ... import _ops, sampling as _sampling
 from . import delegating_getattr, original
 
 # (MixtureDiscreteEulerSolver and RiemannianODESolver, flow_matching's own, are attributes too,
@@ -149,6 +149,8 @@ def _delegation_reason(x_init, step_size, method, time_grid, enable_grad):
         return f"method={method!r}"
     if enable_grad:
         return "enable_grad=True"
+    if _ops._transforming():
+        return "a torch.func transform or forward-mode AD"
     if (not isinstance(x_init, Tensor) or x_init.dtype not in _FLOATS or x_init.numel() == 0
             or x_init.layout != torch.strided):
         return "this x_init"

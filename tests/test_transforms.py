@@ -1,0 +1,143 @@
+"""torch.func transforms and forward-mode AD: the ops run their plain PyTorch formulas there
+(fastflow._ops._transforming), so every transform gets the reference's derivatives; the
+in-place forms (out=, the sampler) refuse, and the drop-ins hand the call to the originals."""
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import func
+
+import fastflow
+from fastflow import paths, reference
+
+# forward_ad's first dual tensor loads PyTorch's jvp decompositions through torch.jit.script.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+SHAPE = (4, 3, 2)
+
+
+def _data(seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x0, x1, pred = (torch.randn(SHAPE, generator=g, dtype=dtype) for _ in range(3))
+    t = (0.1 + 0.8 * torch.rand(SHAPE[0], generator=g)).to(dtype)
+    return x0, x1, pred, t
+
+
+def _tangents(fn, primals, tangents):
+    """The outputs' tangents of fn at primals along tangents, with torch.autograd.forward_ad."""
+    with fwAD.dual_level():
+        outs = fn(*[fwAD.make_dual(p, d) for p, d in zip(primals, tangents)])
+        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+        return [fwAD.unpack_dual(o).tangent for o in outs]
+
+
+OPS = {
+    "interpolate": (lambda x0, x1, t: fastflow.interpolate(x0, x1, t, "cosine"),
+                    lambda x0, x1, t: reference.interpolate(x0, x1, t, "cosine")),
+    "convert": (lambda x0, x1, t: fastflow.convert(x0, x1, t, "vp", src="epsilon", dst="velocity"),
+                lambda x0, x1, t: reference.convert(x0, x1, t, "vp", src="epsilon",
+                                                    dst="velocity")),
+    "loss": (lambda x0, x1, t: fastflow.flow_matching_loss(x0 + x1, x0, x1, t, paths.CondOT()),
+             lambda x0, x1, t: reference.flow_matching_loss(x0 + x1, x0, x1, t, paths.CondOT())),
+    "weighted loss": (lambda x0, x1, t: fastflow.flow_matching_loss(x1, x0, x1, t, "cosine",
+                                                                     weight=t),
+                      lambda x0, x1, t: reference.flow_matching_loss(x1, x0, x1, t, "cosine",
+                                                                      weight=t)),
+    # The reference computes in fp32, as diffusers does; fastflow in t's type (fp64 here).
+    "timestep_embedding": (lambda x0, x1, t: fastflow.timestep_embedding(t, 16),
+                           lambda x0, x1, t: reference.timestep_embedding(t, 16).double()),
+}
+TOLERANCE = {"timestep_embedding": 1e-5}
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_forward_mode_tangents_match_reference(backend, op):
+    # Before: the kernels dropped the tangents of dual tensors (unpack_dual gave None).
+    fused, ref = OPS[op]
+    primals = [x.to(backend) for x in _data()[:2]] + [_data()[3].to(backend)]
+    tangents = [torch.randn_like(p) for p in primals]
+    got = _tangents(fused, primals, tangents)
+    want = _tangents(ref, primals, tangents)
+    assert all(g is not None for g in got)
+    tol = TOLERANCE.get(op, 1e-10)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol * 1e-2)
+
+
+def test_func_grad_of_the_loss_matches_autograd(backend):
+    x0, x1, pred, t = (x.to(backend) for x in _data(1))
+
+    def loss(p, tt):
+        return fastflow.flow_matching_loss(p, x0, x1, tt, "cosine")
+
+    grads = func.grad(loss, argnums=(0, 1))(pred, t)
+    leaves = [pred.clone().requires_grad_(), t.clone().requires_grad_()]
+    want = torch.autograd.grad(reference.flow_matching_loss(leaves[0], x0, x1, leaves[1], "cosine"),
+                               leaves)
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_func_vmap_matches_the_batched_call(backend):
+    x0, x1, pred, t = (x.to(backend) for x in _data(2))
+
+    def one(a, b, tt):  # one sample as a batch of one
+        x_t, u_t = fastflow.interpolate(a[None], b[None], tt, "linear_vp")
+        v = fastflow.convert(a[None], x_t, tt, "linear_vp", src="epsilon", dst="velocity")
+        return x_t[0], u_t[0], v[0], fastflow.timestep_embedding(tt[None], 8)[0]
+
+    got = func.vmap(one)(x0, x1, t)
+    x_t, u_t = fastflow.interpolate(x0, x1, t, "linear_vp")
+    want = (x_t, u_t, fastflow.convert(x0, x_t, t, "linear_vp", src="epsilon", dst="velocity"),
+            fastflow.timestep_embedding(t, 8))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_func_jvp_and_jacrev_in_t(backend):
+    x0, x1, _, t = (x.to(backend) for x in _data(3))
+    path = paths.VP()
+
+    def fused(tt):
+        return fastflow.interpolate(x0, x1, tt, path)[0]
+
+    def ref(tt):
+        return reference.interpolate(x0, x1, tt, path)[0]
+
+    direction = torch.linspace(-1, 1, t.numel(), dtype=t.dtype, device=t.device)
+    torch.testing.assert_close(func.jvp(fused, (t,), (direction,))[1],
+                               func.jvp(ref, (t,), (direction,))[1], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(func.jacrev(fused)(t), func.jacrev(ref)(t), rtol=1e-10,
+                               atol=1e-12)
+
+
+def test_in_place_forms_refuse_under_transforms():
+    x0, x1, _, t = _data(4)
+    buffers = (torch.empty_like(x1), torch.empty_like(x1))
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x1, torch.ones_like(x1))
+        with pytest.raises(RuntimeError, match="affine_out.*forward-mode AD"):
+            fastflow.interpolate(x0, dual, t, out=buffers)
+        with pytest.raises(RuntimeError, match="sampler does not run under torch.func"):
+            fastflow.sample(lambda x, tt: -x, dual, steps=2)
+    # Outside the dual level, the fused forms run again.
+    fastflow.interpolate(x0, x1, t, out=buffers)
+    torch.testing.assert_close(buffers[0], reference.interpolate(x0, x1, t)[0])
+
+
+def test_drop_in_solvers_hand_transforms_to_the_originals():
+    pytest.importorskip("flow_matching")
+    pytest.importorskip("diffusers")
+    from fastflow.compat.diffusers import FlowMatchEulerDiscreteScheduler
+    from fastflow.compat.flow_matching.solver import ODESolver
+
+    x = torch.randn(4, 2, dtype=torch.float64)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        out = ODESolver(velocity_model=lambda x, t: -x).sample(dual, step_size=0.1)
+        # Euler on dx/dt = -x over [0, 1]: the tangent is (1 - h)^10.
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent, torch.full_like(x, 0.9 ** 10))
+        scheduler = FlowMatchEulerDiscreteScheduler()
+        scheduler.set_timesteps(4)
+        step = scheduler.step(dual, scheduler.timesteps[0], dual).prev_sample
+        dt = (scheduler.sigmas[1] - scheduler.sigmas[0]).double()
+        torch.testing.assert_close(fwAD.unpack_dual(step).tangent, (1 + dt).expand_as(x))
