@@ -526,7 +526,7 @@ _profiling = torch._C._autograd._profiler_enabled
 _forward_ad = torch.autograd.forward_ad
 
 
-def _transforming():
+def transforming():
     """Whether a transform that cannot see into the kernels is active: a torch.func transform
     (grad, vmap, jvp, jacrev, ...) or forward-mode AD (a dual level). Their rules exist for
     PyTorch's own operators only: the kernels would drop the tangents of dual tensors, and
@@ -541,7 +541,7 @@ def _transforming():
 def _nobody_intercepts(tensors, device=None):
     """Whether nothing but autograd must see an eager call of an op on `tensors` (on `device`,
     by default the first tensor's): no compiler or tracer, dispatch mode (FakeTensorMode),
-    transform (`_transforming`), tensor subclass, meta tensors or profiler. Then `_call` may
+    transform (`transforming`), tensor subclass, meta tensors or profiler. Then `_call` may
     skip the dispatcher: through it a call costs about 60 us more on CPU (two crossings into
     Python kernels: autograd, then the backend choice), and with a gradient to record about
     0.2 ms more (torch.library's argument flattening on top), most of what a small tensor's
@@ -554,7 +554,8 @@ def _nobody_intercepts(tensors, device=None):
     else:
         direct = device.type in _DIRECT_DEVICE_TYPES
     return (direct and not _is_compiling() and _dispatch_modes() == 0
-            and not _transforming() and _tracing_state() is None and not _profiling())
+            and _functorch_level() is None and _forward_ad._current_level < 0
+            and _tracing_state() is None and not _profiling())
 
 
 def capturing(device):
@@ -653,7 +654,7 @@ def _call(name, tensors, *args, backend=None):
     """Op `name` on `args` (whose tensors are `tensors`): on `backend` directly when the caller
     decided it (`direct_backend`); else, when nothing but autograd must see the call, its kernel
     directly, or through _EagerAutograd when there is a gradient to record; under a transform
-    (`_transforming`), its plain PyTorch formulas; else through torch.ops."""
+    (`transforming`), its plain PyTorch formulas; else through torch.ops."""
     if backend is not None:
         return _KERNELS[name](*args, backend)
     if _nobody_intercepts(tensors):
@@ -663,7 +664,7 @@ def _call(name, tensors, *args, backend=None):
             spec, flat = _flatten(args)
             out = _EagerAutograd.apply(name, spec, *flat)
             return list(out) if isinstance(out, tuple) else out
-    if _transforming():
+    if transforming():
         return _transformable(name, args)
     return getattr(torch.ops.fastflow, name)(*args)
 

@@ -407,7 +407,7 @@ class Sampler:
             raise ValueError("x_init: requires grad, but fastflow's sampler is not "
                              "differentiable (its fused passes update buffers in place); pass "
                              "x_init.detach(), or differentiate through fastflow.reference.sample")
-        if _ops._transforming():
+        if _ops.transforming():
             raise RuntimeError("fastflow's sampler does not run under torch.func transforms or "
                                "forward-mode AD (its fused passes update buffers in place, "
                                "which would drop the tangents); use fastflow.reference.sample")

@@ -1,5 +1,5 @@
 """torch.func transforms and forward-mode AD: the ops run their plain PyTorch formulas there
-(fastflow._ops._transforming), so every transform gets the reference's derivatives; the
+(fastflow._ops.transforming), so every transform gets the reference's derivatives; the
 in-place forms (out=, the sampler) refuse, and the drop-ins hand the call to the originals."""
 import pytest
 import torch

@@ -242,7 +242,7 @@ class FlowMatchEulerDiscreteScheduler(_diffusers_fm.FlowMatchEulerDiscreteSchedu
                 and model_output.shape == sample.shape and model_output.device == sample.device
                 and not (torch.is_grad_enabled()
                          and (model_output.requires_grad or sample.requires_grad))
-                and not _ops._transforming()  # torch.func, forward AD: the original's ops
+                and not _ops.transforming()  # torch.func, forward AD: the original's ops
                 and isinstance(sigmas, torch.Tensor) and sigmas.dim() == 1
                 and sigmas.dtype == torch.float32
                 and (sigmas.device == sample.device or sigmas.device.type == "cpu"))

@@ -270,7 +270,7 @@ def _fused(rows, inputs):
         return list(_ops.affine(inputs, coeffs))
     # The result's dtype is t's (e.g. fp64 coefficients over fp32 data): write it directly.
     if (torch.is_grad_enabled() and (coeffs.requires_grad or any(v.requires_grad for v in inputs))
-            or _ops._transforming()):
+            or _ops.transforming()):
         return None                    # the out= form is not differentiable
     outputs = [torch.empty(shape, dtype=dtype, device=x.device) for _ in rows]
     return list(_ops.affine_out(inputs, coeffs, outputs))

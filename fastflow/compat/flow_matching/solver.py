@@ -149,7 +149,7 @@ def _delegation_reason(x_init, step_size, method, time_grid, enable_grad):
         return f"method={method!r}"
     if enable_grad:
         return "enable_grad=True"
-    if _ops._transforming():
+    if _ops.transforming():
         return "a torch.func transform or forward-mode AD"
     if (not isinstance(x_init, Tensor) or x_init.dtype not in _FLOATS or x_init.numel() == 0
             or x_init.layout != torch.strided):
