@@ -16,6 +16,8 @@ from ._checks import batch_time, check_like, check_positive, check_stream, formu
 from .paths import AffinePath, coefficients, get_path
 
 KINDS = ("velocity", "epsilon", "data", "score")
+# The smallest magnitude a divisor of a conversion (sigma_t, alpha_t) is allowed by default.
+DIVISOR_EPS = 1e-6
 
 
 def _check_kind(kind, name):
@@ -28,7 +30,7 @@ def _safe(x, eps):
     return torch.where(x < 0, x.clamp(max=-eps), x.clamp(min=eps))
 
 
-def conversion_coefficients(path, t, src, dst, eps=1e-6):
+def conversion_coefficients(path, t, src, dst, eps=DIVISOR_EPS):
     """Per-sample [G, 1, 2] coefficients of dst over (x_t, pred of kind src) at times t [G].
 
     csrc/conversions_cpu.cpp and triton_kernels/conversions.py repeat these formulas operation
@@ -76,7 +78,7 @@ def _conversion_rows(path, t, src, dst, eps, dtype, backend=None):
     return conversion_coefficients(path, formula_time(t), src, dst, eps).to(dtype)
 
 
-def convert(pred, x_t, t, path=None, src="epsilon", dst="velocity", eps=1e-6):
+def convert(pred, x_t, t, path=None, src="epsilon", dst="velocity", eps=DIVISOR_EPS):
     """Convert a prediction of kind `src` at (x_t, t) into kind `dst`, in one fused pass.
 
     Kinds: "velocity" (u_t), "epsilon" (the noise x0), "data" (x1) and "score"

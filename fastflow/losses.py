@@ -17,14 +17,14 @@ import torch
 from . import _backends, _ops
 from ._checks import (batch_time, check_like, check_stream, check_time, formula_dtype,
                       formula_time, path_inputs)
-from .conversions import _check_kind, _safe
+from .conversions import DIVISOR_EPS, _check_kind, _safe
 from .paths import (AffinePath, ConstantNoise, CondOT, TargetCFM, coefficients, get_path,
                     value_key)
 
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def target_coefficients(path, t, prediction, eps=1e-6, backend=None):
+def target_coefficients(path, t, prediction, eps=DIVISOR_EPS, backend=None):
     """[G, K] coefficients of the regression target of kind `prediction` over (x0, x1[, noise]),
     computed in float64 from the times t (any float type); `backend` as in
     ``paths.coefficients``."""
@@ -145,13 +145,13 @@ def _recorded_loss(reduction, backend, coeffs, weight, inputs):
     whose gradient goes to pred alone, on contiguous streams, where Python's autograd.Function
     costs more than the kernels on a small batch; else _LossNode."""
     pred_loss = _backends.kernels(backend).pred_loss
-    numel = inputs[0].numel()
-    if (pred_loss is not None and reduction != "none" and numel
+    batch = inputs[0].shape[0]
+    count = _count_per_sample(inputs[0], batch)
+    if (pred_loss is not None and reduction != "none" and count
             and not coeffs.requires_grad and not (weight is not None and weight.requires_grad)
             and not any(x.requires_grad for x in inputs[1:])
             and all(x.is_contiguous() for x in inputs)):
-        divisor = numel if reduction == "mean" else numel // inputs[0].shape[0]
-        return pred_loss(inputs[0], inputs[1:], coeffs, weight, divisor)
+        return pred_loss(inputs[0], inputs[1:], coeffs, weight, _divisor(reduction, batch, count))
     return _LossNode.apply(reduction, backend, coeffs, weight, *inputs)
 
 
@@ -168,7 +168,7 @@ def _loss(squares, x, weight, reduction):
     batch = x.shape[0]
     count = _count_per_sample(x, batch)
     if weight is None and reduction != "none" and count:
-        return squares.sum() / (batch * count if reduction == "mean" else count)
+        return squares.sum() / _divisor(reduction, batch, count)
     per_sample = squares / count
     return reduce(per_sample if weight is None else per_sample * weight, reduction)
 
@@ -201,12 +201,11 @@ class _LossNode(torch.autograd.Function):
         recording = torch.is_grad_enabled()
         # dL/d(each group's sum of squares): one value for every group unless the loss is
         # unreduced or weighted, then one per sample.
-        samples = batch if ctx.reduction == "mean" else 1
         if weight is None:  # one division for the mean and the element count
-            grad_squares = grad / (samples * count)
+            grad_squares = grad / _divisor(ctx.reduction, batch, count)
             grad_weight = None
         else:
-            grad = grad / samples
+            grad = grad / (batch if ctx.reduction == "mean" else 1)
             if squares is not None and recording:
                 # A double backward (create_graph) must see how dL/dweight depends on the
                 # inputs, and the forward's squares have no history: recompute them, recorded.
@@ -239,6 +238,12 @@ def mean_square(inputs, rows):
     rows is [B, K] and the combination is never written out."""
     coeffs = rows[:, None, :].to(_ops.math_dtype(inputs[0].dtype))
     return _ops.affine_sqnorm(inputs, coeffs) / _count_per_sample(inputs[0], rows.shape[0])
+
+
+def _divisor(reduction, batch, count):
+    """What the summed squares of an unweighted loss are divided by: every element ("mean") or
+    each sample's `count` ("sum" of per-sample means; "none")."""
+    return batch * count if reduction == "mean" else count
 
 
 def _count_per_sample(x, batch):

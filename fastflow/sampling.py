@@ -23,9 +23,9 @@ import warnings
 import torch
 
 from . import _noise, _ops
-from ._checks import check_positive, is_integer
+from ._checks import FLOAT_DTYPES, check_positive, is_integer
 from ._tableaus import TABLEAUS
-from .conversions import KINDS, conversion_coefficients
+from .conversions import DIVISOR_EPS, KINDS, conversion_coefficients
 from .paths import AffinePath, get_path, value_key
 
 __all__ = ["METHODS", "Sampler", "sample"]
@@ -40,10 +40,6 @@ _PLANS = {}
 _PLAN_CACHE_SIZE = 32
 # CFG-Zero*: alpha = <v_c, v_u> / (|v_u|^2 + _ZERO_STAR_EPS), per sample.
 _ZERO_STAR_EPS = 1e-8
-# Where |alpha_t| or |sigma_t| is below this, a prediction cannot become a velocity (the
-# conversions' own eps).
-_DIVISOR_EPS = 1e-6
-_STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def sample(model, x_init, *, model_kwargs=None, uncond_kwargs=None, sample_ids=None, **options):
@@ -154,9 +150,9 @@ class Sampler:
             raise ValueError(f"callback_every: expected a positive integer, got {callback_every!r}")
         if callback is not None and not callable(callback):
             raise TypeError("callback: expected a callable callback(step, t, x)")
-        if state_dtype is not None and state_dtype not in _STATE_DTYPES:
+        if state_dtype is not None and state_dtype not in FLOAT_DTYPES:
             raise TypeError(f"state_dtype: expected None or one of "
-                            f"{', '.join(map(str, _STATE_DTYPES))}, got {state_dtype!r}")
+                            f"{', '.join(map(str, FLOAT_DTYPES))}, got {state_dtype!r}")
         self.model = model
         self.method = method
         self.prediction = prediction
@@ -228,7 +224,7 @@ class Sampler:
         infinite there."""
         alpha, sigma, d_alpha, d_sigma = self.path(torch.tensor(taus, dtype=torch.float64))
         divisor = sigma if self.prediction == "data" else alpha
-        singular = ((divisor.abs() < _DIVISOR_EPS) | ~torch.isfinite(d_alpha)
+        singular = ((divisor.abs() < DIVISOR_EPS) | ~torch.isfinite(d_alpha)
                     | ~torch.isfinite(d_sigma))
         return singular.tolist()
 
@@ -675,7 +671,7 @@ def _checked(out, shape, narrow):
     if not isinstance(out, torch.Tensor) or out.shape != shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"model: expected an output of shape {shape}, got {got}")
-    if out.dtype not in _STATE_DTYPES:
+    if out.dtype not in FLOAT_DTYPES:
         raise ValueError(f"model: expected a floating output (float32, float64, bfloat16 or "
                          f"float16), got {out.dtype}")
     if narrow and out.dtype == torch.float64:
