@@ -67,7 +67,9 @@ def _extensions():
     # unless one is given, cpp_extension adds (to g++ and nvcc) the standard that the installed
     # torch's headers are written for; C++20 in recent releases, where C++17 warns or fails.
     # -g0: Python's default -g makes the many kernel instantiations slow to build and 30 MB big.
-    cxx = ["-O3", "-g0", "-ffp-contract=off", "-fopenmp", "-DAT_PARALLEL_OPENMP=1"]
+    # -fno-math-errno: sqrt may then be one instruction, so loops that take square roots
+    # vectorise (no branch to set errno on negative arguments); the values are the same.
+    cxx = ["-O3", "-g0", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-DAT_PARALLEL_OPENMP=1"]
     extra = {"cxx": cxx}
     sources = list(cpu_sources)
     ext_type = cpp_extension.CppExtension

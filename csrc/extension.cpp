@@ -7,6 +7,7 @@
 #include "affine.h"
 #include "embedding.h"
 #include "coefficients.h"
+#include "noise.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastflow compiled kernels (CPU, and CUDA where built)";
@@ -25,6 +26,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out[b] = [sin a, cos a] (or [cos a, sin a]) with a = (t[b] * freqs) * scale");
   m.def("sinusoid_backward_cpu", &fastflow::sinusoid_backward_cpu,
         "(grad_t, grad_freqs) of sinusoid_cpu");
+  m.def("gaussian_cpu", &fastflow::gaussian_cpu,
+        "out[b] = the sampler's standard normal noise of sample ids[b] at this step");
   m.def("path_coefficients_cpu", &fastflow::path_coefficients_cpu,
         "[G, 2, K] coefficients of a built-in path, as fastflow.paths computes them");
   m.def("conversion_coefficients_cpu", &fastflow::conversion_coefficients_cpu,

@@ -46,11 +46,11 @@ def _extension():
 
 @lru_cache(maxsize=None)
 def _triton():
-    """The Triton kernel modules (affine, embedding, paths, conversions), or the reason they
-    cannot be imported."""
+    """The Triton kernel modules (affine, embedding, paths, conversions, noise), or the reason
+    they cannot be imported."""
     try:
         return tuple(importlib.import_module(f"fastflow._triton.{name}")
-                     for name in ("affine", "embedding", "paths", "conversions")), None
+                     for name in ("affine", "embedding", "paths", "conversions", "noise")), None
     except ImportError as exc:
         return None, f"triton not importable ({exc})"
 
@@ -143,7 +143,8 @@ def fallback_for_mixed_dtypes(device):
 
 def kernels(name):
     """The kernels of backend `name`: an object with ``affine(inputs, coeffs, outputs)`` and
-    ``sinusoid(t, freqs, scale, cos_first, out)``, which write into their last argument, and
+    ``sinusoid(t, freqs, scale, cos_first, out)`` and ``gaussian(ids, seed, step, out)`` (the
+    sampler's noise, fastflow/_noise.py), which write into their last argument, and
     ``affine_dot(a, b, groups)``, ``affine_sqnorm(inputs, coeffs)`` and
     ``sinusoid_backward(grad, t, freqs, scale, cos_first, t_grad, freqs_grad)``, which return
     their results. Optional: ``affine_fresh(inputs, coeffs)``, affine into outputs it allocates
@@ -165,6 +166,7 @@ class _Kernels:
     affine_sqnorm: object
     sinusoid: object
     sinusoid_backward: object
+    gaussian: object
     path_coefficients: object = None
     conversion_coefficients: object = None
     affine_fresh: object = None
@@ -183,14 +185,17 @@ def _reference_kernels():
     def sinusoid(t, freqs, scale, cos_first, out):
         out.copy_(reference.sinusoid(t, freqs, scale, cos_first, out.shape[1]))
 
+    def gaussian(ids, seed, step, out):
+        out.copy_(reference.gaussian(seed, ids, step, out.shape))
+
     return _Kernels(affine, reference.affine_dot, reference.affine_sqnorm, sinusoid,
-                    reference.sinusoid_backward)
+                    reference.sinusoid_backward, gaussian)
 
 
 def _cpu_kernels():
     ext = _extension()[0]
     return _Kernels(ext.affine_cpu, ext.affine_dot_cpu, ext.affine_sqnorm_cpu, ext.sinusoid_cpu,
-                    ext.sinusoid_backward_cpu, ext.path_coefficients_cpu,
+                    ext.sinusoid_backward_cpu, ext.gaussian_cpu, ext.path_coefficients_cpu,
                     ext.conversion_coefficients_cpu, ext.affine_fresh_cpu, ext.pred_loss_cpu,
                     checks_args=True)
 
@@ -203,9 +208,9 @@ def _cuda_kernels():
 
 
 def _triton_kernels():
-    affine, embedding, paths, conversions = _triton()[0]
+    affine, embedding, paths, conversions, noise = _triton()[0]
     return _Kernels(affine.affine, affine.affine_dot, affine.affine_sqnorm, embedding.sinusoid,
-                    embedding.sinusoid_backward, paths.path_coefficients,
+                    embedding.sinusoid_backward, noise.gaussian, paths.path_coefficients,
                     conversions.conversion_coefficients)
 
 

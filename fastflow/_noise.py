@@ -1,24 +1,47 @@
 """Counter-based Gaussian noise: each value is a pure function of (seed, sample id, step,
 element index), so a sample's noise does not depend on the batch it is drawn in, its position
-there, the device count or the order of the calls (DESIGN.md section 6). Integer hashing
-(Wellons' lowbias32, in 32-bit lanes of int64 tensors) then Box-Muller, all as tensor ops on the
-device: no host generator, no synchronisation, and it can be captured in a CUDA graph.
+there, the device count or the order of the calls (DESIGN.md section 6). No host generator, no
+synchronisation: it can be captured in a CUDA graph.
 
-Uniforms carry 24 bits, so |z| < 5.9: no tail beyond that, which re-noising does not miss.
+The definition, for sample b with id `ids[b]` and element i (row-major within the sample):
+
+    key   = hash of (seed, ids[b], step)                        32 bits, `sample_keys`
+    u1    = uniform(mix32(key ^ mix32(2 i)))                   top 24 bits, (k + 0.5) / 2^24
+    u2    = uniform(mix32(key ^ mix32(2 i + 1)))
+    z     = sqrt(-2 ln u1) cos(2 pi u2)                        Box-Muller, in float32
+
+mix32 is Wellons' lowbias32 integer hash; ln and cos are fastflow's own branch-free
+polynomials (Cephes'), written out in fastflow/reference/_noise.py. Everything is integer
+operations and single fp32 adds, multiplies and square roots, never contracted, so every
+backend gives the same bits: the C++ kernel on CPU (baseline and AVX2), the Triton kernel on a
+GPU or under its interpreter, and the reference. Uniforms carry 24 bits, so |z| < 5.9: no tail
+beyond that, which re-noising does not miss.
 """
-import math
-
 import torch
+
+from . import _ops
 
 _MASK = 0xFFFFFFFF
 
 
-def _mul32(x, c):
-    """(x * c) mod 2^32 for x in [0, 2^32), in int64 without overflow: c split in 16-bit halves."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK
+def gaussian(seed, ids, step, shape, dtype=torch.float32, out=None):
+    """Standard normal noise of `shape` ([B, ...]) in `dtype` on ids' device, sample b a
+    function of (seed, ids[b], step); written into `out` (contiguous, of that shape) if given.
+
+    Args:
+        seed: a Python int in [-2**63, 2**64) (a negative seed is its 64-bit two's complement).
+        ids: [B] integer tensor, the global index of each sample (its identity across batches).
+        step: a Python int (the sampler step).
+    """
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=ids.device)
+    seed = int(seed)
+    _ops.gaussian_out(ids.to(torch.int64), seed - 2**64 if seed >= 2**63 else seed, int(step), out)
+    return out
 
 
-def _mix32(x):
+def mix32(x):
+    """Wellons' lowbias32 of 32-bit values held in int64 tensors or Python ints."""
     x = x ^ (x >> 16)
     x = _mul32(x, 0x7FEB352D)
     x = x ^ (x >> 15)
@@ -26,33 +49,16 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
-def _key(seed, ids, step):
-    """A 32-bit key per sample from the seed, the sample ids [B] (int64) and the step. The seed
-    and the step are hashed as Python ints (the same arithmetic): a host value copied to the
-    device would make every step wait on the host, and break CUDA graph capture."""
-    seed_lo, seed_hi = _mix32(seed & _MASK), _mix32((seed >> 32) & _MASK)
-    key = _mix32((ids & _MASK) ^ seed_lo)
-    key = _mix32(key ^ _mix32((ids >> 32) & _MASK) ^ seed_hi)
-    return _mix32(key ^ _mix32(step & _MASK))
+def _mul32(x, c):
+    """(x * c) mod 2^32 for x in [0, 2^32), in int64 without overflow: c split in 16-bit halves."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK
 
 
-def gaussian(seed, ids, step, shape, dtype=torch.float32):
-    """Standard normal noise of `shape` ([B, ...]), sample b a function of (seed, ids[b], step).
-
-    Args:
-        seed: a Python int.
-        ids: [B] int64 tensor, the global index of each sample (its identity across batches).
-        step: a Python int (the sampler step).
-    """
-    batch, n = shape[0], math.prod(shape[1:])
-    key = _key(int(seed), ids.to(torch.int64), int(step))[:, None]        # [B, 1]
-    index = torch.arange(n, dtype=torch.int64, device=ids.device)
-    u1 = _uniform(_mix32(key ^ _mix32(2 * index)))
-    u2 = _uniform(_mix32(key ^ _mix32(2 * index + 1)))
-    z = torch.sqrt(-2 * torch.log(u1)) * torch.cos((2 * math.pi) * u2)
-    return z.reshape(batch, *shape[1:]).to(dtype)
-
-
-def _uniform(bits):
-    """The top 24 bits as a float32 in (0, 1)."""
-    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+def sample_keys(seed, ids, step):
+    """The 32-bit key of each sample from the seed, the sample ids [B] (int64) and the step. The
+    seed and the step are hashed as Python ints (the same arithmetic): a host value copied to
+    the device would make every step wait on the host, and break CUDA graph capture."""
+    seed_lo, seed_hi = mix32(seed & _MASK), mix32((seed >> 32) & _MASK)
+    key = mix32((ids & _MASK) ^ seed_lo)
+    key = mix32(key ^ mix32((ids >> 32) & _MASK) ^ seed_hi)
+    return mix32(key ^ mix32(step & _MASK))

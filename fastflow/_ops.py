@@ -20,6 +20,9 @@
                                 bool t_grad, bool freqs_grad) -> (Tensor, Tensor)
         its gradients to t and freqs (empty where not asked for), in one pass over grad; not
         differentiable itself: a double backward through it raises NotImplementedError
+    fastflow::gaussian_out(Tensor ids, int seed, int step, Tensor(a!) out) -> ()
+        out[b] = the sampler's standard normal noise of sample ids[b] at this step, a pure
+        function of (seed, ids[b], step, element index) defined in fastflow/_noise.py
 
 Coefficients are [G, M, K] in the math type (fp32, or fp64 when a stream is fp64). The public ops
 (interpolation, conversions, losses) compute their coefficients from t in plain PyTorch, so
@@ -46,6 +49,7 @@ _lib.define("sinusoid(Tensor t, Tensor freqs, float scale, bool cos_first, int d
             "ScalarType dtype) -> Tensor")
 _lib.define("sinusoid_backward(Tensor grad, Tensor t, Tensor freqs, float scale, bool cos_first, "
             "bool t_grad, bool freqs_grad) -> (Tensor, Tensor)")
+_lib.define("gaussian_out(Tensor ids, int seed, int step, Tensor(a!) out) -> ()")
 
 
 def math_dtype(dtype):
@@ -306,11 +310,40 @@ def _sinusoid_backward(grad, t, freqs, scale, cos_first, t_grad, freqs_grad):
                                      cos_first, t_grad, freqs_grad)
 
 
+def _check_gaussian_args(ids, out):
+    """The checks of csrc/noise_cpu.cpp, for every backend."""
+    if ids.dim() != 1 or ids.dtype != torch.int64:
+        raise ValueError(f"fastflow gaussian: ids must be a 1-D int64 tensor, got {ids.dtype} of "
+                         f"shape {list(ids.shape)}")
+    if out.dtype not in FLOAT_DTYPES or out.dim() < 1 or out.shape[0] != ids.shape[0]:
+        raise ValueError(f"fastflow gaussian: out must be a floating [B, ...] tensor with B = "
+                         f"{ids.shape[0]} (one row per id), got {out.dtype} of shape "
+                         f"{list(out.shape)}")
+    if ids.device != out.device:
+        raise ValueError(f"fastflow gaussian: ids must be on {out.device}, got {ids.device}")
+    if out.shape[0] and out.numel() // out.shape[0] >= 2**31:
+        raise ValueError(f"fastflow gaussian: a sample may have at most 2^31 - 1 elements, got "
+                         f"{out.numel() // out.shape[0]}")
+
+
+def _gaussian_out(ids, seed, step, out):
+    kernels = _backends.kernels(_backends.select(out.device))
+    if not kernels.checks_args:
+        _check_gaussian_args(ids, out)
+    # The noise is defined on each sample's elements in row-major order: fill a contiguous
+    # buffer for any other layout.
+    staged = out if out.is_contiguous() else torch.empty_like(
+        out, memory_format=torch.contiguous_format)
+    kernels.gaussian(ids.contiguous(), seed, step, staged)
+    if staged is not out:
+        out.copy_(staged)
+
+
 # Each op's kernel: registered for every device, and called directly by `_call` when the
 # dispatcher would add nothing.
 _KERNELS = {"affine": _affine, "affine_out": _affine_out, "affine_dot": _affine_dot,
             "affine_sqnorm": _affine_sqnorm, "sinusoid": _sinusoid,
-            "sinusoid_backward": _sinusoid_backward}
+            "sinusoid_backward": _sinusoid_backward, "gaussian_out": _gaussian_out}
 for _name, _kernel in _KERNELS.items():
     _lib.impl(_name, _kernel, "CompositeExplicitAutograd")
 
@@ -339,6 +372,11 @@ def _affine_dot_fake(a, b, groups):
 def _affine_sqnorm_fake(inputs, coeffs):
     _check_affine_args(inputs, coeffs, 1)
     return coeffs.new_empty((coeffs.shape[0],))
+
+
+@torch.library.register_fake("fastflow::gaussian_out")
+def _gaussian_out_fake(ids, seed, step, out):
+    _check_gaussian_args(ids, out)
 
 
 @torch.library.register_fake("fastflow::sinusoid")
@@ -569,9 +607,12 @@ class DeviceCache:
     them from the host every time. Bounded: a sweep over parameters empties it.
 
     Neither read nor filled while something traces the call (a compiled graph computes the
-    values inline) or a CUDA graph is being captured: a tensor first filled during capture
-    holds its value only in replays, and a cached one evicted later would leave the graph
-    reading freed memory. `build` then runs, and the graph records its ops."""
+    values inline), a dispatch mode such as FakeTensorMode is active (its tensors have no
+    data), or a CUDA graph is being captured: a tensor first filled during capture holds its
+    value only in replays, and a cached one evicted later would leave the graph reading freed
+    memory. `build` then runs, and the graph records its ops. Under inference mode the entry
+    is built as a normal tensor: an inference tensor in the cache would break every later
+    call that autograd records ("Inference tensors cannot be saved for backward")."""
 
     def __init__(self, maxsize=64):
         self.maxsize = maxsize
@@ -579,13 +620,14 @@ class DeviceCache:
 
     def get(self, key, device, build):
         """The tensor for `key` (hashable, naming the device), from build() on `device`."""
-        if torch.compiler.is_compiling() or capturing(device):
+        if torch.compiler.is_compiling() or _dispatch_modes() or capturing(device):
             return build()
         value = self._entries.get(key)
         if value is None:
             if len(self._entries) >= self.maxsize:
                 self._entries.clear()
-            value = self._entries[key] = build()
+            with torch.inference_mode(False):
+                value = self._entries[key] = build()
         return value
 
     def clear(self):
@@ -741,6 +783,13 @@ def affine_out_launcher(device, mixed_dtypes):
     if name == "cuda" and mixed_dtypes:
         name = _backends.fallback_for_mixed_dtypes(device)
     return _backends.kernels(name).affine
+
+
+def gaussian_out(ids, seed, step, out):
+    """The sampler's noise of samples `ids` at `step` into out (see the module docstring and
+    fastflow/_noise.py); seed in [-2**63, 2**63)."""
+    _call("gaussian_out", (ids, out), ids, seed, step, out)
+    return out
 
 
 def sinusoid(t, freqs, scale, cos_first, dim, dtype):

@@ -42,7 +42,7 @@ def flow_map_loss(model, x0, x1, t, s=None, u=None, path=None, match_weight=1.0,
     check_reduction(reduction)
     path_inputs(path, x0, x1, None)
     batch = x1.shape[0]
-    times = {name: (batch_time(v, x1).expand(batch) if v is not None else None)
+    times = {name: (batch_time(v, x1, name).expand(batch) if v is not None else None)
              for name, v in (("t", t), ("s", s), ("u", u))}
     t = times["t"]
     s = times["s"] if times["s"] is not None else torch.zeros_like(t)
@@ -53,24 +53,27 @@ def flow_map_loss(model, x0, x1, t, s=None, u=None, path=None, match_weight=1.0,
     def location(at):
         return coefficients(path, at, at.dtype)[:, 0]  # [B, 2] over (x0, x1)
 
+    def phi(x, start, end):
+        out = model(x, start, end, **model_kwargs)
+        check_like(out, x1, "model output", "x1")   # the passes pair elements by position
+        return out
+
     one = torch.ones_like(t)[:, None]
     total = x1.new_zeros((batch,), dtype=_ops.math_dtype(x1.dtype))
     if match_weight:
-        jump = model(x0, torch.zeros_like(model_t), model_t, **model_kwargs)
-        check_like(jump, x1, "model output", "x1")
+        jump = phi(x0, torch.zeros_like(model_t), model_t)
         rows = torch.cat([one, -location(t)], dim=1)
         total = total + match_weight * mean_square([jump, x0, x1], rows)
     if consistency_weight or identity_weight:
         points = torch.stack([location(s), location(t)], dim=1).to(_ops.math_dtype(x1.dtype))
         x_s, x_t = _ops.affine([x0, x1], points)
     if consistency_weight:
-        two_jumps = model(model(x_s, model_s, model_u, **model_kwargs), model_u, model_t,
-                          **model_kwargs)
-        one_jump = model(x_s, model_s, model_t, **model_kwargs)
+        two_jumps = phi(phi(x_s, model_s, model_u), model_u, model_t)
+        one_jump = phi(x_s, model_s, model_t)
         rows = torch.cat([one, -one], dim=1)
         total = total + consistency_weight * mean_square([two_jumps, one_jump], rows)
     if identity_weight:
-        stay = model(x_t, model_t, model_t, **model_kwargs)
+        stay = phi(x_t, model_t, model_t)
         rows = torch.cat([one, -one], dim=1)
         total = total + identity_weight * mean_square([stay, x_t], rows)
     return reduce(total, reduction)
@@ -94,16 +97,19 @@ def sample_flow_map(model, x_init, steps=1, time_grid=None, **model_kwargs):
     """
     from .sampling import _host_grid
 
+    if not isinstance(x_init, torch.Tensor) or not x_init.is_floating_point() or x_init.dim() < 1:
+        raise TypeError("x_init: expected a floating tensor [B, ...]")
     grid = _host_grid(None if time_grid is not None else steps, time_grid, None, False)
     times = _device_times(tuple(grid), x_init.device, _ops.math_dtype(x_init.dtype))
     batch = x_init.shape[0]
     x = x_init
     for i in range(len(grid) - 1):
         x = model(x, times[i].expand(batch), times[i + 1].expand(batch), **model_kwargs)
-        if not isinstance(x, torch.Tensor) or x.shape != x_init.shape:
-            raise ValueError(f"model: expected the map to return a tensor of shape "
-                             f"{tuple(x_init.shape)}, got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if not isinstance(x, torch.Tensor) or x.shape != x_init.shape or x.dtype != x_init.dtype:
+            got = (f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor)
+                   else type(x).__name__)
+            raise ValueError(f"model: expected the map to return a {x_init.dtype} tensor of shape "
+                             f"{tuple(x_init.shape)} (like x_init), got {got}")
     return x
 
 

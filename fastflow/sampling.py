@@ -118,7 +118,9 @@ class Sampler:
             shape and replay it afterwards (model kwargs are copied into static buffers); on
             other devices the loop runs normally.
 
-    The model's input x is also a buffer that later stages overwrite.
+    The model's input x is also a buffer that later stages overwrite, and t a view of the
+    sampler's time table, shared by samplers with the same options: the model must not modify
+    t in place.
     """
 
     def __init__(self, model, *, method="euler", steps=None, time_grid=None, sigmas=None,
@@ -172,6 +174,8 @@ class Sampler:
         if self.stochastic and (method != "euler" or self.grid[-1] < self.grid[0]):
             raise ValueError("stochastic: re-noising is defined for method='euler' on an "
                              "increasing time grid")
+        if self.stochastic:
+            self._check_renoising()
         self.last_method = self._last_step_method()
         self.guidance_weights = self._guidance_weights()
         self.guided_steps = self._guided_steps(guidance_interval)
@@ -217,6 +221,21 @@ class Sampler:
                          f"velocity at t = {tau:g} on {self.path!r} ({divisor} vanishes there), "
                          f"where the grid would evaluate the model; start the grid just inside, "
                          f"e.g. at t = {inside}")
+
+    def _check_renoising(self):
+        """Re-noising estimates the data from (x, v) at each step's start, dividing by
+        alpha_t d_sigma_t - sigma_t d_alpha_t: refuse a grid where that vanishes (t = 0 on
+        Polynomial(n > 1), say), which would amplify the model's error a millionfold."""
+        alpha, sigma, d_alpha, d_sigma = self.path(torch.tensor(self.grid[:-1],
+                                                                dtype=torch.float64))
+        det = alpha * d_sigma - sigma * d_alpha
+        singular = (det.abs() < DIVISOR_EPS) | ~torch.isfinite(det)
+        if singular.any():
+            tau = self.grid[int(singular.nonzero()[0])]
+            raise ValueError(f"stochastic: re-noising cannot estimate the data from a velocity "
+                             f"at t = {tau:g} on {self.path!r} (alpha_t sigma_t' - sigma_t "
+                             f"alpha_t' vanishes there); start the grid just inside, e.g. at "
+                             f"t = 1e-3")
 
     def _unconvertible(self, taus):
         """Whether the prediction can not become a velocity at each time: its conversion
@@ -438,7 +457,8 @@ class Sampler:
     def _run(self, x_init, uncond_kwargs, model_kwargs, sample_ids=None):
         state_dtype, shared, plan, model_t = self._tables(x_init)
         batch = x_init.shape[0]
-        times = model_t.get(x_init.shape[0] * (2 if self.doubled_batch else 1))
+        times = model_t.get(x_init.shape[0] * (2 if self.doubled_batch else 1),
+                            _ops.math_dtype(x_init.dtype))
         launch = _ops.affine_out_launcher(x_init.device, mixed_dtypes=True)
         # fp32 tables read streams of at most fp32: an fp64 output is narrowed to them.
         narrow = torch.float64 not in (x_init.dtype, state_dtype)
@@ -461,6 +481,7 @@ class Sampler:
         steps = len(self.grid) - 1
         if self.stochastic:
             ids = _sample_ids(sample_ids, batch, x_init.device)
+            buf["E"] = torch.empty_like(buf["x"])
         trail = None
         if self.return_intermediates:
             trail = torch.empty((steps + 1, *x_init.shape), dtype=x_init.dtype, device=x_init.device)
@@ -479,7 +500,7 @@ class Sampler:
                 buf.update(preds)
                 g = None
                 if self.stochastic:
-                    buf["E"] = _noise.gaussian(self.noise_seed, ids, i, x_init.shape, state_dtype)
+                    _noise.gaussian(self.noise_seed, ids, i, x_init.shape, out=buf["E"])
                 if self.zero_star and guided:
                     g = _zero_star_weights(preds["Pu"], preds["Pc"], batch)
                 for p in passes:
@@ -495,14 +516,14 @@ class Sampler:
         """The model's output(s) for this stage: {"P"} or {"Pu", "Pc"}, contiguous, checked."""
         want = (batch, *x.shape[1:])
         if self.doubled_batch:
-            out = _checked(self.model(x, t, **model_kwargs), (2 * batch, *want[1:]), narrow)
+            out = _checked(self.model(x, t, **model_kwargs), (2 * batch, *want[1:]), narrow, x)
             if not guided:
                 return {"P": out[batch:]}
             return {"Pu": out[:batch], "Pc": out[batch:]}
-        cond = _checked(self.model(x, t, **model_kwargs), want, narrow)
+        cond = _checked(self.model(x, t, **model_kwargs), want, narrow, x)
         if not guided:
             return {"P": cond}
-        return {"Pu": _checked(self.model(x, t, **uncond_kwargs), want, narrow), "Pc": cond}
+        return {"Pu": _checked(self.model(x, t, **uncond_kwargs), want, narrow, x), "Pc": cond}
 
     def _replay(self, x_init, uncond_kwargs, model_kwargs, sample_ids):
         """Capture the loop as a CUDA graph on the first call for this signature, then replay."""
@@ -576,17 +597,20 @@ class _Pass:
 
 class _TimeViews:
     """The model's time per (step, stage) as [B] views of one device table, made once per batch
-    size, so the loop hands the model a tensor without running an op."""
+    size and type, so the loop hands the model a tensor without running an op. The type is
+    that of the model's input x (fp32 for 16-bit models; fp64 only for fp64 x, whatever the
+    state's type)."""
 
     def __init__(self, table):
         self.table = table
         self.views = {}
 
-    def get(self, batch):
-        if batch not in self.views:
-            self.views[batch] = [[t.expand(batch) for t in row.unbind(0)]
-                                 for row in self.table.unbind(0)]
-        return self.views[batch]
+    def get(self, batch, dtype):
+        if (batch, dtype) not in self.views:
+            table = self.table.to(dtype)
+            self.views[batch, dtype] = [[t.expand(batch) for t in row.unbind(0)]
+                                        for row in table.unbind(0)]
+        return self.views[batch, dtype]
 
 
 def _zero_star_weights(uncond, cond, batch):
@@ -625,7 +649,7 @@ def _sample_ids(ids, batch, device):
             or ids.dtype == torch.bool):
         raise ValueError(f"sample_ids: expected {batch} integers, got {ids.dtype} of shape "
                          f"{tuple(ids.shape)}")
-    return ids
+    return ids.to(torch.int64)
 
 
 def _seed(seed):
@@ -665,9 +689,11 @@ def _streams(outputs):
     return [name for name in order if name in used]
 
 
-def _checked(out, shape, narrow):
+def _checked(out, shape, narrow, model_input):
     """The model's output, contiguous, after the checks that keep the fused pass in bounds (the
-    kernels check devices themselves); fp64 narrowed to fp32 where the tables are fp32."""
+    kernels check devices themselves); fp64 narrowed to fp32 where the tables are fp32; a copy
+    if it shares memory with the model's input (an identity or in-place model), which the pass
+    may overwrite before it reads the output there."""
     if not isinstance(out, torch.Tensor) or out.shape != shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"model: expected an output of shape {shape}, got {got}")
@@ -676,6 +702,8 @@ def _checked(out, shape, narrow):
                          f"float16), got {out.dtype}")
     if narrow and out.dtype == torch.float64:
         out = out.float()
+    elif out.untyped_storage().data_ptr() == model_input.untyped_storage().data_ptr():
+        out = out.clone()
     return out.contiguous()
 
 
@@ -694,7 +722,8 @@ def _host_grid(steps, time_grid, sigmas, reverse):
     if reverse:
         raise ValueError("reverse: only with steps; give a decreasing time_grid instead")
     name, values = ("time_grid", time_grid) if time_grid is not None else ("sigmas", sigmas)
-    values = torch.as_tensor(values)
+    if not isinstance(values, torch.Tensor):   # Python floats are float64: keep every digit
+        values = torch.as_tensor(values, dtype=torch.float64)
     if values.dim() != 1 or values.numel() < 2 or not values.is_floating_point():
         raise ValueError(f"{name}: expected a 1-D floating grid of at least 2 points, got shape "
                          f"{tuple(values.shape)} and dtype {values.dtype}")

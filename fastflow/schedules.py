@@ -221,4 +221,6 @@ def time_grid(sigmas):
 def uniform_time_grid(num_steps, device=None, dtype=torch.float32):
     """The uniform grid 0 = t_0 < t_1 < ... < t_N = 1 of N = ``num_steps`` equal steps."""
     _check_number("num_steps", num_steps, low=1, integer=True)
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a floating type for the times, got {dtype}")
     return torch.linspace(0, 1, num_steps + 1, device=device, dtype=dtype)

@@ -94,7 +94,7 @@ def _resources(cubin):
 
 def _cases():
     """(name, launch) pairs covering every kernel and each branch of its specialisation."""
-    from fastflow._triton import affine, conversions, embedding, paths
+    from fastflow._triton import affine, conversions, embedding, noise, paths
 
     f32, f64, f16, bf16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
 
@@ -133,6 +133,10 @@ def _cases():
     def run_conversion(src, dst, dtype):
         return lambda: conversions.conversion_coefficients(torch.empty(1000, 2, 2, dtype=f64), src,
                                                            dst, 1e-6, dtype)
+
+    def run_noise(dtype, batch, n):
+        return lambda: noise.gaussian(torch.empty(batch, dtype=torch.int64), 2 ** 40 + 3, 7,
+                                      torch.empty(batch, n, dtype=dtype))
 
     return [
         # Samples of at least a block (images): coefficients once per program.
@@ -173,6 +177,9 @@ def _cases():
         ("conversion epsilon to velocity fp32", run_conversion("epsilon", "velocity", f32)),
         ("conversion velocity to score fp64", run_conversion("velocity", "score", f64)),
         ("conversion score to data fp32", run_conversion("score", "data", f32)),
+        ("noise fp32 image samples", run_noise(f32, 8, 4096)),
+        ("noise bf16 2-D points", run_noise(bf16, 4096, 2)),
+        ("noise fp64 odd samples", run_noise(f64, 16, 1000)),
     ]
 
 

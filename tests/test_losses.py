@@ -443,3 +443,28 @@ class TestBadInput:
         with pytest.raises(TypeError, match="prediction: 'score' needs an affine path"):
             fastflow.flow_matching_loss(self.x, self.x, self.x, 0.5, path="constant_noise",
                                         prediction="score", noise=self.x)
+
+
+def test_a_loss_in_inference_or_fake_mode_leaves_training_working():
+    # The small device caches (constant residual rows, embedding frequencies, flow-map times)
+    # once kept the first tensor built: an inference tensor (a validation pass under
+    # torch.inference_mode) broke every later backward; a fake one every later call.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x0, x1, t = torch.randn(4, 3), torch.randn(4, 3), torch.rand(4)
+    with torch.inference_mode():
+        fastflow.flow_matching_loss(torch.randn(4, 3), x0, x1, t, path="target_cfm")
+        fastflow.timestep_embedding(t, 32)
+        fastflow.flow_map_loss(lambda x, s, t: x, x0, x1, t)
+    with FakeTensorMode():
+        fastflow.flow_matching_loss(torch.randn(5, 3), torch.randn(5, 3), torch.randn(5, 3),
+                                    torch.rand(5))
+    pred = torch.randn(4, 3, requires_grad=True)
+    fastflow.flow_matching_loss(pred, x0, x1, t, path="target_cfm").backward()
+    tt = t.clone().requires_grad_()
+    fastflow.timestep_embedding(tt, 32).sum().backward()
+    layer = torch.nn.Linear(3, 3)
+    fastflow.flow_map_loss(lambda x, s, t: layer(x), x0, x1, t).backward()
+    assert pred.grad is not None and tt.grad is not None and layer.weight.grad is not None
+    assert torch.isfinite(fastflow.flow_matching_loss(torch.randn(5, 3), torch.randn(5, 3),
+                                                      torch.randn(5, 3), torch.rand(5)))

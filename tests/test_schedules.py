@@ -283,6 +283,8 @@ def test_bad_arguments(kwargs, error, message):
 def test_uniform_time_grid_bad_steps():
     with pytest.raises(ValueError, match="num_steps must be >= 1"):
         uniform_time_grid(0)
+    with pytest.raises(TypeError, match="dtype: expected a floating type"):
+        uniform_time_grid(3, dtype=torch.int64)   # would be [0, 0, 0, 1]
 
 
 def test_beta_without_scipy(monkeypatch):

@@ -56,7 +56,7 @@ def test_no_register_spills(report):
     # path coefficients that call libdevice). So is the conversion kernel (one thread per
     # sample): its fp64 divisions call the IEEE division's slow path, a subroutine that saves a
     # few registers on the stack.
-    for r in _own_arithmetic(_kernels(report, "affine", "dot", "sqnorm", "path")):
+    for r in _own_arithmetic(_kernels(report, "affine", "dot", "sqnorm", "path", "gaussian")):
         assert r["stack_bytes"] in (0, None), r
 
 
@@ -68,15 +68,21 @@ def test_streams_move_16_bytes_per_access(report):
     for r in _kernels(report, "dot", "sqnorm"):
         if "one group per row" in r["case"]:
             assert max(r["load_bytes"]) == 16, r
+    for r in _kernels(report, "gaussian"):   # noise written, nothing streamed in
+        if "image samples" in r["case"]:
+            assert r["store_bytes"] == [16], r
 
 
 def test_no_fma_contraction(report):
     # Products and sums round separately, as on the CPU and in eager PyTorch (LAUNCH_OPTIONS).
     # Left out: the path coefficients that call libdevice's exp, sin, cos or pow, whose
     # polynomials are written with fma on purpose.
-    kernels = _own_arithmetic(_kernels(report, "affine", "dot", "sqnorm", "path", "conversion"))
+    # The noise too: its ln and cos are fastflow's polynomials, the same bits as on the CPU.
+    kernels = _own_arithmetic(_kernels(report, "affine", "dot", "sqnorm", "path", "conversion",
+                                       "gaussian"))
     assert any(r["kernel"] == "_conversion_kernel" for r in kernels)
     assert any(r["kernel"] == "_path_coefficients_kernel" for r in kernels)
+    assert any(r["kernel"] == "_gaussian_kernel" for r in kernels)
     for r in kernels:
         assert r["fma"] == 0, r
 

@@ -9,8 +9,9 @@ from ._embeddings import (adm_timestep_embedding, fourier_embedding, sinusoid,
 from ._flow_map import flow_map_loss
 from ._interpolation import interpolate
 from ._losses import flow_matching_loss
+from ._noise import gaussian
 from ._sampling import sample
 
 __all__ = ["adm_timestep_embedding", "affine", "affine_dot", "affine_sqnorm", "convert",
-           "flow_map_loss", "flow_matching_loss", "fourier_embedding", "interpolate", "sample",
+           "flow_map_loss", "flow_matching_loss", "fourier_embedding", "gaussian", "interpolate", "sample",
            "sinusoid", "sinusoid_backward", "timestep_embedding"]
