@@ -6,6 +6,8 @@ id, step), with the global index as the id, so the gathered result equals sampli
 batch in one process (bit for bit where the model's output for a sample does not depend on the
 batch it is in).
 """
+import numbers
+
 import torch
 import torch.distributed as dist
 
@@ -17,8 +19,9 @@ def sample_distributed(model, x_init, *, group=None, model_kwargs=None, uncond_k
     """``fastflow.sample`` over the ranks of `group`: every rank passes the same global batch
     x_init [B, ...] and gets the whole result back.
 
-    Tensors among model_kwargs, uncond_kwargs and a per-sample guidance_scale whose first
-    dimension is B are sharded with the batch (2B for a doubled batch: both halves are). Other
+    Tensors among model_kwargs and uncond_kwargs whose first dimension is B, and a per-sample
+    guidance_scale (a tensor, list or array of B scales, or a callable giving them) are sharded
+    with the batch (2B for a doubled batch: both halves are). Other
     arguments go to every rank as they are.
 
     Example (under torchrun)::
@@ -41,7 +44,16 @@ def sample_distributed(model, x_init, *, group=None, model_kwargs=None, uncond_k
             return torch.cat([value[lo:hi], value[batch + lo:batch + hi]])
         return value
 
-    options = {k: shard(v) if k == "guidance_scale" else v for k, v in options.items()}
+    def shard_scale(scale):
+        """A per-sample guidance scale in any form the Sampler takes (a tensor, list or array,
+        or a callable giving one per step) cut to this rank's samples."""
+        if callable(scale):
+            return lambda t: shard_scale(scale(t))
+        if scale is not None and not isinstance(scale, (torch.Tensor, numbers.Real)):
+            scale = torch.as_tensor(scale, dtype=torch.float64)
+        return shard(scale)
+
+    options = {k: shard_scale(v) if k == "guidance_scale" else v for k, v in options.items()}
     local = Sampler(model, **options)(
         x_init[lo:hi], uncond_kwargs=None if uncond_kwargs is None else
         {k: shard(v) for k, v in uncond_kwargs.items()},

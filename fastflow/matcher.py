@@ -33,17 +33,19 @@ class FlowSample(NamedTuple):
 def _resolve_path(path, sigma):
     """torchcfm's convention: sigma selects the noisy variant of a named path."""
     if isinstance(path, Path):
-        if sigma != 0.0:
+        if sigma:
             raise ValueError("sigma: give the noise level to the Path object itself")
         return path
-    if sigma == 0.0:
+    if sigma is None:
         return get_path(path)
     noisy = {"cond_ot": ConstantNoise, "constant_noise": ConstantNoise,
              "schrodinger_bridge": SchrodingerBridge, "target_cfm": TargetCFM}
-    if path not in noisy:
-        raise ValueError(f"sigma: path {path!r} has no noise level; sigma > 0 applies to "
-                         f"{', '.join(map(repr, noisy))}")
-    return noisy[path](sigma)
+    if path in noisy and not (path == "cond_ot" and sigma == 0.0):
+        return noisy[path](sigma)   # SchrodingerBridge refuses sigma = 0 itself
+    if sigma == 0.0:
+        return get_path(path)
+    raise ValueError(f"sigma: path {path!r} has no noise level; sigma > 0 applies to "
+                     f"{', '.join(map(repr, noisy))}")
 
 
 class FlowMatcher:
@@ -55,14 +57,15 @@ class FlowMatcher:
         time_sampler: "uniform" on [0, 1], "logit_normal" (sigmoid of N(logit_mean,
             logit_std^2), as in Stable Diffusion 3), or a callable
             ``(batch, device, generator) -> t`` returning a [batch] tensor.
-        sigma: torchcfm's noise level: with a named path, "cond_ot" becomes I-CFM
-            (ConstantNoise), and "schrodinger_bridge" / "target_cfm" take it as their sigma.
+        sigma: torchcfm's noise level (default: the named path's own): with a named path,
+            "cond_ot" becomes I-CFM (ConstantNoise) for sigma > 0, and "constant_noise",
+            "schrodinger_bridge" and "target_cfm" take it as their sigma.
         logit_mean, logit_std: parameters of the logit-normal sampler.
     """
 
-    def __init__(self, path="cond_ot", prediction="velocity", time_sampler="uniform", sigma=0.0,
+    def __init__(self, path="cond_ot", prediction="velocity", time_sampler="uniform", sigma=None,
                  logit_mean=0.0, logit_std=1.0):
-        self.path = _resolve_path(path, float(sigma))
+        self.path = _resolve_path(path, None if sigma is None else float(sigma))
         _check_kind(prediction, "prediction")
         self.prediction = prediction
         if not callable(time_sampler) and time_sampler not in TIME_SAMPLERS:

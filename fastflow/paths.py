@@ -22,6 +22,7 @@ at t = 0): that is the math of the path, and the target there is inf or nan exac
 eager formula gives it.
 """
 import math
+import numbers
 
 import torch
 
@@ -59,6 +60,18 @@ class AffinePath(Path):
         return coefficient_matrix([sigma, alpha, d_sigma, d_alpha], 2, 2)
 
 
+def _parameter(path, name, value):
+    """A path's parameter as a float: a finite real number (a Python or NumPy number, or a
+    one-element tensor). Each path then checks its own range."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{path}: {name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{path}: {name} must be finite, got {value}")
+    return float(value)
+
+
 class CondOT(AffinePath):
     """Conditional optimal transport: alpha_t = t, sigma_t = 1 - (1 - sigma_min) t.
 
@@ -67,9 +80,10 @@ class CondOT(AffinePath):
     """
 
     def __init__(self, sigma_min=0.0):
+        sigma_min = _parameter("CondOT", "sigma_min", sigma_min)
         if not 0.0 <= sigma_min < 1.0:
             raise ValueError(f"CondOT: sigma_min must be in [0, 1), got {sigma_min}")
-        self.sigma_min = float(sigma_min)
+        self.sigma_min = sigma_min
 
     def __call__(self, t):
         one = torch.ones_like(t)
@@ -93,11 +107,10 @@ class Polynomial(AffinePath):
     """alpha_t = t^n, sigma_t = 1 - t^n (flow_matching's PolynomialConvexScheduler)."""
 
     def __init__(self, n=2.0):
-        if isinstance(n, bool) or not isinstance(n, (int, float)):
-            raise TypeError(f"Polynomial: n must be a number, got {type(n).__name__}")
+        n = _parameter("Polynomial", "n", n)
         if not n > 0:
             raise ValueError(f"Polynomial: n must be positive, got {n}")
-        self.n = float(n)
+        self.n = n
 
     def __call__(self, t):
         alpha = t ** self.n
@@ -128,11 +141,12 @@ class VP(AffinePath):
     sigma_t = sqrt(1 - alpha_t^2)."""
 
     def __init__(self, beta_min=0.1, beta_max=20.0):
+        beta_min, beta_max = _parameter("VP", "beta_min", beta_min), _parameter("VP", "beta_max",
+                                                                                beta_max)
         if not 0.0 <= beta_min <= beta_max:
             raise ValueError(f"VP: need 0 <= beta_min <= beta_max, got beta_min={beta_min}, "
                              f"beta_max={beta_max}")
-        self.beta_min = float(beta_min)
-        self.beta_max = float(beta_max)
+        self.beta_min, self.beta_max = beta_min, beta_max
 
     def __call__(self, t):
         s = 1 - t
@@ -153,9 +167,10 @@ class ConstantNoise(Path):
     uses_noise = True
 
     def __init__(self, sigma=0.0):
+        sigma = _parameter("ConstantNoise", "sigma", sigma)
         if not sigma >= 0:
             raise ValueError(f"ConstantNoise: sigma must be >= 0, got {sigma}")
-        self.sigma = float(sigma)
+        self.sigma = sigma
 
     def coefficients(self, t):
         return coefficient_matrix([1 - t, t, self.sigma, -1, 1, 0], 2, 3, len(t), t.dtype,
@@ -170,9 +185,10 @@ class SchrodingerBridge(Path):
     uses_noise = True
 
     def __init__(self, sigma=1.0):
+        sigma = _parameter("SchrodingerBridge", "sigma", sigma)
         if not sigma > 0:
             raise ValueError(f"SchrodingerBridge: sigma must be positive, got {sigma}")
-        self.sigma = float(sigma)
+        self.sigma = sigma
 
     def coefficients(self, t):
         s_t = self.sigma * torch.sqrt(t * (1 - t))

@@ -521,7 +521,33 @@ def test_import_hook_finds_the_peers_submodules_under_a_redirect():
         "import flow_matching.path.geodesic as g, flow_matching.solver as s\n"
         "assert s.__name__ == 'fastflow.compat.flow_matching.solver'\n"
         "assert g.__file__.endswith('geodesic.py') and 'fastflow' not in g.__file__\n"
-        "MixtureDiscreteProbPath(CondOTScheduler())\n"
-        "print('ok')\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        "MixtureDiscreteProbPath(CondOTScheduler())\n")
+    _runs_in_a_fresh_process(code)
+
+
+def _runs_in_a_fresh_process(code):
+    """Run `code` in a new interpreter (imports are process-wide state) and check it passes."""
+    done = subprocess.run([sys.executable, "-c", code + "print('ok')\n"], capture_output=True,
+                          text=True)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("fastflow_first", [True, False])
+def test_isinstance_holds_after_plain_imports_in_either_order(fastflow_first):
+    # Before, the classes were linked only once a delegated feature had been used: right after
+    # the imports, isinstance failed and flow_matching refused fastflow's schedulers.
+    _fm()
+    ours = ("from fastflow.compat.flow_matching.scheduler import PolynomialConvexScheduler\n"
+            "from fastflow.compat.flow_matching.path import CondOTProbPath\n"
+            "from fastflow.compat.flow_matching.solver import ODESolver\n")
+    theirs = ("from flow_matching.path import MixtureDiscreteProbPath, ProbPath\n"
+              "from flow_matching.path.scheduler import ConvexScheduler\n"
+              "from flow_matching.solver import Solver\n")
+    code = ((ours + theirs if fastflow_first else theirs + ours)
+            + "assert isinstance(CondOTProbPath(), ProbPath)\n"
+              "assert isinstance(PolynomialConvexScheduler(2.0), ConvexScheduler)\n"
+              "assert isinstance(ODESolver(lambda x, t: x), Solver)\n"
+              "MixtureDiscreteProbPath(scheduler=PolynomialConvexScheduler(2.0))\n"
+              "import inspect, flow_matching.path.path as m\n"
+              "assert 'class ProbPath' in inspect.getsource(m)\n")
+    _runs_in_a_fresh_process(code)

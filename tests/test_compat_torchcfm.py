@@ -251,3 +251,31 @@ def test_missing_ot_dependencies_say_what_to_install(monkeypatch, missing, hint)
     t, xt, ut = compat.ConditionalFlowMatcher().sample_location_and_conditional_flow(
         torch.randn(2, 3), torch.randn(2, 3))
     assert xt.shape == ut.shape == (2, 3)
+
+
+@pytest.mark.parametrize("name", ["ConditionalFlowMatcher", "TargetConditionalFlowMatcher",
+                                  "VariancePreservingConditionalFlowMatcher"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_output_dtypes_follow_pytorch_promotion(name, dtype):
+    # A 0-d tensor sigma does not widen the data (u_t came back fp64 beside fp32 data), nor
+    # does noise of another dtype widen I-CFM's u_t = x1 - x0.
+    orig = _torchcfm()
+    x0, x1, t = torch.randn(4, 3).to(dtype), torch.randn(4, 3).to(dtype), torch.rand(4)
+    for sigma in (torch.tensor(0.25, dtype=torch.float64), torch.tensor(0.25), 0.25):
+        want = _seeded(getattr(orig, name)(sigma=sigma).sample_location_and_conditional_flow,
+                       x0, x1, t=t)
+        got = _seeded(getattr(compat, name)(sigma=sigma).sample_location_and_conditional_flow,
+                      x0, x1, t=t)
+        assert [x.dtype for x in got] == [x.dtype for x in want]
+
+    class Wide(getattr(compat, name)):
+        def sample_noise_like(self, x):
+            return torch.randn_like(x, dtype=torch.float64)
+
+    class WideOriginal(getattr(orig, name)):
+        def sample_noise_like(self, x):
+            return torch.randn_like(x, dtype=torch.float64)
+
+    want = _seeded(WideOriginal(0.1).sample_location_and_conditional_flow, x0, x1, t=t)
+    got = _seeded(Wide(0.1).sample_location_and_conditional_flow, x0, x1, t=t)
+    assert [x.dtype for x in got] == [x.dtype for x in want]

@@ -79,8 +79,11 @@ def test_ddp_matches_one_process(tmp_path):
 
 
 SAMPLE_BATCH = 7   # shards of 3 and 4 samples
-SAMPLE_OPTIONS = dict(steps=6, method="euler", stochastic=True, noise_seed=11,
-                      guidance_scale=torch.linspace(1, 3, SAMPLE_BATCH))
+SAMPLE_OPTIONS = dict(steps=6, method="euler", stochastic=True, noise_seed=11)
+# A per-sample guidance scale in each form the sampler takes; each is cut to the rank's shard.
+SCALES = {"tensor": torch.linspace(1, 3, SAMPLE_BATCH),
+          "list": torch.linspace(1, 3, SAMPLE_BATCH).tolist(),
+          "callable": lambda t: (1 + t) * torch.linspace(1, 3, SAMPLE_BATCH)}
 
 
 def _sampling_inputs():
@@ -104,8 +107,9 @@ def _sample_worker(rank, port, out_path):
     try:
         x0, y = _sampling_inputs()
         with torch.no_grad():
-            out = fastflow.sample_distributed(_Conditioned(_model()), x0, model_kwargs={"y": y},
-                                              uncond_kwargs={}, **SAMPLE_OPTIONS)
+            out = {form: fastflow.sample_distributed(
+                _Conditioned(_model()), x0, model_kwargs={"y": y}, uncond_kwargs={},
+                guidance_scale=scale, **SAMPLE_OPTIONS) for form, scale in SCALES.items()}
         torch.save(out, f"{out_path}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -115,9 +119,10 @@ def test_sample_distributed_matches_one_process(tmp_path):
     out_path = tmp_path / "sample.pt"
     mp.spawn(_sample_worker, args=(_free_port(), str(out_path)), nprocs=WORLD, join=True)
     x0, y = _sampling_inputs()
-    with torch.no_grad():
-        want = fastflow.sample(_Conditioned(_model()), x0, model_kwargs={"y": y}, uncond_kwargs={},
-                               **SAMPLE_OPTIONS)
-    for rank in range(WORLD):
-        got = torch.load(f"{out_path}.{rank}")
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for form, scale in SCALES.items():
+        with torch.no_grad():
+            want = fastflow.sample(_Conditioned(_model()), x0, model_kwargs={"y": y},
+                                   uncond_kwargs={}, guidance_scale=scale, **SAMPLE_OPTIONS)
+        for rank in range(WORLD):
+            got = torch.load(f"{out_path}.{rank}")[form]
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -67,3 +67,15 @@ def test_reductions_and_errors():
         fastflow.flow_map_loss(model, x0, x1, 0.5, path="constant_noise")
     with pytest.raises(ValueError, match="model output: expected shape"):
         fastflow.flow_map_loss(lambda x, s, t: x[:, :2], x0, x1, 0.5)
+    # Every term checks the map's output, not only the match term: the passes would pair a
+    # transposed output's elements by position.
+    x0, x1 = torch.randn(2, 2, 3), torch.randn(2, 2, 3)
+    for weights in (dict(match_weight=0.0), dict(match_weight=0.0, consistency_weight=0.0)):
+        with pytest.raises(ValueError, match=r"model output: expected shape \(2, 2, 3\)"):
+            fastflow.flow_map_loss(lambda x, s, t: x.transpose(1, 2), x0, x1, 0.5, **weights)
+        with pytest.raises(TypeError, match="model output: expected dtype torch.float32"):
+            fastflow.flow_map_loss(lambda x, s, t: x.double(), x0, x1, 0.5, **weights)
+    with pytest.raises(ValueError, match=r"s: expected a scalar, shape \[2\]"):
+        fastflow.flow_map_loss(model, x0, x1, 0.5, s=torch.rand(3))
+    with pytest.raises(TypeError, match="u: expected a floating-point tensor"):
+        fastflow.flow_map_loss(model, x0, x1, 0.5, u=torch.ones(2, dtype=torch.long))

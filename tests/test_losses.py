@@ -468,3 +468,15 @@ def test_a_loss_in_inference_or_fake_mode_leaves_training_working():
     assert pred.grad is not None and tt.grad is not None and layer.weight.grad is not None
     assert torch.isfinite(fastflow.flow_matching_loss(torch.randn(5, 3), torch.randn(5, 3),
                                                       torch.randn(5, 3), torch.rand(5)))
+
+
+def test_the_references_take_an_empty_batch():
+    # The oracles reshaped to [0, -1], which PyTorch refuses.
+    x, t = torch.randn(0, 3), torch.rand(0)
+    for reduction, want in (("none", torch.empty(0)), ("sum", torch.tensor(0.0))):
+        torch.testing.assert_close(reference_loss(x, x, x, t, reduction=reduction), want)
+        torch.testing.assert_close(fastflow.flow_matching_loss(x, x, x, t, reduction=reduction),
+                                   want)
+        torch.testing.assert_close(
+            fastflow.reference.flow_map_loss(lambda x, s, t: x, x, x, t, reduction=reduction),
+            want)

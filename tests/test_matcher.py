@@ -126,6 +126,13 @@ def test_sigma_selects_the_noisy_path():
         fastflow.FlowMatcher("cosine", sigma=0.1)
     with pytest.raises(ValueError, match="sigma: give the noise level to the Path"):
         fastflow.FlowMatcher(paths.CondOT(), sigma=0.1)
+    # An explicit 0 is a noise level, not the default: cond_ot stays CondOT, the others take it.
+    assert type(fastflow.FlowMatcher(sigma=0.0).path) is paths.CondOT
+    assert fastflow.FlowMatcher("schrodinger_bridge").path.sigma == 1.0    # the path's default
+    assert fastflow.FlowMatcher("target_cfm", sigma=0).path.sigma_min == 0.0
+    assert type(fastflow.FlowMatcher("cosine", sigma=0.0).path) is paths.Cosine
+    with pytest.raises(ValueError, match="sigma"):   # was SchrodingerBridge(1.0), silently
+        fastflow.FlowMatcher("schrodinger_bridge", sigma=0.0)
 
 
 def test_compiled_training_step():

@@ -181,6 +181,15 @@ BAD_ARGUMENTS = [
     (paths.ConstantNoise, {"sigma": -0.1}, ValueError, "ConstantNoise: sigma must be >= 0"),
     (paths.SchrodingerBridge, {"sigma": 0.0}, ValueError, "SchrodingerBridge: sigma must be pos"),
     (paths.SchrodingerBridge, {"sigma": -1.0}, ValueError, "SchrodingerBridge: sigma must be pos"),
+    # Infinite parameters would give nan and inf coefficients without a word.
+    (paths.Polynomial, {"n": float("inf")}, ValueError, "Polynomial: n must be finite"),
+    (paths.VP, {"beta_max": float("inf")}, ValueError, "VP: beta_max must be finite"),
+    (paths.ConstantNoise, {"sigma": float("inf")}, ValueError, "ConstantNoise: sigma must be fin"),
+    (paths.SchrodingerBridge, {"sigma": float("inf")}, ValueError, "SchrodingerBridge: sigma must be f"),
+    (paths.CondOT, {"sigma_min": float("nan")}, ValueError, "CondOT: sigma_min must be finite"),
+    (paths.CondOT, {"sigma_min": "0.1"}, TypeError, "CondOT: sigma_min must be a number, got str"),
+    (paths.SchrodingerBridge, {"sigma": "1"}, TypeError, "SchrodingerBridge: sigma must be a num"),
+    (paths.VP, {"beta_min": None}, TypeError, "VP: beta_min must be a number"),
 ]
 
 

@@ -97,7 +97,7 @@ def _fused(streams, rows):
                              f"{ref_name}), got {tuple(x.shape)} on {x.device}; fastflow's fused "
                              f"kernels do not broadcast")
     per_sample = [c for row in rows for c in row.values() if isinstance(c, torch.Tensor)]
-    dtype = functools.reduce(torch.promote_types, [x.dtype for x in xs + per_sample])
+    dtype = _result_dtype(xs, per_sample)
     if not dtype.is_floating_point or dtype.is_complex:
         raise TypeError(f"{ref_name}: expected floating-point tensors, got {dtype}")
     batch = ref.shape[0]
@@ -110,6 +110,19 @@ def _fused(streams, rows):
                                      len(names), batch, _ops.math_dtype(dtype), ref.device,
                                      backend)
     return _ops.affine([x if x.dtype == dtype else x.to(dtype) for x in xs], coeffs, backend)
+
+
+def _result_dtype(streams, coefficients):
+    """The dtype PyTorch gives an expression over these streams and coefficient tensors: a
+    0-d tensor (a tensor sigma, say) does not widen tensors with dimensions."""
+    dims = [x.dtype for x in streams] + [c.dtype for c in coefficients if c.dim() > 0]
+    return functools.reduce(torch.promote_types, dims)
+
+
+def _row_dtype(streams, row):
+    """The dtype of one output of `_fused(streams, [row])`."""
+    return _result_dtype([x for name, x in streams.items() if name in row],
+                         [c for c in row.values() if isinstance(c, torch.Tensor)])
 
 
 class ConditionalFlowMatcher:
@@ -207,12 +220,14 @@ class ConditionalFlowMatcher:
 
     def _xt_and_ut(self, x0, x1, t, eps):
         """Both in one pass over (x0, x1, epsilon): u_t here does not read x_t."""
-        if isinstance(t, torch.Tensor) and torch.result_type(t, x1) != x1.dtype:
-            # A t that promotes x_t (fp64 t, fp32 data) but not I-CFM's u_t = x1 - x0: one pass
-            # computes in one dtype, so keep torchcfm's two results apart.
+        streams = {"x0": x0, "x1": x1, "epsilon": eps}
+        rows = [self._xt_row(t, x1), self._flow_row(pad_t_like_x(t, x1))]
+        if _row_dtype(streams, rows[0]) != _row_dtype(streams, rows[1]):
+            # Something that promotes x_t but not u_t (fp64 t or noise beside fp32 data, for
+            # I-CFM's u_t = x1 - x0): one pass computes in one dtype, so keep torchcfm's two
+            # results apart.
             return self._xt_then_ut(x0, x1, t, eps)
-        xt, ut = _fused({"x0": x0, "x1": x1, "epsilon": eps},
-                        [self._xt_row(t, x1), self._flow_row(pad_t_like_x(t, x1))])
+        xt, ut = _fused(streams, rows)
         return xt, self._scale_flow(ut)
 
 

@@ -1,4 +1,6 @@
 """Reference of fastflow.flow_map_loss, term by term in eager PyTorch."""
+from math import prod
+
 import torch
 
 from .._checks import batch_time
@@ -20,7 +22,8 @@ def flow_map_loss(model, x0, x1, t, s=None, u=None, path=None, match_weight=1.0,
         return (alpha.to(math) * x1.to(math) + sigma.to(math) * x0.to(math)).to(x1.dtype)
 
     def mean_square(a, b):
-        return ((a.to(math) - b.to(math)) ** 2).reshape(batch, -1).mean(dim=1)
+        squares = (a.to(math) - b.to(math)) ** 2
+        return squares.reshape(batch, prod(squares.shape[1:])).mean(dim=1)   # B = 0 too
 
     total = torch.zeros(batch, dtype=math, device=x1.device)
     if match_weight:

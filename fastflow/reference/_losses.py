@@ -1,4 +1,6 @@
 """Reference of fastflow.flow_matching_loss: build the target, then the eager MSE."""
+from math import prod
+
 import torch
 
 from .._checks import batch_time
@@ -22,7 +24,7 @@ def flow_matching_loss(pred, x0, x1, t, path=None, prediction="velocity", noise=
         sigma = path(batch_time(t, x1))[1].view(-1, *([1] * (x1.dim() - 1)))
         target = -x0.to(math) / sigma.to(math).clamp(min=1e-6)
     err = (pred.to(math) - target.to(math)) ** 2
-    per_sample = err.reshape(x1.shape[0], -1).mean(dim=1)
+    per_sample = err.reshape(len(err), prod(err.shape[1:])).mean(dim=1)   # B = 0 too
     if weight is not None:
         per_sample = per_sample * weight.to(math)
     if reduction == "none":

@@ -16,8 +16,8 @@ flow_matching (see each module for where they are bit-equal). The rest (Geodesic
 MixtureDiscreteProbPath, adaptive ODE methods, ``enable_grad=True``, ``compute_likelihood``,
 RiemannianODESolver, MixtureDiscreteEulerSolver) is flow_matching's own code, imported on first
 use (``pip install flow_matching``; its licence is CC BY-NC, and none of its code is copied
-here). fastflow's base classes are registered with flow_matching's once both are loaded, so
-isinstance checks hold across the two.
+here). fastflow's base classes are registered with flow_matching's as soon as both are loaded,
+whichever first, so isinstance checks hold across the two.
 
 The modules may also stand in for ``flow_matching.path``, ``flow_matching.path.scheduler`` and
 ``flow_matching.solver`` in ``sys.modules``; flow_matching's other submodules then still import
@@ -36,6 +36,47 @@ PEER = "flow_matching"
 
 def _ours(module):
     return getattr(module, "__name__", "").startswith("fastflow.")
+
+
+# flow_matching's modules that define base classes fastflow's are registered with (`_link`).
+_BASE_MODULES = frozenset({"flow_matching.path.path", "flow_matching.path.path_sample",
+                           "flow_matching.path.scheduler.scheduler", "flow_matching.solver.solver"})
+
+
+class _LinkingLoader:
+    """A module loader that runs `_link` once the module is executed, and otherwise is the
+    loader it wraps (source, code and file name for tracebacks and inspect)."""
+
+    def __init__(self, loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        _link(executed=module.__name__)
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
+def _linking(spec):
+    if spec is not None and spec.name in _BASE_MODULES and spec.loader is not None:
+        spec.loader = _LinkingLoader(spec.loader)
+    return spec
+
+
+class _BaseModuleFinder:
+    """Finds flow_matching's modules of base classes as the path finder would, with a loader
+    that registers fastflow's classes with them as soon as they load, whichever package was
+    imported first."""
+
+    @staticmethod
+    def find_spec(fullname, path=None, target=None):
+        if fullname not in _BASE_MODULES or not path:
+            return None
+        return _linking(importlib.machinery.PathFinder.find_spec(fullname, path, target))
 
 
 class _PeerSubmoduleFinder:
@@ -57,12 +98,14 @@ class _PeerSubmoduleFinder:
             where = os.path.join(base, *parts)
             spec = importlib.machinery.PathFinder.find_spec(fullname, [where])
             if spec is not None:
-                return spec
+                return _linking(spec)
         return None
 
 
 if not any(isinstance(f, _PeerSubmoduleFinder) for f in sys.meta_path):
     sys.meta_path.append(_PeerSubmoduleFinder())
+if not any(isinstance(f, _BaseModuleFinder) for f in sys.meta_path):
+    sys.meta_path.insert(0, _BaseModuleFinder())
 
 
 def delegating_getattr(module_name, names):
@@ -91,11 +134,17 @@ def _register(base, sub):
         base.register(sub)
 
 
-def _link():
-    """Register fastflow's classes with flow_matching's modules that are loaded (and genuine)."""
+def _link(executed=None):
+    """Register fastflow's classes with flow_matching's modules that are loaded (and genuine).
+    `executed`: a module whose code has just run, though the import system has not yet
+    marked it done."""
     def peer(name):
         module = sys.modules.get(name)
-        return None if module is None or _ours(module) else module
+        # Still executing (imported by another base module that is loading): its own loader
+        # links it when it is done.
+        initializing = name != executed and getattr(getattr(module, "__spec__", None),
+                                                    "_initializing", False)
+        return None if module is None or _ours(module) or initializing else module
 
     scheduler = peer("flow_matching.path.scheduler.scheduler")
     if scheduler is not None:
@@ -120,3 +169,6 @@ def _link():
 
         _register(ours.Solver, solver.Solver)
         _register(solver.Solver, ours.ODESolver)
+
+
+_link()   # flow_matching may have been imported first
