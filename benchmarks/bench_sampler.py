@@ -12,9 +12,13 @@ Three tables:
     mlp         full sampling of a 2-D MLP (3 x 256 hidden, batch 1024), 100 steps
     guidance    one guided Euler step x + h (v_u + w (v_c - v_u)) on an fp32 state with bf16
                 model outputs: fastflow's fused pass vs the eager arithmetic and torch.compile
+    noise       one step's noise of the stochastic sampler (fp32, batch 64): the fused kernel
+                vs the same formulas in PyTorch ops (fastflow.reference.gaussian) and
+                torch.compile of them; torch.randn_like, PyTorch's own (not counter-based)
+                generator, for scale
 
-Writes benchmarks/results/sampler_{overhead,mlp,guidance}_<device>_<allocator>.csv. On CUDA the
-sampler also runs with capture=True (the whole loop as one CUDA graph).
+Writes benchmarks/results/sampler_{overhead,mlp,guidance,noise}_<device>_<allocator>.csv. On
+CUDA the sampler also runs with capture=True (the whole loop as one CUDA graph).
 """
 import argparse
 import csv
@@ -201,6 +205,21 @@ def run_guidance(device, sizes):
     return rows
 
 
+def run_noise(device, sizes):
+    compiled = torch.compile(fastflow.reference.gaussian)
+    ids = torch.arange(64, device=device)
+    rows = []
+    for numel in sizes:
+        out = torch.empty(64, numel // 64, device=device)
+        variants = {"fused": lambda: fastflow._noise.gaussian(7, ids, 3, out.shape, out=out),
+                    "eager": lambda: fastflow.reference.gaussian(7, ids, 3, out.shape),
+                    "torch.compile": lambda: compiled(7, ids, 3, out.shape),
+                    "torch.randn_like": lambda: torch.randn_like(out)}
+        rows += common.measure(device, "fp32", numel, variants, out.nbytes,
+                               common.copy_bandwidth_gbps(device, out.nbytes))
+    return rows
+
+
 def _write(rows, name, device):
     path = os.path.join(common.RESULTS, f"{name}_{common.slug(device.type)}_"
                                         f"{common.slug(common.allocator_setting(device))}.csv")
@@ -229,8 +248,10 @@ def main():
         print(f"# 2-D MLP (3 x 256), batch 1024, {args.steps} steps")
         common.print_table(mlp, ["method", "solver", "total ms", "speedup vs ODESolver"])
         _write(mlp, "sampler_mlp", device)
-    guidance = run_guidance(device, [int(n) for n in args.sizes.split(",")])
+    sizes = [int(n) for n in args.sizes.split(",")]
+    guidance = run_guidance(device, sizes)
     common.report(guidance, "sampler_guidance", "guided Euler step", device)
+    common.report(run_noise(device, sizes), "sampler_noise", "stochastic sampler's noise", device)
 
 
 if __name__ == "__main__":
