@@ -75,6 +75,11 @@ class FourierEmbedding(nn.Module):
         self.flip_sin_to_cos = flip_sin_to_cos
 
     def forward(self, t, dtype=None):
+        """[B, dim] features of t [B], computed in fp32 (fp64 for fp64 t or W), in `dtype`; by
+        default in W's dtype when the module was cast to 16 bits (``.half()``), as diffusers'
+        GaussianFourierProjection then gives."""
+        if dtype is None and self.weight.dtype in (torch.float16, torch.bfloat16):
+            dtype = self.weight.dtype
         return embeddings.fourier_embedding(t, self.weight, log=self.log,
                                             flip_sin_to_cos=self.flip_sin_to_cos, dtype=dtype)
 

@@ -254,7 +254,8 @@ def coefficients(path, t, dtype, backend=None):
     without the 4 to 20 tiny tensor ops (kernel launches on a GPU) that cost more than the fused
     kernel itself on a small batch. The results are PyTorch's bits for the arithmetic paths
     (CondOT, Target-CFM, constant noise); where sqrt, sin, exp or pow come in, the libraries may
-    round differently by an ulp of float64 (csrc/paths_cpu.cpp says more)."""
+    round differently by an ulp of float64, which a cancelling difference (1 - t^n near t = 1)
+    can magnify to a few hundred float64 ulps (csrc/paths_cpu.cpp says more)."""
     native = _NATIVE.get(type(path))
     build = coefficient_builder(t, "path_coefficients", backend) if native is not None else None
     coeffs = build(t, *native(path), dtype) if build is not None else None

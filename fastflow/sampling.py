@@ -459,14 +459,17 @@ class Sampler:
         batch = x_init.shape[0]
         times = model_t.get(x_init.shape[0] * (2 if self.doubled_batch else 1),
                             _ops.math_dtype(x_init.dtype))
-        launch = _ops.affine_out_launcher(x_init.device, mixed_dtypes=True)
+        layout = _Layout(x_init)
+        launch = layout.launcher(_ops.affine_out_launcher(x_init.device, mixed_dtypes=True))
         # fp32 tables read streams of at most fp32: an fp64 output is narrowed to them.
         narrow = torch.float64 not in (x_init.dtype, state_dtype)
-        buf = {"x": x_init.to(state_dtype, memory_format=torch.contiguous_format, copy=True)}
+        # Every buffer in x_init's layout (empty_like keeps it), so a channels_last model
+        # reads and returns channels_last tensors that the passes stream as they are.
+        buf = {"x": layout.empty(x_init.shape, state_dtype).copy_(x_init)}
         buf["F"] = torch.empty_like(buf["x"])
         if not shared:
-            model_in = torch.empty((2 * batch if self.doubled_batch else batch, *x_init.shape[1:]),
-                                   dtype=x_init.dtype, device=x_init.device)
+            model_in = layout.empty((2 * batch if self.doubled_batch else batch, *x_init.shape[1:]),
+                                    x_init.dtype)
             buf.update(M=model_in, Mu=model_in[:batch], Mc=model_in[batch:])
             model_in[:batch].copy_(x_init)
             if self.doubled_batch:
@@ -496,7 +499,7 @@ class Sampler:
                     x_model = buf["M"]
                 t = times[i][j]
                 preds = self._predict(x_model, t, guided, uncond_kwargs, model_kwargs, batch,
-                                      narrow)
+                                      narrow, layout)
                 buf.update(preds)
                 g = None
                 if self.stochastic:
@@ -512,18 +515,24 @@ class Sampler:
         out = buf["x"].to(x_init.dtype, copy=True)
         return (out, trail) if trail is not None else out
 
-    def _predict(self, x, t, guided, uncond_kwargs, model_kwargs, batch, narrow):
-        """The model's output(s) for this stage: {"P"} or {"Pu", "Pc"}, contiguous, checked."""
+    def _predict(self, x, t, guided, uncond_kwargs, model_kwargs, batch, narrow, layout):
+        """The model's output(s) for this stage: {"P"} or {"Pu", "Pc"}, checked, in the
+        buffers' layout."""
         want = (batch, *x.shape[1:])
+
+        def call(**kwargs):
+            return layout.conform(_checked(self.model(x, t, **kwargs), want_all, narrow, x))
+
+        want_all = (2 * batch, *want[1:]) if self.doubled_batch else want
         if self.doubled_batch:
-            out = _checked(self.model(x, t, **model_kwargs), (2 * batch, *want[1:]), narrow, x)
+            out = call(**model_kwargs)
             if not guided:
                 return {"P": out[batch:]}
             return {"Pu": out[:batch], "Pc": out[batch:]}
-        cond = _checked(self.model(x, t, **model_kwargs), want, narrow, x)
+        cond = call(**model_kwargs)
         if not guided:
             return {"P": cond}
-        return {"Pu": _checked(self.model(x, t, **uncond_kwargs), want, narrow, x), "Pc": cond}
+        return {"Pu": call(**uncond_kwargs), "Pc": cond}
 
     def _replay(self, x_init, uncond_kwargs, model_kwargs, sample_ids):
         """Capture the loop as a CUDA graph on the first call for this signature, then replay."""
@@ -690,10 +699,10 @@ def _streams(outputs):
 
 
 def _checked(out, shape, narrow, model_input):
-    """The model's output, contiguous, after the checks that keep the fused pass in bounds (the
-    kernels check devices themselves); fp64 narrowed to fp32 where the tables are fp32; a copy
-    if it shares memory with the model's input (an identity or in-place model), which the pass
-    may overwrite before it reads the output there."""
+    """The model's output after the checks that keep the fused pass in bounds (the kernels
+    check devices themselves); fp64 narrowed to fp32 where the tables are fp32; a copy if it
+    shares memory with the model's input (an identity or in-place model), which the pass may
+    overwrite before it reads the output there."""
     if not isinstance(out, torch.Tensor) or out.shape != shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"model: expected an output of shape {shape}, got {got}")
@@ -704,7 +713,48 @@ def _checked(out, shape, narrow, model_input):
         out = out.float()
     elif out.untyped_storage().data_ptr() == model_input.untyped_storage().data_ptr():
         out = out.clone()
-    return out.contiguous()
+    return out
+
+
+class _Layout:
+    """The memory layout of the sampler's buffers: x_init's when it is dense with the batch
+    outermost (channels_last, say: ``_ops._flat_layout``), else contiguous. The passes stream
+    such buffers through contiguous [B, n] views of their memory."""
+
+    def __init__(self, x_init):
+        self.device = x_init.device
+        self.order = None   # the dimensions from outermost to innermost in memory
+        if _ops._flat_layout([x_init], 1):
+            self.order = sorted(range(x_init.dim()), key=lambda d: (-x_init.stride(d), d))
+
+    def empty(self, shape, dtype):
+        device = self.device
+        if self.order is None:
+            return torch.empty(shape, dtype=dtype, device=device)
+        return torch.empty_permuted(shape, self.order, dtype=dtype, device=device)
+
+    def strides(self, shape):
+        strides, step = [0] * len(shape), 1
+        for d in reversed(self.order):
+            strides[d] = step
+            step *= shape[d]
+        return tuple(strides)
+
+    def conform(self, x):
+        """x in this layout: itself when it is, else a copy."""
+        if self.order is None:
+            return x.contiguous()
+        if x.stride() == self.strides(x.shape) or x.numel() == 0:
+            return x
+        return self.empty(x.shape, x.dtype).copy_(x)
+
+    def launcher(self, launch):
+        """`launch` (inputs, coeffs, outputs) on the streams' contiguous views."""
+        if self.order is None:
+            return launch
+        flat = _ops._flat
+        return lambda inputs, coeffs, outputs: launch([flat(x) for x in inputs], coeffs,
+                                                      [flat(o) for o in outputs])
 
 
 def _host_grid(steps, time_grid, sigmas, reverse):

@@ -28,6 +28,10 @@ The legacy behaviour of the scheduler is kept on purpose, since models were tune
   too) by the resolution shift ``mu``; ``mu`` is ignored without it.
 * ``shift_terminal`` is tested for truth, so 0 means "off".
 * ``invert_sigmas`` (Mochi) returns 1 - sigmas followed by a final 1: an increasing sequence.
+
+Where diffusers would return NaN or complex values, a ValueError says why instead: a
+``shift_terminal`` stretch whose last shifted sigma is 1 (one step, say), a shift <= 0, a
+Karras grid with a negative end, a linear time shift with mu <= 0.
 """
 import math
 import numbers

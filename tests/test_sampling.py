@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fastflow
+from conftest import bits_equal
 from fastflow import reference, sampling
 
 METHODS = ["euler", "midpoint", "heun", "rk4", "rk4_38"]
@@ -245,6 +246,40 @@ def test_non_contiguous_and_channels_last_inputs():
     want = fastflow.sample(model, x0, steps=3, method="heun")
     for x in (x0.to(memory_format=torch.channels_last), x0.transpose(2, 3).contiguous().transpose(2, 3)):
         torch.testing.assert_close(fastflow.sample(model, x, steps=3, method="heun"), want)
+    strided = x0[:, :, ::2]   # not dense: the buffers are contiguous
+    torch.testing.assert_close(fastflow.sample(model, strided, steps=3, method="heun"),
+                               want[:, :, ::2])
+
+
+@pytest.mark.parametrize("options", [dict(method="heun"), dict(guidance_scale=2.0, doubled_batch=True),
+                                     dict(method="rk4", guidance_scale=2.0), dict(stochastic=True),
+                                     dict(state_dtype=torch.float64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_state(options, dtype):
+    # A channels_last x_init keeps its layout through the loop: the model reads channels_last
+    # inputs, its channels_last outputs are streamed as they are, the result comes back in
+    # that layout, and the numbers are those of the contiguous run, bit for bit.
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+    layouts = []
+
+    def model(x, t, y=0.0):
+        layouts.append(x.is_contiguous(memory_format=torch.channels_last))
+        return (conv(x.float()) * (1 - t[:, None, None, None]) + y).to(x.dtype)
+
+    uncond = {} if "guidance_scale" in options and not options.get("doubled_batch") else None
+    kwargs = {"y": 1.0} if uncond is not None else None
+    x0 = torch.randn(3, 4, 6, 5).to(dtype)
+    want = fastflow.sample(model, x0, steps=3, uncond_kwargs=uncond, model_kwargs=kwargs, **options)
+    layouts.clear()
+    x = x0.to(memory_format=torch.channels_last)
+    got = fastflow.sample(model, x, steps=3, uncond_kwargs=uncond, model_kwargs=kwargs, **options)
+    assert all(layouts) and got.is_contiguous(memory_format=torch.channels_last)
+    assert bits_equal(got.contiguous(), want)
+    # A model that returns contiguous tensors anyway: its outputs are copied into the layout.
+    contiguous = lambda x, t, **kw: model(x, t, **kw).contiguous()  # noqa: E731
+    got = fastflow.sample(contiguous, x, steps=3, uncond_kwargs=uncond, model_kwargs=kwargs, **options)
+    assert bits_equal(got.contiguous(), want)
 
 
 @pytest.mark.parametrize("options", [dict(guidance_scale=2.0, doubled_batch=True),
@@ -268,9 +303,14 @@ def test_the_model_gets_times_in_the_type_of_its_input():
     model = lambda x, t: (seen.append((x.dtype, t.dtype)), -x)[1]  # noqa: E731
     for state_dtype, x_dtype in [(torch.float64, torch.float32), (None, torch.bfloat16),
                                  (None, torch.float64), (torch.float32, torch.float64)]:
+        want = {(x_dtype, torch.float64 if x_dtype == torch.float64 else torch.float32)}
         seen.clear()
         fastflow.sample(model, torch.randn(2, 3, dtype=x_dtype), steps=2, state_dtype=state_dtype)
-        assert set(seen) == {(x_dtype, torch.float64 if x_dtype == torch.float64 else torch.float32)}
+        assert set(seen) == want
+        seen.clear()   # the reference loop alike (it gave fp64 x an fp32 t)
+        reference.sample(model, torch.randn(2, 3, dtype=x_dtype), [0.0, 0.5, 1.0],
+                         state_dtype=state_dtype or torch.float32)
+        assert set(seen) == want
 
 
 def test_a_list_grid_keeps_its_float64_digits():

@@ -6,8 +6,9 @@
                                     get_timestep_embedding
 
 Switch one import; the tensor work runs on fastflow's fused kernels. The original libraries are
-optional: each compat module imports its peer lazily, only where it delegates to it, and says
-what to install when it is missing.
+optional: the torchcfm and flow_matching drop-ins import their peer lazily, only where they
+delegate to it; the diffusers one on import (its scheduler subclasses diffusers'). Each says
+what to install when its peer is missing.
 """
 
 

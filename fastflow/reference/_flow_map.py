@@ -9,6 +9,10 @@ from ..paths import get_path
 
 def flow_map_loss(model, x0, x1, t, s=None, u=None, path=None, match_weight=1.0,
                   consistency_weight=1.0, identity_weight=1.0, reduction="mean", **model_kwargs):
+    """fastflow.flow_map_loss's terms, each the eager mean square it names: the match term
+    |phi(x0, 0, t) - x_t|^2, the consistency term |phi(phi(x_s, s, u), u, t) - phi(x_s, s, t)|^2
+    and the identity term |phi(x_t, t, t) - x_t|^2, x_s and x_t on `path`, weighted, summed per
+    sample and reduced. Differentiable in everything."""
     path = get_path(path)
     batch = x1.shape[0]
     math = torch.float64 if x1.dtype == torch.float64 else torch.float32

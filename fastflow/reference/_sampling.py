@@ -12,13 +12,15 @@ def sample(model, x_init, time_grid, method="euler", prediction="velocity", path
     """Integrate dx/dt = v(x, t) over the grid (a list of floats) with the method's tableau.
 
     The state is kept in `state_dtype`; the model sees it in x_init's dtype, with a [B] time
-    tensor (t, or 1 - t with time_convention="sigma", times time_scale). Its prediction of kind
+    tensor (t, or 1 - t with time_convention="sigma", times time_scale) in float32, float64 for
+    float64 x_init. Its prediction of kind
     `prediction` is guided (v_u + w (v_c - v_u), or CFG-Zero*'s projected form) and converted to
     a velocity (a "sigma"-convention velocity is dx/dsigma = -dx/dt)."""
     c, a, b = TABLEAUS[method]
     model_kwargs = model_kwargs or {}
     x = x_init.to(state_dtype)
     batch = x.shape[0]
+    time_dtype = torch.float64 if x_init.dtype == torch.float64 else torch.float32
     for i in range(len(time_grid) - 1):
         t, h = time_grid[i], time_grid[i + 1] - time_grid[i]
         guided = guidance_scale is not None and (
@@ -30,7 +32,8 @@ def sample(model, x_init, time_grid, method="euler", prediction="velocity", path
                 stage = stage + (h * a_jl) * ks[l]
             tau = t + c[j] * h
             model_t = (tau if time_convention == "t" else 1 - tau) * time_scale
-            pred = _guided(model, stage.to(x_init.dtype), torch.full((batch,), model_t, device=x.device),
+            pred = _guided(model, stage.to(x_init.dtype), torch.full((batch,), model_t, device=x.device,
+                                                           dtype=time_dtype),
                            guided, guidance_scale, uncond_kwargs, doubled_batch, cfg_zero_star,
                            model_kwargs).to(state_dtype)
             if i < zero_init_steps:
