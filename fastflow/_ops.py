@@ -300,18 +300,25 @@ def _sinusoid(t, freqs, scale, cos_first, dim, dtype):
     return out
 
 
-def _sinusoid_backward(grad, t, freqs, scale, cos_first, t_grad, freqs_grad):
+def _check_sinusoid_backward_args(grad, t, freqs):
     _check_sinusoid_args(t, freqs, grad.shape[-1] if grad.dim() == 2 else -1, grad.dtype)
     if grad.shape[0] != t.shape[0]:
         raise ValueError(f"fastflow sinusoid: grad must have {t.shape[0]} rows, got "
                          f"{list(grad.shape)}")
+
+
+def _sinusoid_backward(grad, t, freqs, scale, cos_first, t_grad, freqs_grad):
+    _check_sinusoid_backward_args(grad, t, freqs)
     kernels = _backends.kernels(_backends.select(t.device))
     return kernels.sinusoid_backward(grad.contiguous(), t.contiguous(), freqs.contiguous(), scale,
                                      cos_first, t_grad, freqs_grad)
 
 
-def _check_gaussian_args(ids, out):
+def _check_gaussian_args(ids, seed, out):
     """The checks of csrc/noise_cpu.cpp, for every backend."""
+    if not -2**63 <= seed < 2**63:
+        raise ValueError(f"fastflow gaussian: seed must be in [-2**63, 2**63) (a 64-bit two's "
+                         f"complement), got {seed}")
     if ids.dim() != 1 or ids.dtype != torch.int64:
         raise ValueError(f"fastflow gaussian: ids must be a 1-D int64 tensor, got {ids.dtype} of "
                          f"shape {list(ids.shape)}")
@@ -328,8 +335,8 @@ def _check_gaussian_args(ids, out):
 
 def _gaussian_out(ids, seed, step, out):
     kernels = _backends.kernels(_backends.select(out.device))
-    if not kernels.checks_args:
-        _check_gaussian_args(ids, out)
+    if not kernels.checks_args or not -2**63 <= seed < 2**63:   # pybind would say TypeError
+        _check_gaussian_args(ids, seed, out)
     # The noise is defined on each sample's elements in row-major order: fill a contiguous
     # buffer for any other layout.
     staged = out if out.is_contiguous() else torch.empty_like(
@@ -376,7 +383,7 @@ def _affine_sqnorm_fake(inputs, coeffs):
 
 @torch.library.register_fake("fastflow::gaussian_out")
 def _gaussian_out_fake(ids, seed, step, out):
-    _check_gaussian_args(ids, out)
+    _check_gaussian_args(ids, seed, out)
 
 
 @torch.library.register_fake("fastflow::sinusoid")
@@ -387,7 +394,7 @@ def _sinusoid_fake(t, freqs, scale, cos_first, dim, dtype):
 
 @torch.library.register_fake("fastflow::sinusoid_backward")
 def _sinusoid_backward_fake(grad, t, freqs, scale, cos_first, t_grad, freqs_grad):
-    _check_sinusoid_args(t, freqs, grad.shape[-1] if grad.dim() == 2 else -1, grad.dtype)
+    _check_sinusoid_backward_args(grad, t, freqs)
     return t.new_empty((t.shape[0] if t_grad else 0,)), freqs.new_empty(
         (freqs.shape[0] if freqs_grad else 0,))
 
@@ -606,13 +613,14 @@ class DeviceCache:
     frequencies, flow-map time grids), kept so that eager calls neither rebuild them nor copy
     them from the host every time. Bounded: a sweep over parameters empties it.
 
-    Neither read nor filled while something traces the call (a compiled graph computes the
-    values inline), a dispatch mode such as FakeTensorMode is active (its tensors have no
-    data), or a CUDA graph is being captured: a tensor first filled during capture holds its
-    value only in replays, and a cached one evicted later would leave the graph reading freed
-    memory. `build` then runs, and the graph records its ops. Under inference mode the entry
-    is built as a normal tensor: an inference tensor in the cache would break every later
-    call that autograd records ("Inference tensors cannot be saved for backward")."""
+    Neither read nor filled while something traces the call (torch.compile or torch.jit.trace:
+    the graph computes the values inline), a dispatch mode such as FakeTensorMode or a
+    torch.func transform is active (their tensors have no data of their own), or a CUDA graph
+    is being captured: a tensor first filled during capture holds its value only in replays,
+    and a cached one evicted later would leave the graph reading freed memory. `build` then
+    runs, and the graph records its ops. Under inference mode the entry is built as a normal
+    tensor: an inference tensor in the cache would break every later call that autograd
+    records ("Inference tensors cannot be saved for backward")."""
 
     def __init__(self, maxsize=64):
         self.maxsize = maxsize
@@ -620,7 +628,8 @@ class DeviceCache:
 
     def get(self, key, device, build):
         """The tensor for `key` (hashable, naming the device), from build() on `device`."""
-        if torch.compiler.is_compiling() or _dispatch_modes() or capturing(device):
+        if (_is_compiling() or _dispatch_modes() or _functorch_level() is not None
+                or _tracing_state() is not None or capturing(device)):
             return build()
         value = self._entries.get(key)
         if value is None:

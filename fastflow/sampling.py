@@ -366,7 +366,9 @@ class Sampler:
             key = self._cache_key(device, math, shared)
             plan = _PLANS.get(key) if key is not None else None
             if plan is None:
-                plan = self._build_plan(device, math, shared)
+                # Normal tensors even under inference mode: the plan outlives the call.
+                with torch.inference_mode(False):
+                    plan = self._build_plan(device, math, shared)
                 if key is not None:
                     if len(_PLANS) >= _PLAN_CACHE_SIZE:
                         del _PLANS[next(iter(_PLANS))]
@@ -616,9 +618,9 @@ class _TimeViews:
 
     def get(self, batch, dtype):
         if (batch, dtype) not in self.views:
-            table = self.table.to(dtype)
-            self.views[batch, dtype] = [[t.expand(batch) for t in row.unbind(0)]
-                                        for row in table.unbind(0)]
+            with torch.inference_mode(False):   # kept for later calls, as the plan
+                self.views[batch, dtype] = [[t.expand(batch) for t in row.unbind(0)]
+                                            for row in self.table.to(dtype).unbind(0)]
         return self.views[batch, dtype]
 
 

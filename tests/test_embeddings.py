@@ -338,3 +338,11 @@ def test_compiled_kernels_check_their_arguments():
         ext.sinusoid_cpu(t, f, 1.0, False, torch.empty(6, 4).t())
     with pytest.raises(RuntimeError, match="grad must be"):
         ext.sinusoid_backward_cpu(torch.empty(3, 6), t, f, 1.0, False, True, True)
+
+
+def test_meta_backward_checks_the_rows_as_the_kernels_do():
+    grad, t, freqs = torch.randn(2, 8), torch.rand(3), torch.rand(4)
+    for device in ("cpu", "meta"):
+        with pytest.raises(ValueError, match="grad must have 3 rows"):
+            torch.ops.fastflow.sinusoid_backward(grad.to(device), t.to(device), freqs.to(device),
+                                                 1.0, False, True, True)

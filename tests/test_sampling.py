@@ -656,3 +656,22 @@ def test_flow_map_sampler_gives_times_in_the_math_type():
         seen.clear()
         fastflow.sample_flow_map(phi, torch.zeros(2, 3, dtype=dtype), steps=2)
         assert seen == [(want, want)] * 2
+
+
+def test_a_plan_built_under_inference_mode_serves_autograd_later():
+    # The coefficient and time tables are cached across samplers: built under inference_mode
+    # they were inference tensors, and a model that differentiates inside (a guidance
+    # gradient) failed in every later run with the same options.
+    sampling._PLANS.clear()
+    w = torch.randn(4)
+
+    def model(x, t):
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_()
+            (g,) = torch.autograd.grad(((xg * w) * t[:, None]).sum(), xg)
+        return -g
+
+    x = torch.randn(3, 4)
+    with torch.inference_mode():
+        want = fastflow.Sampler(lambda x, t: -w * t[:, None], steps=3)(x)
+    torch.testing.assert_close(fastflow.Sampler(model, steps=3)(x), want)

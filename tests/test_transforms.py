@@ -141,3 +141,31 @@ def test_drop_in_solvers_hand_transforms_to_the_originals():
         step = scheduler.step(dual, scheduler.timesteps[0], dual).prev_sample
         dt = (scheduler.sigmas[1] - scheduler.sigmas[0]).double()
         torch.testing.assert_close(fwAD.unpack_dual(step).tangent, (1 + dt).expand_as(x))
+
+
+def test_a_transformed_call_leaves_the_device_caches_clean():
+    # The caches of constant rows and frequencies once kept the functorch-wrapped tensor a
+    # call under grad built: every later eager call then raised (no storage).
+    fastflow.losses._constant_rows.clear()
+    fastflow.embeddings._frequencies.clear()
+    x0, x1, pred, t = torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4), torch.rand(2)
+    torch.func.grad(fastflow.flow_matching_loss)(pred, x0, x1, t)
+    torch.func.grad(lambda s: fastflow.timestep_embedding(s, 8).sum())(t)
+    torch.testing.assert_close(fastflow.flow_matching_loss(pred, x0, x1, t),
+                               fastflow.reference.flow_matching_loss(pred, x0, x1, t))
+    torch.testing.assert_close(fastflow.timestep_embedding(t, 8),
+                               fastflow.reference.timestep_embedding(t, 8))
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:DeprecationWarning")
+def test_jit_trace_with_cold_caches():
+    # The first traced run recorded the cache's build, the check run read the cached constant:
+    # "Graphs differed across invocations".
+    fastflow.embeddings._frequencies.clear()
+    fastflow.losses._constant_rows.clear()
+    t = torch.rand(4)
+    traced = torch.jit.trace(fastflow.nn.TimestepEmbedder(32, 16), (t,))
+    assert traced(t).shape == (4, 32)
+    args = (torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4), torch.rand(3))
+    torch.jit.trace(lambda p, a, b, s: fastflow.flow_matching_loss(p, a, b, s), args)
