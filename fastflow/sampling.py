@@ -98,7 +98,8 @@ class Sampler:
         guidance_interval: (t_lo, t_hi): guide only the steps starting inside it; the others
             use the conditional prediction alone (and skip the unconditional call, unless the
             batch is doubled).
-        zero_init_steps: CFG-Zero*'s zero init: the first steps use a zero prediction.
+        zero_init_steps: CFG-Zero*'s zero init: the first steps use a zero prediction (the
+            model is not called for them, so a model singular at the start is never read).
         stochastic: re-noise after every Euler step instead of following the ODE: with x1^
             the data estimate of (x, v) on `path`, x' = alpha_t' x1^ + sigma_t' eps (on CondOT,
             x1^ = x + (1 - t) v and x' = t' x1^ + (1 - t') eps); increasing grids, Euler.
@@ -487,6 +488,7 @@ class Sampler:
         if self.stochastic:
             ids = _sample_ids(sample_ids, batch, x_init.device)
             buf["E"] = torch.empty_like(buf["x"])
+        zeros = None   # the prediction of CFG-Zero*'s first steps
         trail = None
         if self.return_intermediates:
             trail = torch.empty((steps + 1, *x_init.shape), dtype=x_init.dtype, device=x_init.device)
@@ -499,9 +501,14 @@ class Sampler:
                     x_model = buf["x"] if j == 0 else buf["S"]
                 else:
                     x_model = buf["M"]
-                t = times[i][j]
-                preds = self._predict(x_model, t, guided, uncond_kwargs, model_kwargs, batch,
-                                      narrow, layout)
+                if i < self.zero_init_steps:
+                    # Zeros, not the model's output times 0: a NaN there would stay NaN.
+                    if zeros is None:
+                        zeros = layout.empty((batch, *x_init.shape[1:]), x_init.dtype).zero_()
+                    preds = {"Pu": zeros, "Pc": zeros} if guided else {"P": zeros}
+                else:
+                    preds = self._predict(x_model, times[i][j], guided, uncond_kwargs,
+                                          model_kwargs, batch, narrow, layout)
                 buf.update(preds)
                 g = None
                 if self.stochastic:

@@ -675,3 +675,19 @@ def test_a_plan_built_under_inference_mode_serves_autograd_later():
     with torch.inference_mode():
         want = fastflow.Sampler(lambda x, t: -w * t[:, None], steps=3)(x)
     torch.testing.assert_close(fastflow.Sampler(model, steps=3)(x), want)
+
+
+@pytest.mark.parametrize("method", ["euler", "heun", "rk4"])
+def test_zero_init_steps_never_read_the_model(method):
+    # CFG-Zero*'s first steps use a zero prediction: a model singular at t = 0 (log-t Fourier
+    # features) made the whole sample NaN when its output was multiplied by 0 instead.
+    W = torch.randn(8)
+    model = lambda x, t, y=0.0: (-x + y  # noqa: E731
+                                 + fastflow.fourier_embedding(t, W, log=True).mean(1, keepdim=True))
+    x, grid = torch.randn(2, 3), [0.0, 0.25, 0.5, 0.75, 1.0]
+    for options in (dict(), dict(guidance_scale=3.0, doubled_batch=True)):
+        got = fastflow.sample(model, x, time_grid=grid, method=method, zero_init_steps=1,
+                              guidance="cfg_zero_star", **options)
+        want = reference.sample(model, x, grid, method=method, zero_init_steps=1,
+                                cfg_zero_star=True, **options)
+        assert torch.isfinite(got).all() and _scaled_error(got, want) < 1e-6
