@@ -235,6 +235,16 @@ def _affine_out(inputs, coeffs, out, name=None):
     for o, buf in zip(out, staged):
         if buf is not o:
             o.copy_(buf)
+    _written(out)
+
+
+def _written(tensors):
+    """Bump the version counters of tensors a kernel wrote in place, as PyTorch's in-place ops
+    do: autograd then refuses a backward that saved one of them before the write, instead of
+    reading the new values as if they were the old."""
+    for x in tensors:
+        if not x.is_inference():
+            _increment_version(x)
 
 
 def _writable_in_place(out, inputs, last):
@@ -344,6 +354,7 @@ def _gaussian_out(ids, seed, step, out):
     kernels.gaussian(ids.contiguous(), seed, step, staged)
     if staged is not out:
         out.copy_(staged)
+    _written([out])
 
 
 # Each op's kernel: registered for every device, and called directly by `_call` when the
@@ -567,6 +578,7 @@ _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _functorch_level = torch._C._functorch.peek_interpreter_stack
 _tracing_state = torch._C._get_tracing_state
+_increment_version = torch.autograd.graph.increment_version
 _profiling = torch._C._autograd._profiler_enabled
 _forward_ad = torch.autograd.forward_ad
 

@@ -26,7 +26,9 @@ def interpolate(x0, x1, t, path=None, noise=None, out=None):
             element) must not overlap (ValueError): buf[0] and buf[1] of one buffer are fine;
             the same tensor twice, or buf[:, :n] and buf[:, n:], are not.
             Not differentiable, like every ``out=`` in PyTorch: with grad mode on, no input nor
-            output may require grad (RuntimeError).
+            output may require grad (RuntimeError). The writes bump the buffers' version
+            counters, as in-place ops do: a backward that saved a buffer before it was
+            refilled raises instead of using the new values.
 
     Returns:
         (x_t, u_t), each shaped and typed like x1.

@@ -203,6 +203,25 @@ def test_out_requiring_grad_is_refused_in_grad_mode(backend, which, kind):
     assert torch.equal(got[which], fastflow.interpolate(x0, x1, t)[which])
 
 
+def test_out_bumps_the_version_of_what_it_writes(backend):
+    # As PyTorch's in-place ops: a buffer that autograd saved and out= then rewrote makes the
+    # backward raise, instead of differentiating with the new values (silently wrong gradients
+    # when one step filled the same buffers twice, on the cpu and triton backends).
+    x0, x1, t, _ = _make((8, 3), torch.float32, backend, paths.CondOT())
+    w = torch.randn(3, device=backend, requires_grad=True)
+    buf = (torch.empty_like(x1), torch.empty_like(x1))
+    x_t, _ = fastflow.interpolate(x0, x1, t, out=buf)
+    loss = (x_t * w).sum()                       # saves x_t, which is buf[0]
+    versions = [b._version for b in buf]
+    fastflow.interpolate(x1, x0, t, out=buf)
+    assert all(b._version > v for b, v in zip(buf, versions))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    with torch.inference_mode():                 # inference tensors have no version to bump
+        out = (torch.empty_like(x1), torch.empty_like(x1))
+        fastflow.interpolate(x0, x1, t, out=out)
+
+
 def test_channels_last_in_channels_last_out(backend):
     """As PyTorch's elementwise ops: the outputs keep the inputs' layout (eager, and traced:
     the fake kernel gives the same strides), CondOT's bits are the eager formula's."""

@@ -69,8 +69,10 @@ def test_any_layout_of_out_holds_the_row_major_values(backend):
     ids = torch.arange(4, device=backend)
     want = _noise.gaussian(9, ids, 1, (4, 3, 5, 6))
     out = torch.empty(4, 3, 5, 6, device=backend).to(memory_format=torch.channels_last)
+    version = out._version
     fastflow._ops.gaussian_out(ids, 9, 1, out)
     assert out.is_contiguous(memory_format=torch.channels_last) and bits_equal(out, want)
+    assert out._version > version   # written in place, as autograd must know
 
 
 def test_opcheck_and_compile():
