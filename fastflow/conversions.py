@@ -78,6 +78,12 @@ def _conversion_rows(path, t, src, dst, eps, dtype, backend=None):
     return conversion_coefficients(path, formula_time(t), src, dst, eps).to(dtype)
 
 
+# The kinds whose conversion row never reads x_t (an exact 0 there): they stream pred alone, so
+# a non-finite x_t does not become NaN through 0 * inf, as the formula would not read it.
+_PRED_ONLY = {("data", "data"), ("epsilon", "epsilon"), ("epsilon", "score"),
+              ("score", "epsilon"), ("score", "score")}
+
+
 def convert(pred, x_t, t, path=None, src="epsilon", dst="velocity", eps=DIVISOR_EPS):
     """Convert a prediction of kind `src` at (x_t, t) into kind `dst`, in one fused pass.
 
@@ -114,5 +120,8 @@ def convert(pred, x_t, t, path=None, src="epsilon", dst="velocity", eps=DIVISOR_
     t = batch_time(t, pred, keep_type=True)
     backend = _ops.direct_backend((x_t, pred, t))
     coeffs = _conversion_rows(path, t, src, dst, eps, _ops.math_dtype(pred.dtype), backend)
-    (out,) = _ops.affine([x_t, pred], coeffs, backend)
+    if (src, dst) in _PRED_ONLY:
+        (out,) = _ops.affine([pred], coeffs[:, :, 1:], backend)
+    else:
+        (out,) = _ops.affine([x_t, pred], coeffs, backend)
     return out

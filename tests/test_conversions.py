@@ -198,3 +198,17 @@ class TestBadInput:
     def test_mismatched_x_t(self):
         with pytest.raises(ValueError, match="x_t: expected shape"):
             fastflow.convert(torch.randn(2, 3), torch.randn(2, 4), 0.5)
+
+
+@pytest.mark.parametrize("src,dst", [("data", "data"), ("epsilon", "epsilon"),
+                                     ("epsilon", "score"), ("score", "epsilon"),
+                                     ("score", "score")])
+def test_rows_that_never_read_x_t_ignore_its_non_finite_values(backend, src, dst):
+    # 0 * inf is NaN: streaming x_t with its exact-zero coefficient turned a NaN or inf in it
+    # into NaN outputs, where the formula (and the reference) never reads x_t.
+    pred = torch.randn(2, 3, device=backend)
+    x_t = torch.tensor([[float("nan"), float("inf"), 1.0]] * 2, device=backend)
+    got = fastflow.convert(pred, x_t, 0.5, path="cosine", src=src, dst=dst)
+    want = fastflow.reference.convert(pred, x_t, 0.5, path="cosine", src=src, dst=dst)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want)
