@@ -45,13 +45,21 @@ def check_outputs(outs, names, ref, ref_name, inputs):
     traces the call only the same tensor passed twice is caught: the tracer cannot read
     addresses."""
     grad = torch.is_grad_enabled()
+    compiling = torch.compiler.is_compiling()   # the tracer knows no inference tensors
+    inference = compiling or torch.is_inference_mode_enabled()
     for o, name in zip(outs, names):
         check_like(o, ref, name, ref_name)
         if grad and o.requires_grad:
             raise _not_differentiable(name)
+        if not inference and o.is_inference():   # PyTorch's rule for every in-place write
+            raise RuntimeError(f"{name}: an inference tensor (made under torch.inference_mode) "
+                               f"cannot be written outside inference mode")
+        if any(stride == 0 and size > 1 for size, stride in zip(o.shape, o.stride())):
+            raise ValueError(f"{name}: an expanded tensor (a stride of 0) would have several "
+                             f"elements written to one memory location; expected a tensor "
+                             f"with memory of its own, e.g. torch.empty_like(x1)")
     if grad and any(x.requires_grad for x in inputs):
         raise _not_differentiable("an input")
-    compiling = torch.compiler.is_compiling()
     for i in range(1, len(outs)):
         for j in range(i):
             if outs[i] is outs[j] or (not compiling and _overlap(outs[i], outs[j])):

@@ -231,11 +231,13 @@ def _affine_out(inputs, coeffs, out, name=None):
         inputs, out = [_flat(x) for x in inputs], [_flat(o) for o in out]
     staged = [o if _writable_in_place(o, inputs, last=m == len(out) - 1) else torch.empty_like(
         o, memory_format=torch.contiguous_format) for m, o in enumerate(out)]
-    _launch(name, inputs, coeffs, staged)
-    for o, buf in zip(out, staged):
-        if buf is not o:
-            o.copy_(buf)
-    _written(out)
+    try:
+        _launch(name, inputs, coeffs, staged)
+        for o, buf in zip(out, staged):
+            if buf is not o:
+                o.copy_(buf)
+    finally:   # even a failed call may have written some of them
+        _written(out)
 
 
 def _written(tensors):

@@ -688,3 +688,19 @@ def test_embedding_bad_input_errors():
     with pytest.raises(ValueError, match="max_period"):
         compat.get_timestep_embedding(t, 8, max_period=0)
     assert math.isfinite(compat.get_timestep_embedding(t, 8).abs().max().item())
+
+
+def test_a_pipeline_under_inference_mode():
+    # Pipelines run whole under torch.inference_mode, set_timesteps included: its tensors are
+    # then inference tensors, which have no version counter to watch (it raised).
+    results = []
+    for cls in (Original, Fast):
+        s = cls(shift=3.0)
+        with torch.inference_mode():
+            s.set_timesteps(6)
+            results.append(_loop(s, torch.float32, _noise(torch.float32)))
+    assert bits_equal(results[1], results[0])
+    s = Fast(shift=3.0)
+    with torch.inference_mode():
+        s.set_timesteps(6)
+    assert bits_equal(_loop(s, torch.float32, _noise(torch.float32)), results[0])

@@ -1,8 +1,5 @@
 """2 CPU processes with gloo: FlowMatcher under DistributedDataParallel trains exactly as one
 process on the global batch, and sample_distributed samples exactly as one process."""
-import os
-import socket
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -48,9 +45,15 @@ def _train(model, rows):
     return first
 
 
-def _worker(rank, port, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _join(rank, rendezvous):
+    """Join the gloo group through a file, not a TCP port: a free port picked beforehand can be
+    taken by another process (a second test run on the machine) before the ranks bind it."""
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=WORLD)
+
+
+def _worker(rank, rendezvous, out_path):
+    _join(rank, rendezvous)
     try:
         model = DistributedDataParallel(_TimeConditioned(_model()))
         grads = _train(model, slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD))
@@ -60,15 +63,9 @@ def _worker(rank, port, out_path):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_matches_one_process(tmp_path):
     out_path = tmp_path / "rank0.pt"
-    mp.spawn(_worker, args=(_free_port(), str(out_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(out_path)), nprocs=WORLD, join=True)
     distributed = torch.load(out_path)
     model = _TimeConditioned(_model())
     grads = _train(model, slice(None))
@@ -101,9 +98,8 @@ class _Conditioned(torch.nn.Module):
         return out if y is None else out + y
 
 
-def _sample_worker(rank, port, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _sample_worker(rank, rendezvous, out_path):
+    _join(rank, rendezvous)
     try:
         x0, y = _sampling_inputs()
         with torch.no_grad():
@@ -117,7 +113,8 @@ def _sample_worker(rank, port, out_path):
 
 def test_sample_distributed_matches_one_process(tmp_path):
     out_path = tmp_path / "sample.pt"
-    mp.spawn(_sample_worker, args=(_free_port(), str(out_path)), nprocs=WORLD, join=True)
+    mp.spawn(_sample_worker, args=(str(tmp_path / "rendezvous"), str(out_path)), nprocs=WORLD,
+             join=True)
     x0, y = _sampling_inputs()
     for form, scale in SCALES.items():
         with torch.no_grad():

@@ -222,6 +222,19 @@ def test_out_bumps_the_version_of_what_it_writes(backend):
         fastflow.interpolate(x0, x1, t, out=out)
 
 
+def test_out_refuses_what_pytorch_refuses_before_writing(backend):
+    x0, x1, t, _ = _make((3, 4), torch.float32, backend, paths.CondOT())
+    other = torch.zeros_like(x1)
+    with torch.inference_mode():
+        frozen = torch.zeros_like(x1)
+    with pytest.raises(RuntimeError, match="out.0.: an inference tensor"):
+        fastflow.interpolate(x0, x1, t, out=(frozen, other))
+    expanded = torch.zeros(1, 4, device=backend).expand(3, 4)
+    with pytest.raises(ValueError, match=r"out\[0\]: an expanded tensor"):
+        fastflow.interpolate(x0, x1, t, out=(expanded, other))
+    assert not other.any() and not frozen.any()   # nothing written
+
+
 def test_channels_last_in_channels_last_out(backend):
     """As PyTorch's elementwise ops: the outputs keep the inputs' layout (eager, and traced:
     the fake kernel gives the same strides), CondOT's bits are the eager formula's."""

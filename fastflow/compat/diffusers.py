@@ -120,7 +120,7 @@ class FlowMatchEulerDiscreteScheduler(_diffusers_fm.FlowMatchEulerDiscreteSchedu
             self.timesteps = self.timesteps.to(device)
             self.sigmas = self.sigmas.to(device)
             self._ff_timesteps = self.timesteps
-            self._ff_timesteps_version = self.timesteps._version
+            self._ff_timesteps_version = _version(self.timesteps)
 
     def _remember_timesteps(self, host):
         """Record, for the CPU tensor `host` (which is, or equals, ``self.timesteps``), the index
@@ -137,7 +137,7 @@ class FlowMatchEulerDiscreteScheduler(_diffusers_fm.FlowMatchEulerDiscreteSchedu
             found = matches.get(value) if value == value else None
             index_of_position.append(None if not found else found[1 if len(found) > 1 else 0])
         self._ff_timesteps = self.timesteps
-        self._ff_timesteps_version = self.timesteps._version
+        self._ff_timesteps_version = _version(self.timesteps)
         self._ff_host_timesteps = host
         self._ff_index_of_position = index_of_position
 
@@ -147,7 +147,7 @@ class FlowMatchEulerDiscreteScheduler(_diffusers_fm.FlowMatchEulerDiscreteSchedu
         ts = self.timesteps
         if not isinstance(ts, torch.Tensor) or ts.dim() != 1:
             return None
-        if ts is not self._ff_timesteps or ts._version != self._ff_timesteps_version:
+        if ts is not self._ff_timesteps or _version(ts) != self._ff_timesteps_version:
             if ts.device.type != "cpu":
                 return None
             self._remember_timesteps(ts)  # replaced or edited in place by the caller, on the host
@@ -223,8 +223,8 @@ class FlowMatchEulerDiscreteScheduler(_diffusers_fm.FlowMatchEulerDiscreteSchedu
     def _tables(self):
         """The coefficient cache, emptied when ``self.sigmas`` was replaced or edited."""
         sigmas = self.sigmas
-        if sigmas is not self._ff_sigmas or sigmas._version != self._ff_sigmas_version:
-            self._ff_sigmas, self._ff_sigmas_version, self._ff_tables = sigmas, sigmas._version, {}
+        if sigmas is not self._ff_sigmas or _version(sigmas) != self._ff_sigmas_version:
+            self._ff_sigmas, self._ff_sigmas_version, self._ff_tables = sigmas, _version(sigmas), {}
         return self._ff_tables
 
     def _sum_coefficients(self, device):
@@ -287,6 +287,13 @@ class FlowMatchEulerDiscreteScheduler(_diffusers_fm.FlowMatchEulerDiscreteSchedu
         if not return_dict:
             return (prev_sample,)
         return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev_sample)
+
+
+def _version(tensor):
+    """The tensor's version counter, which in-place edits bump; None for an inference tensor
+    (made under torch.inference_mode, say by set_timesteps there), which has none: its edits
+    in place go unseen, its replacement does not."""
+    return None if tensor.is_inference() else tensor._version
 
 
 def _affine_out(inputs, coeffs, out):
