@@ -527,21 +527,20 @@ class Sampler:
     def _predict(self, x, t, guided, uncond_kwargs, model_kwargs, batch, narrow, layout):
         """The model's output(s) for this stage: {"P"} or {"Pu", "Pc"}, checked, in the
         buffers' layout."""
-        want = (batch, *x.shape[1:])
+        want = (2 * batch if self.doubled_batch else batch, *x.shape[1:])
 
-        def call(**kwargs):
-            return layout.conform(_checked(self.model(x, t, **kwargs), want_all, narrow, x))
+        def call(kwargs):
+            return layout.conform(_checked(self.model(x, t, **kwargs), want, narrow, x))
 
-        want_all = (2 * batch, *want[1:]) if self.doubled_batch else want
         if self.doubled_batch:
-            out = call(**model_kwargs)
+            out = call(model_kwargs)
             if not guided:
                 return {"P": out[batch:]}
             return {"Pu": out[:batch], "Pc": out[batch:]}
-        cond = call(**model_kwargs)
+        cond = call(model_kwargs)
         if not guided:
             return {"P": cond}
-        return {"Pu": call(**uncond_kwargs), "Pc": cond}
+        return {"Pu": call(uncond_kwargs), "Pc": cond}
 
     def _replay(self, x_init, uncond_kwargs, model_kwargs, sample_ids):
         """Capture the loop as a CUDA graph on the first call for this signature, then replay."""
@@ -737,10 +736,9 @@ class _Layout:
             self.order = sorted(range(x_init.dim()), key=lambda d: (-x_init.stride(d), d))
 
     def empty(self, shape, dtype):
-        device = self.device
         if self.order is None:
-            return torch.empty(shape, dtype=dtype, device=device)
-        return torch.empty_permuted(shape, self.order, dtype=dtype, device=device)
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        return torch.empty_permuted(shape, self.order, dtype=dtype, device=self.device)
 
     def strides(self, shape):
         strides, step = [0] * len(shape), 1
