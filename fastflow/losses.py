@@ -50,8 +50,9 @@ def _constant_residual(path, prediction, x1, math, whole_batch):
     """The residual's coefficients (1, -target) in the math type when they do not depend on t:
     the noise and data targets of every path, the velocity of _CONSTANT_VELOCITY. One cached row,
     built on the device, so the commonest losses (rectified flow above all) build no
-    coefficients per call (nor convert t): [1, 1, 1 + K] when the whole batch is one group
-    (`whole_batch`), else a [B, 1, 1 + K] view of it. None when the rows vary with t."""
+    coefficients per call (nor convert t): [1, 1, k] over the k streams it reads (`_read`) when
+    the whole batch is one group (`whole_batch`), else a [B, 1, k] view of it. None when the
+    rows vary with t."""
     constant = prediction in ("epsilon", "data") or (
         prediction == "velocity" and type(path) in _CONSTANT_VELOCITY)
     if not constant:
@@ -60,9 +61,20 @@ def _constant_residual(path, prediction, x1, math, whole_batch):
     # parameters of our own paths (floats).
     kind = value_key(path) if prediction == "velocity" else path.uses_noise
     device = x1.device
-    row = _constant_rows.get((kind, prediction, math, device), device, lambda: _residual_coeffs(
-        target_coefficients(path, batch_time(0.0, x1), prediction), math))
+    row = _constant_rows.get((kind, prediction, math, device), device, lambda: _ops._take(
+        _residual_coeffs(target_coefficients(path, batch_time(0.0, x1), prediction), math), 2,
+        _read(prediction, [None] * (3 + path.uses_noise))))
     return row if whole_batch else row.expand(x1.shape[0], -1, -1)
+
+
+def _read(prediction, streams):
+    """The indices of the streams (pred, x0, x1[, noise]) that the residual reads. A noise,
+    data or score target reads one input, x0 (x1 for data): an exact-zero coefficient on the
+    others would turn an inf or NaN in them into NaN (0 * inf), where the formula never reads
+    them, and cost a stream."""
+    if prediction == "velocity":
+        return list(range(len(streams)))
+    return [0, 2 if prediction == "data" else 1]
 
 
 def _residual_coeffs(target, math):
@@ -127,12 +139,14 @@ def flow_matching_loss(pred, x0, x1, t, path=None, prediction="velocity", noise=
     # A loss that is one unweighted number of constant rows reduces the batch as one group: no
     # per-sample sums to fold, no [B] rows to expand.
     whole_batch = weight is None and reduction != "none" and x1.numel() > 0
+    read = _read(prediction, streams)
     residual = None if t_grad else _constant_residual(path, prediction, x1, math, whole_batch)
     if residual is None:
         # One group per sample; t unconverted for the path's builder.
         t = batch_time(t, x1, keep_type=True).expand(batch)
         target = target_coefficients(path, t, prediction, backend=None if t_grad else backend)
-        residual = _residual_coeffs(target, math)
+        residual = _ops._take(_residual_coeffs(target, math), 2, read)
+    streams = [streams[k] for k in read]
     if recording and backend is not None:
         return _recorded_loss(reduction, backend, residual, weight, streams)
     return weighted_mean_square(streams, residual, weight, reduction,

@@ -480,3 +480,24 @@ def test_the_references_take_an_empty_batch():
         torch.testing.assert_close(
             fastflow.reference.flow_map_loss(lambda x, s, t: x, x, x, t, reduction=reduction),
             want)
+
+
+@pytest.mark.parametrize("prediction,ignored", [("data", "x0"), ("epsilon", "x1"),
+                                                ("score", "x1")])
+def test_a_stream_the_target_ignores_is_not_read(backend, prediction, ignored):
+    # 0 * inf is NaN: streaming the ignored input with its exact-zero coefficient made the
+    # loss NaN where the formula (F.mse_loss against x1 or x0) is finite.
+    data = {name: torch.randn(2, 3, device=backend) for name in ("x0", "x1")}
+    data[ignored][0, 0] = float("inf")
+    data[ignored][1, 1] = float("nan")
+    pred = torch.randn(2, 3, device=backend, requires_grad=True)
+    t = torch.rand(2, device=backend) * 0.8 + 0.1
+    for reduction in ("mean", "none"):
+        got = fastflow.flow_matching_loss(pred, data["x0"], data["x1"], t, path="cosine",
+                                          prediction=prediction, reduction=reduction)
+        want = reference_loss(pred, data["x0"], data["x1"], t, path="cosine",
+                              prediction=prediction, reduction=reduction)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want)
+    got.sum().backward()
+    assert torch.isfinite(pred.grad).all()
