@@ -10,6 +10,7 @@
 #include "affine.h"
 #include "float_bits.h"
 #include "simd_clones.h"
+#include "sincos_poly.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -49,16 +50,9 @@ void sincos_fast(float t, const float* f, float scale, int64_t n, float* s, floa
     const int32_t q = static_cast<int32_t>(k);
     const float r = ((a - k * kPio2A) - k * kPio2B) - k * kPio2C;
     const float z = r * r;
-    const float sin_r =
-        ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * r + r;
-    const float cos_r =
-        ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z -
-        0.5f * z + 1.0f;
-    const uint32_t odd = mask_if(q & 1);
-    const uint32_t sin_bits = select(odd, f32_bits(cos_r), f32_bits(sin_r));
-    const uint32_t cos_bits = select(odd, f32_bits(sin_r), f32_bits(cos_r));
-    s[j] = f32_from_bits(sin_bits ^ (static_cast<uint32_t>(q & 2) << 30));
-    c[j] = f32_from_bits(cos_bits ^ (static_cast<uint32_t>((q + 1) & 2) << 30));
+    const float sin_r = sin_poly(r, z), cos_r = cos_poly(z);
+    s[j] = sin_of_quadrant(q, sin_r, cos_r);
+    c[j] = cos_of_quadrant(q, sin_r, cos_r);
   }
 }
 

@@ -8,6 +8,7 @@
 #include "affine.h"
 #include "float_bits.h"
 #include "simd_clones.h"
+#include "sincos_poly.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -65,20 +66,14 @@ inline float log_positive(float u) {
   return (x + y) + 0.693359375f * e;
 }
 
-// cos(2 pi u) for u in [0, 1]: u less its nearest quarter turn k / 4 (exact), Cephes' sin and
-// cos polynomials on the remainder, then the quadrant.
+// cos(2 pi u) for u in [0, 1]: u less its nearest quarter turn k / 4 (exact), the sin and cos
+// polynomials on the remainder, then the quadrant.
 inline float cos_two_pi(float u) {
   const float k = (4.0f * u + 12582912.0f) - 12582912.0f;
   const int32_t q = static_cast<int32_t>(k);
   const float x = (u - k * 0.25f) * 6.283185307179586f;
   const float z = x * x;
-  const float sin_x = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * x + x;
-  const float cos_x =
-      ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z -
-      0.5f * z + 1.0f;
-  // cos(x + q pi/2) = (cos x, -sin x, -cos x, sin x)[q mod 4]
-  const uint32_t base = select(mask_if(q & 1), f32_bits(sin_x), f32_bits(cos_x));
-  return f32_from_bits(base ^ (static_cast<uint32_t>((q + 1) & 2) << 30));
+  return cos_of_quadrant(q, sin_poly(x, z), cos_poly(z));
 }
 
 // z[j] for the elements first, ..., first + n - 1 of a sample with this key.

@@ -326,11 +326,15 @@ def _sinusoid_backward(grad, t, freqs, scale, cos_first, t_grad, freqs_grad):
                                      cos_first, t_grad, freqs_grad)
 
 
-def _check_gaussian_args(ids, seed, out):
-    """The checks of csrc/noise_cpu.cpp, for every backend."""
+def _check_gaussian_seed(seed):
+    """Checked before any kernel: pybind would turn a seed beyond int64 into a TypeError."""
     if not -2**63 <= seed < 2**63:
         raise ValueError(f"fastflow gaussian: seed must be in [-2**63, 2**63) (a 64-bit two's "
                          f"complement), got {seed}")
+
+
+def _check_gaussian_args(ids, out):
+    """The checks of csrc/noise_cpu.cpp, for every backend."""
     if ids.dim() != 1 or ids.dtype != torch.int64:
         raise ValueError(f"fastflow gaussian: ids must be a 1-D int64 tensor, got {ids.dtype} of "
                          f"shape {list(ids.shape)}")
@@ -346,9 +350,10 @@ def _check_gaussian_args(ids, seed, out):
 
 
 def _gaussian_out(ids, seed, step, out):
+    _check_gaussian_seed(seed)
     kernels = _backends.kernels(_backends.select(out.device))
-    if not kernels.checks_args or not -2**63 <= seed < 2**63:   # pybind would say TypeError
-        _check_gaussian_args(ids, seed, out)
+    if not kernels.checks_args:
+        _check_gaussian_args(ids, out)
     # The noise is defined on each sample's elements in row-major order: fill a contiguous
     # buffer for any other layout.
     staged = out if out.is_contiguous() else torch.empty_like(
@@ -396,7 +401,8 @@ def _affine_sqnorm_fake(inputs, coeffs):
 
 @torch.library.register_fake("fastflow::gaussian_out")
 def _gaussian_out_fake(ids, seed, step, out):
-    _check_gaussian_args(ids, seed, out)
+    _check_gaussian_seed(seed)
+    _check_gaussian_args(ids, out)
 
 
 @torch.library.register_fake("fastflow::sinusoid")

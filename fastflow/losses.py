@@ -63,17 +63,17 @@ def _constant_residual(path, prediction, x1, math, whole_batch):
     device = x1.device
     row = _constant_rows.get((kind, prediction, math, device), device, lambda: _ops._take(
         _residual_coeffs(target_coefficients(path, batch_time(0.0, x1), prediction), math), 2,
-        _read(prediction, [None] * (3 + path.uses_noise))))
+        _read(prediction, 3 + path.uses_noise)))
     return row if whole_batch else row.expand(x1.shape[0], -1, -1)
 
 
-def _read(prediction, streams):
-    """The indices of the streams (pred, x0, x1[, noise]) that the residual reads. A noise,
+def _read(prediction, count):
+    """The indices of the `count` streams (pred, x0, x1[, noise]) that the residual reads. A noise,
     data or score target reads one input, x0 (x1 for data): an exact-zero coefficient on the
     others would turn an inf or NaN in them into NaN (0 * inf), where the formula never reads
     them, and cost a stream."""
     if prediction == "velocity":
-        return list(range(len(streams)))
+        return list(range(count))
     return [0, 2 if prediction == "data" else 1]
 
 
@@ -139,7 +139,7 @@ def flow_matching_loss(pred, x0, x1, t, path=None, prediction="velocity", noise=
     # A loss that is one unweighted number of constant rows reduces the batch as one group: no
     # per-sample sums to fold, no [B] rows to expand.
     whole_batch = weight is None and reduction != "none" and x1.numel() > 0
-    read = _read(prediction, streams)
+    read = _read(prediction, len(streams))
     residual = None if t_grad else _constant_residual(path, prediction, x1, math, whole_batch)
     if residual is None:
         # One group per sample; t unconverted for the path's builder.

@@ -390,7 +390,7 @@ class Sampler:
             weights = (tuple(weights.shape), weights.numpy().tobytes())
         return (device, math, shared, self.method, self.last_method, tuple(self.grid),
                 self.prediction, path, self.time_convention, self.time_scale,
-                tuple(self.guided_steps), self.zero_init_steps, self.doubled_batch, weights,
+                tuple(self.guided_steps), self.doubled_batch, weights,
                 self.stochastic)
 
     def _build_plan(self, device, math, shared):
@@ -402,8 +402,8 @@ class Sampler:
         for method in {self.method, self.last_method}:
             for guided in {*self.guided_steps}:
                 passes[method, guided] = [
-                    [_Pass(p, copies, steps, self.guidance_weights if guided else None,
-                           self.zero_init_steps, device, math)
+                    [_Pass(p, copies, steps, self.guidance_weights if guided else None, device,
+                           math)
                      for p, copies in self._passes(method, j, guided, shared)]
                     for j in range(len(TABLEAUS[method][0]))]
         stages = len(TABLEAUS[self.method][0])   # the last step's method may have fewer
@@ -580,7 +580,7 @@ class _Pass:
     the velocity and are scaled by the guidance weights (1 - w, w): once here for a static
     scale, or per call for CFG-Zero*."""
 
-    def __init__(self, outputs, copies, steps, weights, zero_init_steps, device, math):
+    def __init__(self, outputs, copies, steps, weights, device, math):
         # The output that may lie on top of an input (x or F, updated in place) goes last.
         self.outputs = sorted(outputs, key=lambda name: name in ("x", "F"))
         self.copies = copies
@@ -588,7 +588,6 @@ class _Pass:
         table = torch.tensor([[[outputs[o].get(s, [0.0] * steps)[i] for s in self.inputs]
                                for o in self.outputs] for i in range(steps)], dtype=torch.float64)
         self.guided_cols = [self.inputs.index(s) for s in ("Pu", "Pc") if s in self.inputs]
-        table[:zero_init_steps, :, [k for k, s in enumerate(self.inputs) if s[0] == "P"]] = 0
         table = table[:, None]                                  # [steps, 1, M, K]
         if self.guided_cols and weights is not None:
             u, c = self.guided_cols

@@ -8,6 +8,7 @@ import functools
 import os
 
 import torch
+import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
@@ -19,6 +20,17 @@ LAUNCH_OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}
 # Under TRITON_INTERPRET=1 the kernels run on CPU tensors, one Python call per program: the
 # launchers then take big blocks, which keep the tests fast.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Elements per program of the kernels that tile (rows, columns): a [rows, block] tile.
+TILE = 4096 if INTERPRETING else 1024
+
+
+def row_tile(n):
+    """(rows, block) of a TILE-element tile over rows of n elements: block the next power of two
+    of n (at most TILE), so short rows share a program."""
+    block = min(TILE, triton.next_power_of_2(max(n, 1)))
+    return TILE // block, block
+
+
 # Accurate sqrt, sin, cos and exp: libdevice's on the GPU (the hardware approximations lose
 # digits). The interpreter has no libdevice; tl's functions run numpy's there.
 LIBM = tl if INTERPRETING else libdevice

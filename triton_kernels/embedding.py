@@ -12,9 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETING, LAUNCH_OPTIONS, LIBM, on_tensors_device
-
-_TILE = 4096 if INTERPRETING else 1024
+from . import LAUNCH_OPTIONS, LIBM, on_tensors_device, row_tile
 
 
 @triton.jit
@@ -71,8 +69,7 @@ def _sinusoid_backward_kernel(grad_ptr, t_ptr, f_ptr, scale_ptr, t_partial_ptr, 
 
 
 def _grid(batch, half):
-    block = min(_TILE, triton.next_power_of_2(max(half, 1)))
-    rows = _TILE // block
+    rows, block = row_tile(half)
     return rows, block, (triton.cdiv(batch, rows), triton.cdiv(half, block))
 
 

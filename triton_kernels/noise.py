@@ -11,9 +11,8 @@ from the host (capturable in a CUDA graph).
 import triton
 import triton.language as tl
 
-from . import INTERPRETING, LAUNCH_OPTIONS, on_tensors_device
+from . import LAUNCH_OPTIONS, on_tensors_device, row_tile
 
-_TILE = 4096 if INTERPRETING else 1024
 _MASK = 0xFFFFFFFF
 
 
@@ -99,8 +98,7 @@ def gaussian(ids, seed, step, out):
     if out.numel() == 0:
         return
     n = out.numel() // batch
-    block = min(_TILE, triton.next_power_of_2(n))
-    rows = _TILE // block
+    rows, block = row_tile(n)
     col_tiles = triton.cdiv(n, block)
     grid = (triton.cdiv(batch, rows) * col_tiles,)
     _gaussian_kernel[grid](ids, out, batch, n, seed & _MASK, (seed >> 32) & _MASK, step & _MASK,
