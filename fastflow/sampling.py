@@ -528,19 +528,17 @@ class Sampler:
         """The model's output(s) for this stage: {"P"} or {"Pu", "Pc"}, checked, in the
         buffers' layout."""
         want = (2 * batch if self.doubled_batch else batch, *x.shape[1:])
-
-        def call(kwargs):
-            return layout.conform(_checked(self.model(x, t, **kwargs), want, narrow, x))
-
+        model, conform = self.model, layout.conform
         if self.doubled_batch:
-            out = call(model_kwargs)
+            out = conform(_checked(model(x, t, **model_kwargs), want, narrow, x))
             if not guided:
                 return {"P": out[batch:]}
             return {"Pu": out[:batch], "Pc": out[batch:]}
-        cond = call(model_kwargs)
+        cond = conform(_checked(model(x, t, **model_kwargs), want, narrow, x))
         if not guided:
             return {"P": cond}
-        return {"Pu": call(uncond_kwargs), "Pc": cond}
+        return {"Pu": conform(_checked(model(x, t, **uncond_kwargs), want, narrow, x)),
+                "Pc": cond}
 
     def _replay(self, x_init, uncond_kwargs, model_kwargs, sample_ids):
         """Capture the loop as a CUDA graph on the first call for this signature, then replay."""
@@ -733,6 +731,8 @@ class _Layout:
         self.order = None   # the dimensions from outermost to innermost in memory
         if _ops._flat_layout([x_init], 1):
             self.order = sorted(range(x_init.dim()), key=lambda d: (-x_init.stride(d), d))
+        else:   # the common case, called once per model call: no Python in between
+            self.conform = torch.Tensor.contiguous
 
     def empty(self, shape, dtype):
         if self.order is None:
@@ -748,8 +748,6 @@ class _Layout:
 
     def conform(self, x):
         """x in this layout: itself when it is, else a copy."""
-        if self.order is None:
-            return x.contiguous()
         if x.stride() == self.strides(x.shape) or x.numel() == 0:
             return x
         return self.empty(x.shape, x.dtype).copy_(x)
