@@ -675,6 +675,8 @@ def test_embedding_bad_input_errors():
     t = torch.arange(4.0)
     with pytest.raises(ValueError, match="1d"):
         compat.get_timestep_embedding(t[:, None], 8)
+    with pytest.raises(AssertionError, match="1d"):   # what diffusers raises
+        compat.get_timestep_embedding(t[:, None], 8)
     with pytest.raises(ValueError, match="1d"):
         compat.get_timestep_embedding(torch.tensor(3.0), 8)
     with pytest.raises(ValueError, match="dim"):

@@ -538,15 +538,22 @@ def test_isinstance_holds_after_plain_imports_in_either_order(fastflow_first):
     # the imports, isinstance failed and flow_matching refused fastflow's schedulers.
     _fm()
     ours = ("from fastflow.compat.flow_matching.scheduler import PolynomialConvexScheduler\n"
+            "from fastflow.compat.flow_matching.scheduler import ScheduleTransformedModel\n"
+            "from fastflow.compat.flow_matching.scheduler import SchedulerOutput as Output\n"
             "from fastflow.compat.flow_matching.path import CondOTProbPath\n"
             "from fastflow.compat.flow_matching.solver import ODESolver\n")
     theirs = ("from flow_matching.path import MixtureDiscreteProbPath, ProbPath\n"
-              "from flow_matching.path.scheduler import ConvexScheduler\n"
-              "from flow_matching.solver import Solver\n")
+              "from flow_matching.path.scheduler import ConvexScheduler, CondOTScheduler\n"
+              "from flow_matching.solver import Solver\n"
+              "from flow_matching.utils import ModelWrapper\n")
     code = ((ours + theirs if fastflow_first else theirs + ours)
             + "assert isinstance(CondOTProbPath(), ProbPath)\n"
               "assert isinstance(PolynomialConvexScheduler(2.0), ConvexScheduler)\n"
               "assert isinstance(ODESolver(lambda x, t: x), Solver)\n"
+              "s = PolynomialConvexScheduler(2.0)\n"
+              "assert isinstance(ScheduleTransformedModel(lambda x, t: x, s, s), ModelWrapper)\n"
+              "import torch\n"
+              "assert isinstance(CondOTScheduler()(torch.rand(2)), Output)\n"
               "MixtureDiscreteProbPath(scheduler=PolynomialConvexScheduler(2.0))\n"
               "import inspect, flow_matching.path.path as m\n"
               "assert 'class ProbPath' in inspect.getsource(m)\n")

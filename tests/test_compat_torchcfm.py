@@ -194,6 +194,25 @@ def test_gradients_match_torchcfm(name):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", CLASSES)
+def test_a_learnable_sigma_records_what_torchcfm_records(name):
+    # x_t depends on a tensor sigma, u_t not (except through x_t for TargetCFM and the bridge):
+    # the fused pass of both once recorded u_t as a function of sigma too.
+    results = []
+    for fm in _pair(name, 0.3):
+        fm.sigma = torch.tensor(0.3, requires_grad=True)
+        x0 = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+        x1 = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
+        t = torch.linspace(0.05, 0.95, 8)
+        _, xt, ut = _seeded(type(fm).__mro__[-2].sample_location_and_conditional_flow, fm, x0,
+                            x1, t)
+        (xt.square().sum() + (ut * xt).sum()).backward()
+        results.append((ut.requires_grad, xt.requires_grad, fm.sigma.grad))
+    (ours_ut, ours_xt, ours_grad), (theirs_ut, theirs_xt, theirs_grad) = results[1], results[0]
+    assert (ours_ut, ours_xt) == (theirs_ut, theirs_xt)
+    torch.testing.assert_close(ours_grad, theirs_grad, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", CLASSES)
 def test_half_precision_close_to_fp32(name, dtype):

@@ -13,7 +13,10 @@ The scheduler subclasses diffusers' own (0.42), so its config, ``from_config`` /
   ``prev_sample = sample + dt * model_output`` by ``fastflow::affine_out``: one read of each
   input, one write of the output, math in fp32, ``dt`` read on the device from a coefficient
   table built once per schedule (no ``.item()``). The original makes four passes (upcast of the
-  sample, product, sum, downcast) with fp32 temporaries.
+  sample, product, sum, downcast) with fp32 temporaries. The table follows ``sigmas``: a new
+  tensor, or an in-place edit of it, rebuilds it at the next step; an edit that PyTorch does not
+  count as one (through ``.data`` or ``.numpy()``, or of an inference tensor) is not seen, where
+  the original reads ``sigmas`` anew at every step.
 * No host synchronisation anywhere in the normal loop. The original finds the first step's index
   with ``(timesteps == t).nonzero()`` and ``.item()``, which waits for the device; later steps
   use its counter. Here the index comes from host metadata only (see ``_init_step_index``): the
@@ -48,8 +51,12 @@ generation) is the original's.
 
 ``get_timestep_embedding`` / ``Timesteps`` are diffusers' with fastflow's fused sinusoid kernel
 underneath: fp32 math and result as in diffusers (an fp64 t is rounded to fp32 first), equal
-within an ulp of sin / cos; an ill-posed ``downscale_freq_shift == embedding_dim // 2`` raises
-instead of returning NaN.
+within an ulp of sin / cos. Arguments are checked where diffusers would compute on regardless:
+``embedding_dim`` must be a positive integer, ``max_period`` a positive number, ``timesteps`` a
+1-D tensor of numbers (not bools), and an ill-posed ``downscale_freq_shift == embedding_dim //
+2`` raises instead of returning NaN. Each raises a ValueError or TypeError (fastflow's own
+names: ``t`` for timesteps, ``dim`` for embedding_dim); timesteps of another rank raise a
+ValueError that is also the AssertionError diffusers raises.
 """
 import torch
 
@@ -320,6 +327,10 @@ def _to_device(table, device):
 
 # ---- time embeddings ----
 
+class _RankError(ValueError, AssertionError):
+    """Timesteps that are not 1-D: a ValueError, and the AssertionError that diffusers raises."""
+
+
 def get_timestep_embedding(timesteps, embedding_dim, flip_sin_to_cos=False, downscale_freq_shift=1,
                            scale=1, max_period=10000):
     """diffusers' ``get_timestep_embedding``, same signature, on fastflow's fused kernel.
@@ -330,7 +341,7 @@ def get_timestep_embedding(timesteps, embedding_dim, flip_sin_to_cos=False, down
     as in diffusers, differentiable in a floating ``timesteps``.
     """
     if isinstance(timesteps, torch.Tensor) and timesteps.dim() != 1:
-        raise ValueError(f"get_timestep_embedding: timesteps should be a 1d-array, got shape "
+        raise _RankError(f"get_timestep_embedding: timesteps should be a 1d-array, got shape "
                          f"{tuple(timesteps.shape)}")
     if isinstance(timesteps, torch.Tensor) and timesteps.dtype == torch.float64:
         timesteps = timesteps.float()  # diffusers computes in fp32 whatever t is

@@ -22,7 +22,9 @@ that skips them applies only where they are this module's.
 
 torchcfm itself (and POT) is needed only for the OT plans of
 ExactOptimalTransportConditionalFlowMatcher and SchrodingerBridgeConditionalFlowMatcher, and for
-``OTPlanSampler``, which this module re-exports as torchcfm's does; all are imported on first use.
+``OTPlanSampler``, which this module re-exports as torchcfm's does; all are imported on first use,
+so ``from fastflow.compat.torchcfm import *`` (which works without them) leaves OTPlanSampler out:
+import it by name.
 """
 import functools
 import importlib
@@ -125,6 +127,12 @@ def _row_dtype(streams, row):
                          [c for c in row.values() if isinstance(c, torch.Tensor)])
 
 
+def _records(row):
+    """Whether autograd records a gradient to some coefficient of `row`."""
+    return torch.is_grad_enabled() and any(
+        isinstance(c, torch.Tensor) and c.requires_grad for c in row.values())
+
+
 class ConditionalFlowMatcher:
     r"""Drop-in for torchcfm's ConditionalFlowMatcher (I-CFM): x_t ~ N(t x1 + (1 - t) x0, sigma^2),
     target u_t = x1 - x0.
@@ -222,10 +230,12 @@ class ConditionalFlowMatcher:
         """Both in one pass over (x0, x1, epsilon): u_t here does not read x_t."""
         streams = {"x0": x0, "x1": x1, "epsilon": eps}
         rows = [self._xt_row(t, x1), self._flow_row(pad_t_like_x(t, x1))]
-        if _row_dtype(streams, rows[0]) != _row_dtype(streams, rows[1]):
+        if (_row_dtype(streams, rows[0]) != _row_dtype(streams, rows[1])
+                or _records(rows[0]) != _records(rows[1])):
             # Something that promotes x_t but not u_t (fp64 t or noise beside fp32 data, for
-            # I-CFM's u_t = x1 - x0): one pass computes in one dtype, so keep torchcfm's two
-            # results apart.
+            # I-CFM's u_t = x1 - x0), or that x_t's gradient flows to and u_t's does not (a
+            # learnable tensor sigma): one pass computes in one dtype and records both outputs
+            # as functions of all its coefficients, so keep torchcfm's two results apart.
             return self._xt_then_ut(x0, x1, t, eps)
         xt, ut = _fused(streams, rows)
         return xt, self._scale_flow(ut)

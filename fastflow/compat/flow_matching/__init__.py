@@ -16,8 +16,11 @@ flow_matching (see each module for where they are bit-equal). The rest (Geodesic
 MixtureDiscreteProbPath, adaptive ODE methods, ``enable_grad=True``, ``compute_likelihood``,
 RiemannianODESolver, MixtureDiscreteEulerSolver) is flow_matching's own code, imported on first
 use (``pip install flow_matching``; its licence is CC BY-NC, and none of its code is copied
-here). fastflow's base classes are registered with flow_matching's as soon as both are loaded,
-whichever first, so isinstance checks hold across the two.
+here). fastflow's classes are registered with flow_matching's abstract bases as soon as both are
+loaded, whichever first, so isinstance checks against ProbPath, Scheduler, ConvexScheduler,
+Solver and ModelWrapper hold across the two. flow_matching's PathSample and SchedulerOutput are
+plain dataclasses, with which nothing can be registered: a sample or scheduler output of either
+library is an instance of fastflow's class, only flow_matching's are instances of its own.
 
 The modules may also stand in for ``flow_matching.path``, ``flow_matching.path.scheduler`` and
 ``flow_matching.solver`` in ``sys.modules``; flow_matching's other submodules then still import
@@ -40,7 +43,8 @@ def _ours(module):
 
 # flow_matching's modules that define base classes fastflow's are registered with (`_link`).
 _BASE_MODULES = frozenset({"flow_matching.path.path", "flow_matching.path.path_sample",
-                           "flow_matching.path.scheduler.scheduler", "flow_matching.solver.solver"})
+                           "flow_matching.path.scheduler.scheduler", "flow_matching.solver.solver",
+                           "flow_matching.utils.model_wrapper"})
 
 
 class _LinkingLoader:
@@ -152,6 +156,12 @@ def _link(executed=None):
 
         _register(scheduler.Scheduler, ours.Scheduler)
         _register(scheduler.ConvexScheduler, ours.ConvexScheduler)
+        _register(ours.SchedulerOutput, scheduler.SchedulerOutput)
+    model_wrapper = peer("flow_matching.utils.model_wrapper")
+    if model_wrapper is not None:
+        from . import scheduler as ours
+
+        _register(model_wrapper.ModelWrapper, ours.ScheduleTransformedModel)
     prob_path = peer("flow_matching.path.path")
     if prob_path is not None:
         from . import path as ours

@@ -26,7 +26,7 @@ of the same coupling under another (the scale-time change of Lipman et al., "Flo
 Guide and Code", section 4.8); its output combination is one fused pass.
 """
 import math
-from abc import ABC, abstractmethod
+from abc import ABC, ABCMeta, abstractmethod
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -44,7 +44,7 @@ __path__ = []
 
 
 @dataclass
-class SchedulerOutput:
+class SchedulerOutput(metaclass=ABCMeta):   # an ABC only to register flow_matching's with it
     """alpha_t, sigma_t and their derivatives d_alpha_t, d_sigma_t at some times t."""
 
     alpha_t: Tensor = field(metadata={"help": "alpha_t"})

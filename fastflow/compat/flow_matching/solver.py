@@ -24,9 +24,11 @@ operators per stage. Everything else about the call is flow_matching's:
   buffer, updated in place after the call: a model that keeps its input must clone it);
 - it runs without autograd, like flow_matching's default ``enable_grad=False``.
 
-Euler results equal torchdiffeq's bit for bit on CPU for fp32 x_init, and for fp64 x_init with
-an fp64 time_grid (the same products and sums; torchdiffeq takes the step of an fp32 grid in
-fp32, the sampler exactly, so fp64 states on an fp32 grid differ by about 1e-8). Midpoint
+Euler results equal torchdiffeq's bit for bit on CPU for fp32 x_init on an fp32 or fp64
+time_grid, and for fp64 x_init on an fp64 time_grid (the same products and sums; torchdiffeq
+takes the step of a grid in the grid's type, the sampler exactly, so fp64 states on an fp32 grid
+differ by about 1e-8, and any state on an fp16 / bf16 grid by that grid's rounding of each
+step). Midpoint
 updates are the same operations too, but the sampler computes the midpoint time t0 + h/2 in
 fp64 where torchdiffeq rounds h first, so the model may see a time one ulp apart; heun2 and rk4
 fold each stage's coefficients into one per stream. These differ from torchdiffeq by rounding
