@@ -128,7 +128,12 @@ at::Tensor affine_sqnorm_cpu(const std::vector<at::Tensor>& inputs, const at::Te
   TORCH_CHECK_VALUE(!inputs.empty(), "fastflow affine_sqnorm: needs at least one input");
   // A residual is affine's single output: the same checks, with a placeholder for it.
   check_affine_args(inputs, coeffs, {inputs[0]}, c10::kCPU);
-  at::Tensor sums = at::zeros({coeffs.size(0)}, inputs[0].options().dtype(at::kDouble));
+  // The sums are G numbers: filled and rounded to the math type here rather than by ATen ops
+  // (zeros, to), whose dispatch costs more than a small batch's whole reduction.
+  const int64_t groups = coeffs.size(0);
+  at::Tensor sums = at::empty({groups}, inputs[0].options().dtype(at::kDouble));
+  double* sum = sums.mutable_data_ptr<double>();
+  std::fill_n(sum, groups, 0.0);
   if (inputs[0].numel() != 0) {
     if (use_avx2()) {
       avx2::sqnorm(inputs, coeffs, sums);
@@ -136,7 +141,11 @@ at::Tensor affine_sqnorm_cpu(const std::vector<at::Tensor>& inputs, const at::Te
       baseline::sqnorm(inputs, coeffs, sums);
     }
   }
-  return sums.to(math_type(inputs, {}));
+  if (math_type(inputs, {}) == at::kDouble) return sums;
+  at::Tensor rounded = at::empty({groups}, sums.options().dtype(at::kFloat));
+  std::transform(sum, sum + groups, rounded.mutable_data_ptr<float>(),
+                 [](double v) { return static_cast<float>(v); });
+  return rounded;
 }
 
 }  // namespace fastflow

@@ -11,7 +11,9 @@
 // which this one repeats for its case: dL/dpred = 2 g w_g / divisor * residual, one affine pass.
 #include "affine.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/TensorOperators.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -21,6 +23,43 @@ namespace fastflow {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+
+namespace {
+
+// On a small batch the loss's arithmetic around its kernels (a division, a few scalings) costs
+// more in ATen dispatch than in the kernels: these do it by hand, with ATen's roundings.
+
+// The one sum of squares divided by `divisor`, as `squares.sum() / divisor` rounds it: a
+// quotient in squares' type (float or double), the divisor converted to that type first.
+at::Tensor divided(const at::Tensor& squares, double divisor) {
+  at::Tensor loss = at::empty({}, squares.options());
+  AT_DISPATCH_FLOATING_TYPES(squares.scalar_type(), "pred_loss", [&] {
+    *loss.mutable_data_ptr<scalar_t>() =
+        *squares.const_data_ptr<scalar_t>() / static_cast<scalar_t>(divisor);
+  });
+  return loss;
+}
+
+// dL/dpred's rows, coeffs * (grad * (2 / divisor) [* weight]) as those ATen ops round them:
+// [G, 1, K] like coeffs, all in coeffs' type, which grad (0-d) and weight ([G, 1, 1]) share.
+at::Tensor scaled_rows(const at::Tensor& coeffs, const at::Tensor& grad, double divisor,
+                       const at::Tensor& weight) {
+  at::Tensor rows = at::empty(coeffs.sizes(), coeffs.options());
+  AT_DISPATCH_FLOATING_TYPES(coeffs.scalar_type(), "pred_loss_backward", [&] {
+    const scalar_t scale =
+        *grad.const_data_ptr<scalar_t>() * static_cast<scalar_t>(2.0 / divisor);
+    const auto c = coeffs.accessor<const scalar_t, 3>();
+    auto r = rows.accessor<scalar_t, 3>();
+    for (int64_t g = 0; g < coeffs.size(0); ++g) {
+      const scalar_t s = weight.defined() ? scale * weight.accessor<const scalar_t, 3>()[g][0][0]
+                                          : scale;
+      for (int64_t k = 0; k < coeffs.size(2); ++k) r[g][0][k] = c[g][0][k] * s;
+    }
+  });
+  return rows;
+}
+
+}  // namespace
 
 // Named outside an anonymous namespace: the node's name, torch::autograd::CppNode<fastflow::
 // PredLoss>, is what grad_fn.name() shows.
@@ -41,29 +80,32 @@ struct PredLoss : torch::autograd::Function<PredLoss> {
     ctx->save_for_backward(inputs);
     ctx->saved_data["divisor"] = divisor;
     ctx->saved_data["weighted"] = weight.has_value();
-    return squares.sum() / divisor;
+    return squares.numel() == 1 ? divided(squares, divisor) : squares.sum() / divisor;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     std::vector<at::Tensor> inputs = ctx->get_saved_variables();
-    at::Tensor scale = grads[0] * (2.0 / ctx->saved_data["divisor"].toDouble());
+    at::Tensor weight;  // [G, 1, 1]
     if (ctx->saved_data["weighted"].toBool()) {
-      scale = scale * inputs.back();  // [G, 1, 1]
+      weight = inputs.back();
       inputs.pop_back();
     }
     const at::Tensor coeffs = inputs.back();
     inputs.pop_back();
-    const at::Tensor rows = coeffs * scale;
+    const double divisor = ctx->saved_data["divisor"].toDouble();
     at::Tensor grad_pred;
-    if (at::GradMode::is_enabled()) {
+    if (!at::GradMode::is_enabled() && grads[0].scalar_type() == coeffs.scalar_type()) {
+      grad_pred = affine_fresh_cpu(inputs, scaled_rows(coeffs, grads[0], divisor, weight))[0];
+    } else {
       // A double backward: the same map in recorded ATen ops, which autograd differentiates.
+      at::Tensor scale = grads[0] * (2.0 / divisor);
+      if (weight.defined()) scale = scale * weight;
+      const at::Tensor rows = coeffs * scale;
       const int64_t groups = coeffs.size(0);
       grad_pred = at::zeros({groups, inputs[0].numel() / groups}, rows.options());
       for (size_t k = 0; k < inputs.size(); ++k)
         grad_pred = grad_pred + rows.select(1, 0).narrow(1, k, 1) * inputs[k].reshape({groups, -1});
       grad_pred = grad_pred.to(inputs[0].scalar_type()).view_as(inputs[0]);
-    } else {
-      grad_pred = affine_fresh_cpu(inputs, rows)[0];
     }
     return {grad_pred, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }

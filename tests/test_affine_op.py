@@ -565,13 +565,16 @@ def test_coefficient_matrix_from_numbers_and_tensors(backend, dtype, native, mon
 @pytest.mark.parametrize("native", [True, False], ids=["extension", "python"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_coefficient_matrix_from_tensors_of_every_float_type(backend, dtype, native, monkeypatch):
-    # Only tensors of one value per group: the extension stacks them and converts once.
+    # Only tensors of one value per group: the extension stacks them and converts once (on a
+    # GPU), or reads them by hand (on CPU; a strided one is copied by ATen there).
     ext = _use_builder(native, monkeypatch)
-    values = torch.randn(4, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    entries = [values[0], values[1].float().reshape(5, 1), values[2].half(), values[3].bfloat16()]
+    values = torch.randn(6, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    entries = [values[0], values[1].float().reshape(5, 1), values[2].half(), values[3].bfloat16(),
+               values[4:].t().contiguous()[:, 0], values[5].float()]
     entries = [e.to(backend) for e in entries]
-    coeffs = _ops.coefficient_matrix(entries, 2, 2, 5, dtype, backend)
-    expected = torch.stack([e.reshape(-1).to(dtype) for e in entries], 1).view(5, 2, 2)
+    assert not entries[4].is_contiguous()
+    coeffs = _ops.coefficient_matrix(entries, 2, 3, 5, dtype, backend)
+    expected = torch.stack([e.reshape(-1).to(dtype) for e in entries], 1).view(5, 2, 3)
     assert bits_equal(coeffs.contiguous(), expected)
     assert ext is None or ext.calls == _extension_calls_expected(backend)
 

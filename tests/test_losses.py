@@ -7,7 +7,7 @@ from fastflow import _backends, paths
 from fastflow.losses import REDUCTIONS
 from fastflow.reference import flow_matching_loss as reference_loss
 
-from conftest import DTYPES
+from conftest import DTYPES, bits_equal
 
 PREDICTIONS = ("velocity", "epsilon", "data", "score")
 # Losses are reduced in fp32 whatever the storage type: the error is the inputs' rounding.
@@ -254,6 +254,34 @@ def test_training_step_node_takes_only_its_case(backend):
         torch.testing.assert_close(leaves[0].grad, want, rtol=1e-5, atol=1e-8)
         if data_grad:
             torch.testing.assert_close(leaves[2].grad, -want, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_training_step_node_rounds_as_the_op_by_op_loss(backend, dtype, reduction, weighted):
+    # The training step's node (C++ on CPU) does the arithmetic around its kernels by hand; it
+    # must round as the ATen ops do: the loss as the unrecorded call's, dL/dpred as
+    # coeffs * (grad * (2 / divisor) [* weight]) summed over the streams in order.
+    path = paths.CondOT()
+    pred, x0, x1, t, _, weight = _batch((3, 5, 7), dtype, backend, path, seed=12)
+    weight = weight.to(dtype) if weighted else None
+    with torch.no_grad():
+        plain = fastflow.flow_matching_loss(pred, x0, x1, t, path, weight=weight,
+                                            reduction=reduction)
+    p = pred.clone().requires_grad_()
+    loss = fastflow.flow_matching_loss(p, x0, x1, t, path, weight=weight, reduction=reduction)
+    assert bits_equal(loss.detach(), plain)
+    if loss.grad_fn.name() != CPP_NODE:
+        return   # the Python node scales by grad / divisor, then by 2
+    grad = torch.tensor(0.7, dtype=loss.dtype, device=loss.device)
+    loss.backward(grad)
+    divisor = pred.numel() if reduction == "mean" else pred[0].numel()
+    scale = grad * (2.0 / divisor)
+    if weighted:
+        scale = scale * weight.view(-1, 1, 1)
+    want = (scale * pred + scale * x0) + (scale * -1.0) * x1   # rows (1, 1, -1): pred - (x1 - x0)
+    assert bits_equal(p.grad, want)
 
 
 def test_double_backward_with_a_learned_weight(backend):
