@@ -646,10 +646,13 @@ class DeviceCache:
         self.maxsize = maxsize
         self._entries = {}
 
-    def get(self, key, device, build):
-        """The tensor for `key` (hashable, naming the device), from build() on `device`."""
-        if (_is_compiling() or _dispatch_modes() or _functorch_level() is not None
-                or _tracing_state() is not None or capturing(device)):
+    def get(self, key, device, build, direct=False):
+        """The tensor for `key` (hashable, naming the device), from build() on `device`.
+        `direct`: the caller found that nothing intercepts the call (`_nobody_intercepts`),
+        which leaves only capture to check."""
+        if capturing(device) or not direct and (
+                _is_compiling() or _dispatch_modes() or _functorch_level() is not None
+                or _tracing_state() is not None):
             return build()
         value = self._entries.get(key)
         if value is None:

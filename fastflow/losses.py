@@ -46,13 +46,13 @@ _CONSTANT_VELOCITY = (CondOT, TargetCFM, ConstantNoise)
 _constant_rows = _ops.DeviceCache()
 
 
-def _constant_residual(path, prediction, x1, math, whole_batch):
+def _constant_residual(path, prediction, x1, math, whole_batch, direct=False):
     """The residual's coefficients (1, -target) in the math type when they do not depend on t:
     the noise and data targets of every path, the velocity of _CONSTANT_VELOCITY. One cached row,
     built on the device, so the commonest losses (rectified flow above all) build no
     coefficients per call (nor convert t): [1, 1, k] over the k streams it reads (`_read`) when
     the whole batch is one group (`whole_batch`), else a [B, 1, k] view of it. None when the
-    rows vary with t."""
+    rows vary with t. `direct`: nothing intercepts the call (see DeviceCache.get)."""
     constant = prediction in ("epsilon", "data") or (
         prediction == "velocity" and type(path) in _CONSTANT_VELOCITY)
     if not constant:
@@ -63,7 +63,7 @@ def _constant_residual(path, prediction, x1, math, whole_batch):
     device = x1.device
     row = _constant_rows.get((kind, prediction, math, device), device, lambda: _ops._take(
         _residual_coeffs(target_coefficients(path, batch_time(0.0, x1), prediction), math), 2,
-        _read(prediction, 3 + path.uses_noise)))
+        _read(prediction, 3 + path.uses_noise)), direct)
     return row if whole_batch else row.expand(x1.shape[0], -1, -1)
 
 
@@ -140,7 +140,8 @@ def flow_matching_loss(pred, x0, x1, t, path=None, prediction="velocity", noise=
     # per-sample sums to fold, no [B] rows to expand.
     whole_batch = weight is None and reduction != "none" and x1.numel() > 0
     read = _read(prediction, len(streams))
-    residual = None if t_grad else _constant_residual(path, prediction, x1, math, whole_batch)
+    residual = None if t_grad else _constant_residual(path, prediction, x1, math, whole_batch,
+                                                      backend is not None)
     if residual is None:
         # One group per sample; t unconverted for the path's builder.
         t = batch_time(t, x1, keep_type=True).expand(batch)

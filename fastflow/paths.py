@@ -63,6 +63,8 @@ class AffinePath(Path):
 def _parameter(path, name, value):
     """A path's parameter as a float: a finite real number (a Python or NumPy number, or a
     one-element tensor). Each path then checks its own range."""
+    if type(value) is float and math.isfinite(value):   # the usual case, without an ABC check
+        return value
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
