@@ -76,10 +76,15 @@ void sincos_tile(math_t t, const math_t* f, math_t scale, math_t bound, int64_t 
   sincos_exact(t, f, scale, n, s, c);
 }
 
+// NaN when a frequency is NaN, which sends every row to the exact path: the fast path would
+// convert a NaN quadrant to int32, which is undefined behaviour.
 template <typename math_t>
 math_t argument_bound(const math_t* f, int64_t n, math_t scale) {
   math_t m = 0;
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, std::fabs(f[j]));
+  for (int64_t j = 0; j < n; ++j) {
+    const math_t a = std::fabs(f[j]);
+    if (a > m || std::isnan(a)) m = a;   // once NaN, m stays NaN (a > NaN is false)
+  }
   return m * std::fabs(scale);
 }
 

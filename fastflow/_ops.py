@@ -35,7 +35,7 @@ CompositeExplicitAutograd kernel that picks the backend from the device and FAST
 import torch
 
 from . import _backends
-from ._checks import FLOAT_DTYPES
+from ._checks import FLOAT_DTYPES, _overlap
 
 MAX_INPUTS = 5
 MAX_OUTPUTS = 4
@@ -253,14 +253,13 @@ def _writable_in_place(out, inputs, last):
     """Whether the kernels can write `out` directly. They stream contiguous memory and read every
     input at an index before writing the last output there (earlier outputs may be written
     before the inputs are read again for the next), so an output that shares memory with an
-    input is safe as the last output, exactly on top of it (same start and type, contiguous)."""
+    input is safe as the last output, exactly on top of it (same start and type, contiguous).
+    Memory is compared by address, not storage: two storages may share it (numpy views)."""
     if not out.is_contiguous():
         return False
-    base = out.untyped_storage().data_ptr()
     for x in inputs:
-        if x.untyped_storage().data_ptr() == base and (
-                not last or x.data_ptr() != out.data_ptr() or x.dtype != out.dtype
-                or not x.is_contiguous()):
+        if _overlap(x, out) and (not last or x.data_ptr() != out.data_ptr()
+                                 or x.dtype != out.dtype or not x.is_contiguous()):
             return False
     return True
 

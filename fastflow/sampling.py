@@ -730,7 +730,9 @@ class _Layout:
         self.device = x_init.device
         self.order = None   # the dimensions from outermost to innermost in memory
         if _ops._flat_layout([x_init], 1):
-            self.order = sorted(range(x_init.dim()), key=lambda d: (-x_init.stride(d), d))
+            # The batch outermost whatever its stride: a batch of one may have any (an image
+            # permuted from HWC, say), and the doubled batch of guidance must not interleave.
+            self.order = [0] + sorted(range(1, x_init.dim()), key=lambda d: (-x_init.stride(d), d))
         else:   # the common case, called once per model call: no Python in between
             self.conform = torch.Tensor.contiguous
 
@@ -747,8 +749,10 @@ class _Layout:
         return tuple(strides)
 
     def conform(self, x):
-        """x in this layout: itself when it is, else a copy."""
-        if x.stride() == self.strides(x.shape) or x.numel() == 0:
+        """x in this layout (the strides of dimensions of size 1 do not matter): itself when it
+        is, else a copy."""
+        if x.numel() == 0 or all(n == 1 or a == b for n, a, b in
+                                 zip(x.shape, x.stride(), self.strides(x.shape))):
             return x
         return self.empty(x.shape, x.dtype).copy_(x)
 

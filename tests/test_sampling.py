@@ -282,6 +282,23 @@ def test_channels_last_state(options, dtype):
     assert bits_equal(got.contiguous(), want)
 
 
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_a_batch_of_one_with_any_batch_stride(method):
+    # One image permuted from HWC: dense, channels_last, its batch stride 3 (any stride is valid
+    # for a batch of one). The doubled batch of guidance used to interleave its two halves.
+    torch.manual_seed(0)
+    model = lambda x, t: torch.sin(1.3 * x + 0.1) * (1 + t.view(-1, 1, 1, 1))  # noqa: E731
+    x = torch.randn(4, 5, 3).permute(2, 0, 1)[None]
+    assert x.stride() == (3, 1, 15, 3)
+    for options in (dict(guidance_scale=2.0, doubled_batch=True), dict(guidance_scale=2.0),
+                    dict()):
+        uncond = {} if options and not options.get("doubled_batch") else None
+        got = fastflow.sample(model, x, steps=3, method=method, uncond_kwargs=uncond, **options)
+        want = fastflow.sample(model, x.contiguous(), steps=3, method=method,
+                               uncond_kwargs=uncond, **options)
+        assert bits_equal(got.contiguous(), want)
+
+
 @pytest.mark.parametrize("options", [dict(guidance_scale=2.0, doubled_batch=True),
                                      dict(guidance_scale=1.0, doubled_batch=True),
                                      dict(guidance_scale=2.0), dict()])
