@@ -12,6 +12,7 @@
 #include "affine.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/LegacyBatchedTensorImpl.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -94,10 +95,13 @@ struct PredLoss : torch::autograd::Function<PredLoss> {
     inputs.pop_back();
     const double divisor = ctx->saved_data["divisor"].toDouble();
     at::Tensor grad_pred;
-    if (!at::GradMode::is_enabled() && grads[0].scalar_type() == coeffs.scalar_type()) {
+    // By hand on a plain gradient; a batched one (is_grads_batched) has no data to read.
+    if (!at::GradMode::is_enabled() && grads[0].scalar_type() == coeffs.scalar_type() &&
+        !at::isBatchedTensor(grads[0])) {
       grad_pred = affine_fresh_cpu(inputs, scaled_rows(coeffs, grads[0], divisor, weight))[0];
     } else {
-      // A double backward: the same map in recorded ATen ops, which autograd differentiates.
+      // A double backward (or batched gradients): the same map in ATen ops, which autograd
+      // differentiates.
       at::Tensor scale = grads[0] * (2.0 / divisor);
       if (weight.defined()) scale = scale * weight;
       const at::Tensor rows = coeffs * scale;

@@ -368,8 +368,27 @@ def _gaussian_out(ids, seed, step, out):
 _KERNELS = {"affine": _affine, "affine_out": _affine_out, "affine_dot": _affine_dot,
             "affine_sqnorm": _affine_sqnorm, "sinusoid": _sinusoid,
             "sinusoid_backward": _sinusoid_backward, "gaussian_out": _gaussian_out}
+
+
+def _without_forward_ad(name, kernel):
+    """`kernel` as the dispatcher calls it, refusing forward-mode AD: torch.library has no
+    forward-mode rule to register, so a tangent would be dropped silently (zeros). The public
+    functions never bring one here: under forward AD they run the ops' PyTorch formulas
+    (`transforming`)."""
+    def kernel_outside_forward_ad(*args):
+        if _forward_ad._current_level >= 0:
+            raise RuntimeError(
+                f"torch.ops.fastflow.{name} has no forward-mode derivative (torch.func.jvp, "
+                f"jacfwd, torch.autograd.forward_ad); call fastflow's public functions instead "
+                f"(fastflow.interpolate, flow_matching_loss, convert, timestep_embedding, ...), "
+                f"which compute it with PyTorch's operators there")
+        return kernel(*args)
+    return kernel_outside_forward_ad
+
+
 for _name, _kernel in _KERNELS.items():
-    _lib.impl(_name, _kernel, "CompositeExplicitAutograd")
+    _lib.impl(_name, _kernel if _name == "gaussian_out" else _without_forward_ad(_name, _kernel),
+              "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fastflow::affine")
@@ -485,10 +504,10 @@ def _affine_backward(ctx, grads):
         dots = affine_dot(gs, xs, coeffs.shape[0])
         if len(present) == len(grads):
             grad_coeffs = dots
-        else:
-            grad_coeffs = coeffs.new_zeros(coeffs.shape)
-            for j, m in enumerate(present):
-                grad_coeffs[:, m] = dots[:, j]
+        else:   # out of place: batched gradients (is_grads_batched) cannot be copied into zeros
+            zeros = coeffs.new_zeros(coeffs.shape[0], coeffs.shape[2])
+            grad_coeffs = torch.stack([dots[:, present.index(m)] if m in present else zeros
+                                       for m in range(len(grads))], dim=1)
     return grad_inputs, grad_coeffs
 
 
@@ -619,7 +638,18 @@ def _nobody_intercepts(tensors, device=None):
         direct = device.type in _DIRECT_DEVICE_TYPES
     return (direct and not _is_compiling() and _dispatch_modes() == 0
             and _functorch_level() is None and _forward_ad._current_level < 0
-            and _tracing_state() is None and not _profiling())
+            and _tracing_state() is None and not _profiling() and not _batched(tensors))
+
+
+_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda x: False)
+
+
+def _batched(tensors):
+    """Whether some of `tensors` are the batched gradients of torch.autograd.grad(
+    is_grads_batched=True) (jacobian(vectorize=True), gradcheck's batched check): tensors
+    without storage, under no functorch interpreter. Never while torch.compile traces (its
+    tracer cannot call the check, and has no such tensors)."""
+    return not _is_compiling() and any(map(_legacy_batched, tensors))
 
 
 def capturing(device):
@@ -727,7 +757,8 @@ def _call(name, tensors, *args, backend=None):
     """Op `name` on `args` (whose tensors are `tensors`): on `backend` directly when the caller
     decided it (`direct_backend`); else, when nothing but autograd must see the call, its kernel
     directly, or through _EagerAutograd when there is a gradient to record; under a transform
-    (`transforming`), its plain PyTorch formulas; else through torch.ops."""
+    (`transforming`) or on batched gradients, its plain PyTorch formulas; else through
+    torch.ops."""
     if backend is not None:
         return _KERNELS[name](*args, backend)
     if _nobody_intercepts(tensors):
@@ -737,23 +768,23 @@ def _call(name, tensors, *args, backend=None):
             spec, flat = _flatten(args)
             out = _EagerAutograd.apply(name, spec, *flat)
             return list(out) if isinstance(out, tuple) else out
-    if transforming():
+    if transforming() or _batched(tensors):
         return _transformable(name, args)
     return getattr(torch.ops.fastflow, name)(*args)
 
 
 def _transformable(name, args):
-    """Op `name`'s formulas in PyTorch's own operators, for transforms: fastflow.reference (the
-    same math, the oracle of the tests; imported here, as it imports the paths, which import
-    this module), the affine outputs in inputs[0]'s type as the kernels give them."""
+    """Op `name`'s formulas in PyTorch's own operators, for transforms and batched gradients:
+    fastflow.reference (the same math, the oracle of the tests; imported here, as it imports
+    the paths, which import this module), the affine outputs in inputs[0]'s type as the kernels
+    give them. sinusoid_backward serves sinusoid's registered backward, which only batched
+    gradients bring here (transforms take sinusoid's formula itself)."""
     from . import reference
     if name == "sinusoid":
         *args, dtype = args
         return reference.sinusoid(*args).to(dtype)
-    if name in ("affine", "affine_dot", "affine_sqnorm"):
+    if name in ("affine", "affine_dot", "affine_sqnorm", "sinusoid_backward"):
         return getattr(reference, name)(*args)
-    # affine_out writes in place; sinusoid_backward only serves sinusoid's registered backward,
-    # which transforms do not reach.
     raise RuntimeError(f"fastflow: {name} (out=, in place) does not support torch.func "
                        f"transforms or forward-mode AD; call the op without out=")
 

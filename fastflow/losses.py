@@ -148,6 +148,11 @@ def flow_matching_loss(pred, x0, x1, t, path=None, prediction="velocity", noise=
         target = target_coefficients(path, t, prediction, backend=None if t_grad else backend)
         residual = _ops._take(_residual_coeffs(target, math), 2, read)
     streams = [streams[k] for k in read]
+    if recording and not _ops._is_compiling():   # (the tracer cannot ask)
+        # Autograd cannot save inference tensors (data made under torch.inference_mode, such
+        # as latents encoded there), copies it can; eager's mse_loss(pred, x1 - x0) saves the
+        # target it computes.
+        streams = [x.clone() if x.is_inference() else x for x in streams]
     if recording and backend is not None:
         return _recorded_loss(reduction, backend, residual, weight, streams)
     return weighted_mean_square(streams, residual, weight, reduction,
@@ -234,8 +239,9 @@ class _LossNode(torch.autograd.Function):
             # Only pred, as in training: the rows are (1, -target), so dL/dpred = 2 g (pred -
             # target) is the residual with its rows scaled, and there is no [B, K, K] mixing
             # matrix to build (a handful of tiny tensor ops, most of a small batch's backward).
+            direct = not (recording or _ops._batched([grad]))
             (grad_pred,) = _ops.affine(inputs, coeffs * (2 * grad_squares)[..., None],
-                                       None if recording else ctx.backend)
+                                       ctx.backend if direct else None)
             return None, None, None, grad_weight, grad_pred, *([None] * (len(inputs) - 1))
         grad_inputs, grad_coeffs = _ops.sqnorm_gradients(
             coeffs, inputs, grad_squares, needs[4:], needs[2])

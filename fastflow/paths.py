@@ -66,6 +66,10 @@ def _parameter(path, name, value):
     if type(value) is float and math.isfinite(value):   # the usual case, without an ABC check
         return value
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        if value.requires_grad:   # .item() would detach it silently
+            raise ValueError(f"{path}: {name} is a tensor that requires grad; a path's "
+                             f"parameters are constants (learning them is not supported): pass "
+                             f"a number, or the tensor detached")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{path}: {name} must be a number, got {type(value).__name__}")

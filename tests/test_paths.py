@@ -190,6 +190,9 @@ BAD_ARGUMENTS = [
     (paths.CondOT, {"sigma_min": "0.1"}, TypeError, "CondOT: sigma_min must be a number, got str"),
     (paths.SchrodingerBridge, {"sigma": "1"}, TypeError, "SchrodingerBridge: sigma must be a num"),
     (paths.VP, {"beta_min": None}, TypeError, "VP: beta_min must be a number"),
+    # .item() would detach it: the loss then silently had no gradient to the parameter.
+    (paths.CondOT, {"sigma_min": torch.tensor(0.1, requires_grad=True)}, ValueError,
+     "CondOT: sigma_min is a tensor that requires grad"),
 ]
 
 

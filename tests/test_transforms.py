@@ -124,6 +124,42 @@ def test_in_place_forms_refuse_under_transforms():
     torch.testing.assert_close(buffers[0], reference.interpolate(x0, x1, t)[0])
 
 
+def test_the_registered_ops_refuse_forward_mode_ad():
+    # torch.library has no forward-mode rule to register: called directly, the ops dropped the
+    # tangent (zeros) without a word. The public functions compute it.
+    a, b = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    c = torch.tensor([[[2.0, 0.5]], [[3.0, -1.0]]], dtype=torch.float64)
+    ones = torch.ones_like(a)
+    with pytest.raises(RuntimeError, match="fastflow.affine has no forward-mode derivative"):
+        func.jvp(lambda x: torch.ops.fastflow.affine([x, b], c)[0], (a,), (ones,))
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="affine_sqnorm has no forward"):
+        torch.ops.fastflow.affine_sqnorm([fwAD.make_dual(a, ones), b], c)
+    _, tangent = func.jvp(lambda x: fastflow._ops.affine([x, b], c)[0], (a,), (ones,))
+    assert torch.equal(tangent, c[:, 0, :1].expand_as(a))
+
+
+def test_batched_gradients_match_the_loop(backend):
+    # torch.autograd.grad(is_grads_batched=True), as jacobian(vectorize=True) and gradcheck's
+    # batched check use it, hands the backward storage-less tensors: it crashed in the kernels.
+    x0, x1, pred, t = _data(6)
+    t32 = t.float()
+    cases = {
+        "loss, one number": (lambda p: fastflow.flow_matching_loss(p, x0, x1, t), pred),
+        "loss per sample": (lambda p: fastflow.flow_matching_loss(p, x0, x1, t, path="cosine",
+                                                                  reduction="none"), pred),
+        "interpolate in t": (lambda s: fastflow.interpolate(x0, x1, s, path="vp")[0], t),
+        "interpolate in x0": (lambda x: fastflow.interpolate(x, x1, t)[1], x0),
+        "convert": (lambda p: fastflow.convert(p, x1, t, path="vp", src="velocity", dst="data"),
+                    pred),
+        "timestep_embedding": (lambda s: fastflow.timestep_embedding(s, 9), t32),
+        "fourier_embedding": (lambda w: fastflow.fourier_embedding(t, w), torch.randn(4).double()),
+    }
+    for name, (fn, x) in cases.items():
+        batched = torch.autograd.functional.jacobian(fn, x.to(backend), vectorize=True)
+        looped = torch.autograd.functional.jacobian(fn, x.to(backend))
+        torch.testing.assert_close(batched, looped, rtol=1e-6, atol=1e-6, msg=name)
+
+
 def test_drop_in_solvers_hand_transforms_to_the_originals():
     pytest.importorskip("flow_matching")
     pytest.importorskip("diffusers")
