@@ -118,6 +118,18 @@ struct PredLoss : torch::autograd::Function<PredLoss> {
 at::Tensor pred_loss_cpu(const at::Tensor& pred, const std::vector<at::Tensor>& data,
                          const at::Tensor& coeffs, const std::optional<at::Tensor>& weight,
                          double divisor) {
+  // The streams and coeffs are affine_sqnorm_cpu's to check; the weight is this node's: one
+  // value per group, in the coefficients' type, which the backward reads it in.
+  if (weight) {
+    TORCH_CHECK_VALUE(coeffs.dim() == 3 && weight->dim() == 1 &&
+                          weight->size(0) == coeffs.size(0),
+                      "fastflow pred_loss: expected a weight of shape [", coeffs.size(0),
+                      "] (one per group of coeffs), got ", weight->sizes());
+    TORCH_CHECK_VALUE(weight->scalar_type() == coeffs.scalar_type() && weight->is_cpu(),
+                      "fastflow pred_loss: expected a CPU weight of the coefficients' type ",
+                      coeffs.scalar_type(), ", got ", weight->scalar_type(), " on ",
+                      weight->device());
+  }
   return PredLoss::apply(pred, data, coeffs, weight, divisor);
 }
 

@@ -298,6 +298,21 @@ def test_data_made_under_inference_mode(path):
     torch.testing.assert_close(*grads)
 
 
+def test_training_step_node_checks_its_weight():
+    # Its backward reads one weight per group in the coefficients' type: a weight of another
+    # shape (broadcast by the forward) gave a wrong gradient, or read past its end.
+    ext = pytest.importorskip("fastflow._C")
+    pred = torch.randn(4, 8, requires_grad=True)
+    x0, x1 = torch.randn(4, 8), torch.randn(4, 8)
+    coeffs = torch.tensor([[[1.0, 1.0, -1.0]]]).expand(4, 1, 3)
+    for weight, message in ((torch.ones(1), r"shape \[4\]"), (torch.ones(5), r"shape \[4\]"),
+                            (torch.ones(4, dtype=torch.float64), "coefficients' type")):
+        with pytest.raises(ValueError, match=message):
+            ext.pred_loss_cpu(pred, [x0, x1], coeffs, weight, 32.0)
+    ext.pred_loss_cpu(pred, [x0, x1], coeffs, torch.ones(4), 32.0).backward()
+    torch.testing.assert_close(pred.grad, 2 * (pred - (x1 - x0)).detach() / 32)
+
+
 def test_double_backward_with_a_learned_weight(backend):
     # dL/dweight is the per-sample loss, a function of pred: a double backward must see that.
     path = paths.Cosine()
