@@ -51,9 +51,10 @@ at::Tensor scaled_rows(const at::Tensor& coeffs, const at::Tensor& grad, double 
         *grad.const_data_ptr<scalar_t>() * static_cast<scalar_t>(2.0 / divisor);
     const auto c = coeffs.accessor<const scalar_t, 3>();
     auto r = rows.accessor<scalar_t, 3>();
+    const scalar_t* w = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t w_stride = weight.defined() ? weight.stride(0) : 0;
     for (int64_t g = 0; g < coeffs.size(0); ++g) {
-      const scalar_t s = weight.defined() ? scale * weight.accessor<const scalar_t, 3>()[g][0][0]
-                                          : scale;
+      const scalar_t s = w ? scale * w[g * w_stride] : scale;
       for (int64_t k = 0; k < coeffs.size(2); ++k) r[g][0][k] = c[g][0][k] * s;
     }
   });
