@@ -35,9 +35,17 @@ void cond_ot(double t, const std::vector<double>& p, double* c) {
   c[3] = 1.0;
 }
 
+// t ** n as torch.pow takes it: a square root for n = 1/2 and its reciprocal for n = -1/2, which
+// give NaN at t = -inf where the C library's pow gives inf and 0.
+double torch_pow(double t, double n) {
+  if (n == 0.5) return std::sqrt(t);
+  if (n == -0.5) return 1.0 / std::sqrt(t);
+  return std::pow(t, n);
+}
+
 void polynomial(double t, const std::vector<double>& p, double* c) {
   const double n = p[0];
-  const double alpha = std::pow(t, n), d_alpha = n * std::pow(t, n - 1.0);
+  const double alpha = torch_pow(t, n), d_alpha = n * torch_pow(t, n - 1.0);
   c[0] = 1.0 - alpha;
   c[1] = alpha;
   c[2] = -d_alpha;

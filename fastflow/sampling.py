@@ -707,7 +707,10 @@ def _checked(out, shape, narrow, model_input):
     """The model's output after the checks that keep the fused pass in bounds (the kernels
     check devices themselves); fp64 narrowed to fp32 where the tables are fp32; a copy if it
     shares memory with the model's input (an identity or in-place model), which the pass may
-    overwrite before it reads the output there."""
+    overwrite before it reads the output there. The model's inputs are sampler buffers at the
+    start of storages of their own, so an output of their size shares memory with one exactly
+    when its storage starts there: one comparison, whichever storage object (a NumPy round trip,
+    DLPack) the model hands back."""
     if not isinstance(out, torch.Tensor) or out.shape != shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"model: expected an output of shape {shape}, got {got}")

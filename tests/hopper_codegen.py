@@ -170,6 +170,8 @@ def _cases():
          run_path("cond_ot", [0.0], f32, torch.bfloat16)),
         ("path coefficients constant noise fp64", run_path("constant_noise", [0.5], f64)),
         ("path coefficients Polynomial fp32 (libdevice pow)", run_path("polynomial", [2.0], f32)),
+        ("path coefficients Polynomial fp64 (libdevice pow, sqrt)",
+         run_path("polynomial", [0.5], f64)),
         ("path coefficients Cosine fp32 (libdevice sin, cos)", run_path("cosine", [], f32)),
         ("path coefficients LinearVP fp64", run_path("linear_vp", [], f64)),
         ("path coefficients VP fp32 (libdevice exp)", run_path("vp", [0.1, 20.0], f32)),

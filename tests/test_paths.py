@@ -209,10 +209,11 @@ def test_bad_constructor_arguments(cls, kwargs, error, message):
 ARITHMETIC_PATHS = [paths.CondOT(), paths.CondOT(sigma_min=0.1), paths.TargetCFM(0.05),
                     paths.ConstantNoise(0.3), paths.ConstantNoise(0.0)]
 TRANSCENDENTAL_PATHS = [paths.Polynomial(), paths.Polynomial(3.0), paths.Polynomial(0.7),
+                        paths.Polynomial(0.5), paths.Polynomial(1.5),
                         paths.Cosine(), paths.LinearVP(), paths.VP(), paths.VP(0.5, 5.0),
                         paths.SchrodingerBridge(), paths.SchrodingerBridge(0.3)]
-# Edge times, random ones, times outside [0, 1], nan.
-NATIVE_TIMES = torch.cat([torch.tensor(T_GRID + [-0.5, 1.5, 1e-300, float("nan")],
+# Edge times, random ones, times outside [0, 1], infinities, nan.
+NATIVE_TIMES = torch.cat([torch.tensor(T_GRID + [-0.5, 1.5, 1e-300, -math.inf, math.inf, math.nan],
                                        dtype=torch.float64),
                           torch.rand(997, generator=torch.Generator().manual_seed(3),
                                      dtype=torch.float64)])

@@ -25,6 +25,14 @@ if INTERPRETING:
 
 
 @triton.jit
+def _torch_pow(t, n):
+    """t ** n as torch.pow takes it (see csrc/paths_cpu.cpp): a square root for n = 1/2 and its
+    reciprocal for n = -1/2, which give NaN at t = -inf where pow gives inf and 0."""
+    root = LIBM.sqrt(t)
+    return tl.where(n == 0.5, root, tl.where(n == -0.5, 1.0 / root, libdevice.pow(t, n)))
+
+
+@triton.jit
 def _path_coefficients_kernel(t_ptr, p0: tl.float64, p1: tl.float64, out_ptr, groups, t_stride,
                               PATH: tl.constexpr, COLUMNS: tl.constexpr, BLOCK: tl.constexpr):
     g = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -40,8 +48,8 @@ def _path_coefficients_kernel(t_ptr, p0: tl.float64, p1: tl.float64, out_ptr, gr
         slope = 1.0 - p0
         c0, c1, c2, c3 = one - slope * t, t, -slope * one, one
     elif PATH == 1:  # Polynomial, p0 = n
-        alpha = libdevice.pow(t, p0)
-        d_alpha = p0 * libdevice.pow(t, p0 - 1.0)
+        alpha = _torch_pow(t, p0)
+        d_alpha = p0 * _torch_pow(t, p0 - 1.0)
         c0, c1, c2, c3 = one - alpha, alpha, -d_alpha, d_alpha
     elif PATH == 2:  # Cosine
         half_pi = tl.full([], 1.5707963267948966, tl.float64)  # math.pi / 2
