@@ -90,12 +90,23 @@ void affine_cuda(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs
                  const std::vector<at::Tensor>& outputs);
 #endif
 
+// The float types the kernels stream: fp16, bf16, fp32, fp64 (not the float8 types, which
+// at::isFloatingType also counts).
+inline bool is_stream_type(at::ScalarType type) {
+  return type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16;
+}
+
 // Shared argument checks: every kernel entry point validates its tensors so that a bad call
 // from Python raises instead of reading out of bounds. `one_dtype` requires a single float type
 // for all streams; otherwise each may have its own.
 void check_affine_args(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
                        const std::vector<at::Tensor>& outputs, c10::DeviceType device,
                        bool one_dtype = true);
+
+// affine_dot's: a and b (1 to kMaxOutputs and 1 to kMaxInputs tensors) of one float type, element
+// count and device, contiguous, in `groups` groups.
+void check_dot_args(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b,
+                    int64_t groups, c10::DeviceType device);
 
 // The floating type the kernels compute in: fp64 when a stream is stored in fp64, else fp32.
 at::ScalarType math_type(const std::vector<at::Tensor>& inputs,

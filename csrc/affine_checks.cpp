@@ -10,34 +10,58 @@ at::ScalarType math_type(const std::vector<at::Tensor>& inputs,
   return at::kFloat;
 }
 
+namespace {
+
+// One streamed tensor `what` of operation `op`, beside the first one, `ref`.
+void check_stream(const char* op, const at::Tensor& x, const char* what, const at::Tensor& ref,
+                  c10::DeviceType device, bool one_dtype) {
+  const auto type = x.scalar_type();
+  TORCH_CHECK_VALUE(is_stream_type(type), op, ": ", what, " must be float16, bfloat16, float32 or float64, got ", type);
+  TORCH_CHECK_VALUE(x.device().type() == device, op, ": ", what, " is on ", x.device(),
+                    ", expected a ", c10::DeviceTypeName(device), " tensor");
+  TORCH_CHECK_VALUE(x.device() == ref.device(), op, ": ", what, " is on ", x.device(),
+                    ", the first on ", ref.device());
+  TORCH_CHECK_VALUE(!one_dtype || type == ref.scalar_type(), op, ": ", what, " has dtype ", type,
+                    ", expected ", ref.scalar_type());
+  TORCH_CHECK_VALUE(x.numel() == ref.numel(), op, ": ", what, " has ", x.numel(),
+                    " elements, expected ", ref.numel());
+  TORCH_CHECK_VALUE(x.is_contiguous(), op, ": ", what, " must be contiguous");
+}
+
+// Whether `groups` groups of consecutive elements cover `ref` (none for an empty tensor).
+void check_groups(const char* op, const at::Tensor& ref, int64_t groups) {
+  TORCH_CHECK_VALUE(groups >= 1 ? ref.numel() % groups == 0 : groups == 0 && ref.numel() == 0,
+                    op, ": ", ref.numel(), " elements do not split into ", groups, " groups");
+}
+
+}  // namespace
+
+void check_dot_args(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b,
+                    int64_t groups, c10::DeviceType device) {
+  constexpr const char* op = "fastflow affine_dot";
+  const auto m = static_cast<int64_t>(a.size()), k = static_cast<int64_t>(b.size());
+  TORCH_CHECK_VALUE(m >= 1 && m <= kMaxOutputs, op, ": expected 1 to ", kMaxOutputs,
+                    " tensors in a, got ", m);
+  TORCH_CHECK_VALUE(k >= 1 && k <= kMaxInputs, op, ": expected 1 to ", kMaxInputs,
+                    " tensors in b, got ", k);
+  for (const auto& x : a) check_stream(op, x, "a tensor of a", a[0], device, true);
+  for (const auto& x : b) check_stream(op, x, "a tensor of b", a[0], device, true);
+  check_groups(op, a[0], groups);
+}
+
 void check_affine_args(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
                        const std::vector<at::Tensor>& outputs, c10::DeviceType device,
                        bool one_dtype) {
+  constexpr const char* op = "fastflow affine";
   const auto k = static_cast<int64_t>(inputs.size());
   const auto m = static_cast<int64_t>(outputs.size());
-  TORCH_CHECK_VALUE(k >= 1 && k <= kMaxInputs, "fastflow affine: expected 1 to ", kMaxInputs,
-                    " inputs, got ", k);
-  TORCH_CHECK_VALUE(m >= 1 && m <= kMaxOutputs, "fastflow affine: expected 1 to ", kMaxOutputs,
+  TORCH_CHECK_VALUE(k >= 1 && k <= kMaxInputs, op, ": expected 1 to ", kMaxInputs, " inputs, got ",
+                    k);
+  TORCH_CHECK_VALUE(m >= 1 && m <= kMaxOutputs, op, ": expected 1 to ", kMaxOutputs,
                     " outputs, got ", m);
   const auto& ref = inputs[0];
-  auto check_stream = [&](const at::Tensor& x, const char* what) {
-    const auto type = x.scalar_type();
-    TORCH_CHECK_VALUE(type == at::kFloat || type == at::kDouble || type == at::kHalf ||
-                          type == at::kBFloat16,
-                      "fastflow affine: ", what,
-                      " must be float16, bfloat16, float32 or float64, got ", type);
-    TORCH_CHECK_VALUE(x.device().type() == device, "fastflow affine: ", what, " is on ",
-                      x.device(), ", expected a ", c10::DeviceTypeName(device), " tensor");
-    TORCH_CHECK_VALUE(x.device() == ref.device(), "fastflow affine: ", what, " is on ",
-                      x.device(), ", the first input on ", ref.device());
-    TORCH_CHECK_VALUE(!one_dtype || type == ref.scalar_type(), "fastflow affine: ", what,
-                      " has dtype ", type, ", expected ", ref.scalar_type());
-    TORCH_CHECK_VALUE(x.numel() == ref.numel(), "fastflow affine: ", what, " has ", x.numel(),
-                      " elements, expected ", ref.numel());
-    TORCH_CHECK_VALUE(x.is_contiguous(), "fastflow affine: ", what, " must be contiguous");
-  };
-  for (const auto& x : inputs) check_stream(x, "an input");
-  for (const auto& y : outputs) check_stream(y, "an output");
+  for (const auto& x : inputs) check_stream(op, x, "an input", ref, device, one_dtype);
+  for (const auto& y : outputs) check_stream(op, y, "an output", ref, device, one_dtype);
 
   TORCH_CHECK_VALUE(coeffs.dim() == 3 && coeffs.size(1) == m && coeffs.size(2) == k,
                     "fastflow affine: coeffs must have shape [G, ", m, ", ", k, "], got ",
@@ -51,11 +75,7 @@ void check_affine_args(const std::vector<at::Tensor>& inputs, const at::Tensor& 
   // a cheap layout to produce); the GPU kernels want them packed.
   TORCH_CHECK_VALUE(device == c10::kCPU || coeffs.is_contiguous(),
                     "fastflow affine: coeffs must be contiguous");
-  const int64_t groups = coeffs.size(0);
-  TORCH_CHECK_VALUE(groups >= 1 || ref.numel() == 0,
-                    "fastflow affine: coeffs needs at least one group for non-empty inputs");
-  TORCH_CHECK_VALUE(groups == 0 || ref.numel() % groups == 0, "fastflow affine: ", ref.numel(),
-                    " elements do not split into ", groups, " groups");
+  check_groups(op, ref, coeffs.size(0));
 }
 
 }  // namespace fastflow

@@ -101,16 +101,8 @@ std::vector<at::Tensor> affine_fresh_cpu(const std::vector<at::Tensor>& inputs,
 
 at::Tensor affine_dot_cpu(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b,
                           int64_t groups) {
-  TORCH_CHECK_VALUE(!a.empty() && !b.empty(),
-                    "fastflow affine_dot: needs at least one tensor a side");
-  TORCH_CHECK_VALUE(groups >= 0, "fastflow affine_dot: groups must be non-negative, got ",
-                    groups);
-  // The dot reads streams like affine's inputs and outputs: reuse those checks with a
-  // placeholder coefficient tensor of the expected shape.
+  check_dot_args(a, b, groups, c10::kCPU);
   const auto math = math_type(a, b);
-  check_affine_args(b, at::empty({groups, static_cast<int64_t>(a.size()),
-                                  static_cast<int64_t>(b.size())}, b[0].options().dtype(math)),
-                    a, c10::kCPU);
   // Accumulate in fp64 (products of fp32 values are exact there) and round once at the end.
   at::Tensor sums = at::zeros({groups, static_cast<int64_t>(a.size()),
                                static_cast<int64_t>(b.size())}, a[0].options().dtype(at::kDouble));

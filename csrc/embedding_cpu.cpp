@@ -182,8 +182,8 @@ void check_sinusoid_args(const at::Tensor& t, const at::Tensor& freqs, const at:
                   (out.size(1) == 2 * half || out.size(1) == 2 * half + 1),
               "fastflow sinusoid: ", out_name, " must be [", t.numel(), ", ", 2 * half, "] or [",
               t.numel(), ", ", 2 * half + 1, "], got ", out.sizes());
-  TORCH_CHECK(at::isFloatingType(out.scalar_type()), "fastflow sinusoid: ", out_name,
-              " must be floating point, got ", out.scalar_type());
+  TORCH_CHECK(is_stream_type(out.scalar_type()), "fastflow sinusoid: ", out_name,
+              " must be float16, bfloat16, float32 or float64, got ", out.scalar_type());
   for (const at::Tensor* x : {&t, &freqs, &out}) {
     TORCH_CHECK(x->device().is_cpu(), "fastflow sinusoid: expected CPU tensors, got one on ",
                 x->device());

@@ -116,7 +116,7 @@ void gaussian_cpu(const at::Tensor& ids, int64_t seed, int64_t step, const at::T
   TORCH_CHECK_VALUE(ids.dim() == 1 && ids.scalar_type() == at::kLong,
                     "fastflow gaussian: ids must be a 1-D int64 tensor, got ", ids.scalar_type(),
                     " of shape ", ids.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(out.scalar_type()) && out.dim() >= 1 &&
+  TORCH_CHECK_VALUE(is_stream_type(out.scalar_type()) && out.dim() >= 1 &&
                         out.size(0) == ids.numel(),
                     "fastflow gaussian: out must be a floating [B, ...] tensor with B = ",
                     ids.numel(), " (one row per id), got ", out.scalar_type(), " of shape ",

@@ -54,6 +54,10 @@ def check_outputs(outs, names, ref, ref_name, inputs):
         if not inference and o.is_inference():   # PyTorch's rule for every in-place write
             raise RuntimeError(f"{name}: an inference tensor (made under torch.inference_mode) "
                                f"cannot be written outside inference mode")
+        if not compiling and o.is_neg():   # PyTorch's fallback cannot write a list of them
+            raise ValueError(f"{name}: a tensor with the negative bit (its memory holds minus "
+                             f"its values, as x.conj().imag does); expected a plain tensor: "
+                             f"write into one, then copy")
         if any(stride == 0 and size > 1 for size, stride in zip(o.shape, o.stride())):
             raise ValueError(f"{name}: an expanded tensor (a stride of 0) would have several "
                              f"elements written to one memory location; expected a tensor "
@@ -100,9 +104,34 @@ def _extent(x):
     return (sum((n - 1) * s for n, s in zip(x.shape, x.stride())) + 1) * x.element_size()
 
 
+def describe(x):
+    """What x is, for an error message: a tensor's dtype and shape, else its type."""
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
 def is_integer(value):
     """A Python (or NumPy) integer; not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def real_number(value, name, why="it is taken as a constant (no gradient would reach it)"):
+    """value as a float: a finite real number (a Python or NumPy number, or a one-element tensor
+    that does not require grad). `name` begins each error; `why` says why a tensor that
+    requires grad is refused."""
+    if type(value) is float and math.isfinite(value):   # the usual case, without an ABC check
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        if value.requires_grad:   # .item() would detach it silently
+            raise ValueError(f"{name} is a tensor that requires grad, but {why}: pass a number, "
+                             f"or the tensor detached")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
 
 
 def check_positive(x, name):

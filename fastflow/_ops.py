@@ -313,9 +313,9 @@ def _sinusoid(t, freqs, scale, cos_first, dim, dtype):
 
 def _check_sinusoid_backward_args(grad, t, freqs):
     _check_sinusoid_args(t, freqs, grad.shape[-1] if grad.dim() == 2 else -1, grad.dtype)
-    if grad.shape[0] != t.shape[0]:
-        raise ValueError(f"fastflow sinusoid: grad must have {t.shape[0]} rows, got "
-                         f"{list(grad.shape)}")
+    if grad.shape[0] != t.shape[0] or grad.device != t.device:
+        raise ValueError(f"fastflow sinusoid: grad must have {t.shape[0]} rows on {t.device}, got "
+                         f"{list(grad.shape)} on {grad.device}")
 
 
 def _sinusoid_backward(grad, t, freqs, scale, cos_first, t_grad, freqs_grad):
@@ -624,8 +624,8 @@ def transforming():
 def _nobody_intercepts(tensors, device=None):
     """Whether nothing but autograd must see an eager call of an op on `tensors` (on `device`,
     by default the first tensor's): no compiler or tracer, dispatch mode (FakeTensorMode),
-    transform (`transforming`), tensor subclass, batched gradients (`_batched`), meta tensors
-    or profiler. Then `_call` may skip the dispatcher: through it a call costs about 60 us more
+    transform (`transforming`), tensor subclass, negative bit, batched gradients (`_batched`),
+    meta tensors or profiler. Then `_call` may skip the dispatcher: through it a call costs about 60 us more
     on CPU (two crossings into Python kernels: autograd, then the backend choice), and with a
     gradient to record about 0.2 ms more (torch.library's argument flattening on top), most of
     what a small tensor's call takes. Every public op asks once per call, so this is kept to
@@ -639,7 +639,13 @@ def _nobody_intercepts(tensors, device=None):
         direct = device.type in _DIRECT_DEVICE_TYPES
     return (direct and not _is_compiling() and _dispatch_modes() == 0
             and _functorch_level() is None and _forward_ad._current_level < 0
-            and _tracing_state() is None and not _profiling() and not _batched(tensors))
+            and _tracing_state() is None and not _profiling() and not _batched(tensors)
+            # A tensor with the negative bit (x.conj().imag, say) holds -x in memory: the
+            # dispatcher's fallback resolves it, a kernel would read the other sign.
+            and not any(map(_is_neg, tensors)))
+
+
+_is_neg = torch.Tensor.is_neg
 
 
 _legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda x: False)

@@ -25,7 +25,7 @@ import numbers
 import torch
 
 from . import _ops
-from ._checks import FLOAT_DTYPES, is_integer
+from ._checks import FLOAT_DTYPES, describe, is_integer, real_number
 
 # Named conventions: the arguments of timestep_embedding that each source uses.
 CONVENTIONS = {
@@ -73,8 +73,11 @@ def timestep_embedding(t, dim, *, max_period=10000, flip_sin_to_cos=False, downs
     """
     t = _times(t)
     _check_dim(dim)
-    if not isinstance(max_period, numbers.Real) or not 0 < max_period < math.inf:
+    if (isinstance(max_period, bool) or not isinstance(max_period, numbers.Real)
+            or not 0 < max_period < math.inf):
         raise ValueError(f"max_period: expected a finite positive number, got {max_period!r}")
+    downscale_freq_shift = real_number(downscale_freq_shift, "downscale_freq_shift")
+    scale = real_number(scale, "scale")
     half = dim // 2
     if half and half == downscale_freq_shift:
         raise ValueError(f"downscale_freq_shift: equal to dim // 2 = {half}, which divides by zero "
@@ -115,7 +118,7 @@ def fourier_embedding(t, W, *, log=False, flip_sin_to_cos=False, dtype=None):
     t = _times(t)
     if not isinstance(W, torch.Tensor) or W.dim() != 1 or W.dtype not in FLOAT_DTYPES:
         raise ValueError(f"W: expected a 1-D floating tensor of frequencies, got "
-                         f"{_describe(W)}")
+                         f"{describe(W)}")
     if W.device != t.device:
         raise ValueError(f"W: expected a tensor on {t.device} (the device of t), got {W.device}")
     math_dtype = torch.promote_types(t.dtype, _ops.math_dtype(W.dtype))
@@ -129,7 +132,7 @@ def fourier_embedding(t, W, *, log=False, flip_sin_to_cos=False, dtype=None):
 def _times(t):
     """t as a 1-D tensor in the math type: float32, or float64 for float64 t."""
     if not isinstance(t, torch.Tensor) or t.dtype == torch.bool or t.is_complex():
-        raise TypeError(f"t: expected a 1-D tensor of times, got {_describe(t)}")
+        raise TypeError(f"t: expected a 1-D tensor of times, got {describe(t)}")
     if t.dim() != 1:
         raise ValueError(f"t: expected a 1-D tensor [B] of times, got shape {tuple(t.shape)}")
     return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
@@ -146,9 +149,3 @@ def _out_dtype(dtype, t):
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
     return dtype
-
-
-def _describe(x):
-    if isinstance(x, torch.Tensor):
-        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
-    return type(x).__name__

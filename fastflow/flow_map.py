@@ -10,7 +10,8 @@ built inside it, never materialised) and the total is their weighted sum.
 import torch
 
 from . import _ops
-from ._checks import batch_time, check_like, path_inputs
+from ._checks import (FLOAT_DTYPES, batch_time, check_like, describe, path_inputs,
+                      real_number)
 from .losses import check_reduction, mean_square, reduce
 from .paths import AffinePath, coefficients, get_path
 
@@ -27,8 +28,9 @@ def flow_map_loss(model, x0, x1, t, s=None, u=None, path=None, match_weight=1.0,
         s, u: start and intermediate times of the consistency term (default 0 and (s + t) / 2);
             x_s, the start point, is the path at s.
         path: an affine path or its name (default CondOT).
-        match_weight, consistency_weight, identity_weight: weights of the terms; a zero weight
-            skips that term's network calls.
+        match_weight, consistency_weight, identity_weight: weights of the terms, finite
+            numbers (a zero weight skips that term's network calls) or tensors that broadcast
+            to [B] (per sample, or learned).
         reduction: "mean", "sum" or "none" (per sample), as in ``flow_matching_loss``.
 
     Example::
@@ -41,6 +43,10 @@ def flow_map_loss(model, x0, x1, t, s=None, u=None, path=None, match_weight=1.0,
         raise TypeError(f"path: flow-map matching needs an affine path, got {path!r}")
     check_reduction(reduction)
     path_inputs(path, x0, x1, None)
+    match_weight, consistency_weight, identity_weight = (
+        _term_weight(w, name) for w, name in ((match_weight, "match_weight"),
+                                              (consistency_weight, "consistency_weight"),
+                                              (identity_weight, "identity_weight")))
     batch = x1.shape[0]
     times = {name: (batch_time(v, x1, name).expand(batch) if v is not None else None)
              for name, v in (("t", t), ("s", s), ("u", u))}
@@ -60,34 +66,46 @@ def flow_map_loss(model, x0, x1, t, s=None, u=None, path=None, match_weight=1.0,
 
     one = torch.ones_like(t)[:, None]
     total = x1.new_zeros((batch,), dtype=_ops.math_dtype(x1.dtype))
-    if match_weight:
+    if _runs(match_weight):
         jump = phi(x0, torch.zeros_like(model_t), model_t)
         rows = torch.cat([one, -location(t)], dim=1)
         total = total + match_weight * mean_square([jump, x0, x1], rows)
-    if consistency_weight or identity_weight:
+    if _runs(consistency_weight) or _runs(identity_weight):
         points = torch.stack([location(s), location(t)], dim=1).to(_ops.math_dtype(x1.dtype))
         x_s, x_t = _ops.affine([x0, x1], points)
-    if consistency_weight:
+    if _runs(consistency_weight):
         two_jumps = phi(phi(x_s, model_s, model_u), model_u, model_t)
         one_jump = phi(x_s, model_s, model_t)
         rows = torch.cat([one, -one], dim=1)
         total = total + consistency_weight * mean_square([two_jumps, one_jump], rows)
-    if identity_weight:
+    if _runs(identity_weight):
         stay = phi(x_t, model_t, model_t)
         rows = torch.cat([one, -one], dim=1)
         total = total + identity_weight * mean_square([stay, x_t], rows)
     return reduce(total, reduction)
 
 
-def sample_flow_map(model, x_init, steps=1, time_grid=None, **model_kwargs):
+def _term_weight(value, name):
+    """A term's weight: a tensor as it is, else a finite number."""
+    return value if isinstance(value, torch.Tensor) else real_number(value, name)
+
+
+def _runs(weight):
+    """Whether a term's network calls are made: always for a tensor weight (reading its value
+    would wait for the device), else unless the weight is 0."""
+    return isinstance(weight, torch.Tensor) or weight != 0.0
+
+
+def sample_flow_map(model, x_init, steps=None, time_grid=None, **model_kwargs):
     """Sample with a two-time map phi(x, s, t) by jumping along a grid:
     x_{i+1} = phi(x_i, t_i, t_{i+1}). One step (the default) is phi(x_init, 0, 1); more steps
     compose shorter jumps, which a consistent map makes more accurate.
 
     Args:
-        model: ``model(x, s, t, **model_kwargs)`` with s and t [B] tensors on x's device.
+        model: ``model(x, s, t, **model_kwargs)`` with s and t [B] tensors on x's device,
+            views of a cached grid that it must not modify in place (that raises an error).
         x_init: noise [B, ...] (or data, with a decreasing time_grid).
-        steps: number of jumps on a uniform grid from 0 to 1.
+        steps: number of jumps on a uniform grid from 0 to 1 (one without time_grid).
         time_grid: an explicit monotone grid instead (a tensor or a list of floats).
 
     Example::
@@ -97,10 +115,14 @@ def sample_flow_map(model, x_init, steps=1, time_grid=None, **model_kwargs):
     """
     from .sampling import _host_grid
 
-    if not isinstance(x_init, torch.Tensor) or not x_init.is_floating_point() or x_init.dim() < 1:
-        raise TypeError("x_init: expected a floating tensor [B, ...]")
-    grid = _host_grid(None if time_grid is not None else steps, time_grid, None, False)
+    if not isinstance(x_init, torch.Tensor) or x_init.dtype not in FLOAT_DTYPES or x_init.dim() < 1:
+        raise TypeError(f"x_init: expected a float tensor [B, ...] (float32, float64, bfloat16 or "
+                        f"float16), got {describe(x_init)}")
+    if steps is None and time_grid is None:
+        steps = 1
+    grid = _host_grid(steps, time_grid, None, False)
     times = _device_times(tuple(grid), x_init.device, _ops.math_dtype(x_init.dtype))
+    version = times._version
     batch = x_init.shape[0]
     x = x_init
     for i in range(len(grid) - 1):
@@ -110,6 +132,12 @@ def sample_flow_map(model, x_init, steps=1, time_grid=None, **model_kwargs):
                    else type(x).__name__)
             raise ValueError(f"model: expected the map to return a {x_init.dtype} tensor of shape "
                              f"{tuple(x_init.shape)} (like x_init), got {got}")
+    if times._version != version:   # a batch of one's times are writable views of the cache
+        _times.clear()
+        raise RuntimeError("model: it modified its s or t in place (t.mul_(1000), ...), and "
+                           "they are views of one time grid, so later jumps saw the changed "
+                           "times and the result is wrong; compute new tensors instead "
+                           "(t = t * 1000)")
     return x
 
 

@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _ops
-from ._checks import batch_time, check_stream, path_inputs
+from ._checks import batch_time, check_stream, path_inputs, real_number
 from .conversions import _check_kind
 from .losses import flow_matching_loss, target_coefficients
 from .paths import ConstantNoise, Path, SchrodingerBridge, TargetCFM, coefficients, get_path
@@ -65,16 +65,17 @@ class FlowMatcher:
 
     def __init__(self, path="cond_ot", prediction="velocity", time_sampler="uniform", sigma=None,
                  logit_mean=0.0, logit_std=1.0):
-        self.path = _resolve_path(path, None if sigma is None else float(sigma))
+        self.path = _resolve_path(path, None if sigma is None else real_number(sigma, "sigma"))
         _check_kind(prediction, "prediction")
         self.prediction = prediction
         if not callable(time_sampler) and time_sampler not in TIME_SAMPLERS:
             raise ValueError(f"time_sampler: expected one of {', '.join(map(repr, TIME_SAMPLERS))} "
                              f"or a callable, got {time_sampler!r}")
-        if not logit_std > 0:
+        self.logit_mean = real_number(logit_mean, "logit_mean")
+        self.logit_std = real_number(logit_std, "logit_std")
+        if not self.logit_std > 0:
             raise ValueError(f"logit_std: must be positive, got {logit_std}")
         self.time_sampler = time_sampler
-        self.logit_mean, self.logit_std = float(logit_mean), float(logit_std)
 
     def sample_t(self, batch, device, generator=None):
         """One time per sample, [batch] fp32 on `device`."""

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import embeddings
+from ._checks import is_integer, real_number
 
 
 class SinusoidalEmbedding(nn.Module):
@@ -68,9 +69,10 @@ class FourierEmbedding(nn.Module):
 
     def __init__(self, dim, *, scale=1.0, learnable=False, log=False, flip_sin_to_cos=False):
         super().__init__()
-        if not isinstance(dim, int) or dim < 2 or dim % 2:
+        if not is_integer(dim) or dim < 2 or dim % 2:
             raise ValueError(f"dim: expected a positive even integer, got {dim!r}")
-        self.weight = nn.Parameter(torch.randn(dim // 2) * scale, requires_grad=learnable)
+        scale = real_number(scale, "scale")
+        self.weight = nn.Parameter(torch.randn(int(dim) // 2) * scale, requires_grad=learnable)
         self.log = log
         self.flip_sin_to_cos = flip_sin_to_cos
 
@@ -114,6 +116,8 @@ class TimestepEmbedder(nn.Module):
                                  nn.Linear(hidden_size, hidden_size, bias=True))
 
     def forward(self, t):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"t: expected a 1-D tensor of times, got {type(t).__name__}")
         # The embedding comes out in the dtype of the first Linear (autocast decides otherwise).
         dtype = None if torch.is_autocast_enabled(t.device.type) else self.mlp[0].weight.dtype
         return self.mlp(self.embedding(t, dtype=dtype))

@@ -22,11 +22,10 @@ at t = 0): that is the math of the path, and the target there is inf or nan exac
 eager formula gives it.
 """
 import math
-import numbers
 
 import torch
 
-from ._checks import formula_time
+from ._checks import formula_time, real_number
 from ._ops import coefficient_builder, coefficient_matrix
 
 __all__ = ["Path", "AffinePath", "CondOT", "Polynomial", "Cosine", "LinearVP", "VP", "TargetCFM",
@@ -60,22 +59,17 @@ class AffinePath(Path):
         return coefficient_matrix([sigma, alpha, d_sigma, d_alpha], 2, 2)
 
 
+def _floating(t):
+    """t itself if floating, else in the default float type, as PyTorch's float ops promote it
+    (a matrix built in an integer t's type would truncate sigma)."""
+    return t if t.is_floating_point() else t.to(torch.get_default_dtype())
+
+
 def _parameter(path, name, value):
     """A path's parameter as a float: a finite real number (a Python or NumPy number, or a
     one-element tensor). Each path then checks its own range."""
-    if type(value) is float and math.isfinite(value):   # the usual case, without an ABC check
-        return value
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
-        if value.requires_grad:   # .item() would detach it silently
-            raise ValueError(f"{path}: {name} is a tensor that requires grad; a path's "
-                             f"parameters are constants (learning them is not supported): pass "
-                             f"a number, or the tensor detached")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{path}: {name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{path}: {name} must be finite, got {value}")
-    return float(value)
+    return real_number(value, f"{path}: {name}",
+                       "a path's parameters are constants (learning them is not supported)")
 
 
 class CondOT(AffinePath):
@@ -149,9 +143,10 @@ class VP(AffinePath):
     def __init__(self, beta_min=0.1, beta_max=20.0):
         beta_min, beta_max = _parameter("VP", "beta_min", beta_min), _parameter("VP", "beta_max",
                                                                                 beta_max)
-        if not 0.0 <= beta_min <= beta_max:
-            raise ValueError(f"VP: need 0 <= beta_min <= beta_max, got beta_min={beta_min}, "
-                             f"beta_max={beta_max}")
+        if not 0.0 <= beta_min <= beta_max or beta_max == 0.0:
+            # beta_max = 0 would add no noise: sigma_t = 0 for every t, and u_t 0 / 0.
+            raise ValueError(f"VP: need 0 <= beta_min <= beta_max and beta_max > 0, got "
+                             f"beta_min={beta_min}, beta_max={beta_max}")
         self.beta_min, self.beta_max = beta_min, beta_max
 
     def __call__(self, t):
@@ -179,6 +174,7 @@ class ConstantNoise(Path):
         self.sigma = sigma
 
     def coefficients(self, t):
+        t = _floating(t)
         return coefficient_matrix([1 - t, t, self.sigma, -1, 1, 0], 2, 3, len(t), t.dtype,
                                   t.device)
 
@@ -197,6 +193,7 @@ class SchrodingerBridge(Path):
         self.sigma = sigma
 
     def coefficients(self, t):
+        t = _floating(t)
         s_t = self.sigma * torch.sqrt(t * (1 - t))
         ratio = (1 - 2 * t) / (2 * t * (1 - t) + 1e-8)
         return coefficient_matrix([1 - t, t, s_t, -1, 1, ratio * s_t], 2, 3, len(t), t.dtype,

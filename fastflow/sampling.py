@@ -18,12 +18,13 @@ never synchronises with the host, and on CUDA it can be recorded as one CUDA gra
 """
 import inspect
 import numbers
+import threading
 import warnings
 
 import torch
 
 from . import _noise, _ops
-from ._checks import FLOAT_DTYPES, check_positive, is_integer
+from ._checks import FLOAT_DTYPES, check_positive, describe, is_integer
 from ._tableaus import TABLEAUS
 from .conversions import DIVISOR_EPS, KINDS, conversion_coefficients
 from .paths import AffinePath, get_path, value_key
@@ -35,8 +36,10 @@ GUIDANCE = ("cfg", "cfg_zero_star")
 TIME_CONVENTIONS = ("t", "sigma")
 # Kernel arity: a pass that would need more streams is split (the velocity is stored first).
 _MAX_IN, _MAX_OUT = _ops.MAX_INPUTS, _ops.MAX_OUTPUTS
-# Built coefficient tables, shared by samplers with the same options (oldest dropped first).
+# Built coefficient tables, shared by samplers with the same options (oldest dropped first),
+# whichever threads sample.
 _PLANS = {}
+_PLANS_LOCK = threading.Lock()
 _PLAN_CACHE_SIZE = 32
 # CFG-Zero*: alpha = <v_c, v_u> / (|v_u|^2 + _ZERO_STAR_EPS), per sample.
 _ZERO_STAR_EPS = 1e-8
@@ -121,7 +124,7 @@ class Sampler:
 
     The model's input x is also a buffer that later stages overwrite, and t a view of the
     sampler's time table, shared by samplers with the same options: the model must not modify
-    t in place.
+    t in place (the run then raises an error).
     """
 
     def __init__(self, model, *, method="euler", steps=None, time_grid=None, sigmas=None,
@@ -227,8 +230,7 @@ class Sampler:
         """Re-noising estimates the data from (x, v) at each step's start, dividing by
         alpha_t d_sigma_t - sigma_t d_alpha_t: refuse a grid where that vanishes (t = 0 on
         Polynomial(n > 1), say), which would amplify the model's error a millionfold."""
-        alpha, sigma, d_alpha, d_sigma = self.path(torch.tensor(self.grid[:-1],
-                                                                dtype=torch.float64))
+        alpha, sigma, d_alpha, d_sigma = self.path(_host(self.grid[:-1]))
         det = alpha * d_sigma - sigma * d_alpha
         singular = (det.abs() < DIVISOR_EPS) | ~torch.isfinite(det)
         if singular.any():
@@ -242,7 +244,7 @@ class Sampler:
         """Whether the prediction can not become a velocity at each time: its conversion
         divides by sigma_t (data) or alpha_t (epsilon, score), or the path's derivatives are
         infinite there."""
-        alpha, sigma, d_alpha, d_sigma = self.path(torch.tensor(taus, dtype=torch.float64))
+        alpha, sigma, d_alpha, d_sigma = self.path(_host(taus))
         divisor = sigma if self.prediction == "data" else alpha
         singular = ((divisor.abs() < DIVISOR_EPS) | ~torch.isfinite(d_alpha)
                     | ~torch.isfinite(d_sigma))
@@ -344,7 +346,7 @@ class Sampler:
         if self.prediction == "velocity":
             sign = -1.0 if self.time_convention == "sigma" else 1.0
             return [0.0] * len(taus), [sign] * len(taus)
-        rows = conversion_coefficients(self.path, torch.tensor(taus, dtype=torch.float64),
+        rows = conversion_coefficients(self.path, _host(taus),
                                        self.prediction, "velocity")[:, 0]
         return rows[:, 0].tolist(), rows[:, 1].tolist()
 
@@ -352,9 +354,9 @@ class Sampler:
         """Per step t -> t', the stochastic update x' = alpha_t' x1^ + sigma_t' eps with the
         data estimate x1^ = d_x x + d_v v of (x, v) at t on the path, as the coefficients
         (alpha_t' d_x, alpha_t' d_v, sigma_t')."""
-        t0 = torch.tensor(self.grid[:-1], dtype=torch.float64)
+        t0 = _host(self.grid[:-1])
         to_data = conversion_coefficients(self.path, t0, "velocity", "data")[:, 0]   # [steps, 2]
-        alpha, sigma, _, _ = self.path(torch.tensor(self.grid[1:], dtype=torch.float64))
+        alpha, sigma, _, _ = self.path(_host(self.grid[1:]))
         return ((alpha * to_data[:, 0]).tolist(), (alpha * to_data[:, 1]).tolist(),
                 sigma.tolist())
 
@@ -371,9 +373,10 @@ class Sampler:
                 with torch.inference_mode(False):
                     plan = self._build_plan(device, math, shared)
                 if key is not None:
-                    if len(_PLANS) >= _PLAN_CACHE_SIZE:
-                        del _PLANS[next(iter(_PLANS))]
-                    _PLANS[key] = plan
+                    with _PLANS_LOCK:
+                        if len(_PLANS) >= _PLAN_CACHE_SIZE:
+                            del _PLANS[next(iter(_PLANS))]
+                        _PLANS[key] = plan
             self._plans[device, math, shared] = plan
         return plan
 
@@ -408,8 +411,7 @@ class Sampler:
                     for j in range(len(TABLEAUS[method][0]))]
         stages = len(TABLEAUS[self.method][0])   # the last step's method may have fewer
         rows = [self._stage_times(self._method(i), [i])[0] for i in range(steps)]
-        taus = torch.tensor([row + [0.0] * (stages - len(row)) for row in rows],
-                            dtype=torch.float64)
+        taus = _host([row + [0.0] * (stages - len(row)) for row in rows])
         model_t = (taus if self.time_convention == "t" else 1 - taus) * self.time_scale
         return passes, _TimeViews(model_t.to(device=device, dtype=math))
 
@@ -419,8 +421,9 @@ class Sampler:
         """Sample from x_init ([B, ...] noise, or data with a reversed grid). Returns the final
         state in x_init's dtype (and the [N + 1, ...] intermediates if asked). sample_ids ([B]
         integers, default 0..B-1) name the samples for the stochastic sampler's noise."""
-        if not isinstance(x_init, torch.Tensor) or not x_init.is_floating_point() or x_init.dim() < 1:
-            raise TypeError("x_init: expected a floating tensor [B, ...]")
+        if not isinstance(x_init, torch.Tensor) or x_init.dtype not in FLOAT_DTYPES or x_init.dim() < 1:
+            raise TypeError(f"x_init: expected a float tensor [B, ...] (float32, float64, bfloat16 "
+                            f"or float16), got {describe(x_init)}")
         if x_init.requires_grad and torch.is_grad_enabled():
             raise ValueError("x_init: requires grad, but fastflow's sampler is not "
                              "differentiable (its fused passes update buffers in place); pass "
@@ -453,15 +456,15 @@ class Sampler:
         model reads the state itself (same dtype) rather than a copy."""
         state_dtype = self.state_dtype or (torch.float64 if x_init.dtype == torch.float64
                                            else torch.float32)
-        math = _ops.streams_math_dtype(x_init, torch.empty(0, dtype=state_dtype))
+        math = _ops.streams_math_dtype(x_init, torch.empty(0, dtype=state_dtype, device="meta"))
         shared = x_init.dtype == state_dtype and not self.doubled_batch
         return (state_dtype, shared, *self._plan(x_init.device, math, shared))
 
     def _run(self, x_init, uncond_kwargs, model_kwargs, sample_ids=None):
         state_dtype, shared, plan, model_t = self._tables(x_init)
         batch = x_init.shape[0]
-        times = model_t.get(x_init.shape[0] * (2 if self.doubled_batch else 1),
-                            _ops.math_dtype(x_init.dtype))
+        model_batch = batch * (2 if self.doubled_batch else 1)
+        times = model_t.get(model_batch, _ops.math_dtype(x_init.dtype))
         layout = _Layout(x_init)
         launch = layout.launcher(_ops.affine_out_launcher(x_init.device, mixed_dtypes=True))
         # fp32 tables read streams of at most fp32: an fp64 output is narrowed to them.
@@ -521,6 +524,7 @@ class Sampler:
                 trail[i + 1].copy_(buf["x"])
             if self.callback is not None and (i + 1) % self.callback_every == 0:
                 self.callback(i + 1, self.grid[i + 1], buf["x"])
+        model_t.check_unmodified(model_batch, _ops.math_dtype(x_init.dtype))
         out = buf["x"].to(x_init.dtype, copy=True)
         return (out, trail) if trail is not None else out
 
@@ -583,8 +587,8 @@ class _Pass:
         self.outputs = sorted(outputs, key=lambda name: name in ("x", "F"))
         self.copies = copies
         self.inputs = _streams(outputs)
-        table = torch.tensor([[[outputs[o].get(s, [0.0] * steps)[i] for s in self.inputs]
-                               for o in self.outputs] for i in range(steps)], dtype=torch.float64)
+        table = _host([[[outputs[o].get(s, [0.0] * steps)[i] for s in self.inputs]
+                        for o in self.outputs] for i in range(steps)])
         self.guided_cols = [self.inputs.index(s) for s in ("Pu", "Pc") if s in self.inputs]
         table = table[:, None]                                  # [steps, 1, M, K]
         if self.guided_cols and weights is not None:
@@ -613,18 +617,34 @@ class _TimeViews:
     """The model's time per (step, stage) as [B] views of one device table, made once per batch
     size and type, so the loop hands the model a tensor without running an op. The type is
     that of the model's input x (fp32 for 16-bit models; fp64 only for fp64 x, whatever the
-    state's type)."""
+    state's type). A model that writes into its t would change the times of every later call
+    (PyTorch refuses the write into a view expanded over a batch, not into a batch of one's):
+    `check_unmodified` tells, from the table's version counter."""
 
     def __init__(self, table):
         self.table = table
-        self.views = {}
+        self.views = {}   # (batch, dtype) -> (the table's copy, its version, the views)
 
     def get(self, batch, dtype):
-        if (batch, dtype) not in self.views:
+        entry = self.views.get((batch, dtype))
+        if entry is None:
             with torch.inference_mode(False):   # kept for later calls, as the plan
-                self.views[batch, dtype] = [[t.expand(batch) for t in row.unbind(0)]
-                                            for row in self.table.to(dtype).unbind(0)]
-        return self.views[batch, dtype]
+                copy = self.table.to(dtype, copy=True)
+                entry = self.views[batch, dtype] = (copy, copy._version, [
+                    [t.expand(batch) for t in row.unbind(0)] for row in copy.unbind(0)])
+        return entry[2]
+
+    def check_unmodified(self, batch, dtype):
+        """Raise if the model wrote into the times of `get(batch, dtype)`, dropping them."""
+        copy, version, _ = self.views[batch, dtype]
+        if copy._version != version:
+            del self.views[batch, dtype]
+            raise RuntimeError(_T_WRITTEN)
+
+
+_T_WRITTEN = ("model: it modified its t in place (t.mul_(1000), t += 1, ...), and the sampler "
+              "hands every call a view of one time table, so later calls saw the changed times "
+              "and the result is wrong; compute a new tensor instead (t = t * 1000)")
 
 
 def _zero_star_weights(uncond, cond, batch):
@@ -658,12 +678,22 @@ def _substitute(combo, k):
 def _sample_ids(ids, batch, device):
     if ids is None:
         return torch.arange(batch, device=device)
-    ids = torch.as_tensor(ids, device=device)
+    try:
+        ids = torch.as_tensor(ids, device=device)
+    except (TypeError, ValueError, RuntimeError) as err:   # a meta tensor, strings, ...
+        raise ValueError(f"sample_ids: expected {batch} integers, got {describe(ids)} "
+                         f"({err})") from None
     if (ids.shape != (batch,) or ids.is_floating_point() or ids.is_complex()
             or ids.dtype == torch.bool):
         raise ValueError(f"sample_ids: expected {batch} integers, got {ids.dtype} of shape "
                          f"{tuple(ids.shape)}")
     return ids.to(torch.int64)
+
+
+def _host(values):
+    """Numbers (nested lists of them) as a float64 CPU tensor: the tables the sampler builds
+    on the host, wherever torch.set_default_device points."""
+    return torch.tensor(values, dtype=torch.float64, device="cpu")
 
 
 def _seed(seed):
@@ -676,9 +706,10 @@ def _scale_row(value):
     """One step's guidance scale as a 1-D float64 host tensor: one entry, or one per sample
     (from a tensor, a list or an array)."""
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return _finite_scales(torch.tensor([float(value)], dtype=torch.float64), value)
+        return _finite_scales(_host([float(value)]), value)
     try:
-        scales = torch.as_tensor(value)
+        scales = torch.as_tensor(value, device=value.device if isinstance(value, torch.Tensor)
+                                 else "cpu")
     except (TypeError, ValueError, RuntimeError):
         scales = None
     if (scales is None or scales.dim() > 1 or not scales.numel() or scales.is_complex()
@@ -707,7 +738,7 @@ def _checked(out, shape, narrow, model_input):
     """The model's output after the checks that keep the fused pass in bounds (the kernels
     check devices themselves); fp64 narrowed to fp32 where the tables are fp32; a copy if it
     shares memory with the model's input (an identity or in-place model), which the pass may
-    overwrite before it reads the output there. The model's inputs are sampler buffers at the
+    overwrite before it reads the output there; resolved if it has the negative bit. The model's inputs are sampler buffers at the
     start of storages of their own, so an output of their size shares memory with one exactly
     when its storage starts there: one comparison, whichever storage object (a NumPy round trip,
     DLPack) the model hands back."""
@@ -717,10 +748,15 @@ def _checked(out, shape, narrow, model_input):
     if out.dtype not in FLOAT_DTYPES:
         raise ValueError(f"model: expected a floating output (float32, float64, bfloat16 or "
                          f"float16), got {out.dtype}")
+    if out.device != model_input.device:
+        raise ValueError(f"model: expected an output on {model_input.device} (its input's "
+                         f"device), got {out.device}")
     if narrow and out.dtype == torch.float64:
         out = out.float()
     elif out.untyped_storage().data_ptr() == model_input.untyped_storage().data_ptr():
         out = out.clone()
+    if out.is_neg():   # its memory holds minus its values (x.conj().imag), which a pass reads
+        out = out.resolve_neg()
     return out
 
 
@@ -778,13 +814,17 @@ def _host_grid(steps, time_grid, sigmas, reverse):
     if steps is not None:
         if not is_integer(steps) or steps < 1:
             raise ValueError(f"steps: expected a positive integer, got {steps!r}")
-        grid = torch.linspace(0, 1, steps + 1, dtype=torch.float64).tolist()
+        grid = torch.linspace(0, 1, steps + 1, dtype=torch.float64, device="cpu").tolist()
         return grid[::-1] if reverse else grid
     if reverse:
         raise ValueError("reverse: only with steps; give a decreasing time_grid instead")
     name, values = ("time_grid", time_grid) if time_grid is not None else ("sigmas", sigmas)
     if not isinstance(values, torch.Tensor):   # Python floats are float64: keep every digit
-        values = torch.as_tensor(values, dtype=torch.float64)
+        try:
+            values = _host(values)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{name}: expected a 1-D floating grid of at least 2 points, got "
+                             f"{values!r}") from None
     if values.dim() != 1 or values.numel() < 2 or not values.is_floating_point():
         raise ValueError(f"{name}: expected a 1-D floating grid of at least 2 points, got shape "
                          f"{tuple(values.shape)} and dtype {values.dtype}")

@@ -31,7 +31,8 @@ The legacy behaviour of the scheduler is kept on purpose, since models were tune
 
 Where diffusers would return NaN or complex values, a ValueError says why instead: a
 ``shift_terminal`` stretch whose last shifted sigma is 1 (one step, say), a shift <= 0, a
-Karras grid with a negative end, a linear time shift with mu <= 0.
+Karras grid with a negative end, a linear time shift with mu <= 0, a shift, mu or
+shift_terminal that is not finite.
 """
 import math
 import numbers
@@ -70,6 +71,8 @@ def _check_number(name, value, low=None, low_open=False, integer=False):
     kind = numbers.Integral if integer else numbers.Real
     if isinstance(value, bool) or not isinstance(value, kind):
         raise TypeError(f"{name} must be {'an int' if integer else 'a real number'}, got {value!r}")
+    if not integer and not math.isfinite(value):   # NaN passes every comparison below
+        raise ValueError(f"{name} must be finite, got {value!r}")
     if low is not None and (value <= low if low_open else value < low):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
 
@@ -146,7 +149,8 @@ def flow_match_sigmas(num_steps=None, *, sigmas=None, mu=None, num_train_timeste
     if sigmas is None:
         # __init__'s training sigmas, of which set_timesteps reads only the two ends: N / N and
         # 1 / N in float32, statically shifted unless the shift is dynamic (torch, float32).
-        ends = torch.tensor([num_train_timesteps, 1], dtype=torch.float32) / num_train_timesteps
+        ends = torch.tensor([num_train_timesteps, 1], dtype=torch.float32,
+                            device="cpu") / num_train_timesteps
         if not use_dynamic_shifting:
             ends = shift * ends / (1 + (shift - 1) * ends)
         sigma_max, sigma_min = ends.tolist()
@@ -202,9 +206,9 @@ def flow_match_sigmas(num_steps=None, *, sigmas=None, mu=None, num_train_timeste
     out = torch.from_numpy(np.asarray(grid)).to(torch.float32)
     # The final value is appended in fp32 explicitly (diffusers uses the default dtype there).
     if invert_sigmas:
-        out = torch.cat([1.0 - out, torch.ones(1, dtype=torch.float32)])
+        out = torch.cat([1.0 - out, torch.ones(1, dtype=torch.float32, device="cpu")])
     else:
-        out = torch.cat([out, torch.zeros(1, dtype=torch.float32)])
+        out = torch.cat([out, torch.zeros(1, dtype=torch.float32, device="cpu")])
     return out.to(device) if device is not None else out
 
 
@@ -216,7 +220,10 @@ def time_grid(sigmas):
     the sampler steps with h = t_{i+1} - t_i. Do not use it on ``invert_sigmas`` schedules, which
     already count up.
     """
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
+    try:
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"sigmas: expected a 1-D grid of numbers, got {sigmas!r}") from None
     if sigmas.dim() != 1:
         raise ValueError(f"sigmas: expected a 1-D grid, got shape {tuple(sigmas.shape)}")
     return 1 - sigmas
@@ -225,6 +232,6 @@ def time_grid(sigmas):
 def uniform_time_grid(num_steps, device=None, dtype=torch.float32):
     """The uniform grid 0 = t_0 < t_1 < ... < t_N = 1 of N = ``num_steps`` equal steps."""
     _check_number("num_steps", num_steps, low=1, integer=True)
-    if not dtype.is_floating_point:
-        raise TypeError(f"dtype: expected a floating type for the times, got {dtype}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a floating torch.dtype for the times, got {dtype!r}")
     return torch.linspace(0, 1, num_steps + 1, device=device, dtype=dtype)

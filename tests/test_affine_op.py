@@ -303,21 +303,27 @@ def test_cpu_kernel_rejects_bad_calls(args):
         compiled_extension().affine_cpu(*args)
 
 
-# Each entry: (a, b, groups) of one bad call to fastflow._C.affine_dot_cpu.
+# Each entry: (a, b, groups) of one bad call to fastflow._C.affine_dot_cpu, and the error. They
+# borrowed affine's checks, which named outputs and coefficients the op does not have, and
+# allocated a [groups, M, K] placeholder first (4 TB for groups = 2**40).
 BAD_CPU_DOT_CALLS = {
-    "mismatched numel": ([_f32(6)], [_f32(5)], 1),
-    "empty side": ([], [_f32(6)], 1),
-    "negative groups": ([_f32(6)], [_f32(6)], -1),
-    "groups do not divide numel": ([_f32(7)], [_f32(7)], 2),
-    "too many on a side": ([_f32(6)] * 5, [_f32(6)], 1),
-    "non-contiguous": ([_f32(3, 4).t()], [_f32(4, 3)], 1),
-    "dtypes differ": ([_f32(6)], [_f32(6).double()], 1),
+    "mismatched numel": ([_f32(6)], [_f32(5)], 1, "a tensor of b has 5 elements, expected 6"),
+    "empty side": ([], [_f32(6)], 1, "expected 1 to 4 tensors in a, got 0"),
+    "negative groups": ([_f32(6)], [_f32(6)], -1, "6 elements do not split into -1 groups"),
+    "no groups": ([_f32(6)], [_f32(6)], 0, "6 elements do not split into 0 groups"),
+    "huge groups": ([_f32(12)], [_f32(12)], 2**40, "12 elements do not split into 1099511627776"),
+    "groups do not divide numel": ([_f32(7)], [_f32(7)], 2, "7 elements do not split into 2"),
+    "too many on a side": ([_f32(6)] * 5, [_f32(6)], 1, "expected 1 to 4 tensors in a, got 5"),
+    "non-contiguous": ([_f32(3, 4).t()], [_f32(4, 3)], 1, "a tensor of a must be contiguous"),
+    "dtypes differ": ([_f32(6)], [_f32(6).double()], 1,
+                      "a tensor of b has dtype Double, expected Float"),
 }
 
 
 @pytest.mark.parametrize("args", BAD_CPU_DOT_CALLS.values(), ids=BAD_CPU_DOT_CALLS.keys())
 def test_cpu_dot_kernel_rejects_bad_calls(args):
-    with pytest.raises(ValueError, match="fastflow affine"):
+    *args, message = args
+    with pytest.raises(ValueError, match=f"fastflow affine_dot: {message}"):
         compiled_extension().affine_dot_cpu(*args)
 
 
@@ -489,6 +495,46 @@ def test_fake_and_meta_tensors_take_the_fake_kernel():
     assert x_t.shape == u_t.shape == x1.shape
     x_t, _ = fastflow.interpolate(x0.to("meta"), x1.to("meta"), t.to("meta"))
     assert x_t.device.type == "meta" and x_t.shape == x1.shape
+
+
+def _negative_bit(x):
+    """x's values in a tensor with the negative bit: memory holding -x (as x.conj().imag of a
+    complex x holds -x.imag)."""
+    y = torch._neg_view(-x)
+    assert y.is_neg() and torch.equal(y, x)
+    return y
+
+
+def test_tensors_with_the_negative_bit_are_read_as_their_values():
+    # The direct path read their memory, the other sign: interpolate's x_t was off by 4.6.
+    g = torch.Generator().manual_seed(3)
+    x0, x1, pred = (torch.randn(4, 6, generator=g) for _ in range(3))
+    t, weight, w = torch.rand(4, generator=g), torch.rand(4, generator=g), torch.randn(3, generator=g)
+    n = _negative_bit
+    calls = [
+        (lambda a, b, t: fastflow.interpolate(a, b, t), (x0, x1, t)),
+        (lambda p, a, b, t, w: fastflow.flow_matching_loss(p, a, b, t, weight=w, reduction="none"),
+         (pred, x0, x1, t, weight)),
+        (lambda p, a, t: fastflow.convert(p, a, t, src="epsilon", dst="velocity"), (pred, x0, t)),
+        (lambda t: fastflow.timestep_embedding(t, 8), (t,)),
+        (lambda t, w: fastflow.fourier_embedding(t, w), (t, w)),
+    ]
+    for fn, args in calls:
+        want = fn(*args)
+        for k in range(len(args)):
+            got = fn(*[n(x) if i == k else x for i, x in enumerate(args)])
+            for a, b in zip(got if isinstance(got, tuple) else (got,),
+                            want if isinstance(want, tuple) else (want,)):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # The training step's gradient, with the weight's negative bit.
+    grads = []
+    for weight_in in (weight, n(weight)):
+        p = pred.clone().requires_grad_()
+        fastflow.flow_matching_loss(p, x0, x1, t, weight=weight_in).backward()
+        grads.append(p.grad)
+    torch.testing.assert_close(*grads, rtol=1e-6, atol=1e-7)   # two autograd nodes: an ulp
+    with pytest.raises(ValueError, match="out\\[0\\]: a tensor with the negative bit"):
+        fastflow.interpolate(x0, x1, t, out=(n(torch.zeros(4, 6)), torch.zeros(4, 6)))
 
 
 def test_the_profiler_records_the_op():

@@ -242,8 +242,10 @@ def test_bad_input_raises_clear_errors():
         fm.sample_location_and_conditional_flow(x0, x1, t=0.5)
     with pytest.raises(ValueError, match="one time per sample of the batch of 4"):
         fm.compute_mu_t(x0, x1, torch.rand(4, 2))
-    with pytest.raises(TypeError, match="floating-point"):
+    with pytest.raises(TypeError, match="x0: expected floating-point tensors, got torch.int64"):
         fm.compute_conditional_flow(x0.long(), x1.long(), torch.rand(4), None)
+    with pytest.raises(TypeError, match="t: expected floating-point tensors, got torch.complex64"):
+        fm.compute_mu_t(x0, x1, torch.rand(4, dtype=torch.complex64))   # it blamed x0
     with pytest.raises(TypeError, match="x0: expected a tensor"):
         fm.compute_mu_t([1.0], x1, torch.rand(4))
     with pytest.raises(RuntimeError):  # torchcfm's own failure: no normal draw for integers

@@ -3,6 +3,7 @@ features), on every backend, with gradients, opcheck, compile and bad input."""
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -346,3 +347,43 @@ def test_meta_backward_checks_the_rows_as_the_kernels_do():
         with pytest.raises(ValueError, match="grad must have 3 rows"):
             torch.ops.fastflow.sinusoid_backward(grad.to(device), t.to(device), freqs.to(device),
                                                  1.0, False, True, True)
+
+
+def test_the_backward_op_refuses_a_grad_on_another_device():
+    # A meta grad beside CPU t and freqs sent the call to the fake kernel, whose outputs are
+    # CPU tensors that nothing fills: uninitialised memory, on every backend.
+    grad, t, freqs = torch.randn(3, 8), torch.rand(3), torch.rand(4)
+    for a, b in (("meta", "cpu"), ("cpu", "meta")):
+        with pytest.raises(ValueError, match=f"grad must have 3 rows on {b}, got \\[3, 8\\] on {a}"):
+            torch.ops.fastflow.sinusoid_backward(grad.to(a), t.to(b), freqs.to(b), 1.0, False,
+                                                 True, True)
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    # float(scale) detached it: the gradient that diffusers gives scale was silently dropped.
+    ({"scale": torch.tensor(2.0, requires_grad=True)}, ValueError,
+     "scale is a tensor that requires grad"),
+    ({"scale": "2"}, TypeError, "scale must be a number, got str"),
+    ({"scale": 1j}, TypeError, "scale must be a number, got complex"),
+    ({"scale": torch.tensor([1.0, 2.0])}, TypeError, "scale must be a number, got Tensor"),
+    ({"scale": float("nan")}, ValueError, "scale must be finite"),
+    ({"downscale_freq_shift": "1"}, TypeError, "downscale_freq_shift must be a number, got str"),
+    ({"max_period": True}, ValueError, "max_period: expected a finite positive number"),
+])
+def test_the_embedding_checks_its_numbers(kwargs, error, message):
+    t = torch.tensor([1.0, 5.0])
+    with pytest.raises(error, match=message):
+        fastflow.timestep_embedding(t, 8, **kwargs)
+    # A one-element tensor that needs no gradient is a number.
+    assert bits_equal(fastflow.timestep_embedding(t, 8, scale=torch.tensor(2.0)),
+                      fastflow.timestep_embedding(t, 8, scale=2.0))
+
+
+def test_the_layers_check_their_arguments():
+    assert FourierEmbedding(np.int64(8)).weight.shape == (4,)
+    with pytest.raises(TypeError, match="scale must be a number, got str"):
+        FourierEmbedding(8, scale="2")
+    with pytest.raises(TypeError, match="scale must be a number, got Tensor"):
+        FourierEmbedding(8, scale=torch.ones(2, 4))   # built a [2, 4] weight
+    with pytest.raises(TypeError, match="t: expected a 1-D tensor of times, got list"):
+        TimestepEmbedder(16)([0.1])

@@ -79,3 +79,41 @@ def test_reductions_and_errors():
         fastflow.flow_map_loss(model, x0, x1, 0.5, s=torch.rand(3))
     with pytest.raises(TypeError, match="u: expected a floating-point tensor"):
         fastflow.flow_map_loss(model, x0, x1, 0.5, u=torch.ones(2, dtype=torch.long))
+
+
+def test_a_map_that_writes_into_its_times_gets_an_error():
+    # A batch of one's s and t are writable views of the cached grid: s.mul_(1000) changed the
+    # times of every later call with that grid.
+    def scaling_in_place(x, s, t):
+        s.mul_(1000)
+        return x + (t - s)[:, None]
+
+    x = torch.zeros(1, 2)
+    with pytest.raises(RuntimeError, match="model: it modified its s or t in place"):
+        fastflow.sample_flow_map(scaling_in_place, x, steps=2)
+    out = fastflow.sample_flow_map(lambda x, s, t: x + (t - s)[:, None], x, steps=2)
+    assert torch.equal(out, torch.ones(1, 2))
+
+
+def test_steps_and_a_time_grid_together_are_refused():
+    # The grid won and steps was silently ignored; fastflow.sample refuses the pair.
+    with pytest.raises(ValueError, match="steps, time_grid, sigmas: give exactly one"):
+        fastflow.sample_flow_map(lambda x, s, t: x, torch.zeros(2, 3), steps=3,
+                                 time_grid=[0.0, 1.0])
+
+
+def test_term_weights_are_numbers_or_tensors():
+    # A [B] weight raised "Boolean value of Tensor ... is ambiguous"; a string an index error.
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    t = torch.rand(4, generator=g)
+    phi = lambda x, s, t: x * (1 + t - s)[:, None]  # noqa: E731
+    w = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    per_sample = fastflow.flow_map_loss(phi, x0, x1, t, match_weight=w, reduction="none")
+    terms = fastflow.flow_map_loss(phi, x0, x1, t, match_weight=1.0, reduction="none")
+    unmatched = fastflow.flow_map_loss(phi, x0, x1, t, match_weight=0.0, reduction="none")
+    torch.testing.assert_close(per_sample, unmatched + w * (terms - unmatched))
+    with pytest.raises(TypeError, match="match_weight must be a number, got str"):
+        fastflow.flow_map_loss(phi, x0, x1, t, match_weight="1")
+    with pytest.raises(ValueError, match="identity_weight must be finite"):
+        fastflow.flow_map_loss(phi, x0, x1, t, identity_weight=float("nan"))

@@ -135,6 +135,18 @@ def test_sigma_selects_the_noisy_path():
         fastflow.FlowMatcher("schrodinger_bridge", sigma=0.0)
 
 
+@pytest.mark.parametrize("kwargs,error,message", [
+    ({"sigma": "abc"}, TypeError, "sigma must be a number, got str"),
+    ({"sigma": True}, TypeError, "sigma must be a number, got bool"),    # was 1.0
+    ({"logit_std": "1"}, TypeError, "logit_std must be a number, got str"),
+    ({"logit_std": float("inf")}, ValueError, "logit_std must be finite"),
+    ({"logit_mean": float("nan")}, ValueError, "logit_mean must be finite"),   # a NaN loss
+])
+def test_the_matcher_checks_its_numbers(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        fastflow.FlowMatcher(time_sampler="logit_normal", **kwargs)
+
+
 def test_compiled_training_step():
     model, x1 = Tiny(), torch.randn(8, 6)
     fm = fastflow.FlowMatcher(path="cosine")

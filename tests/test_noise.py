@@ -95,6 +95,10 @@ def test_bad_input():
         fastflow._ops.gaussian_out(torch.zeros(2, dtype=torch.int64), 0, 0, out)
     with pytest.raises(ValueError, match="out must be a floating"):
         fastflow._ops.gaussian_out(torch.zeros(3, dtype=torch.int64), 0, 0, out.int())
+    from conftest import compiled_extension   # float8 reached the CPU kernel's dtype dispatch
+    with pytest.raises(ValueError, match="out must be a floating"):
+        compiled_extension().gaussian_cpu(torch.zeros(3, dtype=torch.int64), 0, 0,
+                                          out.to(torch.float8_e4m3fn))
     for seed in (2 ** 63, -2 ** 63 - 1):   # _noise.gaussian maps [2**63, 2**64) to negatives
         with pytest.raises(ValueError, match=r"seed must be in \[-2\*\*63, 2\*\*63\)"):
             fastflow._ops.gaussian_out(torch.zeros(3, dtype=torch.int64), seed, 0, out)

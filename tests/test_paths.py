@@ -175,6 +175,8 @@ BAD_ARGUMENTS = [
     (paths.TargetCFM, {"sigma": 1.0}, ValueError, "sigma_min must be in"),
     (paths.VP, {"beta_min": 2.0, "beta_max": 1.0}, ValueError, "VP: need 0 <= beta_min <= beta_"),
     (paths.VP, {"beta_min": -0.1}, ValueError, "VP: need 0 <= beta_min"),
+    # No noise at any t: u_t was 0 / 0 everywhere.
+    (paths.VP, {"beta_min": 0.0, "beta_max": 0.0}, ValueError, "VP: need .* beta_max > 0"),
     (paths.Polynomial, {"n": "2"}, TypeError, "Polynomial: n must be a number"),
     (paths.Polynomial, {"n": None}, TypeError, "Polynomial: n must be a number"),
     (paths.Polynomial, {"n": True}, TypeError, "Polynomial: n must be a number"),
@@ -317,3 +319,11 @@ def test_native_coefficients_reject_bad_calls(args, message):
 
     with pytest.raises(ValueError, match=message):
         compiled_extension().path_coefficients_cpu(*args)
+
+
+@pytest.mark.parametrize("path", [paths.ConstantNoise(0.5), paths.SchrodingerBridge(0.5),
+                                  paths.CondOT(0.1)], ids=repr)
+def test_integer_times_give_the_coefficients_of_their_float_values(path):
+    # The noise paths built their matrix in t's type: sigma = 0.5 became 0 for integer t.
+    t = torch.tensor([0, 1])
+    assert torch.equal(path.coefficients(t), path.coefficients(t.float()))

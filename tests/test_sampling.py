@@ -453,6 +453,15 @@ def test_bad_input():
         fastflow.sample(model, x0, steps=2, stochastic=True, sample_ids=torch.ones(4, dtype=bool))
     with pytest.raises(ValueError, match="model: expected a floating output"):
         fastflow.sample(lambda x, t: x.long(), x0, steps=2)
+    # These named the kernel's "an input" and PyTorch's meta copy.
+    with pytest.raises(ValueError, match="model: expected an output on cpu .* got meta"):
+        fastflow.sample(lambda x, t: x.to("meta"), x0, steps=2)
+    with pytest.raises(ValueError, match="sample_ids: expected 4 integers, got a torch.int64 "
+                                         "tensor"):
+        fastflow.sample(model, x0, steps=2, stochastic=True,
+                        sample_ids=torch.arange(4, device="meta"))
+    with pytest.raises(ValueError, match="time_grid: expected a 1-D floating grid .* got '01'"):
+        fastflow.sample(model, x0, time_grid="01")
 
 
 def test_guidance_scales_are_one_per_sample():
@@ -661,8 +670,11 @@ def test_flow_map_sampler_composes_jumps():
     with pytest.raises(ValueError, match=r"model: expected the map to return a torch.float32 "
                                          r"tensor .* got torch.float64"):
         fastflow.sample_flow_map(lambda x, s, t: x.double(), x0)
-    with pytest.raises(TypeError, match=r"x_init: expected a floating tensor"):
-        fastflow.sample_flow_map(phi, torch.zeros(2, 3, dtype=torch.int64))
+    for dtype in (torch.int64, torch.float8_e4m3fn):
+        with pytest.raises(TypeError, match=f"x_init: expected a float tensor .* got a {dtype}"):
+            fastflow.sample_flow_map(phi, torch.zeros(2, 3).to(dtype))
+        with pytest.raises(TypeError, match=f"x_init: expected a float tensor .* got a {dtype}"):
+            fastflow.sample(lambda x, t: x, torch.zeros(2, 3).to(dtype), steps=2)
 
 
 def test_flow_map_sampler_gives_times_in_the_math_type():
@@ -709,3 +721,58 @@ def test_zero_init_steps_never_read_the_model(method):
         want = reference.sample(model, x, grid, method=method, zero_init_steps=1,
                                 cfg_zero_star=True, **options)
         assert torch.isfinite(got).all() and _scaled_error(got, want) < 1e-6
+
+
+@pytest.mark.parametrize("options", [dict(), dict(guidance_scale=2.0, doubled_batch=True),
+                                     dict(guidance_scale=2.0, uncond_kwargs={})], ids=str)
+def test_a_model_output_with_the_negative_bit_is_read_as_its_values(options):
+    # Its memory holds minus its values (as x.conj().imag's does): the passes read the memory.
+    x = torch.randn(3, 4)
+    with_bit = lambda x, t: torch._neg_view(x * 0.5)  # noqa: E731  (values -x / 2)
+    plain = lambda x, t: -(x * 0.5)  # noqa: E731
+    for method in ("euler", "heun"):
+        assert bits_equal(fastflow.sample(with_bit, x, steps=3, method=method, **options),
+                          fastflow.sample(plain, x, steps=3, method=method, **options))
+
+
+@pytest.mark.parametrize("inference", [False, True], ids=["grad mode", "inference mode"])
+def test_a_model_that_writes_into_its_t_gets_an_error(inference):
+    # A batch of one's t is a writable view of the shared time table: t.mul_(1000) changed the
+    # times of every later call, this sampler's and other samplers' with the same options.
+    def scaling_in_place(x, t):
+        t.mul_(1000)
+        return -x
+
+    x = torch.randn(1, 3)
+    with torch.inference_mode(inference):
+        for method in ("euler", "heun"):
+            want = fastflow.sample(lambda x, t: -x, x, steps=4, method=method)
+            with pytest.raises(RuntimeError, match="model: it modified its t in place"):
+                fastflow.sample(scaling_in_place, x, steps=4, method=method)
+            seen = []
+            fastflow.sample(lambda x, t: (seen.append(t.item()), -x)[1], x, steps=4,
+                            method=method)
+            assert max(seen) <= 1.0   # the table was rebuilt
+            assert bits_equal(fastflow.sample(lambda x, t: -x, x, steps=4, method=method), want)
+
+
+def test_the_host_tables_ignore_the_default_device():
+    # They were built wherever torch.set_default_device pointed: with "meta" (or "cuda" beside
+    # CPU data) the samplers and schedules failed. "meta" stands for any other device here.
+    x = torch.randn(3, 4)
+    runs = {
+        "sample": lambda: fastflow.sample(lambda x, t: -x, x, steps=3, method="heun"),
+        "guided sample": lambda: fastflow.sample(lambda x, t, c=1.0: -c * x, x, steps=3,
+                                                 guidance_scale=[1.5, 2.0, 2.5],
+                                                 uncond_kwargs={"c": 0.5}),
+        "stochastic epsilon": lambda: fastflow.sample(lambda x, t: -x, x, prediction="epsilon",
+                                                      time_grid=[0.1, 0.5, 0.9], stochastic=True),
+        "grid": lambda: fastflow.Sampler(lambda x, t: -x, time_grid=[0.0, 0.5, 1.0])(x),
+        "flow map": lambda: fastflow.sample_flow_map(lambda x, s, t: x * t[:, None], x, steps=2),
+        "schedule": lambda: fastflow.schedules.flow_match_sigmas(5, shift=3.0),
+        "custom schedule": lambda: fastflow.schedules.flow_match_sigmas(None, sigmas=[1.0, 0.5]),
+    }
+    want = {name: run() for name, run in runs.items()}
+    with torch.device("meta"):
+        for name, run in runs.items():
+            assert bits_equal(run(), want[name]), name

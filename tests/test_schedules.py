@@ -269,6 +269,14 @@ def test_device_and_grids():
     (dict(num_steps=4, use_karras_sigmas=True, use_exponential_sigmas=True), ValueError,
      "only one of .*use_karras_sigmas, use_exponential_sigmas"),
     (dict(num_steps=4, shift=0.0), ValueError, "shift must be > 0"),
+    # Not finite: NaN passed the range checks, and every sigma came back NaN.
+    (dict(num_steps=4, shift=float("nan")), ValueError, "shift must be finite"),
+    (dict(num_steps=4, shift=float("inf")), ValueError, "shift must be finite"),
+    (dict(num_steps=4, use_dynamic_shifting=True, mu=float("nan")), ValueError,
+     "mu must be finite"),
+    (dict(num_steps=4, use_dynamic_shifting=True, mu=-float("inf")), ValueError,
+     "mu must be finite"),
+    (dict(num_steps=4, shift_terminal=float("nan")), ValueError, "shift_terminal must be finite"),
     (dict(num_steps=4, num_train_timesteps=0), ValueError, "num_train_timesteps must be >= 1"),
     (dict(num_steps=4, shift_terminal=1.0), ValueError, r"shift_terminal must be in \[0, 1\)"),
     (dict(num_steps=4, shift_terminal=-0.1), ValueError, "shift_terminal must be >= 0"),
@@ -283,8 +291,12 @@ def test_bad_arguments(kwargs, error, message):
 def test_uniform_time_grid_bad_steps():
     with pytest.raises(ValueError, match="num_steps must be >= 1"):
         uniform_time_grid(0)
-    with pytest.raises(TypeError, match="dtype: expected a floating type"):
+    with pytest.raises(TypeError, match="dtype: expected a floating torch.dtype"):
         uniform_time_grid(3, dtype=torch.int64)   # would be [0, 0, 0, 1]
+    with pytest.raises(TypeError, match="dtype: expected a floating torch.dtype"):
+        uniform_time_grid(3, dtype="float32")
+    with pytest.raises(TypeError, match="sigmas: expected a 1-D grid of numbers, got 'abc'"):
+        time_grid("abc")
 
 
 def test_beta_without_scipy(monkeypatch):

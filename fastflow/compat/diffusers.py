@@ -53,8 +53,10 @@ generation) is the original's.
 underneath: fp32 math and result as in diffusers (an fp64 t is rounded to fp32 first), equal
 within an ulp of sin / cos. Arguments are checked where diffusers would compute on regardless:
 ``embedding_dim`` must be a positive integer, ``max_period`` a positive number, ``timesteps`` a
-1-D tensor of numbers (not bools), and an ill-posed ``downscale_freq_shift == embedding_dim //
-2`` raises instead of returning NaN. Each raises a ValueError or TypeError (fastflow's own
+1-D tensor of numbers (not bools), ``scale`` and ``downscale_freq_shift`` finite numbers, and an
+ill-posed ``downscale_freq_shift == embedding_dim // 2`` raises instead of returning NaN. A
+``scale`` tensor that requires grad is refused: the fused kernel takes it as a constant, where
+diffusers would differentiate through it. Each raises a ValueError or TypeError (fastflow's own
 names: ``t`` for timesteps, ``dim`` for embedding_dim); timesteps of another rank raise a
 ValueError that is also the AssertionError diffusers raises.
 """

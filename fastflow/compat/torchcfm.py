@@ -101,7 +101,8 @@ def _fused(streams, rows):
     per_sample = [c for row in rows for c in row.values() if isinstance(c, torch.Tensor)]
     dtype = _result_dtype(xs, per_sample)
     if not dtype.is_floating_point or dtype.is_complex:
-        raise TypeError(f"{ref_name}: expected floating-point tensors, got {dtype}")
+        culprit = "t" if _result_dtype(xs, []).is_floating_point else ref_name
+        raise TypeError(f"{culprit}: expected floating-point tensors, got {dtype}")
     batch = ref.shape[0]
     for c in per_sample:
         if c.numel() != batch and c.numel() != 1:
