@@ -16,7 +16,8 @@ namespace {
 void check_stream(const char* op, const at::Tensor& x, const char* what, const at::Tensor& ref,
                   c10::DeviceType device, bool one_dtype) {
   const auto type = x.scalar_type();
-  TORCH_CHECK_VALUE(is_stream_type(type), op, ": ", what, " must be float16, bfloat16, float32 or float64, got ", type);
+  TORCH_CHECK_VALUE(is_stream_type(type), op, ": ", what,
+                    " must be float16, bfloat16, float32 or float64, got ", type);
   TORCH_CHECK_VALUE(x.device().type() == device, op, ": ", what, " is on ", x.device(),
                     ", expected a ", c10::DeviceTypeName(device), " tensor");
   TORCH_CHECK_VALUE(x.device() == ref.device(), op, ": ", what, " is on ", x.device(),

@@ -31,12 +31,27 @@ inline uint32_t mix32(uint32_t x) {
   return x ^ (x >> 16);
 }
 
-// The key of a sample (fastflow._noise.sample_keys); seed_lo, seed_hi and step already hashed.
-uint32_t sample_key(int64_t id, uint32_t seed_lo, uint32_t seed_hi, uint32_t step) {
+// The chains of fastflow._noise.sample_keys: their state after the seed's two words...
+struct SeedState {
+  uint32_t h[2];
+};
+
+SeedState seed_state(int64_t seed) {
+  constexpr uint32_t kStarts[2] = {0x6A09E667u, 0xBB67AE85u};  // fastflow._noise.CHAIN_STARTS
+  const uint64_t s = static_cast<uint64_t>(seed);
+  SeedState state;
+  for (int c = 0; c < 2; ++c)
+    state.h[c] = mix32(mix32(kStarts[c] ^ static_cast<uint32_t>(s)) ^
+                       static_cast<uint32_t>(s >> 32));
+  return state;
+}
+
+// ...then after the sample id's two words and the step: one chain's key.
+uint32_t sample_key(uint32_t state, int64_t id, uint32_t step) {
   const uint64_t bits = static_cast<uint64_t>(id);
-  uint32_t key = mix32(static_cast<uint32_t>(bits) ^ seed_lo);
-  key = mix32(key ^ mix32(static_cast<uint32_t>(bits >> 32)) ^ seed_hi);
-  return mix32(key ^ step);
+  const uint32_t h =
+      mix32(mix32(static_cast<uint32_t>(bits) ^ state) ^ static_cast<uint32_t>(bits >> 32));
+  return mix32(h ^ step);
 }
 
 // The top 24 bits as a float in (0, 1]: (k + 0.5) / 2^24, the sum rounded to float.
@@ -76,28 +91,29 @@ inline float cos_two_pi(float u) {
   return cos_of_quadrant(q, sin_poly(x, z), cos_poly(z));
 }
 
-// z[j] for the elements first, ..., first + n - 1 of a sample with this key.
+// z[j] for the elements first, ..., first + n - 1 of a sample with the keys k0, k1.
 FASTFLOW_SIMD_CLONES
-void gaussian_tile(uint32_t key, uint32_t first, int64_t n, float* z) {
+void gaussian_tile(uint32_t k0, uint32_t k1, uint32_t first, int64_t n, float* z) {
   for (int64_t j = 0; j < n; ++j) {
     const uint32_t i = first + static_cast<uint32_t>(j);
-    const float u1 = uniform(mix32(key ^ mix32(2 * i)));
-    const float u2 = uniform(mix32(key ^ mix32(2 * i + 1)));
+    const float u1 = uniform(mix32(k0 ^ mix32((2 * i) ^ k1)));
+    const float u2 = uniform(mix32(k0 ^ mix32((2 * i + 1) ^ k1)));
     z[j] = std::sqrt(-2.0f * log_positive(u1)) * cos_two_pi(u2);
   }
 }
 
 template <typename scalar_t>
-void gaussian_kernel(const int64_t* ids, uint32_t seed_lo, uint32_t seed_hi, uint32_t step,
-                     int64_t batch, int64_t n, scalar_t* out) {
+void gaussian_kernel(const int64_t* ids, SeedState seed, uint32_t step, int64_t batch, int64_t n,
+                     scalar_t* out) {
   at::parallel_for(0, batch * n, kGrain, [&](int64_t begin, int64_t end) {
     float z[kTile];
     for (int64_t b = begin / n; b * n < end; ++b) {
-      const uint32_t key = sample_key(ids[b], seed_lo, seed_hi, step);
+      const uint32_t k0 = sample_key(seed.h[0], ids[b], step);
+      const uint32_t k1 = sample_key(seed.h[1], ids[b], step);
       const int64_t lo = std::max(begin, b * n), hi = std::min(end, (b + 1) * n);
       for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
         const int64_t count = std::min(kTile, hi - j0);
-        gaussian_tile(key, static_cast<uint32_t>(j0 - b * n), count, z);
+        gaussian_tile(k0, k1, static_cast<uint32_t>(j0 - b * n), count, z);
         if constexpr (std::is_same_v<scalar_t, float>) {
           std::copy(z, z + count, out + j0);
         } else if constexpr (sizeof(scalar_t) == 2) {
@@ -131,11 +147,9 @@ void gaussian_cpu(const at::Tensor& ids, int64_t seed, int64_t step, const at::T
   const int64_t n = out.numel() / batch;
   TORCH_CHECK_VALUE(n < (int64_t(1) << 31), "fastflow gaussian: a sample may have at most "
                     "2^31 - 1 elements, got ", n);
-  const uint64_t s = static_cast<uint64_t>(seed);
-  const uint32_t seed_lo = mix32(static_cast<uint32_t>(s)), seed_hi = mix32(static_cast<uint32_t>(s >> 32));
-  const uint32_t step_key = mix32(static_cast<uint32_t>(static_cast<uint64_t>(step)));
+  const uint32_t step_word = static_cast<uint32_t>(static_cast<uint64_t>(step));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "gaussian_cpu", [&] {
-    gaussian_kernel<scalar_t>(ids.const_data_ptr<int64_t>(), seed_lo, seed_hi, step_key, batch, n,
+    gaussian_kernel<scalar_t>(ids.const_data_ptr<int64_t>(), seed_state(seed), step_word, batch, n,
                               out.mutable_data_ptr<scalar_t>());
   });
 }

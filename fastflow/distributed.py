@@ -15,14 +15,16 @@ from .sampling import Sampler
 
 
 def sample_distributed(model, x_init, *, group=None, model_kwargs=None, uncond_kwargs=None,
-                       **options):
+                       sample_ids=None, **options):
     """``fastflow.sample`` over the ranks of `group`: every rank passes the same global batch
     x_init [B, ...] and gets the whole result back.
 
     Tensors among model_kwargs and uncond_kwargs whose first dimension is B, and a per-sample
     guidance_scale (a tensor, list or array of B scales, or a callable giving them) are sharded
-    with the batch (2B for a doubled batch: both halves are). Other
-    arguments go to every rank as they are.
+    with the batch (2B for a doubled batch: both halves are), as are sample_ids, the global ids
+    that name the samples for the stochastic sampler's noise (default 0, ..., B - 1). Other
+    arguments go to every rank as they are. A rank that fails raises its error, and the others
+    raise one that says so, instead of waiting for its shard.
 
     Example (under torchrun)::
 
@@ -53,12 +55,26 @@ def sample_distributed(model, x_init, *, group=None, model_kwargs=None, uncond_k
             scale = torch.as_tensor(scale, dtype=torch.float64)
         return shard(scale)
 
-    options = {k: shard_scale(v) if k == "guidance_scale" else v for k, v in options.items()}
-    local = Sampler(model, **options)(
-        x_init[lo:hi], uncond_kwargs=None if uncond_kwargs is None else
-        {k: shard(v) for k, v in uncond_kwargs.items()},
-        sample_ids=torch.arange(lo, hi, device=x_init.device),
-        **{k: shard(v) for k, v in (model_kwargs or {}).items()})
+    if sample_ids is None:
+        sample_ids = torch.arange(batch, device=x_init.device)
+    elif not isinstance(sample_ids, torch.Tensor):
+        sample_ids = torch.as_tensor(sample_ids, device=x_init.device)
+    try:
+        options = {k: shard_scale(v) if k == "guidance_scale" else v for k, v in options.items()}
+        local = Sampler(model, **options)(
+            x_init[lo:hi], uncond_kwargs=None if uncond_kwargs is None else
+            {k: shard(v) for k, v in uncond_kwargs.items()},
+            sample_ids=shard(sample_ids), **{k: shard(v) for k, v in (model_kwargs or {}).items()})
+        error = None
+    except Exception as err:   # the other ranks would wait for this one's shard forever
+        local, error = None, err
+    failed = torch.tensor([error is not None], dtype=torch.int32, device=x_init.device)
+    dist.all_reduce(failed, group=group)
+    if error is not None:
+        raise error
+    if failed.item():
+        raise RuntimeError(f"sample_distributed: {failed.item()} other rank(s) of the group "
+                           f"failed (their errors say why); rank {rank} had no error")
     return _gather(local, bounds, group)
 
 

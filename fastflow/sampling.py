@@ -712,7 +712,8 @@ def _scale_row(value):
                                  else "cpu")
     except (TypeError, ValueError, RuntimeError):
         scales = None
-    if (scales is None or scales.dim() > 1 or not scales.numel() or scales.is_complex()
+    # An empty row is the scales of an empty batch (a rank's shard of sample_distributed).
+    if (scales is None or scales.dim() > 1 or scales.is_complex()
             or scales.dtype == torch.bool):
         got = (f"a {scales.dtype} tensor of shape {tuple(scales.shape)}" if scales is not None
                else repr(value))

@@ -1,5 +1,6 @@
 """2 CPU processes with gloo: FlowMatcher under DistributedDataParallel trains exactly as one
 process on the global batch, and sample_distributed samples exactly as one process."""
+import datetime
 import os
 
 import torch
@@ -51,7 +52,7 @@ def _join(rank, rendezvous):
     """Join the gloo group through a file, not a TCP port: a free port picked beforehand can be
     taken by another process (a second test run on the machine) before the ranks bind it."""
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
-                            world_size=WORLD)
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
 
 
 def _leave():
@@ -64,23 +65,33 @@ def _leave():
     os._exit(0)
 
 
-def _worker(rank, rendezvous, out_path):
+def _worker(rank, rendezvous, out_path, job):
+    """Run job(rank) in the group and save what it returns as <out_path>.<rank>."""
     _join(rank, rendezvous)
     try:
-        model = DistributedDataParallel(_TimeConditioned(_model()))
-        grads = _train(model, slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD))
-        if rank == 0:
-            torch.save({"grads": grads, "params": [p.detach() for p in model.parameters()]}, out_path)
+        torch.save(job(rank), f"{out_path}.{rank}")
     except BaseException:
         dist.destroy_process_group()
         raise
     _leave()
 
 
+def _run_ranks(tmp_path, job):
+    """job's results on each rank of a WORLD-process gloo group."""
+    out_path = tmp_path / "result.pt"
+    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(out_path), job), nprocs=WORLD,
+             join=True)
+    return [torch.load(f"{out_path}.{rank}") for rank in range(WORLD)]
+
+
+def _ddp_job(rank):
+    model = DistributedDataParallel(_TimeConditioned(_model()))
+    grads = _train(model, slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD))
+    return {"grads": grads, "params": [p.detach() for p in model.parameters()]}
+
+
 def test_ddp_matches_one_process(tmp_path):
-    out_path = tmp_path / "rank0.pt"
-    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(out_path)), nprocs=WORLD, join=True)
-    distributed = torch.load(out_path)
+    distributed = _run_ranks(tmp_path, _ddp_job)[0]
     model = _TimeConditioned(_model())
     grads = _train(model, slice(None))
     for got, want in zip(distributed["grads"], grads):
@@ -112,30 +123,62 @@ class _Conditioned(torch.nn.Module):
         return out if y is None else out + y
 
 
-def _sample_worker(rank, rendezvous, out_path):
-    _join(rank, rendezvous)
-    try:
-        x0, y = _sampling_inputs()
-        with torch.no_grad():
-            out = {form: fastflow.sample_distributed(
-                _Conditioned(_model()), x0, model_kwargs={"y": y}, uncond_kwargs={},
-                guidance_scale=scale, **SAMPLE_OPTIONS) for form, scale in SCALES.items()}
-        torch.save(out, f"{out_path}.{rank}")
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    _leave()
+def _sample_job(rank):
+    x0, y = _sampling_inputs()
+    with torch.no_grad():
+        return {form: fastflow.sample_distributed(
+            _Conditioned(_model()), x0, model_kwargs={"y": y}, uncond_kwargs={},
+            guidance_scale=scale, **SAMPLE_OPTIONS) for form, scale in SCALES.items()}
 
 
 def test_sample_distributed_matches_one_process(tmp_path):
-    out_path = tmp_path / "sample.pt"
-    mp.spawn(_sample_worker, args=(str(tmp_path / "rendezvous"), str(out_path)), nprocs=WORLD,
-             join=True)
+    results = _run_ranks(tmp_path, _sample_job)
     x0, y = _sampling_inputs()
     for form, scale in SCALES.items():
         with torch.no_grad():
             want = fastflow.sample(_Conditioned(_model()), x0, model_kwargs={"y": y},
                                    uncond_kwargs={}, guidance_scale=scale, **SAMPLE_OPTIONS)
-        for rank in range(WORLD):
-            got = torch.load(f"{out_path}.{rank}")[form]
-            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        for got in results:
+            torch.testing.assert_close(got[form], want, rtol=1e-6, atol=1e-6)
+
+
+def _failing_on_rank_one(x, t):
+    if dist.get_rank() == 1:
+        raise ValueError("rank 1's model failed")
+    return -x
+
+
+def _edge_job(rank):
+    x0, y = _sampling_inputs()
+    model, out = _Conditioned(_model()), {}
+    with torch.no_grad():
+        # One sample over two ranks: rank 0's shard of the per-sample scales was empty, it
+        # raised, and rank 1 waited for its shard until the group's timeout.
+        out["one sample"] = fastflow.sample_distributed(
+            model, x0[:1], model_kwargs={"y": y[:1]}, uncond_kwargs={},
+            guidance_scale=torch.tensor([2.0]), **SAMPLE_OPTIONS)
+        out["ids"] = fastflow.sample_distributed(
+            model, x0, sample_ids=torch.arange(100, 100 + SAMPLE_BATCH), **SAMPLE_OPTIONS)
+        try:
+            fastflow.sample_distributed(_failing_on_rank_one, x0, steps=2)
+        except Exception as err:
+            out["error"] = f"{type(err).__name__}: {err}"
+    return out
+
+
+def test_sample_distributed_edges(tmp_path):
+    results = _run_ranks(tmp_path, _edge_job)
+    x0, y = _sampling_inputs()
+    model = _Conditioned(_model())
+    with torch.no_grad():
+        want = {"one sample": fastflow.sample(model, x0[:1], model_kwargs={"y": y[:1]},
+                                              uncond_kwargs={}, guidance_scale=torch.tensor([2.0]),
+                                              **SAMPLE_OPTIONS),
+                "ids": fastflow.sample(model, x0, sample_ids=torch.arange(100, 100 + SAMPLE_BATCH),
+                                       **SAMPLE_OPTIONS)}
+    errors = ["RuntimeError: sample_distributed: 1 other rank(s) of the group failed (their "
+              "errors say why); rank 0 had no error", "ValueError: rank 1's model failed"]
+    for rank, got in enumerate(results):
+        for name, value in want.items():
+            torch.testing.assert_close(got[name], value, rtol=1e-6, atol=1e-6)
+        assert got["error"] == errors[rank]

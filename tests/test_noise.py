@@ -59,9 +59,10 @@ def test_made_on_the_device_in_one_op_and_pinned():
         z = _noise.gaussian(7, ids, 11, (3, 2))
     assert recorder.names() == {"empty", "gaussian_out"}
     # The bits are part of the contract: a seed reproduces its samples across releases and
-    # devices (fastflow's own ln and cos; before 0.1.0 the noise took PyTorch's).
-    want = [[-0.5961730480194092, 0.8922512531280518], [-0.7813516855239868, -0.47342154383659363],
-            [0.7861303687095642, -2.0096490383148193]]
+    # devices (fastflow's own ln and cos; before 0.1.0 the noise took PyTorch's, and a 32-bit
+    # key, which repeated whole noise tensors in long runs).
+    want = [[-0.284210741519928, -0.9649503827095032], [2.401322841644287, 1.2486151456832886],
+            [1.937009334564209, -0.6472592949867249]]
     assert z.tolist() == want
 
 
@@ -102,3 +103,16 @@ def test_bad_input():
     for seed in (2 ** 63, -2 ** 63 - 1):   # _noise.gaussian maps [2**63, 2**64) to negatives
         with pytest.raises(ValueError, match=r"seed must be in \[-2\*\*63, 2\*\*63\)"):
             fastflow._ops.gaussian_out(torch.zeros(3, dtype=torch.int64), seed, 0, out)
+
+
+def test_no_two_samples_or_steps_draw_the_same_noise():
+    # With one 32-bit key per (seed, id, step), 4096 ids over 64 steps held 14 pairs of
+    # bit-identical noise tensors (sample 2613 at step 11 was sample 2788 at step 60), and a
+    # seed was a relabelling of another's ids. The key has 64 bits now: the first elements of
+    # 2^18 draws are all distinct (32-bit values would repeat about 8 times).
+    ids = torch.arange(4096)
+    first = torch.cat([_noise.gaussian(0, ids, step, (4096, 2)) for step in range(64)])
+    assert torch.unique(first, dim=0).shape[0] == first.shape[0]
+    for seed in (1, 2):   # and across seeds
+        other = torch.cat([_noise.gaussian(seed, ids, step, (4096, 2)) for step in range(64)])
+        assert torch.unique(torch.cat([first, other]), dim=0).shape[0] == 2 * first.shape[0]

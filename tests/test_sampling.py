@@ -776,3 +776,14 @@ def test_the_host_tables_ignore_the_default_device():
     with torch.device("meta"):
         for name, run in runs.items():
             assert bits_equal(run(), want[name]), name
+
+
+def test_an_empty_batch_takes_empty_per_sample_scales():
+    # The scales of an empty batch (a rank's empty shard in sample_distributed) were refused.
+    x = torch.zeros(0, 3)
+    out = fastflow.sample(lambda x, t: -x, x, steps=2, guidance_scale=torch.zeros(0),
+                          uncond_kwargs={})
+    assert out.shape == (0, 3)
+    with pytest.raises(ValueError, match=r"expected one scale per sample \(2\), got 0"):
+        fastflow.sample(lambda x, t: -x, torch.zeros(2, 3), steps=2,
+                        guidance_scale=torch.zeros(0), uncond_kwargs={})

@@ -27,6 +27,15 @@ def _mix32(x):
 
 
 @triton.jit
+def _sample_key(start, seed_lo, seed_hi, id_lo, id_hi, step):
+    """One chain of fastflow._noise.sample_keys from `start` (one of its CHAIN_STARTS)."""
+    h = _mix32(tl.full([], start, tl.uint32) ^ seed_lo.to(tl.uint32))
+    h = _mix32(h ^ seed_hi.to(tl.uint32))
+    h = _mix32(_mix32(id_lo ^ h) ^ id_hi)
+    return _mix32(h ^ step.to(tl.uint32))
+
+
+@triton.jit
 def _uniform(bits):
     """The top 24 bits as a float32 in (0, 1]."""
     return ((bits >> 8).to(tl.int32).to(tl.float32) + 0.5) * 5.9604644775390625e-08
@@ -78,13 +87,12 @@ def _gaussian_kernel(ids_ptr, out_ptr, batch, n, seed_lo, seed_hi, step, col_til
     cols = (pid % col_tiles) * BLOCK + tl.arange(0, BLOCK)   # int32: n < 2^31
     row_ok, col_ok = rows < batch, cols < n
     ids = tl.load(ids_ptr + rows, mask=row_ok, other=0)
-    key = _mix32((ids & 0xFFFFFFFF).to(tl.uint32) ^ _mix32(seed_lo.to(tl.uint32)))
-    key = _mix32(key ^ _mix32(((ids >> 32) & 0xFFFFFFFF).to(tl.uint32))
-                 ^ _mix32(seed_hi.to(tl.uint32)))
-    key = _mix32(key ^ _mix32(step.to(tl.uint32)))[:, None]
+    id_lo, id_hi = (ids & 0xFFFFFFFF).to(tl.uint32), ((ids >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    k0 = _sample_key(0x6A09E667, seed_lo, seed_hi, id_lo, id_hi, step)[:, None]
+    k1 = _sample_key(0xBB67AE85, seed_lo, seed_hi, id_lo, id_hi, step)[:, None]
     i = cols.to(tl.uint32)[None, :]
-    u1 = _uniform(_mix32(key ^ _mix32(2 * i)))
-    u2 = _uniform(_mix32(key ^ _mix32(2 * i + 1)))
+    u1 = _uniform(_mix32(k0 ^ _mix32((2 * i) ^ k1)))
+    u2 = _uniform(_mix32(k0 ^ _mix32((2 * i + 1) ^ k1)))
     z = tl.sqrt_rn(-2.0 * _log(u1)) * _cos_two_pi(u2)
     tl.store(out_ptr + rows[:, None] * n + cols[None, :], z.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])

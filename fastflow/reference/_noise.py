@@ -26,10 +26,10 @@ def gaussian(seed, ids, step, shape, dtype=torch.float32):
     batch, n = shape[0], 1
     for size in shape[1:]:
         n *= size
-    key = sample_keys(seed, ids.to(torch.int64), step)[:, None]          # [B, 1]
+    k0, k1 = (k[:, None] for k in sample_keys(seed, ids.to(torch.int64), step))   # [B, 1]
     index = torch.arange(n, dtype=torch.int64, device=ids.device)
-    u1 = _uniform(mix32(key ^ mix32(2 * index)))
-    u2 = _uniform(mix32(key ^ mix32(2 * index + 1)))
+    u1 = _uniform(mix32(k0 ^ mix32((2 * index) ^ k1)))
+    u2 = _uniform(mix32(k0 ^ mix32((2 * index + 1) ^ k1)))
     z = _sqrt(-2.0 * _log(u1)) * _cos_two_pi(u2)
     return z.reshape(shape).to(dtype)
 
