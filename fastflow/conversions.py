@@ -93,8 +93,9 @@ def convert(pred, x_t, t, path=None, src="epsilon", dst="velocity", eps=DIVISOR_
     Divisions by alpha_t, sigma_t (and, from velocity, by alpha d_sigma - sigma d_alpha) are
     unsafe where these vanish, at an end of [0, 1] for most paths: each divisor is moved away
     from zero to at least `eps` in magnitude, so the result stays finite (and large) there.
-    Where the path's derivative itself is infinite (VP and LinearVP at t = 1) it is not: NaN
-    here, inf in the reference's unfolded formula.
+    Where the path's derivative itself is infinite (VP and LinearVP at t = 1) the conversions
+    that read it are not finite: inf or NaN, as in the reference, except epsilon -> velocity,
+    NaN here where the reference's unfolded formula gives inf.
 
     Args:
         pred: the network output, any shape with a leading batch dimension.

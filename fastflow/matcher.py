@@ -99,8 +99,9 @@ class FlowMatcher:
 
     def sample_location_and_target(self, x0, x1, t=None, generator=None):
         """(t, x_t, target, noise) for users who call the network themselves; x0 is the noise
-        (drawn when None), the target is of the matcher's prediction kind, noise is the extra
-        sample of noisy paths (else None). One fused pass."""
+        (drawn when None), t the times (drawn by the time sampler when None: one per sample),
+        generator the torch.Generator of the draws; the target is of the matcher's prediction
+        kind, noise is the extra sample of noisy paths (else None). One fused pass."""
         x0, t, noise = self._draw(x1, x0, t, generator)
         times = batch_time(t, x1).expand(x1.shape[0])
         location = coefficients(self.path, times, times.dtype)[:, 0]
@@ -116,7 +117,9 @@ class FlowMatcher:
         noisy paths, build x_t, call ``model(x_t, t, **model_kwargs)`` and return the fused
         loss against the target of the matcher's prediction kind. The model may run under
         torch.autocast: its output may be of another float type than x1 (see
-        ``flow_matching_loss`` for the loss's type)."""
+        ``flow_matching_loss`` for the loss's type). generator: the torch.Generator of the
+        draws; reduction ("mean", "sum" or "none") and weight (one per sample) as in
+        ``flow_matching_loss``."""
         x0, t, noise = self._draw(x1, x0, t, generator)
         inputs, times = path_inputs(self.path, x0, x1, noise), batch_time(t, x1, keep_type=True)
         backend = _ops.direct_backend((*inputs, times))

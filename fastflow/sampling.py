@@ -707,9 +707,9 @@ def _scale_row(value):
     (from a tensor, a list or an array)."""
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return _finite_scales(_host([float(value)]), value)
-    try:
-        scales = torch.as_tensor(value, device=value.device if isinstance(value, torch.Tensor)
-                                 else "cpu")
+    try:   # Python floats are float64: keep every digit, as a single scale keeps them
+        scales = (value if isinstance(value, torch.Tensor) else
+                  torch.as_tensor(value, dtype=torch.float64, device="cpu"))
     except (TypeError, ValueError, RuntimeError):
         scales = None
     # An empty row is the scales of an empty batch (a rank's shard of sample_distributed).

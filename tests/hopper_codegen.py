@@ -199,7 +199,7 @@ def main():
                 "case": case, "kernel": kernel_name, "triton": triton.__version__,
                 "num_warps": kernel.metadata.num_warps, "registers": regs, "stack_bytes": stack,
                 "load_bytes": loads, "store_bytes": stores,
-                "fma": len(re.findall(r"\bfma\.rn\.f(?:32|64)\b", ptx)),
+                "fma": len(re.findall(r"\bfma\.rn(?:\.ftz)?\.f(?:32|64)\b", ptx)),
                 "inexact_div": len(re.findall(r"\bdiv\.(?:approx|full)\.", ptx)),
             }), flush=True)
 

@@ -497,6 +497,19 @@ def test_fake_and_meta_tensors_take_the_fake_kernel():
     assert x_t.device.type == "meta" and x_t.shape == x1.shape
 
 
+@pytest.mark.parametrize("dtype,value", [(torch.float16, 1 + 2 ** -11 + 2 ** -40),
+                                         (torch.bfloat16, 1 + 2 ** -8 + 2 ** -40)], ids=str)
+def test_fp64_math_rounds_into_16_bits_through_fp32(backend, dtype, value):
+    # As PyTorch's casts and the CPU kernel round. Triton rounded fp64 straight to 16 bits: these
+    # values lie just above a 16-bit tie that fp32 rounds onto, so that was an ulp up (about 1
+    # value in 16,000 of a sampler with an fp64 state and an fp16 model).
+    x = torch.full((4, 16), value, dtype=torch.float64, device=backend)
+    out = torch.empty(4, 16, dtype=dtype, device=backend)
+    torch.ops.fastflow.affine_out([x], torch.ones(4, 1, 1, dtype=torch.float64, device=backend),
+                                  [out])
+    assert bits_equal(out, x.to(dtype)) and out[0, 0].item() == 1.0
+
+
 def _negative_bit(x):
     """x's values in a tensor with the negative bit: memory holding -x (as x.conj().imag of a
     complex x holds -x.imag)."""

@@ -113,6 +113,8 @@ def test_term_weights_are_numbers_or_tensors():
     terms = fastflow.flow_map_loss(phi, x0, x1, t, match_weight=1.0, reduction="none")
     unmatched = fastflow.flow_map_loss(phi, x0, x1, t, match_weight=0.0, reduction="none")
     torch.testing.assert_close(per_sample, unmatched + w * (terms - unmatched))
+    torch.testing.assert_close(per_sample, reference_flow_map_loss(
+        phi, x0, x1, t, match_weight=w, reduction="none"))   # which truth-tested it
     with pytest.raises(TypeError, match="match_weight must be a number, got str"):
         fastflow.flow_map_loss(phi, x0, x1, t, match_weight="1")
     with pytest.raises(ValueError, match="identity_weight must be finite"):

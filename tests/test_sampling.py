@@ -787,3 +787,13 @@ def test_an_empty_batch_takes_empty_per_sample_scales():
     with pytest.raises(ValueError, match=r"expected one scale per sample \(2\), got 0"):
         fastflow.sample(lambda x, t: -x, torch.zeros(2, 3), steps=2,
                         guidance_scale=torch.zeros(0), uncond_kwargs={})
+
+
+def test_a_list_of_scales_keeps_its_float64_digits():
+    # It went through float32 (2.1 became 2.0999999046): a list of equal scales then differed
+    # from the single scale, and sample_distributed (which shards a float64 copy) from sample.
+    x = torch.randn(3, 4)
+    model = lambda x, t, c=1.0: -c * x  # noqa: E731
+    kwargs = dict(steps=3, uncond_kwargs={"c": 0.5})
+    assert bits_equal(fastflow.sample(model, x, guidance_scale=[2.1] * 3, **kwargs),
+                      fastflow.sample(model, x, guidance_scale=2.1, **kwargs))

@@ -36,6 +36,15 @@ def row_tile(n):
 LIBM = tl if INTERPRETING else libdevice
 
 
+@triton.jit
+def narrow(x, ty: tl.constexpr):
+    """x stored as ty, rounded as PyTorch's casts and the CPU kernels round it: fp64 through fp32
+    into a 16-bit type (rounding fp64 to fp16 or bf16 at once differs by an ulp now and then)."""
+    if x.dtype == tl.float64 and ty.primitive_bitwidth == 16:
+        return x.to(tl.float32).to(ty)
+    return x.to(ty)
+
+
 def on_tensors_device(launcher):
     """Run `launcher` with the CUDA device of its first argument (a tensor or a list of them)
     current: Triton launches on the current device and its current stream, and a tensor on

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETING, LAUNCH_OPTIONS, on_tensors_device
+from . import INTERPRETING, LAUNCH_OPTIONS, narrow, on_tensors_device
 
 _BLOCK = 4096 if INTERPRETING else 1024
 
@@ -40,7 +40,7 @@ def _affine_kernel(ins, outs, coeffs_ptr, numel, n, K: tl.constexpr, M: tl.const
         for k in tl.static_range(1, K):
             c = tl.load(coeff_base + m * K + k)
             acc = acc + c * tl.load(ins[k] + offs, mask=mask).to(c.dtype)
-        tl.store(outs[m] + offs, acc.to(outs[m].dtype.element_ty), mask=mask)
+        tl.store(outs[m] + offs, narrow(acc, outs[m].dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import LAUNCH_OPTIONS, LIBM, on_tensors_device, row_tile
+from . import LAUNCH_OPTIONS, LIBM, narrow, on_tensors_device, row_tile
 
 
 @triton.jit
@@ -38,8 +38,8 @@ def _sinusoid_kernel(t_ptr, f_ptr, scale_ptr, out_ptr, batch, half, dim, COS_FIR
     ty = out_ptr.dtype.element_ty
     where = out_ptr + rows[:, None] * dim + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
-    tl.store(where, first.to(ty), mask=mask)
-    tl.store(where + half, second.to(ty), mask=mask)
+    tl.store(where, narrow(first, ty), mask=mask)
+    tl.store(where + half, narrow(second, ty), mask=mask)
     if ZERO_COLUMN:
         if tl.program_id(1) == 0:
             tl.store(out_ptr + rows * dim + 2 * half, tl.zeros([ROWS], ty), mask=row_ok)
@@ -61,11 +61,11 @@ def _sinusoid_backward_kernel(grad_ptr, t_ptr, f_ptr, scale_ptr, t_partial_ptr, 
         g_sin, g_cos = g_first, g_second
     d_arg = g_sin * LIBM.cos(a) - g_cos * LIBM.sin(a)
     if T_GRAD:  # partial sums [column tiles, B]
-        tl.store(t_partial_ptr + tl.program_id(1) * batch + rows, tl.sum(d_arg * f[None, :], axis=1),
-                 mask=row_ok)
+        tl.store(t_partial_ptr + tl.program_id(1).to(tl.int64) * batch + rows,
+                 tl.sum(d_arg * f[None, :], axis=1), mask=row_ok)
     if FREQS_GRAD:  # partial sums [row tiles, H]
-        tl.store(f_partial_ptr + tl.program_id(0) * half + cols, tl.sum(d_arg * t[:, None], axis=0),
-                 mask=col_ok)
+        tl.store(f_partial_ptr + tl.program_id(0).to(tl.int64) * half + cols,
+                 tl.sum(d_arg * t[:, None], axis=0), mask=col_ok)
 
 
 def _grid(batch, half):

@@ -30,16 +30,21 @@ def flow_map_loss(model, x0, x1, t, s=None, u=None, path=None, match_weight=1.0,
         return squares.reshape(batch, prod(squares.shape[1:])).mean(dim=1)   # B = 0 too
 
     total = torch.zeros(batch, dtype=math, device=x1.device)
-    if match_weight:
+    if _runs(match_weight):
         jump = model(x0, torch.zeros_like(call_t), call_t, **model_kwargs)
         total = total + match_weight * mean_square(jump, on_path(t))
-    if consistency_weight:
+    if _runs(consistency_weight):
         x_s = on_path(s)
         two = model(model(x_s, call_s, call_u, **model_kwargs), call_u, call_t, **model_kwargs)
         total = total + consistency_weight * mean_square(two, model(x_s, call_s, call_t, **model_kwargs))
-    if identity_weight:
+    if _runs(identity_weight):
         x_t = on_path(t)
         total = total + identity_weight * mean_square(model(x_t, call_t, call_t, **model_kwargs), x_t)
     if reduction == "none":
         return total
     return total.mean() if reduction == "mean" else total.sum()
+
+
+def _runs(weight):
+    """Whether a term is computed: for a tensor weight (per sample), always; else unless 0."""
+    return isinstance(weight, torch.Tensor) or weight != 0
