@@ -625,11 +625,11 @@ def _nobody_intercepts(tensors, device=None):
     """Whether nothing but autograd must see an eager call of an op on `tensors` (on `device`,
     by default the first tensor's): no compiler or tracer, dispatch mode (FakeTensorMode),
     transform (`transforming`), tensor subclass, negative bit, batched gradients (`_batched`),
-    meta tensors or profiler. Then `_call` may skip the dispatcher: through it a call costs about 60 us more
-    on CPU (two crossings into Python kernels: autograd, then the backend choice), and with a
-    gradient to record about 0.2 ms more (torch.library's argument flattening on top), most of
-    what a small tensor's call takes. Every public op asks once per call, so this is kept to
-    about 1 us."""
+    meta tensors or profiler. Then `_call` may skip the dispatcher: through it a call costs
+    about 60 us more on CPU (two crossings into Python kernels: autograd, then the backend
+    choice), and with a gradient to record about 0.2 ms more (torch.library's argument
+    flattening on top), most of what a small tensor's call takes. Every public op asks once
+    per call, so this is kept to about 1 us."""
     for x in tensors:
         if type(x) is not torch.Tensor:
             return False

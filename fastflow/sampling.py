@@ -421,7 +421,8 @@ class Sampler:
         """Sample from x_init ([B, ...] noise, or data with a reversed grid). Returns the final
         state in x_init's dtype (and the [N + 1, ...] intermediates if asked). sample_ids ([B]
         integers, default 0..B-1) name the samples for the stochastic sampler's noise."""
-        if not isinstance(x_init, torch.Tensor) or x_init.dtype not in FLOAT_DTYPES or x_init.dim() < 1:
+        if (not isinstance(x_init, torch.Tensor) or x_init.dtype not in FLOAT_DTYPES
+                or x_init.dim() < 1):
             raise TypeError(f"x_init: expected a float tensor [B, ...] (float32, float64, bfloat16 "
                             f"or float16), got {describe(x_init)}")
         if x_init.requires_grad and torch.is_grad_enabled():
@@ -736,13 +737,13 @@ def _streams(outputs):
 
 
 def _checked(out, shape, narrow, model_input):
-    """The model's output after the checks that keep the fused pass in bounds (the kernels
-    check devices themselves); fp64 narrowed to fp32 where the tables are fp32; a copy if it
-    shares memory with the model's input (an identity or in-place model), which the pass may
-    overwrite before it reads the output there; resolved if it has the negative bit. The model's inputs are sampler buffers at the
-    start of storages of their own, so an output of their size shares memory with one exactly
-    when its storage starts there: one comparison, whichever storage object (a NumPy round trip,
-    DLPack) the model hands back."""
+    """The model's output after the checks that keep the fused pass in bounds (shape, float
+    type, device); fp64 narrowed to fp32 where the tables are fp32; a copy if it shares memory
+    with the model's input (an identity or in-place model), which the pass may overwrite before
+    it reads the output there; resolved if it has the negative bit. The model's inputs are
+    sampler buffers at the start of storages of their own, so an output of their size shares
+    memory with one exactly when its storage starts there: one comparison, whichever storage
+    object (a NumPy round trip, DLPack) the model hands back."""
     if not isinstance(out, torch.Tensor) or out.shape != shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"model: expected an output of shape {shape}, got {got}")

@@ -522,7 +522,8 @@ def test_tensors_with_the_negative_bit_are_read_as_their_values():
     # The direct path read their memory, the other sign: interpolate's x_t was off by 4.6.
     g = torch.Generator().manual_seed(3)
     x0, x1, pred = (torch.randn(4, 6, generator=g) for _ in range(3))
-    t, weight, w = torch.rand(4, generator=g), torch.rand(4, generator=g), torch.randn(3, generator=g)
+    t, weight = torch.rand(4, generator=g), torch.rand(4, generator=g)
+    w = torch.randn(3, generator=g)
     n = _negative_bit
     calls = [
         (lambda a, b, t: fastflow.interpolate(a, b, t), (x0, x1, t)),

@@ -354,7 +354,8 @@ def test_the_backward_op_refuses_a_grad_on_another_device():
     # CPU tensors that nothing fills: uninitialised memory, on every backend.
     grad, t, freqs = torch.randn(3, 8), torch.rand(3), torch.rand(4)
     for a, b in (("meta", "cpu"), ("cpu", "meta")):
-        with pytest.raises(ValueError, match=f"grad must have 3 rows on {b}, got \\[3, 8\\] on {a}"):
+        with pytest.raises(ValueError,
+                           match=f"grad must have 3 rows on {b}, got \\[3, 8\\] on {a}"):
             torch.ops.fastflow.sinusoid_backward(grad.to(a), t.to(b), freqs.to(b), 1.0, False,
                                                  True, True)
 
