@@ -33,23 +33,41 @@ def allocator_setting(device):
     return "THP" if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else "default"
 
 
-def time_variants(variants, device, min_time=0.5, rounds=5, warmup=5):
+def time_variants(variants, device, min_time=0.5, rounds=5, warmup=5, spreads=None):
     """Median wall time in ms of each variant (a no-argument callable), sampled in `rounds`
     interleaved rounds: every round times a block of calls of each variant in turn, so a burst
     of load on a shared machine (or a GPU's clock moving) lands on every variant alike instead
-    of on whichever ran then. Warm-up first: on CPU the first calls that allocate fresh huge
-    pages run up to 2x slower until the kernel's pool settles. CUDA is timed with events."""
+    of on whichever ran then. The figure is the median of the rounds' medians: a round that a
+    burst of load (or the VM's scheduler) slowed throughout moves it no more than any other
+    round. `spreads`, a dict, receives each variant's slowest round median over its fastest:
+    how far to trust the figure.
+
+    Warm-up first, until two calls in a row agree within a quarter (at least `warmup` calls):
+    on CPU the first calls that allocate fresh huge pages run up to 2x slower until the
+    kernel's pool settles, and torch.compile may recompile on a call after its first.
+    CUDA is timed with events."""
     reps = {}
     for name, fn in variants.items():
-        for _ in range(warmup):
-            fn()
-        once = max(_timed_calls(fn, device, 1)[0], 1e-3)
-        reps[name] = max(2, min(200, int(min_time * 1e3 / rounds / once)))
+        reps[name] = max(2, min(200, int(min_time * 1e3 / rounds / _settled(fn, device, warmup))))
     samples = {name: [] for name in variants}
     for _ in range(rounds):
         for name, fn in variants.items():
-            samples[name] += _timed_calls(fn, device, reps[name])
-    return {name: statistics.median(times) for name, times in samples.items()}
+            samples[name].append(statistics.median(_timed_calls(fn, device, reps[name])))
+    if spreads is not None:
+        spreads.update({name: max(s) / min(s) for name, s in samples.items()})
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _settled(fn, device, warmup, most=50):
+    """The time in ms of a call of fn once two calls in a row agree within a quarter (after at
+    least `warmup` calls, at most `most`)."""
+    last = None
+    for calls in range(1, most + 1):
+        now = max(_timed_calls(fn, device, 1)[0], 1e-3)
+        if calls >= warmup and last is not None and abs(now - last) <= 0.25 * min(now, last):
+            break
+        last = now
+    return now
 
 
 def time_ms(fn, device, min_time=0.5, rounds=1):
@@ -106,7 +124,8 @@ def measure(device, dtype_name, numel, variants, moved_bytes, copy_gbps, extra=N
     """Time each variant (a no-argument callable) and return one result row per variant.
     `moved_bytes` is the minimum traffic of the op; speedups are against the variants named
     "eager" and "torch.compile", which every benchmark includes. extra(name) adds columns."""
-    ms = time_variants(variants, device)
+    spreads = {}
+    ms = time_variants(variants, device, spreads=spreads)
     rows = []
     for name in variants:
         gbps = moved_bytes / ms[name] / 1e6
@@ -114,7 +133,8 @@ def measure(device, dtype_name, numel, variants, moved_bytes, copy_gbps, extra=N
             "device": device_name(device), "allocator": allocator_setting(device), **versions(),
             "dtype": dtype_name, "numel": numel, "variant": name, "ms": ms[name], "GB/s": gbps,
             "vs eager": ms["eager"] / ms[name], "vs compile": ms["torch.compile"] / ms[name],
-            "copy GB/s": copy_gbps, "of copy bw": gbps / copy_gbps, **(extra(name) if extra else {}),
+            "copy GB/s": copy_gbps, "of copy bw": gbps / copy_gbps, "spread": spreads[name],
+            **(extra(name) if extra else {}),
         })
     return rows
 
