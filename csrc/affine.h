@@ -108,6 +108,12 @@ void check_affine_args(const std::vector<at::Tensor>& inputs, const at::Tensor& 
 void check_dot_args(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b,
                     int64_t groups, c10::DeviceType device);
 
+// Whether a kernel would misread one of `tensors` through its data pointer: memory that holds
+// other values than the tensor's (the negative or conjugate bit) or none of its own (the legacy
+// batched tensors of batched gradients). Such calls go through the dispatcher, which resolves
+// or unbatches them (fastflow._ops._misread).
+bool misread(const std::vector<at::Tensor>& tensors);
+
 // The floating type the kernels compute in: fp64 when a stream is stored in fp64, else fp32.
 at::ScalarType math_type(const std::vector<at::Tensor>& inputs,
                          const std::vector<at::Tensor>& outputs);

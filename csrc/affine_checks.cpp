@@ -1,5 +1,7 @@
 #include "affine.h"
 
+#include <ATen/LegacyBatchedTensorImpl.h>
+
 namespace fastflow {
 
 at::ScalarType math_type(const std::vector<at::Tensor>& inputs,
@@ -36,6 +38,12 @@ void check_groups(const char* op, const at::Tensor& ref, int64_t groups) {
 }
 
 }  // namespace
+
+bool misread(const std::vector<at::Tensor>& tensors) {
+  for (const auto& x : tensors)
+    if (x.is_neg() || x.is_conj() || at::isBatchedTensor(x)) return true;
+  return false;
+}
 
 void check_dot_args(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b,
                     int64_t groups, c10::DeviceType device) {

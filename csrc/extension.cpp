@@ -34,6 +34,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "[G, 1, 2] rows of fastflow.convert from a path's coefficient matrix, the same bits");
   m.def("coefficient_matrix", &fastflow::coefficient_matrix,
         "[G, outputs, inputs] coefficients from numbers and per-sample tensors, any device");
+  m.def("misread", &fastflow::misread,
+        "whether a kernel would misread a tensor: negative or conjugate bit, legacy batched");
   m.def("cpu_isa", &fastflow::cpu_isa, "instruction set of the CPU affine kernels");
   m.def("set_cpu_isa", &fastflow::set_cpu_isa, "run the CPU affine kernels with 'baseline' or 'avx2'");
   m.def("advise_huge_pages", &fastflow::advise_huge_pages,

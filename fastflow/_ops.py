@@ -32,6 +32,8 @@ formulas (`coefficient_builder`); then they call these.
 The device kernels are chosen per call by fastflow._backends. They are registered as one
 CompositeExplicitAutograd kernel that picks the backend from the device and FASTFLOW_BACKEND.
 """
+import functools
+
 import torch
 
 from . import _backends
@@ -624,8 +626,8 @@ def transforming():
 def _nobody_intercepts(tensors, device=None):
     """Whether nothing but autograd must see an eager call of an op on `tensors` (on `device`,
     by default the first tensor's): no compiler or tracer, dispatch mode (FakeTensorMode),
-    transform (`transforming`), tensor subclass, negative bit, batched gradients (`_batched`),
-    meta tensors or profiler. Then `_call` may skip the dispatcher: through it a call costs
+    transform (`transforming`), tensor subclass, tensor it would misread (`_misread`), meta
+    tensors or profiler. Then `_call` may skip the dispatcher: through it a call costs
     about 60 us more on CPU (two crossings into Python kernels: autograd, then the backend
     choice), and with a gradient to record about 0.2 ms more (torch.library's argument
     flattening on top), most of what a small tensor's call takes. Every public op asks once
@@ -639,13 +641,25 @@ def _nobody_intercepts(tensors, device=None):
         direct = device.type in _DIRECT_DEVICE_TYPES
     return (direct and not _is_compiling() and _dispatch_modes() == 0
             and _functorch_level() is None and _forward_ad._current_level < 0
-            and _tracing_state() is None and not _profiling() and not _batched(tensors)
-            # A tensor with the negative bit (x.conj().imag, say) holds -x in memory: the
-            # dispatcher's fallback resolves it, a kernel would read the other sign.
-            and not any(map(_is_neg, tensors)))
+            and _tracing_state() is None and not _profiling() and not _misread(tensors))
 
 
-_is_neg = torch.Tensor.is_neg
+def _misread(tensors):
+    """Whether a kernel would misread one of `tensors` through its data pointer: a tensor with
+    the negative bit (x.conj().imag holds -x in memory; the dispatcher's fallback resolves it)
+    or batched gradients (`_batched`). One call into the extension where it is built: Python's
+    Tensor.is_neg releases and retakes the GIL, about 1K instructions a tensor. Never while
+    torch.compile traces, which cannot call the checks and has no such tensors."""
+    return not _is_compiling() and _misread_check()(tensors)
+
+
+@functools.lru_cache(maxsize=None)
+def _misread_check():
+    ext, _ = _backends._extension()
+    if ext is not None:
+        return ext.misread
+    return lambda tensors: any(map(_legacy_batched, tensors)) or any(
+        x.is_neg() or x.is_conj() for x in tensors)
 
 
 _legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda x: False)
