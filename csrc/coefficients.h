@@ -11,6 +11,10 @@
 
 namespace fastflow {
 
+// Samples per task of the builders' loops over samples (one call per sample each, tens of
+// nanoseconds with the first touch of the output).
+constexpr int64_t kGroupGrain = 16384;
+
 // [G, 2, K] coefficients, rows (x_t, u_t) over columns (x0, x1[, noise]), of the path `path`
 // (a name of fastflow.paths._NATIVE) with parameters `params` at the times t [G] (any float type,
 // widened to double), in `dtype` (float32 or float64): what fastflow.paths computes with PyTorch

@@ -10,6 +10,7 @@
 #include "coefficients.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
@@ -86,12 +87,14 @@ at::Tensor conversion_coefficients_cpu(const at::Tensor& path_coeffs, const std:
   const auto pc = path_coeffs.accessor<double, 3>();
   AT_DISPATCH_FLOATING_TYPES(dtype, "conversion_coefficients_cpu", [&] {
     scalar_t* dst_row = out.mutable_data_ptr<scalar_t>();
-    double row[2];
-    for (int64_t g = 0; g < groups; ++g) {
-      conversion_row(pc[g][0][1], pc[g][0][0], pc[g][1][1], pc[g][1][0], from, to, eps, row);
-      dst_row[2 * g] = static_cast<scalar_t>(row[0]);
-      dst_row[2 * g + 1] = static_cast<scalar_t>(row[1]);
-    }
+    at::parallel_for(0, groups, kGroupGrain, [&](int64_t begin, int64_t end) {
+      double row[2];
+      for (int64_t g = begin; g < end; ++g) {
+        conversion_row(pc[g][0][1], pc[g][0][0], pc[g][1][1], pc[g][1][0], from, to, eps, row);
+        dst_row[2 * g] = static_cast<scalar_t>(row[0]);
+        dst_row[2 * g + 1] = static_cast<scalar_t>(row[1]);
+      }
+    });
   });
   return out;
 }

@@ -327,3 +327,21 @@ def test_integer_times_give_the_coefficients_of_their_float_values(path):
     # The noise paths built their matrix in t's type: sigma = 0.5 became 0 for integer t.
     t = torch.tensor([0, 1])
     assert torch.equal(path.coefficients(t), path.coefficients(t.float()))
+
+
+def test_native_coefficients_of_a_large_batch_are_those_of_its_parts():
+    # The C++ builders split their loop over the samples between threads from 16384 samples on
+    # (one time per token); each sample's row must not depend on the split.
+    from conftest import bits_equal
+
+    t = torch.rand(40000, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x_t = torch.randn(40000, 2, generator=torch.Generator().manual_seed(2))
+    for path in (paths.CondOT(0.1), paths.Cosine(), paths.SchrodingerBridge(0.5)):
+        whole = paths.coefficients(path, t, torch.float32, "cpu")
+        parts = [paths.coefficients(path, t[i:i + 5000], torch.float32, "cpu")
+                 for i in range(0, 40000, 5000)]
+        assert bits_equal(whole, torch.cat(parts))
+    whole = fastflow.convert(x_t, x_t, t.float(), path="cosine")
+    parts = [fastflow.convert(x_t[i:i + 5000], x_t[i:i + 5000], t[i:i + 5000].float(),
+                              path="cosine") for i in range(0, 40000, 5000)]
+    assert bits_equal(whole, torch.cat(parts))
