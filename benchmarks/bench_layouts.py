@@ -1,15 +1,22 @@
-"""fastflow on channels_last data: interpolate (CondOT) and the loss (forward + backward) against
-the eager expressions and torch.compile of them, all on the same channels_last tensors.
+"""fastflow on data laid out otherwise than [B, ...] contiguous: interpolate (CondOT) and the loss
+(forward + backward) against the eager expressions and torch.compile of them, all on the same
+tensors.
 
     python benchmarks/bench_layouts.py [--device cpu|cuda] [--sizes ...] [--dtypes fp32,bf16]
 
-Tensors are [64, 16, H, W] in channels_last, the layout convolutional networks run fastest in.
-fastflow streams them in place (each sample is one run of memory in every tensor) and returns
-outputs in the same layout, as the eager expressions do. Reports ms, effective GB/s (interpolate:
-two reads and two writes; the loss: pred, x0, x1 read twice and the gradient written once) and
-the fraction of the copy bandwidth. Writes benchmarks/results/layouts_<device>_<allocator>.csv
-and a PNG plot beside it.
+Layouts:
+- channels_last: [64, 16, H, W] in channels_last, the layout convolutional networks run fastest
+  in. fastflow streams them in place (each sample is one run of memory in every tensor) and
+  returns outputs in the same layout, as the eager expressions do.
+- tokens: [N / 4, 4], one time per row of 4 values, as when every token of a sequence has its
+  own time. fastflow builds a coefficient table with a row per sample: its known weak spot.
+- batch innermost: [64, N / 64] views of [N / 64, 64] tensors (x.T). fastflow copies them to
+  contiguous first: another known weak spot.
+Reports ms, effective GB/s (interpolate: two reads and two writes; the loss: pred, x0, x1 read
+twice and the gradient written once) and the fraction of the copy bandwidth. Writes
+benchmarks/results/layouts_<device>_<allocator>.csv and a PNG plot beside it.
 """
+import itertools
 import math
 import os
 import sys
@@ -27,7 +34,7 @@ BATCH, CHANNELS = 64, 16
 
 
 def eager_cond_ot(x0, x1, t):
-    t = t.view(-1, 1, 1, 1)
+    t = t.view(-1, *[1] * (x1.dim() - 1))
     return t * x1 + (1 - t) * x0, x1 - x0
 
 
@@ -41,38 +48,48 @@ def _channels_last(numel, dtype, device):
     return x.to(memory_format=torch.channels_last)
 
 
+def _tokens(numel, dtype, device):
+    return torch.randn(numel // 4, 4, device=device, dtype=dtype)
+
+
+def _batch_innermost(numel, dtype, device):
+    return torch.randn(numel // BATCH, BATCH, device=device, dtype=dtype).t()
+
+
+LAYOUTS = {"channels_last": _channels_last, "tokens": _tokens, "batch innermost": _batch_innermost}
+
+
 def run(device, sizes, dtypes):
     compiled_interpolate, compiled_loss = torch.compile(eager_cond_ot), torch.compile(eager_loss)
     rows = []
-    for dtype_name in dtypes:
-        for numel in sizes:
-            x1 = _channels_last(numel, DTYPES[dtype_name], device)
-            x0, pred = torch.randn_like(x1), torch.randn_like(x1).requires_grad_()
-            t = torch.rand(BATCH, device=device)
-            copy_gbps = common.copy_bandwidth_gbps(device, x1.nbytes)
+    for layout, dtype_name, numel in itertools.product(LAYOUTS, dtypes, sizes):
+        x1 = LAYOUTS[layout](numel, DTYPES[dtype_name], device)
+        x0, pred = torch.randn_like(x1), torch.randn_like(x1).requires_grad_()
+        t = torch.rand(x1.shape[0], device=device)
+        copy_gbps = common.copy_bandwidth_gbps(device, x1.nbytes)
 
-            def step(loss):
-                pred.grad = None
-                loss().backward()
+        def step(loss):
+            pred.grad = None
+            loss().backward()
 
-            interpolate = {
-                "fused": lambda: fastflow.interpolate(x0, x1, t),
-                "eager": lambda: eager_cond_ot(x0, x1, t),
-                "torch.compile": lambda: compiled_interpolate(x0, x1, t),
-            }
-            loss = {
-                "fused": lambda: step(lambda: fastflow.flow_matching_loss(pred, x0, x1, t)),
-                "eager": lambda: step(lambda: eager_loss(pred, x0, x1)),
-                "torch.compile": lambda: step(lambda: compiled_loss(pred, x0, x1)),
-            }
-            for op, variants, moved in (("interpolate", interpolate, 4 * x1.nbytes),
-                                        ("loss fwd+bwd", loss, 7 * x1.nbytes)):
-                rows += common.measure(device, dtype_name, x1.numel(), variants, moved, copy_gbps,
-                                       extra=lambda name, op=op: {"op": op})
-            del x0, x1, pred
+        interpolate = {
+            "fused": lambda: fastflow.interpolate(x0, x1, t),
+            "eager": lambda: eager_cond_ot(x0, x1, t),
+            "torch.compile": lambda: compiled_interpolate(x0, x1, t),
+        }
+        loss = {
+            "fused": lambda: step(lambda: fastflow.flow_matching_loss(pred, x0, x1, t)),
+            "eager": lambda: step(lambda: eager_loss(pred, x0, x1)),
+            "torch.compile": lambda: step(lambda: compiled_loss(pred, x0, x1)),
+        }
+        for op, variants, moved in (("interpolate", interpolate, 4 * x1.nbytes),
+                                    ("loss fwd+bwd", loss, 7 * x1.nbytes)):
+            rows += common.measure(device, dtype_name, x1.numel(), variants, moved, copy_gbps,
+                                   extra=lambda name, op=op: {"op": op, "layout": layout})
+        del x0, x1, pred
     return rows
 
 
 if __name__ == "__main__":
-    common.main(run, "layouts", "channels_last data", __doc__,
+    common.main(run, "layouts", "layouts", __doc__,
                 sizes=[1 << 20, 1 << 24], dtypes=["fp32", "bf16"])

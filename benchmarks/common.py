@@ -217,7 +217,7 @@ def plot_gbps(rows, path, title):
 
 
 def _panel(row):
-    return ", ".join(str(row[k]) for k in ("op", "path", "dtype") if k in row)
+    return ", ".join(str(row[k]) for k in ("layout", "op", "path", "dtype") if k in row)
 
 
 def print_table(rows, columns):
