@@ -658,8 +658,7 @@ def _misread_check():
     ext, _ = _backends._extension()
     if ext is not None:
         return ext.misread
-    return lambda tensors: any(map(_legacy_batched, tensors)) or any(
-        x.is_neg() or x.is_conj() for x in tensors)
+    return lambda tensors: _batched(tensors) or any(x.is_neg() or x.is_conj() for x in tensors)
 
 
 _legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda x: False)

@@ -88,6 +88,7 @@ def _gaussian_kernel(ids_ptr, out_ptr, batch, n, seed_lo, seed_hi, step, col_til
     row_ok, col_ok = rows < batch, cols < n
     ids = tl.load(ids_ptr + rows, mask=row_ok, other=0)
     id_lo, id_hi = (ids & 0xFFFFFFFF).to(tl.uint32), ((ids >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    # The chains' starts: fastflow._noise.CHAIN_STARTS.
     k0 = _sample_key(0x6A09E667, seed_lo, seed_hi, id_lo, id_hi, step)[:, None]
     k1 = _sample_key(0xBB67AE85, seed_lo, seed_hi, id_lo, id_hi, step)[:, None]
     i = cols.to(tl.uint32)[None, :]
