@@ -8,6 +8,7 @@
 // copies), so they also run inside a CUDA graph capture, and autograd records the copies of
 // tensors that need a gradient.
 #include "coefficients.h"
+#include "affine.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -25,13 +26,14 @@ void check_count(const at::Tensor& values, int64_t groups) {
                     values.numel());
 }
 
-// A number, or a tensor that a CPU column may be read from by hand: dense float values in host
-// memory, and no gradient to record (autograd must see a copy of those).
+// A number, or a tensor that a CPU column may be read from by hand: dense values of a streamed
+// float type in host memory (float8 goes through copy_), and no gradient to record (autograd
+// must see a copy of those).
 bool readable_on_cpu(const CoefficientEntry& entry) {
   const at::Tensor* values = std::get_if<at::Tensor>(&entry);
   return values == nullptr ||
          (values->is_cpu() && values->is_contiguous() &&
-          at::isFloatingType(values->scalar_type()) &&
+          is_stream_type(values->scalar_type()) &&
           !(values->requires_grad() && c10::GradMode::is_enabled()));
 }
 

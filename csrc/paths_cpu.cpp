@@ -14,6 +14,7 @@
 //   coefficients, they agreed on every time tested. tests/test_paths.py checks both;
 //   triton_kernels/paths.py is the GPU twin.
 #include "coefficients.h"
+#include "affine.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -129,8 +130,9 @@ at::Tensor path_coefficients_cpu(const at::Tensor& t, const std::string& path,
   TORCH_CHECK_VALUE(found != nullptr, "fastflow path_coefficients: no native path '", path, "'");
   TORCH_CHECK_VALUE(params.size() == found->params, "fastflow path_coefficients: '", path,
                     "' takes ", found->params, " parameters, got ", params.size());
-  TORCH_CHECK_VALUE(t.dim() == 1 && at::isFloatingType(t.scalar_type()) && t.device().is_cpu(),
-                    "fastflow path_coefficients: t must be a 1-D floating-point CPU tensor, got ",
+  TORCH_CHECK_VALUE(t.dim() == 1 && is_stream_type(t.scalar_type()) && t.device().is_cpu(),
+                    "fastflow path_coefficients: t must be a 1-D floating-point CPU tensor "
+                    "(float16, bfloat16, float32 or float64), got ",
                     t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
   TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kDouble,
                     "fastflow path_coefficients: dtype must be float32 or float64, got ", dtype);

@@ -345,3 +345,15 @@ def test_native_coefficients_of_a_large_batch_are_those_of_its_parts():
     parts = [fastflow.convert(x_t[i:i + 5000], x_t[i:i + 5000], t[i:i + 5000].float(),
                               path="cosine") for i in range(0, 40000, 5000)]
     assert bits_equal(whole, torch.cat(parts))
+
+
+def test_the_cpu_builders_take_float8_as_the_ops_do():
+    # The coefficient matrix read float8 entries by hand with a dispatch that has no float8 (a
+    # NotImplementedError); the path builder let float8 times reach the same dispatch.
+    from conftest import bits_equal, compiled_extension
+
+    t = torch.rand(4).to(torch.float8_e4m3fn)
+    got = fastflow._ops.coefficient_matrix([t, 1.0], 1, 2, 4, torch.float32, t.device)
+    assert bits_equal(got[:, 0, 0], t.float()) and bits_equal(got[:, 0, 1], torch.ones(4))
+    with pytest.raises(ValueError, match=r"t must be a 1-D floating-point CPU tensor \(float16, bfloat16"):
+        compiled_extension().path_coefficients_cpu(t, "cond_ot", [0.0], torch.float32)
