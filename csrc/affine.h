@@ -7,8 +7,8 @@
 // with the sum taken in the order k = 0, 1, ..., K-1 in the math type (fp32, or fp64 when a
 // stream is fp64) and no fused multiply-add, so that CPU results equal the eager PyTorch
 // expressions bit for bit. The CPU kernel takes each stream in its own float type (a sampler
-// keeps its state in fp32 and reads a bf16 model's output in the same pass); the other kernels
-// take one type for all. affine_dot is the reduction that the backward needs:
+// keeps its state in fp32 and reads a bf16 model's output in the same pass) and layout
+// (on_streams); the other kernels take one type for all, contiguous. affine_dot is the reduction that the backward needs:
 //
 //     dot[g, m, k] = sum_i a[m][g, i] * b[k][g, i]
 //
@@ -16,6 +16,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/FunctionRef.h>
 
 #include <string>
 #include <type_traits>
@@ -98,10 +99,35 @@ inline bool is_stream_type(at::ScalarType type) {
 
 // Shared argument checks: every kernel entry point validates its tensors so that a bad call
 // from Python raises instead of reading out of bounds. `one_dtype` requires a single float type
-// for all streams; otherwise each may have its own.
+// for all streams; otherwise each may have its own. The GPU kernels take contiguous streams,
+// the CPU ones any layout (on_streams).
 void check_affine_args(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
                        const std::vector<at::Tensor>& outputs, c10::DeviceType device,
                        bool one_dtype = true);
+
+// The CPU kernels of affine and affine_sqnorm stream, beside contiguous tensors, tensors made of
+// rows of L contiguous elements at one stride apart: a slice of a wider tensor (out[:, :C] of a
+// [B, 2C, H, W] buffer: rows of C * H * W elements at stride 2C * H * W) or an input broadcast
+// over the batch (one row repeated at stride 0). Streaming them in place saves the copy to
+// contiguous memory, which costs more than the pass itself.
+//
+// row_length gives the row length L that all streams of a call can be read and written in: the
+// element count when all are contiguous; 0 when one has no view as rows of a common length,
+// when an output's rows would overlap, or when the rows are shorter than kMinRow elements.
+// row_stride gives the stride between x's rows of that length.
+int64_t row_length(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& outputs);
+int64_t row_stride(const at::Tensor& x, int64_t row);
+// Shorter rows are copied instead: each piece of a row is a span of its own in the kernels, whose
+// setup costs about 300 instructions (callgrind, interpolate), about what a 2 -> 2 map of 64
+// fp32 elements takes from memory; at 64 the rows ran 1.5x faster than the copies (4M elements).
+constexpr int64_t kMinRow = 64;
+
+// kernel(inputs, outputs, row) on streams that it can stream as rows of `row` elements: the
+// call's own where row_length allows, else contiguous copies of the inputs and, for the outputs
+// that are not contiguous, contiguous stand-ins, copied into them afterwards.
+void on_streams(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& outputs,
+                c10::function_ref<void(const std::vector<at::Tensor>&,
+                                       const std::vector<at::Tensor>&, int64_t)> kernel);
 
 // affine_dot's: a and b (1 to kMaxOutputs and 1 to kMaxInputs tensors) of one float type, element
 // count and device, contiguous, in `groups` groups.

@@ -16,7 +16,7 @@ namespace {
 
 // One streamed tensor `what` of operation `op`, beside the first one, `ref`.
 void check_stream(const char* op, const at::Tensor& x, const char* what, const at::Tensor& ref,
-                  c10::DeviceType device, bool one_dtype) {
+                  c10::DeviceType device, bool one_dtype, bool any_layout = false) {
   const auto type = x.scalar_type();
   TORCH_CHECK_VALUE(is_stream_type(type), op, ": ", what,
                     " must be float16, bfloat16, float32 or float64, got ", type);
@@ -28,7 +28,7 @@ void check_stream(const char* op, const at::Tensor& x, const char* what, const a
                     ", expected ", ref.scalar_type());
   TORCH_CHECK_VALUE(x.numel() == ref.numel(), op, ": ", what, " has ", x.numel(),
                     " elements, expected ", ref.numel());
-  TORCH_CHECK_VALUE(x.is_contiguous(), op, ": ", what, " must be contiguous");
+  TORCH_CHECK_VALUE(any_layout || x.is_contiguous(), op, ": ", what, " must be contiguous");
 }
 
 // Whether `groups` groups of consecutive elements cover `ref` (none for an empty tensor).
@@ -69,8 +69,9 @@ void check_affine_args(const std::vector<at::Tensor>& inputs, const at::Tensor& 
   TORCH_CHECK_VALUE(m >= 1 && m <= kMaxOutputs, op, ": expected 1 to ", kMaxOutputs,
                     " outputs, got ", m);
   const auto& ref = inputs[0];
-  for (const auto& x : inputs) check_stream(op, x, "an input", ref, device, one_dtype);
-  for (const auto& y : outputs) check_stream(op, y, "an output", ref, device, one_dtype);
+  const bool any_layout = device == c10::kCPU;
+  for (const auto& x : inputs) check_stream(op, x, "an input", ref, device, one_dtype, any_layout);
+  for (const auto& y : outputs) check_stream(op, y, "an output", ref, device, one_dtype, any_layout);
 
   TORCH_CHECK_VALUE(coeffs.dim() == 3 && coeffs.size(1) == m && coeffs.size(2) == k,
                     "fastflow affine: coeffs must have shape [G, ", m, ", ", k, "], got ",

@@ -6,6 +6,7 @@
 #include "simd_clones.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -23,10 +24,11 @@ namespace fastflow {
 #ifdef FASTFLOW_AVX2_KERNELS
 namespace avx2 {  // affine_cpu_avx2.cpp
 void affine(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
-            const std::vector<at::Tensor>& outputs, bool may_stream);
+            const std::vector<at::Tensor>& outputs, int64_t row, bool may_stream);
 void dot(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b, int64_t groups,
          at::Tensor& sums);
-void sqnorm(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs, at::Tensor& sums);
+void sqnorm(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs, int64_t row,
+            at::Tensor& sums);
 void narrow_floats(const float* src, int64_t n, at::ScalarType type, void* dst);
 }  // namespace avx2
 #else
@@ -66,13 +68,15 @@ void narrow_floats(const float* src, int64_t n, at::ScalarType type, void* dst) 
 
 namespace {
 
-// The kernels of the chosen instruction set, on checked arguments. `fresh`: the outputs were
-// just allocated (their pages not yet touched), which rules out streaming stores.
+// The kernels of the chosen instruction set, on checked arguments of any layout. `fresh`: the
+// outputs were just allocated (their pages not yet touched), which rules out streaming stores.
 void run_affine(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
                 const std::vector<at::Tensor>& outputs, bool fresh) {
   if (inputs[0].numel() == 0) return;
-  if (use_avx2()) return avx2::affine(inputs, coeffs, outputs, !fresh);
-  baseline::affine(inputs, coeffs, outputs, !fresh);
+  on_streams(inputs, outputs, [&](const auto& in, const auto& out, int64_t row) {
+    if (use_avx2()) return avx2::affine(in, coeffs, out, row, !fresh);
+    baseline::affine(in, coeffs, out, row, !fresh);
+  });
 }
 
 }  // namespace
@@ -80,6 +84,10 @@ void run_affine(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
 void affine_cpu(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
                 const std::vector<at::Tensor>& outputs) {
   check_affine_args(inputs, coeffs, outputs, c10::kCPU, /*one_dtype=*/false);
+  for (const auto& y : outputs)
+    TORCH_CHECK_VALUE(at::has_internal_overlap(y) != at::MemOverlap::Yes,
+                      "fastflow affine: an output has elements that share memory (strides ",
+                      y.strides(), " for shape ", y.sizes(), ")");
   run_affine(inputs, coeffs, outputs, /*fresh=*/false);
 }
 
@@ -127,11 +135,10 @@ at::Tensor affine_sqnorm_cpu(const std::vector<at::Tensor>& inputs, const at::Te
   double* sum = sums.mutable_data_ptr<double>();
   std::fill_n(sum, groups, 0.0);
   if (inputs[0].numel() != 0) {
-    if (use_avx2()) {
-      avx2::sqnorm(inputs, coeffs, sums);
-    } else {
-      baseline::sqnorm(inputs, coeffs, sums);
-    }
+    on_streams(inputs, {}, [&](const auto& in, const auto&, int64_t row) {
+      if (use_avx2()) return avx2::sqnorm(in, coeffs, row, sums);
+      baseline::sqnorm(in, coeffs, row, sums);
+    });
   }
   if (math_type(inputs, {}) == at::kDouble) return sums;
   at::Tensor rounded = at::empty({groups}, sums.options().dtype(at::kFloat));

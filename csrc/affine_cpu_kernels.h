@@ -42,11 +42,29 @@ struct Coeffs {
   }
 };
 
-// A contiguous stream of any float type, moved a tile at a time between memory and math_t.
+// A stream of any float type, moved a tile at a time between memory and math_t: rows of the
+// call's row length (row_length), row_stride elements apart.
 struct Stream {
   void* data;
   at::ScalarType type;
+  int64_t row_stride;
+  int64_t element_size;
+
+  Stream() = default;
+  Stream(const void* data, at::ScalarType type, int64_t row_stride)
+      : data(const_cast<void*>(data)), type(type), row_stride(row_stride),
+        element_size(static_cast<int64_t>(c10::elementSize(type))) {}
 };
+
+// The streams from element j on, to the end of j's row: what a span within one row indexes
+// from 0.
+template <size_t N>
+std::array<Stream, N> from_element(std::array<Stream, N> streams, int64_t j, int64_t row) {
+  const int64_t r = j / row, column = j - r * row;
+  for (auto& s : streams)
+    s.data = static_cast<char*>(s.data) + (r * s.row_stride + column) * s.element_size;
+  return streams;
+}
 
 template <typename Visit>
 void visit_float_type(at::ScalarType type, const Visit& visit) {
@@ -181,10 +199,11 @@ void store_tile(const Stream& s, int64_t j0, int64_t n, const math_t* src) {
 // writing there, so the last output may lie exactly on top of an input (a sampler updates its
 // state in place); earlier ones must not alias an input.
 //
-// n is the group size. With kSpansGroups false, [lo, hi) lies in one group and each tile uses
-// that group's coefficients; with it true (small groups), a tile spans many groups and gets its
-// coefficients per element, gathered into an L1 table first. Both compute each output with the
-// same operations in the same order.
+// The span is the elements [first, first + len), within one row of every stream, whose data
+// point at element `first`. n is the group size. With kSpansGroups false, the span lies in one
+// group and each tile uses that group's coefficients; with it true (small groups), a tile spans
+// many groups and gets its coefficients per element, gathered into an L1 table first. Both
+// compute each output with the same operations in the same order.
 //
 // Uniform, when not void, is the storage type of every stream (bf16, or fp16 with AVX2; one
 // group's span): values are then converted in the loop that computes them, all outputs per
@@ -197,12 +216,13 @@ void store_tile(const Stream& s, int64_t j0, int64_t n, const math_t* src) {
 // with streaming stores.
 template <typename math_t, int K, int M, bool kSpansGroups, typename Uniform = void>
 void affine_span(const std::array<Stream, K>& in, const std::array<Stream, M>& out,
-                 const Coeffs<math_t>& c, int64_t n, int64_t lo, int64_t hi, bool streaming) {
+                 const Coeffs<math_t>& c, int64_t n, int64_t first, int64_t len,
+                 bool streaming) {
   constexpr auto kMath = std::is_same_v<math_t, double> ? at::kDouble : at::kFloat;
   // One group's coefficients, copied out of their strides once per span.
   math_t fixed[M * K];
   if constexpr (!kSpansGroups) {
-    const math_t* cg = c.group(lo / n);
+    const math_t* cg = c.group(first / n);
     for (int m = 0; m < M; ++m)
       for (int k = 0; k < K; ++k) fixed[m * K + k] = c.at(cg, m, k);
   }
@@ -212,14 +232,14 @@ void affine_span(const std::array<Stream, K>& in, const std::array<Stream, M>& o
     Uniform* y[M];
     for (int k = 0; k < K; ++k) x[k] = static_cast<const Uniform*>(in[k].data);
     for (int m = 0; m < M; ++m) y[m] = static_cast<Uniform*>(out[m].data);
-    int64_t i = lo;
+    int64_t i = 0;
 #ifdef FASTFLOW_CPU_AVX2
     {
       // Eight values at a time (the compiler does not vectorise c10's conversions); the scalar
       // loop below gives the same bits for the tail.
       __m256 coeff[M * K];
       for (int j = 0; j < M * K; ++j) coeff[j] = _mm256_set1_ps(fixed[j]);
-      for (; i + 8 <= hi; i += 8) {
+      for (; i + 8 <= len; i += 8) {
         __m256 v[K];
         for (int k = 0; k < K; ++k) v[k] = widen8(x[k] + i);
         for (int m = 0; m < M; ++m) {
@@ -231,7 +251,7 @@ void affine_span(const std::array<Stream, K>& in, const std::array<Stream, M>& o
       }
     }
 #endif
-    for (; i < hi; ++i) {
+    for (; i < len; ++i) {
       math_t v[K];
       for (int k = 0; k < K; ++k) v[k] = load_as<math_t>(x[k][i]);
       for (int m = 0; m < M; ++m) {
@@ -242,15 +262,15 @@ void affine_span(const std::array<Stream, K>& in, const std::array<Stream, M>& o
     }
     return;
   }
-  for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
-    const int64_t len = std::min(kTile, hi - j0);
+  for (int64_t j0 = 0; j0 < len; j0 += kTile) {
+    const int64_t tile = std::min(kTile, len - j0);
     math_t x_tile[K][kTile];
     math_t y_tile[kTile];
     math_t c_tile[kSpansGroups ? M * K : 1][kSpansGroups ? kTile : 1];
     if constexpr (kSpansGroups) {
       // Walk the groups across the tile: one division per tile, none per element.
-      int64_t g = j0 / n, r = j0 - g * n;
-      for (int64_t i = 0; i < len; ++i) {
+      int64_t g = (first + j0) / n, r = first + j0 - g * n;
+      for (int64_t i = 0; i < tile; ++i) {
         const math_t* cg = c.group(g);
         for (int m = 0; m < M; ++m)
           for (int k = 0; k < K; ++k) c_tile[m * K + k][i] = c.at(cg, m, k);
@@ -265,7 +285,7 @@ void affine_span(const std::array<Stream, K>& in, const std::array<Stream, M>& o
       if (in[k].type == kMath) {
         x[k] = static_cast<const math_t*>(in[k].data) + j0;
       } else {
-        load_tile(in[k], j0, len, x_tile[k]);
+        load_tile(in[k], j0, tile, x_tile[k]);
         x[k] = x_tile[k];
       }
     }
@@ -277,15 +297,15 @@ void affine_span(const std::array<Stream, K>& in, const std::array<Stream, M>& o
         if constexpr (kSpansGroups) return c_tile[m * K + k][i];
         else return fixed[m * K + k];
       };
-      for (int64_t i = 0; i < len; ++i) {
+      for (int64_t i = 0; i < tile; ++i) {
         math_t acc = coeff(0, i) * x[0][i];
         for (int k = 1; k < K; ++k) acc = acc + coeff(k, i) * x[k][i];
         y[i] = acc;
       }
       if (!direct) {
-        store_tile(out[m], j0, len, y_tile);
+        store_tile(out[m], j0, tile, y_tile);
       } else if (streaming) {
-        stream_tile(dst, y_tile, len);
+        stream_tile(dst, y_tile, tile);
       }
     }
   }
@@ -298,12 +318,15 @@ constexpr int64_t kSmallGroup = 16;
 
 template <typename math_t, int K, int M>
 void affine_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
-                   const std::vector<at::Tensor>& outputs, bool may_stream) {
+                   const std::vector<at::Tensor>& outputs, int64_t row, bool may_stream) {
   std::array<Stream, K> in;
   std::array<Stream, M> out;
   for (int k = 0; k < K; ++k)
-    in[k] = {const_cast<void*>(inputs[k].const_data_ptr()), inputs[k].scalar_type()};
-  for (int m = 0; m < M; ++m) out[m] = {outputs[m].mutable_data_ptr(), outputs[m].scalar_type()};
+    in[k] = {inputs[k].const_data_ptr(), inputs[k].scalar_type(), row_stride(inputs[k], row)};
+  for (int m = 0; m < M; ++m) {
+    const auto& y = outputs[m];
+    out[m] = {y.mutable_data_ptr(), y.scalar_type(), row_stride(y, row)};
+  }
   const Coeffs<math_t> c(coeffs);
   const int64_t numel = inputs[0].numel();
   const int64_t n = numel / coeffs.size(0);
@@ -322,21 +345,23 @@ void affine_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coef
   for (const auto& y : outputs) output_bytes += y.nbytes();
   const bool streaming = kCanStream && may_stream && output_bytes >= kStreamingMinBytes;
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-    if (n < kSmallGroup) {
-      affine_span<math_t, K, M, true>(in, out, c, n, begin, end, streaming);
-    } else {
-      // A task may straddle groups: walk it group by group so each span has fixed coefficients.
-      for (int64_t lo = begin; lo < end;) {
-        const int64_t hi = std::min(end, (lo / n + 1) * n);
-        if (uniform && type == at::kBFloat16) {
-          affine_span<math_t, K, M, false, Bf16>(in, out, c, n, lo, hi, false);
-        } else if (uniform) {
-          affine_span<math_t, K, M, false, Fp16>(in, out, c, n, lo, hi, false);
-        } else {
-          affine_span<math_t, K, M, false>(in, out, c, n, lo, hi, streaming);
-        }
-        lo = hi;
+    // A task may straddle rows and groups: walk it in spans within one row and, for groups
+    // that are not small, within one group, so that each span has fixed coefficients.
+    for (int64_t lo = begin; lo < end;) {
+      int64_t hi = std::min(end, (lo / row + 1) * row);
+      if (n >= kSmallGroup) hi = std::min(hi, (lo / n + 1) * n);
+      const auto x = from_element(in, lo, row);
+      const auto y = from_element(out, lo, row);
+      if (n < kSmallGroup) {
+        affine_span<math_t, K, M, true>(x, y, c, n, lo, hi - lo, streaming);
+      } else if (uniform && type == at::kBFloat16) {
+        affine_span<math_t, K, M, false, Bf16>(x, y, c, n, lo, hi - lo, false);
+      } else if (uniform) {
+        affine_span<math_t, K, M, false, Fp16>(x, y, c, n, lo, hi - lo, false);
+      } else {
+        affine_span<math_t, K, M, false>(x, y, c, n, lo, hi - lo, streaming);
       }
+      lo = hi;
     }
     if (streaming) fence_streams();
   });
@@ -374,61 +399,77 @@ void grouped_sums(int64_t groups, int64_t n, acc_t* out, const Span& span) {
     }
 }
 
+// kLanes independent accumulators, term i of a sum to lane i % kLanes, folded in order at the
+// end: lets the compiler vectorise a reduction without reassociating it, so the vector width
+// changes no result. The terms may come in several runs (the pieces of rows of a row view):
+// each run continues the lanes where the last one stopped, so a sum has the same bits however
+// its terms lie in memory.
 template <typename acc_t>
-acc_t fold_lanes(const acc_t (&acc)[kLanes]) {
-  acc_t s = 0;
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
-  return s;
-}
-
-// Sums v(j) for j in [lo, hi) into kLanes independent accumulators, term j to lane
-// (j - lo) % kLanes, then folds them: lets the compiler vectorise the reduction without
-// reassociating it.
-template <typename acc_t, typename Value>
-acc_t lane_sum(int64_t lo, int64_t hi, const Value& v) {
-  if (hi - lo <= kLanes) {
-    // The same bits as below (each lane holds at most one term; adding zeros changes nothing),
-    // without setting up the lanes: most of the cost for tiny groups.
-    acc_t s = 0;
-    for (int64_t j = lo; j < hi; ++j) s += v(j);
-    return s;
-  }
-  // Counted from 0 (lo + i): affine_dot's sums ran 2x to 3.7x faster at 64K to 1M elements
-  // than with j counted from lo, the same operations in the same order.
-  const int64_t n = hi - lo;
+struct Lanes {
   acc_t acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += v(lo + i + l);
-  for (int l = 0; i < n; ++i, ++l) acc[l] += v(lo + i);
-  return fold_lanes(acc);
-}
+  int next = 0;  // the lane of the next term
+
+  // Adds v(i) for i in [0, n). Counted from 0 with pointers at the run's start: affine_dot's sums
+  // ran 2x to 3.7x faster at 64K to 1M elements than with indices counted from the span's start.
+  template <typename Value>
+  void add(int64_t n, const Value& v) {
+    acc_t lane[kLanes];  // a local copy, which the compiler keeps in registers
+    std::copy_n(acc, kLanes, lane);
+    int64_t i = 0;
+    for (; next != 0 && i < n; ++i, next = (next + 1) % kLanes) lane[next] += v(i);
+    for (; i + kLanes <= n; i += kLanes)
+      for (int l = 0; l < kLanes; ++l) lane[l] += v(i + l);
+    for (; i < n; ++i, ++next) lane[next] += v(i);
+    std::copy_n(lane, kLanes, acc);
+  }
 
 #ifdef FASTFLOW_CPU_AVX2
-// lane_sum of the terms double(x) * double(y) for fp32 factors (x, y) = factors(j) computed from
-// 16-bit streams, eight terms at a time: the compiler does not vectorise c10::Half's conversion
-// inside a sum (fp16 ran 4.6x slower than bf16 at 1M elements). The two halves of a vector are
-// lanes 0-3 and 4-7 of lane_sum, and every term takes the same operations in the same order:
-// the same bits. term(j) is the scalar term, for the tail and for lane_sum's tiny groups.
-template <typename Factors, typename Term>
-double vector_lane_sum(int64_t lo, int64_t hi, const Factors& factors, const Term& term) {
-  if (hi - lo <= kLanes) return lane_sum<double>(lo, hi, term);
-  __m256d low = _mm256_setzero_pd(), high = _mm256_setzero_pd();
-  int64_t j = lo;
-  for (; j + kLanes <= hi; j += kLanes) {
-    const auto [x, y] = factors(j);
-    low = _mm256_add_pd(low, _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)),
-                                           _mm256_cvtps_pd(_mm256_castps256_ps128(y))));
-    high = _mm256_add_pd(high, _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)),
-                                             _mm256_cvtps_pd(_mm256_extractf128_ps(y, 1))));
+  // add() for the terms double(x) * double(y) of fp32 factors (x, y) = factors(i) computed from
+  // 16-bit streams, eight terms at a time: the compiler does not vectorise c10::Half's
+  // conversion inside a sum (fp16 ran 4.6x slower than bf16 at 1M elements). The two halves of
+  // a vector are lanes 0-3 and 4-7, and every term takes the same operations in the same
+  // order: the same bits. term(i) is the scalar term, which add() sums for the run's head (up to
+  // lane 0) and tail.
+  template <typename Factors, typename Term>
+  void add_vector(int64_t n, const Factors& factors, const Term& term) {
+    static_assert(std::is_same_v<acc_t, double> && kLanes == 8);
+    int64_t i = std::min<int64_t>(n, (kLanes - next) % kLanes);
+    add(i, term);
+    __m256d low = _mm256_loadu_pd(acc), high = _mm256_loadu_pd(acc + 4);
+    for (; i + kLanes <= n; i += kLanes) {
+      const auto [x, y] = factors(i);
+      low = _mm256_add_pd(low, _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)),
+                                             _mm256_cvtps_pd(_mm256_castps256_ps128(y))));
+      high = _mm256_add_pd(high, _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)),
+                                               _mm256_cvtps_pd(_mm256_extractf128_ps(y, 1))));
+    }
+    _mm256_storeu_pd(acc, low);
+    _mm256_storeu_pd(acc + 4, high);
+    add(n - i, [&](int64_t j) { return term(i + j); });
   }
-  double acc[kLanes];
-  _mm256_storeu_pd(acc, low);
-  _mm256_storeu_pd(acc + 4, high);
-  for (int l = 0; j < hi; ++j, ++l) acc[l] += term(j);
-  return fold_lanes(acc);
-}
 #endif
+
+  acc_t fold() const {
+    acc_t s = 0;
+    for (int l = 0; l < kLanes; ++l) s += acc[l];
+    return s;
+  }
+};
+
+// The Lanes sum of v(i), i in [0, n), in one run. A sum of at most kLanes terms is summed in
+// order, without setting up the lanes (most of the cost for tiny groups): the same bits, as
+// each lane would hold at most one term.
+template <typename acc_t, typename Value>
+acc_t lane_sum(int64_t n, const Value& v) {
+  acc_t s = 0;
+  if (n <= kLanes) {
+    for (int64_t i = 0; i < n; ++i) s += v(i);
+    return s;
+  }
+  Lanes<acc_t> lanes;
+  lanes.add(n, v);
+  return lanes.fold();
+}
 
 template <typename scalar_t, typename acc_t, int K, int M>
 void dot_kernel(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b,
@@ -441,30 +482,36 @@ void dot_kernel(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>&
                              [&](int64_t, int64_t lo, int64_t hi, acc_t* sums) {
     for (int m = 0; m < M; ++m)
       for (int k = 0; k < K; ++k) {
-        const auto product = [&](int64_t j) {
-          return load_as<acc_t>(pa[m][j]) * load_as<acc_t>(pb[k][j]);
+        const scalar_t* x = pa[m] + lo;
+        const scalar_t* y = pb[k] + lo;
+        const auto product = [&](int64_t i) {
+          return load_as<acc_t>(x[i]) * load_as<acc_t>(y[i]);
         };
 #ifdef FASTFLOW_CPU_AVX2
         if constexpr (sizeof(scalar_t) == 2 && std::is_same_v<acc_t, double>) {
-          sums[m * K + k] = vector_lane_sum(lo, hi, [&](int64_t j) {
-            return std::pair(widen8(pa[m] + j), widen8(pb[k] + j));
+          Lanes<double> lanes;
+          lanes.add_vector(hi - lo, [&](int64_t i) {
+            return std::pair(widen8(x + i), widen8(y + i));
           }, product);
+          sums[m * K + k] = lanes.fold();
           continue;
         }
 #endif
-        sums[m * K + k] = lane_sum<acc_t>(lo, hi, product);
+        sums[m * K + k] = lane_sum<acc_t>(hi - lo, product);
       }
   });
 }
 
 // Sum over each group of r^2, r = sum_k coeffs[g, 0, k] * in[k] computed exactly as affine
-// computes an output (math type, order k = 0..K-1), the square accumulated in fp64.
+// computes an output (math type, order k = 0..K-1), the square accumulated in fp64. The inputs
+// are rows of `row` elements (row_length): a group's terms come in runs, one per piece of a row.
 template <typename scalar_t, int K>
-void sqnorm_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
+void sqnorm_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs, int64_t row,
                    at::Tensor& result) {
   using math_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  std::array<const scalar_t*, K> in;
-  for (int k = 0; k < K; ++k) in[k] = inputs[k].const_data_ptr<scalar_t>();
+  std::array<Stream, K> in;
+  for (int k = 0; k < K; ++k)
+    in[k] = {inputs[k].const_data_ptr(), inputs[k].scalar_type(), row_stride(inputs[k], row)};
   const Coeffs<math_t> c(coeffs);
   const int64_t groups = coeffs.size(0);
   const int64_t n = inputs[0].numel() / groups;
@@ -472,25 +519,49 @@ void sqnorm_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coef
                           [&](int64_t g, int64_t lo, int64_t hi, double* sum) {
     math_t cg[K];
     for (int k = 0; k < K; ++k) cg[k] = c.at(c.group(g), 0, k);
-    const auto squared_residual = [&](int64_t j) {
-      math_t r = cg[0] * load_as<math_t>(in[0][j]);
-      for (int k = 1; k < K; ++k) r = r + cg[k] * load_as<math_t>(in[k][j]);
+    // f(x, len) for each run of [lo, hi), the piece of a row at x[k][0 .. len).
+    const auto for_runs = [&](const auto& f) {
+      for (int64_t a = lo; a < hi;) {
+        const int64_t b = std::min(hi, (a / row + 1) * row);
+        const auto streams = from_element(in, a, row);
+        std::array<const scalar_t*, K> x;
+        for (int k = 0; k < K; ++k) x[k] = static_cast<const scalar_t*>(streams[k].data);
+        f(x, b - a);
+        a = b;
+      }
+    };
+    const auto squared_residual = [&](const std::array<const scalar_t*, K>& x, int64_t i) {
+      math_t r = cg[0] * load_as<math_t>(x[0][i]);
+      for (int k = 1; k < K; ++k) r = r + cg[k] * load_as<math_t>(x[k][i]);
       return static_cast<double>(r) * static_cast<double>(r);
     };
-#ifdef FASTFLOW_CPU_AVX2
-    if constexpr (sizeof(scalar_t) == 2) {
-      __m256 coeff[K];
-      for (int k = 0; k < K; ++k) coeff[k] = _mm256_set1_ps(cg[k]);
-      *sum = vector_lane_sum(lo, hi, [&](int64_t j) {
-        __m256 r = _mm256_mul_ps(coeff[0], widen8(in[0] + j));
-        for (int k = 1; k < K; ++k)
-          r = _mm256_add_ps(r, _mm256_mul_ps(coeff[k], widen8(in[k] + j)));
-        return std::pair(r, r);
-      }, squared_residual);
+    if (hi - lo <= kLanes) {  // lane_sum's shortcut for tiny groups
+      double s = 0;
+      for_runs([&](const auto& x, int64_t len) {
+        for (int64_t i = 0; i < len; ++i) s += squared_residual(x, i);
+      });
+      *sum = s;
       return;
     }
+    Lanes<double> lanes;
+    for_runs([&](const auto& x, int64_t len) {
+      const auto term = [&](int64_t i) { return squared_residual(x, i); };
+#ifdef FASTFLOW_CPU_AVX2
+      if constexpr (sizeof(scalar_t) == 2) {
+        __m256 coeff[K];
+        for (int k = 0; k < K; ++k) coeff[k] = _mm256_set1_ps(cg[k]);
+        lanes.add_vector(len, [&](int64_t i) {
+          __m256 r = _mm256_mul_ps(coeff[0], widen8(x[0] + i));
+          for (int k = 1; k < K; ++k)
+            r = _mm256_add_ps(r, _mm256_mul_ps(coeff[k], widen8(x[k] + i)));
+          return std::pair(r, r);
+        }, term);
+        return;
+      }
 #endif
-    *sum = lane_sum<double>(lo, hi, squared_residual);
+      lanes.add(len, term);
+    });
+    *sum = lanes.fold();
   });
 }
 
@@ -499,13 +570,13 @@ void sqnorm_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coef
 // The entry points of this instruction set, after the argument checks (affine_cpu.cpp).
 
 void affine(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
-            const std::vector<at::Tensor>& outputs, bool may_stream) {
+            const std::vector<at::Tensor>& outputs, int64_t row, bool may_stream) {
   dispatch_arity(inputs.size(), outputs.size(), [&](auto k, auto m) {
     constexpr int K = decltype(k)::value, M = decltype(m)::value;
     if (coeffs.scalar_type() == at::kDouble) {
-      affine_kernel<double, K, M>(inputs, coeffs, outputs, may_stream);
+      affine_kernel<double, K, M>(inputs, coeffs, outputs, row, may_stream);
     } else {
-      affine_kernel<float, K, M>(inputs, coeffs, outputs, may_stream);
+      affine_kernel<float, K, M>(inputs, coeffs, outputs, row, may_stream);
     }
   });
 }
@@ -520,11 +591,12 @@ void dot(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b, int
   });
 }
 
-void sqnorm(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs, at::Tensor& sums) {
+void sqnorm(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs, int64_t row,
+            at::Tensor& sums) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, inputs[0].scalar_type(),
                                   "affine_sqnorm_cpu", [&] {
     dispatch_arity(inputs.size(), 1, [&](auto k, auto) {
-      sqnorm_kernel<scalar_t, decltype(k)::value>(inputs, coeffs, sums);
+      sqnorm_kernel<scalar_t, decltype(k)::value>(inputs, coeffs, row, sums);
     });
   });
 }

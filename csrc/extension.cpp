@@ -42,6 +42,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "ask for transparent huge pages behind a fresh CPU tensor");
   m.attr("huge_page_min_bytes") = fastflow::kHugePageMinBytes;
   m.attr("streaming_store_min_bytes") = fastflow::kStreamingMinBytes;
+  m.def("row_length", &fastflow::row_length,
+        "the row length the CPU kernels stream these tensors in; 0 when they copy them");
+  m.attr("min_row") = fastflow::kMinRow;
 #ifdef FASTFLOW_WITH_CUDA
   m.attr("cuda_built") = true;
   m.def("affine_cuda", &fastflow::affine_cuda, "outputs[m] = sum_k coeffs[g, m, k] * inputs[k]");

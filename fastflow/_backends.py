@@ -169,7 +169,10 @@ def kernels(name):
     weight, divisor)``, the sum of ``weight * affine_sqnorm([pred, *data], coeffs)`` (weight
     None or one per group) over groups divided by `divisor`, as an autograd node
     differentiable in pred (fastflow.losses); ``checks_args``, whether the kernels check their
-    arguments themselves (the C++ ones do)."""
+    arguments themselves (the C++ ones do); ``any_layout``, whether affine and affine_sqnorm take
+    streams of any layout (the C++ ones stream rows of contiguous elements at one stride
+    apart in place and copy other layouts themselves: csrc/affine.h) rather than contiguous
+    ones."""
     return _KERNELS[name]()
 
 
@@ -186,6 +189,7 @@ class _Kernels:
     affine_fresh: object = None
     pred_loss: object = None
     checks_args: bool = False
+    any_layout: bool = False
 
 
 def _reference_kernels():
@@ -211,7 +215,7 @@ def _cpu_kernels():
     return _Kernels(ext.affine_cpu, ext.affine_dot_cpu, ext.affine_sqnorm_cpu, ext.sinusoid_cpu,
                     ext.sinusoid_backward_cpu, ext.gaussian_cpu, ext.path_coefficients_cpu,
                     ext.conversion_coefficients_cpu, ext.affine_fresh_cpu, ext.pred_loss_cpu,
-                    checks_args=True)
+                    checks_args=True, any_layout=True)
 
 
 def _cuda_kernels():

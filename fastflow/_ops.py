@@ -172,20 +172,25 @@ def _flat(x):
     return x.as_strided((x.shape[0], n), (n, 1))
 
 
-def _streamed(tensors, groups):
-    """The tensors as the kernels stream them: views of their own memory in a _flat_layout,
-    else contiguous (copies of the others)."""
+def _streamed(tensors, groups, kernels=None):
+    """The tensors as `kernels` stream them: as they are for kernels that take any layout,
+    else views of their own memory in a _flat_layout, else contiguous (copies of the others)."""
+    if kernels is not None and kernels.any_layout:
+        return tensors
     if _flat_layout(tensors, groups):
         return [_flat(x) for x in tensors]
     return [x.contiguous() for x in tensors]
 
 
 def _launch(name, inputs, coeffs, outputs):
-    """Run backend `name`'s kernel on contiguous streams, writing contiguous `outputs`."""
+    """Run backend `name`'s kernel, writing `outputs` (contiguous unless its kernels take any
+    layout)."""
     if name == "cuda" and len({x.dtype for x in (*inputs, *outputs)}) > 1:
         name = _backends.fallback_for_mixed_dtypes(inputs[0].device)
     kernels = _backends.kernels(name)
-    kernels.affine([x.contiguous() for x in inputs], _packed_for(name, coeffs), outputs)
+    if not kernels.any_layout:
+        inputs = [x.contiguous() for x in inputs]
+    kernels.affine(inputs, _packed_for(name, coeffs), outputs)
 
 
 def _empty_output(x, shape=None, dtype=None, layout_of_x=False):
@@ -215,9 +220,10 @@ def _affine(inputs, coeffs, name=None):
     # layout, as PyTorch's elementwise ops give: a contiguous copy would cost more than the pass.
     flat = coeffs.dim() == 3 and _flat_layout(inputs, coeffs.shape[0])
     if kernels.affine_fresh is not None and not flat:
-        # One call checks (as _check_affine_args does), allocates and runs: on a small tensor
-        # the same steps in Python take ten times the kernel.
-        return kernels.affine_fresh([x.contiguous() for x in inputs], coeffs)
+        # One call checks (as _check_affine_args does), allocates and runs, on inputs of any
+        # layout (_Kernels.any_layout): on a small tensor the same steps in Python take ten
+        # times the kernel.
+        return kernels.affine_fresh(inputs, coeffs)
     _check_affine_args(inputs, coeffs, coeffs.shape[1] if coeffs.dim() == 3 else 0)
     outputs = [_empty_output(inputs[0], layout_of_x=flat) for _ in range(coeffs.shape[1])]
     view = _flat if flat else (lambda x: x)
@@ -227,12 +233,14 @@ def _affine(inputs, coeffs, name=None):
 
 def _affine_out(inputs, coeffs, out, name=None):
     name = name or _backend_of(inputs)
-    if not _backends.kernels(name).checks_args:
+    kernels = _backends.kernels(name)
+    if not kernels.checks_args:
         _check_affine_args(inputs, coeffs, len(out), out, one_dtype=False)
     if coeffs.dim() == 3 and _flat_layout([*inputs, *out], coeffs.shape[0]):
         inputs, out = [_flat(x) for x in inputs], [_flat(o) for o in out]
-    staged = [o if _writable_in_place(o, inputs, last=m == len(out) - 1) else torch.empty_like(
-        o, memory_format=torch.contiguous_format) for m, o in enumerate(out)]
+    staged = [o if _writable_in_place(o, inputs, m == len(out) - 1, kernels.any_layout)
+              else torch.empty_like(o, memory_format=torch.contiguous_format)
+              for m, o in enumerate(out)]
     try:
         _launch(name, inputs, coeffs, staged)
         for o, buf in zip(out, staged):
@@ -251,19 +259,27 @@ def _written(tensors):
             _increment_version(x)
 
 
-def _writable_in_place(out, inputs, last):
-    """Whether the kernels can write `out` directly. They stream contiguous memory and read every
-    input at an index before writing the last output there (earlier outputs may be written
-    before the inputs are read again for the next), so an output that shares memory with an
-    input is safe as the last output, exactly on top of it (same start and type, contiguous).
-    Memory is compared by address, not storage: two storages may share it (numpy views)."""
-    if not out.is_contiguous():
+def _writable_in_place(out, inputs, last, any_layout):
+    """Whether the kernels can write `out` directly: if contiguous, or in any layout for
+    kernels that take any (_Kernels.any_layout). They read every input at an index before
+    writing the last output there (earlier outputs may be written before the inputs are read
+    again for the next), so an output that shares memory with an input is safe as the last
+    output, exactly on top of it (same start, type and layout). Memory is compared by
+    address, not storage: two storages may share it (numpy views)."""
+    if not (any_layout or out.is_contiguous()):
         return False
     for x in inputs:
-        if _overlap(x, out) and (not last or x.data_ptr() != out.data_ptr()
-                                 or x.dtype != out.dtype or not x.is_contiguous()):
+        if _overlap(x, out) and not (last and x.data_ptr() == out.data_ptr()
+                                     and x.dtype == out.dtype and _same_layout(x, out)):
             return False
     return True
+
+
+def _same_layout(a, b):
+    """Whether every element of a lies at the same offset from its start as the same element
+    (in row-major order) of b."""
+    return (a.is_contiguous() and b.is_contiguous()) or (a.shape == b.shape
+                                                          and a.stride() == b.stride())
 
 
 def _check_dot_args(a, b, groups):
@@ -286,7 +302,7 @@ def _affine_sqnorm(inputs, coeffs, name=None):
     if not kernels.checks_args:
         _check_affine_args(inputs, coeffs, 1)
     groups = coeffs.shape[0] if coeffs.dim() == 3 else 0
-    return kernels.affine_sqnorm(_streamed(inputs, groups), _packed_for(name, coeffs))
+    return kernels.affine_sqnorm(_streamed(inputs, groups, kernels), _packed_for(name, coeffs))
 
 
 def _check_sinusoid_args(t, freqs, dim, dtype):
@@ -852,11 +868,19 @@ def affine_out(inputs, coeffs, out, backend=None):
     return out
 
 
+def takes_any_layout(device):
+    """Whether affine_out_launcher's kernels on `device` take streams of any layout
+    (_backends.kernels: any_layout), rather than contiguous ones only."""
+    return not torch.compiler.is_compiling() and _backends.kernels(
+        _backends.select(device)).any_layout
+
+
 def affine_out_launcher(device, mixed_dtypes):
     """A function ``launch(inputs, coeffs, outputs)`` that runs affine_out's kernel directly,
     without the dispatcher, the argument checks and the backend choice of every call: for a
-    caller that chose the backend once, validated its streams, passes contiguous tensors and
-    keeps to the aliasing rule (only the last output on top of an input). The sampler's loop
+    caller that chose the backend once, validated its streams, passes contiguous tensors (any
+    layout where `takes_any_layout`) and keeps to the aliasing rule (only the last output on top
+    of an input). The sampler's loop
     uses it: there the ~0.1 ms of dispatch per call would be most of a step's overhead. Traced
     code (torch.compile) gets the op."""
     if torch.compiler.is_compiling():

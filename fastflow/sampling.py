@@ -762,6 +762,10 @@ def _checked(out, shape, narrow, model_input):
     return out
 
 
+def _as_is(x):
+    return x
+
+
 class _Layout:
     """The memory layout of the sampler's buffers: x_init's when it is dense with the batch
     outermost (channels_last, say: ``_ops._flat_layout``), else contiguous. The passes stream
@@ -774,7 +778,12 @@ class _Layout:
             # The batch outermost whatever its stride: a batch of one may have any (an image
             # permuted from HWC, say), and the doubled batch of guidance must not interleave.
             self.order = [0] + sorted(range(1, x_init.dim()), key=lambda d: (-x_init.stride(d), d))
-        else:   # the common case, called once per model call: no Python in between
+        elif _ops.takes_any_layout(self.device):
+            # The CPU kernels read a model's output as it lies: a slice of a wider output (the
+            # velocity half of a network that also predicts a variance) in place, other layouts
+            # through a copy of their own.
+            self.conform = _as_is
+        else:   # called once per model call: no Python in between
             self.conform = torch.Tensor.contiguous
 
     def empty(self, shape, dtype):

@@ -283,8 +283,8 @@ BAD_CPU_CALLS = {
     "coeffs K": ([_f32(6), _f32(6)], _f32(1, 1, 1), [_f32(6)]),
     "coeffs fp64 for fp32": ([_f32(6)], _f32(1, 1, 1).double(), [_f32(6)]),
     "coeffs fp16 for fp16": ([_f32(6).half()], _f32(1, 1, 1).half(), [_f32(6).half()]),
-    "non-contiguous input": ([_f32(3, 4).t()], _f32(1, 1, 1), [_f32(4, 3)]),
-    "non-contiguous output": ([_f32(4, 3)], _f32(1, 1, 1), [_f32(3, 4).t()]),
+    "output with elements that share memory": ([_f32(4, 3)], _f32(1, 1, 1),
+                                               [_f32(1, 3).expand(4, 3)]),
     "too many inputs": ([_f32(6)] * 6, _f32(1, 1, 6), [_f32(6)]),
     "too many outputs": ([_f32(6)], _f32(1, 5, 1), [_f32(6) for _ in range(5)]),
     "no inputs": ([], _f32(1, 1, 0), [_f32(6)]),
@@ -334,7 +334,8 @@ def test_cpu_kernel_still_works_after_bad_calls():
     assert torch.equal(out, 2 * x)
 
 
-OP_LEVEL_BAD_CALLS = {k: v for k, v in BAD_CPU_CALLS.items() if "non-contiguous" not in k}
+# The C++ kernel's own checks: the ops copy such outputs and let torch's copy_ refuse them.
+OP_LEVEL_BAD_CALLS = {k: v for k, v in BAD_CPU_CALLS.items() if "share memory" not in k}
 # Faults in the `out` list itself: affine allocates its outputs, so these concern affine_out only.
 OUT_ONLY_FAULTS = {"output numel", "coeffs M"}
 
@@ -887,3 +888,123 @@ def test_only_the_avx2_kernels_use_avx():
             if "fastflow::avx2::" not in function and ".avx2" not in function:
                 offenders.add(function)
     assert not offenders, sorted(offenders)[:10]
+
+
+# The CPU kernels stream tensors made of rows of contiguous elements at one stride apart in
+# place: slices of wider tensors, inputs broadcast over the batch (csrc/row_layout.cpp). Other
+# layouts, and rows shorter than min_row, are copied. Each maker returns x's values in a layout.
+
+def _wider(x, dim):
+    """x as the first half of a tensor twice as wide along dim (the rest NaN, never read)."""
+    return torch.cat([x, torch.full_like(x, float("nan"))], dim).narrow(dim, 0, x.shape[dim])
+
+
+ROW_LAYOUTS = {
+    "contiguous": lambda x: x,
+    "channel slice": lambda x: _wider(x, 1),           # rows of a sample at stride 2n
+    "width slice": lambda x: _wider(x, 3),             # rows of W, several per sample
+    "every other sample": lambda x: _wider(x.unsqueeze(1), 1).squeeze(1),
+    "transposed": lambda x: x.transpose(2, 3).contiguous().transpose(2, 3),   # copied
+}
+ROW_SHAPE = (6, 4, 3, 81)   # rows of 81 (width slice) or 972 (a sample) elements: odd, so that
+# the sums' lanes do not start afresh at each row
+
+
+# The layouts of three inputs, and the row length they are streamed in (0: copied). Outputs are
+# slices alike: of the width beside width slices, else of the channels.
+ROW_CASES = {
+    "channel and batch slices": (("contiguous", "channel slice", "every other sample"), 972),
+    "channel slices": (("channel slice",) * 3, 972),
+    "width slices": (("width slice", "contiguous", "width slice"), 81),
+    # Rows of 81 of a channel slice are not evenly spaced: copied.
+    "width and channel slices": (("width slice", "channel slice", "contiguous"), 0),
+    "transposed": (("transposed", "channel slice", "contiguous"), 0),
+}
+
+
+@pytest.mark.parametrize("groups", [6, 1, 6 * 4 * 3 * 27], ids=["G=B", "G=1", "n3"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ROW_CASES)
+def test_cpu_kernels_stream_row_layouts_in_place(dtype, groups, case):
+    """The same bits as on contiguous copies, for affine and affine_sqnorm (whose sums continue
+    their lanes from one piece of a row to the next: the fp64 cases see a lane out of place,
+    the others round the fp64 sums to fp32), on every instruction set; outputs that are slices
+    of wider buffers are written in place, the rest of the buffer left alone."""
+    ext = compiled_extension()
+    names, row = ROW_CASES[case]
+    inputs = _streams(3, ROW_SHAPE, dtype, "cpu", seed=len(case))
+    laid = [ROW_LAYOUTS[name](x) for name, x in zip(names, inputs)]
+    coeffs = _coeffs(groups, 2, 3, dtype, "cpu")
+    dim = 3 if "width slice" in names else 1
+    buffers = [torch.zeros(ROW_SHAPE, dtype=dtype).repeat_interleave(2, dim) for _ in range(2)]
+    out = [b.narrow(dim, 0, ROW_SHAPE[dim]) for b in buffers]
+    assert ext.row_length(laid, out) == row
+
+    def run():
+        ext.affine_cpu(laid, coeffs, out)
+        return [*ext.affine_fresh_cpu(laid, coeffs), *(o.clone() for o in out),
+                ext.affine_sqnorm_cpu(laid, coeffs[:, :1])]
+
+    want = [*reference_affine(inputs, coeffs)] * 2 + [
+        ext.affine_sqnorm_cpu(inputs, coeffs[:, :1])]
+    for results in _run_on_every_cpu_isa(run).values():
+        for got, expected in zip(results, want, strict=True):
+            assert bits_equal(got.contiguous(), expected)
+    for b in buffers:
+        assert not b.narrow(dim, ROW_SHAPE[dim], ROW_SHAPE[dim]).any()
+
+
+def test_cpu_kernels_read_broadcast_inputs_in_place():
+    ext = compiled_extension()
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.randn(1, *ROW_SHAPE[1:], generator=gen).expand(ROW_SHAPE)   # rows at stride 0
+    x1 = torch.randn(ROW_SHAPE, generator=gen)
+    coeffs = torch.randn(6, 2, 2, generator=gen)
+    assert ext.row_length([x0, x1], []) == 972
+    got = ext.affine_fresh_cpu([x0, x1], coeffs)
+    for g, w in zip(got, reference_affine([x0.contiguous(), x1], coeffs), strict=True):
+        assert torch.equal(g, w)
+    squares = ext.affine_sqnorm_cpu([x0, x1], coeffs[:, :1])
+    assert torch.equal(squares, ext.affine_sqnorm_cpu([x0.contiguous(), x1], coeffs[:, :1]))
+
+
+def test_cpu_kernels_copy_short_rows_and_update_a_slice_in_place():
+    ext = compiled_extension()
+    gen = torch.Generator().manual_seed(4)
+    short = _wider(torch.randn(5, 7, ext.min_row - 1, generator=gen), 2)
+    assert ext.row_length([short], []) == 0
+    assert ext.row_length([_wider(torch.randn(5, 7, ext.min_row), 2)], []) == ext.min_row
+    coeffs = torch.randn(5, 1, 1, generator=gen)
+    (got,) = ext.affine_fresh_cpu([short], coeffs)
+    assert torch.equal(got, reference_affine([short.contiguous()], coeffs)[0])
+    # The last output on top of an input in the same layout: a sampler's state in a slice.
+    state, velocity = _wider(torch.randn(5, 7, 96, generator=gen), 1), torch.randn(5, 7, 96)
+    expected = reference_affine([state.contiguous(), velocity], coeffs.expand(5, 1, 2))[0]
+    ext.affine_cpu([state, velocity], coeffs.expand(5, 1, 2), [state])
+    assert torch.equal(state, expected)
+    assert state._base[:, 7:].isnan().all()
+
+
+def test_ops_stream_slices_in_place(backend):
+    """A model's output sliced along its channels, through interpolate and the loss (with its
+    gradient), and out= buffers that are slices: the values of contiguous streams."""
+    gen = torch.Generator().manual_seed(6)
+    x0, x1, pred = (_wider(torch.randn(4, 3, 8, 8, generator=gen), 1).to(backend)
+                    for _ in range(3))
+    t = torch.rand(4, generator=gen).to(backend)
+    dense = [x.contiguous() for x in (x0, x1, pred)]
+    for got, want in zip(fastflow.interpolate(x0, x1, t), fastflow.interpolate(*dense[:2], t)):
+        assert torch.equal(got, want)
+    out = [_wider(torch.empty_like(x), 1) for x in dense[:2]]
+    fastflow.interpolate(x0, x1, t, out=out)
+    for got, want in zip(out, fastflow.interpolate(*dense[:2], t)):
+        assert torch.equal(got, want)
+    leaf = pred._base.clone().requires_grad_()
+    loss = fastflow.flow_matching_loss(leaf[:, :3], x0, x1, t)
+    dense_leaf = dense[2].clone().requires_grad_()
+    want = fastflow.flow_matching_loss(dense_leaf, *dense[:2], t)
+    assert torch.equal(loss, want)
+    loss.backward()
+    want.backward()
+    assert torch.equal(leaf.grad[:, :3], dense_leaf.grad)
+    assert not leaf.grad[:, 3:].any()

@@ -237,20 +237,27 @@ def test_training_step_node_second_derivatives(backend, reduction, weighted):
 
 
 def test_training_step_node_takes_only_its_case(backend):
-    # Streams that are not contiguous (channels_last) or data that needs a gradient go to the
-    # Python node, which handles them; the gradients are right either way.
+    # Data that needs a gradient goes to the Python node; streams of any layout (channels_last,
+    # a slice of a wider prediction) take the C++ one. The gradients are right either way.
     path = paths.CondOT()
     pred, x0, x1, t, _, _ = _batch((2, 3, 4, 5), torch.float32, backend, path, seed=11)
+    wider = torch.cat([pred, torch.randn_like(pred)], dim=1)
     for layout, data_grad in ((torch.contiguous_format, False), (torch.channels_last, False),
-                              (torch.contiguous_format, True)):
+                              ("slice", False), (torch.contiguous_format, True)):
         leaves = [x.clone(memory_format=layout).requires_grad_(k == 0 or data_grad)
-                  for k, x in enumerate((pred, x0, x1))]
-        loss = fastflow.flow_matching_loss(*leaves, t, path)
+                  for k, x in enumerate((pred, x0, x1)) if layout != "slice"]
+        if layout == "slice":   # the gradient reaches pred through the slice
+            leaves = [wider.clone().requires_grad_(), x0, x1]
+            loss = fastflow.flow_matching_loss(leaves[0][:, :3], x0, x1, t, path)
+        else:
+            loss = fastflow.flow_matching_loss(*leaves, t, path)
         native = _expected_node(backend, "mean", "none", True) == CPP_NODE
-        in_cpp = native and layout == torch.contiguous_format and not data_grad
+        in_cpp = native and not data_grad
         assert loss.grad_fn.name() == (CPP_NODE if in_cpp else PYTHON_NODE)
         loss.backward()
         want = 2 * (pred - (x1 - x0)) / pred.numel()
+        if layout == "slice":
+            want = torch.cat([want, torch.zeros_like(want)], dim=1)
         torch.testing.assert_close(leaves[0].grad, want, rtol=1e-5, atol=1e-8)
         if data_grad:
             torch.testing.assert_close(leaves[2].grad, -want, rtol=1e-5, atol=1e-8)

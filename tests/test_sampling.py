@@ -282,6 +282,32 @@ def test_channels_last_state(options, dtype):
     assert bits_equal(got.contiguous(), want)
 
 
+@pytest.mark.parametrize("options", [dict(method="heun"), dict(guidance_scale=2.0, doubled_batch=True),
+                                     dict(method="rk4", guidance_scale=2.0, guidance="cfg_zero_star"),
+                                     dict(stochastic=True)])
+def test_model_outputs_in_any_layout(options):
+    # A network that predicts a variance beside the velocity returns twice the channels, of which
+    # the step reads a slice (streamed in place on CPU); a transposed output is copied. Either
+    # way, the bits of a contiguous output.
+    torch.manual_seed(0)
+    weight = torch.randn(8, 4) / 4
+
+    def model(x, t, y=0.0):
+        out = torch.einsum("oc,bchw->bohw", weight, x) * (1 - t[:, None, None, None]) + y
+        return out.contiguous()
+
+    uncond = {} if "guidance_scale" in options and not options.get("doubled_batch") else None
+    kwargs = {"y": 1.0} if uncond is not None else None
+    x0 = torch.randn(3, 4, 6, 70)
+    want = fastflow.sample(lambda x, t, **kw: model(x, t, **kw)[:, :4].contiguous(), x0, steps=3,
+                           uncond_kwargs=uncond, model_kwargs=kwargs, **options)
+    for layout in (lambda out: out[:, :4], lambda out: out[:, :4].transpose(2, 3).contiguous(
+            ).transpose(2, 3)):
+        got = fastflow.sample(lambda x, t, **kw: layout(model(x, t, **kw)), x0, steps=3,
+                              uncond_kwargs=uncond, model_kwargs=kwargs, **options)
+        assert bits_equal(got, want)
+
+
 @pytest.mark.parametrize("method", ["euler", "heun"])
 def test_a_batch_of_one_with_any_batch_stride(method):
     # One image permuted from HWC: dense, channels_last, its batch stride 3 (any stride is valid
