@@ -12,6 +12,10 @@ Layouts:
   own time. fastflow builds a coefficient table with a row per sample: its known weak spot.
 - batch innermost: [64, N / 64] views of [N / 64, 64] tensors (x.T). fastflow copies them to
   contiguous first: another known weak spot.
+- channel slice: [64, 16, H, W] halves of [64, 32, H, W] tensors, as a network that predicts a
+  variance beside the velocity returns them. The CPU kernels stream such rows at one stride
+  apart in place (csrc/row_layout.cpp); the GPU ones copy them to contiguous first.
+Interpolate is also measured into out= buffers in the layout ("fused out=").
 Reports ms, effective GB/s (interpolate: two reads and two writes; the loss: pred, x0, x1 read
 twice and the gradient written once) and the fraction of the copy bandwidth. Writes
 benchmarks/results/layouts_<device>_<allocator>.csv and a PNG plot beside it.
@@ -56,15 +60,22 @@ def _batch_innermost(numel, dtype, device):
     return torch.randn(numel // BATCH, BATCH, device=device, dtype=dtype).t()
 
 
-LAYOUTS = {"channels_last": _channels_last, "tokens": _tokens, "batch innermost": _batch_innermost}
+def _channel_slice(numel, dtype, device):
+    side = math.isqrt(numel // (BATCH * CHANNELS))
+    return torch.randn(BATCH, 2 * CHANNELS, side, side, device=device, dtype=dtype)[:, :CHANNELS]
+
+
+LAYOUTS = {"channels_last": _channels_last, "tokens": _tokens, "batch innermost": _batch_innermost,
+           "channel slice": _channel_slice}
 
 
 def run(device, sizes, dtypes):
     compiled_interpolate, compiled_loss = torch.compile(eager_cond_ot), torch.compile(eager_loss)
     rows = []
     for layout, dtype_name, numel in itertools.product(LAYOUTS, dtypes, sizes):
-        x1 = LAYOUTS[layout](numel, DTYPES[dtype_name], device)
-        x0, pred = torch.randn_like(x1), torch.randn_like(x1).requires_grad_()
+        x0, x1, pred, *out = (LAYOUTS[layout](numel, DTYPES[dtype_name], device)
+                              for _ in range(5))
+        pred.requires_grad_()
         t = torch.rand(x1.shape[0], device=device)
         copy_gbps = common.copy_bandwidth_gbps(device, x1.nbytes)
 
@@ -74,6 +85,7 @@ def run(device, sizes, dtypes):
 
         interpolate = {
             "fused": lambda: fastflow.interpolate(x0, x1, t),
+            "fused out=": lambda: fastflow.interpolate(x0, x1, t, out=out),
             "eager": lambda: eager_cond_ot(x0, x1, t),
             "torch.compile": lambda: compiled_interpolate(x0, x1, t),
         }
@@ -86,7 +98,7 @@ def run(device, sizes, dtypes):
                                     ("loss fwd+bwd", loss, 7 * x1.nbytes)):
             rows += common.measure(device, dtype_name, x1.numel(), variants, moved, copy_gbps,
                                    extra=lambda name, op=op: {"op": op, "layout": layout})
-        del x0, x1, pred
+        del x0, x1, pred, out
     return rows
 
 

@@ -173,12 +173,12 @@ def _flat(x):
 
 
 def _streamed(tensors, groups, kernels=None):
-    """The tensors as `kernels` stream them: as they are for kernels that take any layout,
-    else views of their own memory in a _flat_layout, else contiguous (copies of the others)."""
-    if kernels is not None and kernels.any_layout:
-        return tensors
+    """The tensors as `kernels` stream them: views of their own memory in a _flat_layout, else
+    as they are for kernels that take any layout, else contiguous (copies of the others)."""
     if _flat_layout(tensors, groups):
         return [_flat(x) for x in tensors]
+    if kernels is not None and kernels.any_layout:
+        return tensors
     return [x.contiguous() for x in tensors]
 
 

@@ -163,13 +163,15 @@ def _recorded_loss(reduction, backend, coeffs, weight, inputs):
     """The loss of an eager call that records a gradient, as one autograd node: the backend's
     own (`pred_loss`, C++ on CPU: csrc/loss_cpu.cpp) for the training step's case, a number
     whose gradient goes to pred alone, where Python's autograd.Function costs more than the
-    kernels on a small batch; else _LossNode."""
+    kernels on a small batch; else _LossNode. Streams in a _flat_layout (channels_last) take
+    _LossNode too, which streams them as they lie (the C++ node would copy them)."""
     pred_loss = _backends.kernels(backend).pred_loss
     batch = inputs[0].shape[0]
     count = _count_per_sample(inputs[0], batch)
     if (pred_loss is not None and reduction != "none" and count
             and not coeffs.requires_grad and not (weight is not None and weight.requires_grad)
-            and not any(x.requires_grad for x in inputs[1:])):
+            and not any(x.requires_grad for x in inputs[1:])
+            and not _ops._flat_layout(inputs, coeffs.shape[0])):
         return pred_loss(inputs[0], inputs[1:], coeffs, weight, _divisor(reduction, batch, count))
     return _LossNode.apply(reduction, backend, coeffs, weight, *inputs)
 

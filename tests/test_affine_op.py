@@ -235,6 +235,18 @@ def test_channels_last_streams_are_read_in_place(backend, groups):
         assert_close_to_reference(o, w, torch.float32)
 
 
+def test_channels_last_streams_are_flat_views_for_every_kernel():
+    # The CPU kernels take any layout but would copy channels_last (its rows are single
+    # elements): the sums get the contiguous [B, n] views of its memory first.
+    xs = _channels_last(_streams(3, (4, 3, 2, 5), torch.float32, "cpu", seed=11))
+    for name in ("reference", "cpu"):
+        if not _backends._status(name, "cpu")[0]:
+            continue
+        streams = _ops._streamed(xs, 4, _backends.kernels(name))
+        assert all(s.is_contiguous() and s.data_ptr() == x.data_ptr()
+                   for s, x in zip(streams, xs, strict=True))
+
+
 def test_mixed_layouts_take_the_contiguous_route(backend):
     xs = _streams(2, (2, 3, 4, 4), torch.float32, backend, seed=12)
     xs[1] = xs[1].to(memory_format=torch.channels_last)
