@@ -70,9 +70,12 @@ LAYOUTS = {"channels_last": _channels_last, "tokens": _tokens, "batch innermost"
 
 
 def run(device, sizes, dtypes):
-    compiled_interpolate, compiled_loss = torch.compile(eager_cond_ot), torch.compile(eager_loss)
     rows = []
     for layout, dtype_name, numel in itertools.product(LAYOUTS, dtypes, sizes):
+        # A fresh cache for each configuration: past dynamo's recompile limit (8 per function)
+        # torch.compile would silently run the eager code.
+        torch._dynamo.reset()
+        compiled_interpolate, compiled_loss = torch.compile(eager_cond_ot), torch.compile(eager_loss)
         x0, x1, pred, *out = (LAYOUTS[layout](numel, DTYPES[dtype_name], device)
                               for _ in range(5))
         pred.requires_grad_()
