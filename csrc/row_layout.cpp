@@ -48,7 +48,12 @@ int64_t row_stride(const at::Tensor& x, int64_t row) {
 }
 
 int64_t row_length(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& outputs) {
+  TORCH_CHECK_VALUE(!inputs.empty(), "fastflow row_length: expected at least one input");
   const int64_t numel = inputs[0].numel();
+  for (const auto* streams : {&inputs, &outputs})
+    for (const auto& x : *streams)
+      TORCH_CHECK_VALUE(x.numel() == numel, "fastflow row_length: streams of ", numel,
+                        " elements, got one of ", x.numel());
   if (numel == 0) return 1;  // nothing to stream; a length the kernels may divide by
   int64_t row = numel;
   for (const auto* streams : {&inputs, &outputs})

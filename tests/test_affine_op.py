@@ -982,6 +982,9 @@ def test_cpu_kernels_read_broadcast_inputs_in_place():
 
 def test_cpu_kernels_copy_short_rows_and_update_a_slice_in_place():
     ext = compiled_extension()
+    for inputs, outputs in (([], [torch.zeros(3)]), ([torch.zeros(256)], [torch.zeros(3)])):
+        with pytest.raises(ValueError, match="fastflow row_length"):
+            ext.row_length(inputs, outputs)
     gen = torch.Generator().manual_seed(4)
     short = _wider(torch.randn(5, 7, ext.min_row - 1, generator=gen), 2)
     assert ext.row_length([short], []) == 0
