@@ -871,7 +871,7 @@ def affine_out(inputs, coeffs, out, backend=None):
 def takes_any_layout(device):
     """Whether affine_out_launcher's kernels on `device` take streams of any layout
     (_backends.kernels: any_layout), rather than contiguous ones only."""
-    return not torch.compiler.is_compiling() and _backends.kernels(
+    return not _is_compiling() and _backends.kernels(
         _backends.select(device)).any_layout
 
 
@@ -880,10 +880,9 @@ def affine_out_launcher(device, mixed_dtypes):
     without the dispatcher, the argument checks and the backend choice of every call: for a
     caller that chose the backend once, validated its streams, passes contiguous tensors (any
     layout where `takes_any_layout`) and keeps to the aliasing rule (only the last output on top
-    of an input). The sampler's loop
-    uses it: there the ~0.1 ms of dispatch per call would be most of a step's overhead. Traced
-    code (torch.compile) gets the op."""
-    if torch.compiler.is_compiling():
+    of an input). The sampler's loop uses it: there the ~0.1 ms of dispatch per call would be
+    most of a step's overhead. Traced code (torch.compile) gets the op."""
+    if _is_compiling():
         return lambda inputs, coeffs, out: torch.ops.fastflow.affine_out(inputs, coeffs, out)
     name = _backends.select(device)
     if name == "cuda" and mixed_dtypes:
