@@ -194,6 +194,36 @@ void store_tile(const Stream& s, int64_t j0, int64_t n, const math_t* src) {
   });
 }
 
+// Groups smaller than this get their coefficients per element (see affine_span): below it,
+// setting up a span per group (about 300 instructions) costs more than the table, 256 bytes of
+// coefficients a group. Measured on 256K elements, one thread, 2 -> 2 maps: fp32 1.9x to 3.8x
+// faster at n = 8 to 32, 1.2x at 48, level at 64; fp64 1.1x at 32, slower at 48.
+template <typename math_t>
+constexpr int kSmallGroup = 256 / sizeof(math_t);
+// 16-bit streams all of one type, converted in registers (affine_span's Uniform), repay a span
+// from 16 elements on (the table's tiles were 1.1x to 1.4x slower at n = 16 to 48).
+constexpr int kSmallUniformGroup = 16;
+
+// The coefficients of the elements [first, first + tile) of groups of n < kPad elements, element
+// by element: those of element first + i at c_tile[m * K + k][kPad + i]. Each group's are
+// written over kWidth >= n elements from its first one (before kPad for a group that starts
+// before the tile), in a loop of fixed count: vector stores, and the next group's writes replace
+// the excess. One division per tile and no branch per element: 2.6x fewer instructions at
+// n = 4 than a walk element by element. kWidth is the smallest power of two >= n.
+template <int kPad, int kWidth, int K, typename math_t, int MK, size_t L>
+void spread_groups(const Coeffs<math_t>& c, int64_t n, int64_t first, int64_t tile,
+                   math_t (&c_tile)[MK][L]) {
+  if constexpr (kWidth < kPad) {
+    if (n > kWidth) return spread_groups<kPad, 2 * kWidth, K>(c, n, first, tile, c_tile);
+  }
+  const int64_t g0 = first / n;
+  for (int64_t a = kPad - (first - g0 * n), g = g0; a < kPad + tile; a += n, ++g) {
+    const math_t* cg = c.group(g);
+    for (int m = 0; m < MK / K; ++m)
+      for (int k = 0; k < K; ++k) std::fill_n(&c_tile[m * K + k][a], kWidth, c.at(cg, m, k));
+  }
+}
+
 // Streams stored in the math type are read and written in place; the others go through an L1
 // tile, converted. Outputs are computed in order and each reads the inputs at an index before
 // writing there, so the last output may lie exactly on top of an input (a sampler updates its
@@ -219,6 +249,7 @@ void affine_span(const std::array<Stream, K>& in, const std::array<Stream, M>& o
                  const Coeffs<math_t>& c, int64_t n, int64_t first, int64_t len,
                  bool streaming) {
   constexpr auto kMath = std::is_same_v<math_t, double> ? at::kDouble : at::kFloat;
+  constexpr int kPad = kSpansGroups ? kSmallGroup<math_t> : 0;
   // One group's coefficients, copied out of their strides once per span.
   math_t fixed[M * K];
   if constexpr (!kSpansGroups) {
@@ -266,20 +297,9 @@ void affine_span(const std::array<Stream, K>& in, const std::array<Stream, M>& o
     const int64_t tile = std::min(kTile, len - j0);
     math_t x_tile[K][kTile];
     math_t y_tile[kTile];
-    math_t c_tile[kSpansGroups ? M * K : 1][kSpansGroups ? kTile : 1];
-    if constexpr (kSpansGroups) {
-      // Walk the groups across the tile: one division per tile, none per element.
-      int64_t g = (first + j0) / n, r = first + j0 - g * n;
-      for (int64_t i = 0; i < tile; ++i) {
-        const math_t* cg = c.group(g);
-        for (int m = 0; m < M; ++m)
-          for (int k = 0; k < K; ++k) c_tile[m * K + k][i] = c.at(cg, m, k);
-        if (++r == n) {
-          r = 0;
-          ++g;
-        }
-      }
-    }
+    // Small groups: each element's coefficients, element i of the tile at kPad + i.
+    math_t c_tile[kSpansGroups ? M * K : 1][kSpansGroups ? kTile + 2 * kPad : 1];
+    if constexpr (kSpansGroups) spread_groups<kPad, 1, K>(c, n, first + j0, tile, c_tile);
     const math_t* x[K];
     for (int k = 0; k < K; ++k) {
       if (in[k].type == kMath) {
@@ -294,7 +314,7 @@ void affine_span(const std::array<Stream, K>& in, const std::array<Stream, M>& o
       math_t* const dst = static_cast<math_t*>(out[m].data) + j0;
       math_t* y = direct && !streaming ? dst : y_tile;
       const auto coeff = [&](int k, int64_t i) {
-        if constexpr (kSpansGroups) return c_tile[m * K + k][i];
+        if constexpr (kSpansGroups) return c_tile[m * K + k][kPad + i];
         else return fixed[m * K + k];
       };
       for (int64_t i = 0; i < tile; ++i) {
@@ -310,11 +330,6 @@ void affine_span(const std::array<Stream, K>& in, const std::array<Stream, M>& o
     }
   }
 }
-
-// Groups smaller than this get their coefficients per element (see affine_span): below it,
-// setting up a span per group (and its 16-bit conversion calls) costs more than the table.
-// Measured on 8K to 1M elements: 4x faster at n = 2, level near n = 16, slower at n = 32.
-constexpr int64_t kSmallGroup = 16;
 
 template <typename math_t, int K, int M>
 void affine_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
@@ -344,15 +359,16 @@ void affine_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coef
   int64_t output_bytes = 0;
   for (const auto& y : outputs) output_bytes += y.nbytes();
   const bool streaming = kCanStream && may_stream && output_bytes >= kStreamingMinBytes;
+  const bool small = n < (uniform ? kSmallUniformGroup : kSmallGroup<math_t>);
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
     // A task may straddle rows and groups: walk it in spans within one row and, for groups
     // that are not small, within one group, so that each span has fixed coefficients.
     for (int64_t lo = begin; lo < end;) {
       int64_t hi = std::min(end, (lo / row + 1) * row);
-      if (n >= kSmallGroup) hi = std::min(hi, (lo / n + 1) * n);
+      if (!small) hi = std::min(hi, (lo / n + 1) * n);
       const auto x = from_element(in, lo, row);
       const auto y = from_element(out, lo, row);
-      if (n < kSmallGroup) {
+      if (small) {
         affine_span<math_t, K, M, true>(x, y, c, n, lo, hi - lo, streaming);
       } else if (uniform && type == at::kBFloat16) {
         affine_span<math_t, K, M, false, Bf16>(x, y, c, n, lo, hi - lo, false);

@@ -966,6 +966,31 @@ def test_cpu_kernels_stream_row_layouts_in_place(dtype, groups, case):
         assert not b.narrow(dim, ROW_SHAPE[dim], ROW_SHAPE[dim]).any()
 
 
+# Group sizes about each width that small groups' coefficients are spread over (powers of two to
+# 64 elements for fp32, 32 for fp64; 16-bit streams take a span per group from 16 on), in
+# numbers of elements that start tiles and threads' tasks mid-group; and in rows of 96 elements
+# (slices of wider buffers, streamed in place), which groups straddle.
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 9, 15, 16, 17, 31, 33, 63, 64, 65])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [False, True], ids=["contiguous", "rows of 96"])
+def test_cpu_kernel_gives_eager_bits_for_every_group_size(n, dtype, rows):
+    ext = compiled_extension()
+    numel = 3 * n * 96 if rows else (20011 // n + 1) * n
+    inputs = _streams(3, (numel,), dtype, "cpu", seed=n)
+    laid = [_wider(x.view(-1, 96), 1) for x in inputs] if rows else inputs
+    assert ext.row_length(laid, []) == (96 if rows else numel)
+    coeffs = _coeffs(numel // n, 2, 3, dtype, "cpu")
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        results = _run_on_every_cpu_isa(lambda: ext.affine_fresh_cpu(laid, coeffs))
+    finally:
+        torch.set_num_threads(before)
+    for outputs in results.values():
+        for got, want in zip(outputs, reference_affine(inputs, coeffs), strict=True):
+            assert torch.equal(got.view(-1), want)
+
+
 def test_cpu_kernels_read_broadcast_inputs_in_place():
     ext = compiled_extension()
     gen = torch.Generator().manual_seed(3)
