@@ -31,6 +31,22 @@ void check_stream(const char* op, const at::Tensor& x, const char* what, const a
   TORCH_CHECK_VALUE(any_layout || x.is_contiguous(), op, ": ", what, " must be contiguous");
 }
 
+// The bytes from x's first element to the end of its last; 0 if it has none.
+int64_t extent(const at::Tensor& x) {
+  if (x.numel() == 0) return 0;
+  int64_t last = 0;
+  for (int64_t d = 0; d < x.dim(); ++d) last += (x.size(d) - 1) * x.stride(d);
+  return (last + 1) * static_cast<int64_t>(x.element_size());
+}
+
+// Whether the byte spans of a and b intersect (fastflow._checks._overlap).
+bool spans_intersect(const at::Tensor& a, const at::Tensor& b) {
+  const auto* a0 = static_cast<const char*>(a.const_data_ptr());
+  const auto* b0 = static_cast<const char*>(b.const_data_ptr());
+  const int64_t a_bytes = extent(a), b_bytes = extent(b);
+  return a_bytes > 0 && b_bytes > 0 && a0 < b0 + b_bytes && b0 < a0 + a_bytes;
+}
+
 // Whether `groups` groups of consecutive elements cover `ref` (none for an empty tensor).
 void check_groups(const char* op, const at::Tensor& ref, int64_t groups) {
   TORCH_CHECK_VALUE(groups >= 1 ? ref.numel() % groups == 0 : groups == 0 && ref.numel() == 0,
@@ -72,6 +88,14 @@ void check_affine_args(const std::vector<at::Tensor>& inputs, const at::Tensor& 
   const bool any_layout = device == c10::kCPU;
   for (const auto& x : inputs) check_stream(op, x, "an input", ref, device, one_dtype, any_layout);
   for (const auto& y : outputs) check_stream(op, y, "an output", ref, device, one_dtype, any_layout);
+  // The outputs are written one after another: one that shared memory with another would
+  // overwrite (part of) it. Their byte spans must be disjoint, as for interpolate's out=
+  // (fastflow._checks.check_outputs).
+  for (int64_t i = 1; i < m; ++i)
+    for (int64_t j = 0; j < i; ++j)
+      TORCH_CHECK_VALUE(!spans_intersect(outputs[i], outputs[j]), op, ": outputs ", j, " and ",
+                        i, " share memory (their byte spans intersect); expected separate "
+                        "tensors");
 
   TORCH_CHECK_VALUE(coeffs.dim() == 3 && coeffs.size(1) == m && coeffs.size(2) == k,
                     "fastflow affine: coeffs must have shape [G, ", m, ", ", k, "], got ",

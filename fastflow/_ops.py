@@ -236,6 +236,7 @@ def _affine_out(inputs, coeffs, out, name=None):
     kernels = _backends.kernels(name)
     if not kernels.checks_args:
         _check_affine_args(inputs, coeffs, len(out), out, one_dtype=False)
+        _check_separate(out)
     if coeffs.dim() == 3 and _flat_layout([*inputs, *out], coeffs.shape[0]):
         inputs, out = [_flat(x) for x in inputs], [_flat(o) for o in out]
     staged = [o if _writable_in_place(o, inputs, m == len(out) - 1, kernels.any_layout)
@@ -248,6 +249,17 @@ def _affine_out(inputs, coeffs, out, name=None):
                 o.copy_(buf)
     finally:   # even a failed call may have written some of them
         _written(out)
+
+
+def _check_separate(outputs):
+    """csrc/affine_checks.cpp's check that no two outputs share memory (their byte spans, as
+    _checks.check_outputs compares them): written one after another, one would overwrite the
+    other."""
+    for i, y in enumerate(outputs):
+        for j in range(i):
+            if _overlap(y, outputs[j]):
+                raise ValueError(f"fastflow affine: outputs {j} and {i} share memory (their byte "
+                                 f"spans intersect); expected separate tensors")
 
 
 def _written(tensors):

@@ -297,6 +297,7 @@ BAD_CPU_CALLS = {
     "coeffs fp16 for fp16": ([_f32(6).half()], _f32(1, 1, 1).half(), [_f32(6).half()]),
     "output with elements that share memory": ([_f32(4, 3)], _f32(1, 1, 1),
                                                [_f32(1, 3).expand(4, 3)]),
+    "outputs that share memory": ([_f32(6), _f32(6)], _f32(1, 2, 2), list(_f32(7).unfold(0, 6, 1))),
     "too many inputs": ([_f32(6)] * 6, _f32(1, 1, 6), [_f32(6)]),
     "too many outputs": ([_f32(6)], _f32(1, 5, 1), [_f32(6) for _ in range(5)]),
     "no inputs": ([], _f32(1, 1, 0), [_f32(6)]),
@@ -361,6 +362,21 @@ def test_ops_reject_bad_calls_on_every_backend(backend, case):
     if case not in OUT_ONLY_FAULTS:
         with pytest.raises(ValueError, match="fastflow affine"):
             torch.ops.fastflow.affine(inputs, coeffs)
+
+
+def test_ops_refuse_outputs_that_share_memory(backend):
+    """Outputs are written one after another: one that shared memory with another would
+    overwrite it. As interpolate's out=, the op refuses outputs whose byte spans intersect
+    (views that interleave too) and writes nothing."""
+    x, coeffs = [torch.randn(2, 3, device=backend) for _ in range(2)], _f32(1, 2, 2).to(backend)
+    buf, wide = torch.zeros(4, 3, device=backend), torch.zeros(2, 6, device=backend)
+    for out in ([buf[0:2], buf[1:3]], [buf[:2], buf[:2]], [wide[:, 0::2], wide[:, 1::2]]):
+        with pytest.raises(ValueError, match="fastflow affine: outputs 0 and 1 share memory"):
+            torch.ops.fastflow.affine_out(x, coeffs, out)
+    assert not buf.any() and not wide.any()
+    torch.ops.fastflow.affine_out(x, coeffs, [buf[:2], buf[2:]])
+    for got, want in zip((buf[:2], buf[2:]), reference_affine(x, coeffs), strict=True):
+        assert torch.equal(got, want)
 
 
 # Eager calls skip the dispatcher when nothing but autograd must see them
