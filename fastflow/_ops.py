@@ -734,12 +734,18 @@ class DeviceCache:
         value = self._entries.get(key)
         if value is None:
             if len(self._entries) >= self.maxsize:
-                self._entries.clear()
+                self.clear()
             with torch.inference_mode(False):
                 value = self._entries[key] = build()
         return value
 
     def clear(self):
+        """Drop every entry. A CUDA entry may still be read by kernels in flight on another
+        stream than the one it was built on (a Sampler warms up on a side stream, then runs on
+        the main one), and the caching allocator would hand its memory to the building stream at
+        once: the devices finish their work first. One host sync per `maxsize` new entries."""
+        for device in {v.device for v in self._entries.values() if v.is_cuda}:
+            torch.cuda.synchronize(device)
         self._entries.clear()
 
     def __len__(self):

@@ -379,6 +379,28 @@ def test_ops_refuse_outputs_that_share_memory(backend):
         assert torch.equal(got, want)
 
 
+def test_device_cache_lets_cuda_work_finish_before_dropping_entries(monkeypatch):
+    """An entry built on one stream may be read on another (a Sampler warms up on a side
+    stream): before it drops its entries, the cache waits for each device that holds one, so
+    the allocator cannot hand their memory out while kernels still read it."""
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", synced.append)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+
+    class CudaEntry:   # a stand-in for a CUDA tensor, on any machine
+        is_cuda, device = True, torch.device("cuda", 1)
+
+    cache, cpu, cuda = _ops.DeviceCache(maxsize=2), torch.device("cpu"), torch.device("cuda", 1)
+    cache.get("a", cpu, lambda: torch.zeros(1), direct=True)
+    cache.get("b", cuda, CudaEntry, direct=True)
+    cache.get("b", cuda, CudaEntry, direct=True)
+    assert not synced and len(cache) == 2
+    cache.get("c", cpu, lambda: torch.zeros(1), direct=True)   # full: the first two go
+    assert synced == [cuda] and len(cache) == 1
+    cache.clear()
+    assert synced == [cuda] and not len(cache)   # no CUDA entry left to wait for
+
+
 # Eager calls skip the dispatcher when nothing but autograd must see them
 # (fastflow._ops._nobody_intercepts); whoever must see the op still sees it.
 
