@@ -56,11 +56,15 @@ struct Stream {
         element_size(static_cast<int64_t>(c10::elementSize(type))) {}
 };
 
+// The row of element j, without a division for the first row: that of every element of a call
+// on contiguous streams, which would pay one per span otherwise.
+inline int64_t row_of(int64_t j, int64_t row) { return j < row ? 0 : j / row; }
+
 // The streams from element j on, to the end of j's row: what a span within one row indexes
 // from 0.
 template <size_t N>
 std::array<Stream, N> from_element(std::array<Stream, N> streams, int64_t j, int64_t row) {
-  const int64_t r = j / row, column = j - r * row;
+  const int64_t r = row_of(j, row), column = j - r * row;
   for (auto& s : streams)
     s.data = static_cast<char*>(s.data) + (r * s.row_stride + column) * s.element_size;
   return streams;
@@ -364,7 +368,7 @@ void affine_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coef
     // A task may straddle rows and groups: walk it in spans within one row and, for groups
     // that are not small, within one group, so that each span has fixed coefficients.
     for (int64_t lo = begin; lo < end;) {
-      int64_t hi = std::min(end, (lo / row + 1) * row);
+      int64_t hi = std::min(end, (row_of(lo, row) + 1) * row);
       if (!small) hi = std::min(hi, (lo / n + 1) * n);
       const auto x = from_element(in, lo, row);
       const auto y = from_element(out, lo, row);
@@ -529,16 +533,21 @@ void sqnorm_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coef
   for (int k = 0; k < K; ++k)
     in[k] = {inputs[k].const_data_ptr(), inputs[k].scalar_type(), row_stride(inputs[k], row)};
   const Coeffs<math_t> c(coeffs);
-  const int64_t groups = coeffs.size(0);
-  const int64_t n = inputs[0].numel() / groups;
+  const int64_t groups = coeffs.size(0), numel = inputs[0].numel();
+  const int64_t n = numel / groups;
   grouped_sums<double, 1>(groups, n, result.mutable_data_ptr<double>(),
                           [&](int64_t g, int64_t lo, int64_t hi, double* sum) {
     math_t cg[K];
     for (int k = 0; k < K; ++k) cg[k] = c.at(c.group(g), 0, k);
     // f(x, len) for each run of [lo, hi), the piece of a row at x[k][0 .. len).
     const auto for_runs = [&](const auto& f) {
+      if (row == numel) {  // contiguous streams: one run, without the walk over rows
+        std::array<const scalar_t*, K> x;
+        for (int k = 0; k < K; ++k) x[k] = static_cast<const scalar_t*>(in[k].data) + lo;
+        return f(x, hi - lo);
+      }
       for (int64_t a = lo; a < hi;) {
-        const int64_t b = std::min(hi, (a / row + 1) * row);
+        const int64_t b = std::min(hi, (row_of(a, row) + 1) * row);
         const auto streams = from_element(in, a, row);
         std::array<const scalar_t*, K> x;
         for (int k = 0; k < K; ++k) x[k] = static_cast<const scalar_t*>(streams[k].data);
