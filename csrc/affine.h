@@ -105,6 +105,11 @@ void check_affine_args(const std::vector<at::Tensor>& inputs, const at::Tensor& 
                        const std::vector<at::Tensor>& outputs, c10::DeviceType device,
                        bool one_dtype = true);
 
+// The coefficients as the kernels may read them while they write `outputs`: `coeffs` itself, or a
+// copy when it shares memory with an output (a view of one), whose writes would change the
+// coefficients of the elements after them.
+at::Tensor coefficients_apart(const at::Tensor& coeffs, const std::vector<at::Tensor>& outputs);
+
 // The CPU kernels of affine and affine_sqnorm stream, beside contiguous tensors, tensors made of
 // rows of L contiguous elements at one stride apart: a slice of a wider tensor (out[:, :C] of a
 // [B, 2C, H, W] buffer: rows of C * H * W elements at stride 2C * H * W) or an input broadcast

@@ -55,6 +55,12 @@ void check_groups(const char* op, const at::Tensor& ref, int64_t groups) {
 
 }  // namespace
 
+at::Tensor coefficients_apart(const at::Tensor& coeffs, const std::vector<at::Tensor>& outputs) {
+  for (const auto& y : outputs)
+    if (spans_intersect(coeffs, y)) return coeffs.clone();
+  return coeffs;
+}
+
 bool misread(const std::vector<at::Tensor>& tensors) {
   for (const auto& x : tensors)
     if (x.is_neg() || x.is_conj() || at::isBatchedTensor(x)) return true;

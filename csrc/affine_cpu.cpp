@@ -88,7 +88,7 @@ void affine_cpu(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
     TORCH_CHECK_VALUE(at::has_internal_overlap(y) != at::MemOverlap::Yes,
                       "fastflow affine: an output has elements that share memory (strides ",
                       y.strides(), " for shape ", y.sizes(), ")");
-  run_affine(inputs, coeffs, outputs, /*fresh=*/false);
+  run_affine(inputs, coefficients_apart(coeffs, outputs), outputs, /*fresh=*/false);
 }
 
 std::vector<at::Tensor> affine_fresh_cpu(const std::vector<at::Tensor>& inputs,

@@ -179,7 +179,8 @@ void affine_cuda(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, inputs[0].scalar_type(), "affine_cuda",
                                   [&] {
     dispatch_arity(inputs.size(), outputs.size(), [&](auto k, auto m) {
-      launch_affine<scalar_t, decltype(k)::value, decltype(m)::value>(inputs, coeffs, outputs);
+      launch_affine<scalar_t, decltype(k)::value, decltype(m)::value>(
+          inputs, coefficients_apart(coeffs, outputs), outputs);
     });
   });
 }

@@ -237,6 +237,8 @@ def _affine_out(inputs, coeffs, out, name=None):
     if not kernels.checks_args:
         _check_affine_args(inputs, coeffs, len(out), out, one_dtype=False)
         _check_separate(out)
+        if any(_overlap(coeffs, o) for o in out):   # csrc's coefficients_apart
+            coeffs = coeffs.clone()
     if coeffs.dim() == 3 and _flat_layout([*inputs, *out], coeffs.shape[0]):
         inputs, out = [_flat(x) for x in inputs], [_flat(o) for o in out]
     staged = [o if _writable_in_place(o, inputs, m == len(out) - 1, kernels.any_layout)

@@ -379,6 +379,19 @@ def test_ops_refuse_outputs_that_share_memory(backend):
         assert torch.equal(got, want)
 
 
+def test_affine_out_reads_coefficients_that_are_a_view_of_an_output(backend):
+    # The kernels read coefficients as they write: a view of an output would have its later
+    # coefficients overwritten (found by a hunt). They work from a copy then.
+    groups, n = 1000, 2
+    x = torch.ones(groups * n, device=backend)
+    out = torch.zeros(groups * n, device=backend)
+    out[:groups] = torch.arange(1.0, groups + 1)
+    coeffs = out[:groups].view(groups, 1, 1)
+    want = (coeffs.view(groups, 1) * x.view(groups, n)).view(-1)
+    torch.ops.fastflow.affine_out([x], coeffs, [out])
+    assert torch.equal(out, want)
+
+
 def test_device_cache_lets_cuda_work_finish_before_dropping_entries(monkeypatch):
     """An entry built on one stream may be read on another (a Sampler warms up on a side
     stream): before it drops its entries, the cache waits for each device that holds one, so
