@@ -244,6 +244,8 @@ def _affine_out(inputs, coeffs, out, name=None):
     staged = [o if _writable_in_place(o, inputs, m == len(out) - 1, kernels.any_layout)
               else torch.empty_like(o, memory_format=torch.contiguous_format)
               for m, o in enumerate(out)]
+    if kernels.checks_args and any(buf is not o for o, buf in zip(out, staged)):
+        _check_separate(out)   # the C++ checks would see the stand-ins, not these
     try:
         _launch(name, inputs, coeffs, staged)
         for o, buf in zip(out, staged):
