@@ -236,7 +236,6 @@ def _affine_out(inputs, coeffs, out, name=None):
     kernels = _backends.kernels(name)
     if not kernels.checks_args:
         _check_affine_args(inputs, coeffs, len(out), out, one_dtype=False)
-        _check_separate(out)
         if any(_overlap(coeffs, o) for o in out):   # csrc's coefficients_apart
             coeffs = coeffs.clone()
     if coeffs.dim() == 3 and _flat_layout([*inputs, *out], coeffs.shape[0]):
@@ -244,8 +243,9 @@ def _affine_out(inputs, coeffs, out, name=None):
     staged = [o if _writable_in_place(o, inputs, m == len(out) - 1, kernels.any_layout)
               else torch.empty_like(o, memory_format=torch.contiguous_format)
               for m, o in enumerate(out)]
-    if kernels.checks_args and any(buf is not o for o, buf in zip(out, staged)):
-        _check_separate(out)   # the C++ checks would see the stand-ins, not these
+    # The C++ checks refuse outputs that share memory, but see the stand-ins where there are any.
+    if not kernels.checks_args or any(buf is not o for o, buf in zip(out, staged)):
+        _check_separate(out)
     try:
         _launch(name, inputs, coeffs, staged)
         for o, buf in zip(out, staged):
