@@ -40,7 +40,7 @@ def convention(name):
 
         >>> fastflow.timestep_embedding(t, 256, **fastflow.embeddings.convention("dit"))
     """
-    if name not in CONVENTIONS:
+    if not isinstance(name, str) or name not in CONVENTIONS:
         raise ValueError(f"convention: expected one of {', '.join(map(repr, CONVENTIONS))}, "
                          f"got {name!r}")
     return dict(CONVENTIONS[name])

@@ -118,6 +118,8 @@ def sample_flow_map(model, x_init, steps=None, time_grid=None, **model_kwargs):
     if not isinstance(x_init, torch.Tensor) or x_init.dtype not in FLOAT_DTYPES or x_init.dim() < 1:
         raise TypeError(f"x_init: expected a float tensor [B, ...] (float32, float64, bfloat16 or "
                         f"float16), got {describe(x_init)}")
+    if steps is not None and time_grid is not None:
+        raise ValueError("steps, time_grid: give one of them, got both")
     if steps is None and time_grid is None:
         steps = 1
     grid = _host_grid(steps, time_grid, None, False)

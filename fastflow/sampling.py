@@ -136,7 +136,7 @@ class Sampler:
         if not callable(model):
             raise TypeError(f"model: expected a callable model(x, t, **kwargs), got "
                             f"{type(model).__name__}")
-        if method not in TABLEAUS:
+        if not isinstance(method, str) or method not in TABLEAUS:
             raise ValueError(f"method: expected one of {', '.join(map(repr, METHODS))}, got "
                              f"{method!r}")
         if prediction not in KINDS:

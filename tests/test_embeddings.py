@@ -308,6 +308,8 @@ def test_bad_input():
         fastflow.fourier_embedding(t, torch.arange(3))
     with pytest.raises(ValueError, match="convention"):
         SinusoidalEmbedding(8, convention="ddpm")
+    with pytest.raises(ValueError, match="convention: expected one of"):
+        embeddings.convention(["dit"])
     with pytest.raises(ValueError, match="dim: expected a positive even"):
         FourierEmbedding(7)
     with pytest.raises(ValueError, match="fastflow sinusoid: dim must be"):

@@ -97,7 +97,7 @@ def test_a_map_that_writes_into_its_times_gets_an_error():
 
 def test_steps_and_a_time_grid_together_are_refused():
     # The grid won and steps was silently ignored; fastflow.sample refuses the pair.
-    with pytest.raises(ValueError, match="steps, time_grid, sigmas: give exactly one"):
+    with pytest.raises(ValueError, match="steps, time_grid: give one of them, got both"):
         fastflow.sample_flow_map(lambda x, s, t: x, torch.zeros(2, 3), steps=3,
                                  time_grid=[0.0, 1.0])
 

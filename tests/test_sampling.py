@@ -175,6 +175,29 @@ def test_guidance_math_on_constant_predictions():
     assert (out == 0).all()
 
 
+def test_rank_one_states_are_guided_per_sample():
+    """A state of one number per sample ([B]): CFG-Zero*'s projection is per sample there too,
+    in the sampler and in the reference (which summed over the whole batch)."""
+    u, c = torch.tensor([1.0, 2.0, -0.5]), torch.tensor([3.0, -1.0, 2.0])
+    model = lambda x, t, cond: (c if cond else u).clone()  # noqa: E731
+    alpha = c * u / (u * u + 1e-8)
+    expected = alpha * u + 4.0 * (c - alpha * u)
+    kwargs = dict(model_kwargs={"cond": True}, uncond_kwargs={"cond": False}, guidance_scale=4.0)
+    out = fastflow.sample(model, torch.zeros(3), steps=1, guidance="cfg_zero_star", **kwargs)
+    ref = reference.sample(model, torch.zeros(3), [0.0, 1.0], cfg_zero_star=True, **kwargs)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(ref, expected.double(), check_dtype=False)
+    net = lambda x, t, y=None: torch.sin(3 * x + t) + (0 if y is None else y)  # noqa: E731
+    x0, y = torch.randn(8), torch.randn(8)
+    grid = torch.linspace(0.05, 0.95, 5).tolist()
+    for name, (ours, theirs) in GUIDANCE.items():
+        kwargs = {"y": torch.cat([torch.zeros_like(y), y]) if name == "doubled" else y}
+        out = fastflow.sample(net, x0, time_grid=torch.tensor(grid), model_kwargs=kwargs,
+                              uncond_kwargs={}, **ours)
+        ref = reference.sample(net, x0, grid, model_kwargs=kwargs, uncond_kwargs={}, **theirs)
+        assert _scaled_error(out, ref) < 2e-6, name
+
+
 def test_guidance_interval_skips_the_unconditional_call():
     model = Net()
     x0 = torch.randn(4, 2)
@@ -427,6 +450,8 @@ def test_bad_input():
     x0 = torch.randn(4, 2)
     cases = [
         (dict(steps=4, method="dopri5"), ValueError, "method: expected one of"),
+        (dict(steps=4, method=["euler"]), ValueError, "method: expected one of"),
+        (dict(steps=4, guidance=["cfg"], guidance_scale=2.0), ValueError, "guidance: expected"),
         (dict(), ValueError, "give exactly one, got none"),
         (dict(steps=4, time_grid=torch.linspace(0, 1, 5)), ValueError, "give exactly one"),
         (dict(steps=0), ValueError, "steps: expected a positive integer"),

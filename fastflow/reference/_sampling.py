@@ -60,8 +60,10 @@ def _guided(model, x, t, guided, scale, uncond_kwargs, doubled_batch, cfg_zero_s
     w = w.view(-1, *([1] * (cond.dim() - 1))) if w.dim() else w
     uncond, cond = uncond.double(), cond.double()
     if cfg_zero_star:
-        dims = tuple(range(1, cond.dim()))
-        alpha = (cond * uncond).sum(dims, keepdim=True) / (uncond.square().sum(dims, keepdim=True)
-                                                          + 1e-8)
+        # Per sample, over a [B, n] view: summing over dims 1.. of a 1-D state would sum over
+        # nothing there, and .sum(()) reduces everything.
+        rows = cond.shape[:1] + (1,) * (cond.dim() - 1)
+        flat_c, flat_u = cond.reshape(len(cond), -1), uncond.reshape(len(uncond), -1)
+        alpha = ((flat_c * flat_u).sum(1) / (flat_u.square().sum(1) + 1e-8)).view(rows)
         uncond = alpha * uncond
     return uncond + w * (cond - uncond)
