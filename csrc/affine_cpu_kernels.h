@@ -4,12 +4,14 @@
 // affine_cpu.cpp picks one at run time. The includer provides the includes, so that headers are
 // compiled outside the AVX2 region.
 //
-// The tile loops are written so that the compiler's auto-vectoriser handles them (local tiles
-// cannot alias the streamed tensors), and -ffp-contract=off keeps results bit-identical to eager
-// PyTorch. Reductions keep a fixed number of independent accumulators, so the vector width
-// changes no result either: both instruction sets give the same bits. Streams are converted to
-// and from the math type a tile at a time, so each may have its own float type at the cost of
-// one switch per tile.
+// Streams all of one float type go group by group (affine_groups), a vector at a time, written
+// with GCC vector types; mixed types (converted to and from the math type a tile at a time, so
+// each may have its own float type at the cost of one switch per tile), outputs written with
+// streaming stores and the smallest groups go through the tiles of affine_span, whose loops are
+// written so that the compiler's auto-vectoriser handles them (local tiles cannot alias the
+// streamed tensors). -ffp-contract=off keeps results bit-identical to eager PyTorch. Reductions
+// keep a fixed number of independent accumulators, so the vector width changes no result
+// either: both instruction sets give the same bits.
 
 namespace fastflow {
 namespace FASTFLOW_CPU_ISA {
@@ -208,18 +210,19 @@ void store_tile(const Stream& s, int64_t j0, int64_t n, const math_t* src) {
 // faster at n = 8 to 32, 1.2x at 48, level at 64; fp64 1.1x at 32, slower at 48.
 template <typename math_t>
 constexpr int kSmallGroup = 256 / sizeof(math_t);
-// 16-bit streams all of one type, converted in registers (affine_span's Uniform), repay a span
-// from 16 elements on (the table's tiles were 1.1x to 1.4x slower at n = 16 to 48).
-constexpr int kSmallUniformGroup = 16;
 // Groups of at least this many elements, on streams all in the math type, go group by group
 // (affine_groups) rather than through the table or a span per group, unless the outputs take
 // streaming stores. Measured on 256K to 768K elements, one thread, 2 -> 2 maps, against the
 // path each took before: fp32 groups of 3 1.2x faster, 4 1.6x, 8 to 64 2.0x to 2.5x, 128 1.4x,
 // 512 1.15x, level from 2048 on; fp64 groups of 2 1.5x, 4 2.1x, 64 1.2x, 128 to 8192 1.5x to
 // 1.8x (a span computes one output after another, reading the inputs again for each). Groups of
-// one element, and fp32 pairs, were faster with the table.
+// one element, and fp32 pairs, were faster with the table. Streams all in bf16 (or fp16 with
+// AVX2) from groups of 8 on: bf16 1.8x faster at 8, 1.2x to 1.5x at 12 to 32, 1.1x at 128,
+// level from 1024 on, fp16 2.2x at 8 and 1.8x at 16; under 8 elements the table was faster
+// (1.2x to 1.4x at 3 to 5).
 template <typename math_t>
 constexpr int kGroupLoopMin = sizeof(math_t) == sizeof(float) ? 3 : 2;
+constexpr int kConvertedGroupLoopMin = 8;
 
 // The coefficients of the elements [first, first + tile) of groups of n < kPad elements, element
 // by element: those of element first + i at c_tile[m * K + k][kPad + i]. Each group's are
@@ -252,16 +255,9 @@ void spread_groups(const Coeffs<math_t>& c, int64_t n, int64_t first, int64_t ti
 // many groups and gets its coefficients per element, gathered into an L1 table first. Both
 // compute each output with the same operations in the same order.
 //
-// Uniform, when not void, is the storage type of every stream (bf16, or fp16 with AVX2; one
-// group's span): values are then converted in the loop that computes them, all outputs per
-// index, with no tile. For scalar bf16 conversions the round trip through the tiles cost as
-// much as the conversions themselves: this was 1.8x to 2.3x faster at 1M elements, with the
-// same operations in the same order. Each index still reads every input before any output
-// is written there.
-//
 // With `streaming`, outputs in the math type are computed into the tile and written to memory
 // with streaming stores.
-template <typename math_t, int K, int M, bool kSpansGroups, typename Uniform = void>
+template <typename math_t, int K, int M, bool kSpansGroups>
 void affine_span(const std::array<Stream, K>& in, const std::array<Stream, M>& out,
                  const Coeffs<math_t>& c, int64_t n, int64_t first, int64_t len,
                  bool streaming) {
@@ -272,42 +268,6 @@ void affine_span(const std::array<Stream, K>& in, const std::array<Stream, M>& o
     const math_t* cg = c.group(first / n);
     for (int m = 0; m < M; ++m)
       for (int k = 0; k < K; ++k) fixed[m * K + k] = c.at(cg, m, k);
-  }
-  if constexpr (!std::is_void_v<Uniform>) {
-    static_assert(!kSpansGroups, "uniform streams are walked one group's span at a time");
-    const Uniform* x[K];
-    Uniform* y[M];
-    for (int k = 0; k < K; ++k) x[k] = static_cast<const Uniform*>(in[k].data);
-    for (int m = 0; m < M; ++m) y[m] = static_cast<Uniform*>(out[m].data);
-    int64_t i = 0;
-#ifdef FASTFLOW_CPU_AVX2
-    {
-      // Eight values at a time (the compiler does not vectorise c10's conversions); the scalar
-      // loop below gives the same bits for the tail.
-      __m256 coeff[M * K];
-      for (int j = 0; j < M * K; ++j) coeff[j] = _mm256_set1_ps(fixed[j]);
-      for (; i + 8 <= len; i += 8) {
-        __m256 v[K];
-        for (int k = 0; k < K; ++k) v[k] = widen8(x[k] + i);
-        for (int m = 0; m < M; ++m) {
-          __m256 acc = _mm256_mul_ps(coeff[m * K], v[0]);
-          for (int k = 1; k < K; ++k)
-            acc = _mm256_add_ps(acc, _mm256_mul_ps(coeff[m * K + k], v[k]));
-          narrow8(acc, y[m] + i);
-        }
-      }
-    }
-#endif
-    for (; i < len; ++i) {
-      math_t v[K];
-      for (int k = 0; k < K; ++k) v[k] = load_as<math_t>(x[k][i]);
-      for (int m = 0; m < M; ++m) {
-        math_t acc = fixed[m * K] * v[0];
-        for (int k = 1; k < K; ++k) acc = acc + fixed[m * K + k] * v[k];
-        y[m][i] = store_as<Uniform>(acc);
-      }
-    }
-    return;
   }
   for (int64_t j0 = 0; j0 < len; j0 += kTile) {
     const int64_t tile = std::min(kTile, len - j0);
@@ -356,36 +316,71 @@ struct SimdOf<float, kBytes> { typedef float type __attribute__((vector_size(kBy
 template <int kBytes>
 struct SimdOf<double, kBytes> { typedef double type __attribute__((vector_size(kBytes))); };
 
-// The M outputs at x[k] + i .. + the width of Vector (a SimdOf, or math_t itself), with the
-// coefficients `fixed`; every input is read before any output is written.
-template <typename Vector, int K, int M, typename math_t>
-inline void affine_at(const math_t* const (&x)[K], math_t* const (&y)[M], const math_t* fixed,
-                      int64_t i) {
-  Vector v[K];
-  for (int k = 0; k < K; ++k) std::memcpy(&v[k], x[k] + i, sizeof(Vector));
-  for (int m = 0; m < M; ++m) {
-    Vector acc = (Vector{} + fixed[m * K]) * v[0];
-    for (int k = 1; k < K; ++k) acc = acc + (Vector{} + fixed[m * K + k]) * v[k];
-    std::memcpy(y[m] + i, &acc, sizeof(Vector));
+// A Vector (a SimdOf, or math_t itself) of the values at p, stored as Storage, and back: moved
+// as they are when Storage is math_t, else converted as c10 converts (eight at a time with AVX2).
+template <typename Vector, typename math_t, typename Storage>
+inline void load_vector(const Storage* p, Vector& v) {  // not returned: no vector-ABI concerns
+  if constexpr (std::is_same_v<Storage, math_t>) {
+    std::memcpy(&v, p, sizeof(Vector));
+  } else if constexpr (std::is_same_v<Vector, math_t>) {
+    v = load_as<math_t>(*p);
+#ifdef FASTFLOW_CPU_AVX2
+  } else if constexpr (sizeof(Vector) == sizeof(__m256)) {
+    v = reinterpret_cast<Vector>(widen8(p));
+#endif
+  } else {
+    math_t lanes[sizeof(Vector) / sizeof(math_t)];
+    for (size_t j = 0; j < std::size(lanes); ++j) lanes[j] = load_as<math_t>(p[j]);
+    std::memcpy(&v, lanes, sizeof(Vector));
+  }
+}
+template <typename Vector, typename math_t, typename Storage>
+inline void store_vector(const Vector& v, Storage* p) {
+  if constexpr (std::is_same_v<Storage, math_t>) {
+    std::memcpy(p, &v, sizeof(Vector));
+  } else if constexpr (std::is_same_v<Vector, math_t>) {
+    *p = store_as<Storage>(v);
+#ifdef FASTFLOW_CPU_AVX2
+  } else if constexpr (sizeof(Vector) == sizeof(__m256)) {
+    narrow8(reinterpret_cast<__m256>(v), p);
+#endif
+  } else {
+    for (size_t j = 0; j < sizeof(Vector) / sizeof(math_t); ++j) p[j] = store_as<Storage>(v[j]);
   }
 }
 
-// Groups of a few vectors, with every stream in the math type, group by group: each group's
-// M K coefficients are read once and its elements computed with them, a 32-byte vector at a
-// time, then a 16-byte one, then one element at a time, straight from and to the streams. The
-// span lies in one row; its data point at element `first`. Written with vector types: given
-// the same loop as scalars, the auto-vectoriser vectorised across chunks instead, with alias
-// checks and spills, and run times moved by 1.7x between group sizes.
-template <typename math_t, int K, int M>
+// The M outputs at y[m] + i, over the width of Vector, with the coefficients `fixed`; every
+// input is read before any output is written.
+template <typename Vector, int K, int M, typename math_t, typename Storage>
+inline void affine_at(const Storage* const (&x)[K], Storage* const (&y)[M], const math_t* fixed,
+                      int64_t i) {
+  Vector v[K];
+  for (int k = 0; k < K; ++k) load_vector<Vector, math_t>(x[k] + i, v[k]);
+  for (int m = 0; m < M; ++m) {
+    Vector acc = (Vector{} + fixed[m * K]) * v[0];
+    for (int k = 1; k < K; ++k) acc = acc + (Vector{} + fixed[m * K + k]) * v[k];
+    store_vector<Vector, math_t>(acc, y[m] + i);
+  }
+}
+
+// Streams all stored as Storage (the math type, or one 16-bit type with fp32 math), group by
+// group: each group's M K coefficients are read once and its elements computed with them, a
+// 32-byte vector of math_t at a time, then a 16-byte one, then one element at a time, straight
+// from and to the streams, all outputs per vector of inputs (16-bit streams: the rest of a
+// group through local copies). The span lies in one row; its data
+// point at element `first`. Written with vector types: given the same loop as scalars, the
+// auto-vectoriser vectorised across vectors instead, with alias checks and spills, and run
+// times moved by 1.7x between group sizes.
+template <typename math_t, int K, int M, typename Storage>
 void affine_groups(const std::array<Stream, K>& in, const std::array<Stream, M>& out,
                    const Coeffs<math_t>& c, int64_t n, int64_t first, int64_t len) {
   using Wide = typename SimdOf<math_t, 32>::type;
   using Narrow = typename SimdOf<math_t, 16>::type;
   constexpr int kWide = sizeof(Wide) / sizeof(math_t), kNarrow = sizeof(Narrow) / sizeof(math_t);
-  const math_t* x[K];
-  math_t* y[M];
-  for (int k = 0; k < K; ++k) x[k] = static_cast<const math_t*>(in[k].data);
-  for (int m = 0; m < M; ++m) y[m] = static_cast<math_t*>(out[m].data);
+  const Storage* x[K];
+  Storage* y[M];
+  for (int k = 0; k < K; ++k) x[k] = static_cast<const Storage*>(in[k].data);
+  for (int m = 0; m < M; ++m) y[m] = static_cast<Storage*>(out[m].data);
   int64_t g = first / n;
   for (int64_t lo = 0; lo < len; ++g) {
     const int64_t hi = std::min(len, (g + 1) * n - first);
@@ -395,11 +390,34 @@ void affine_groups(const std::array<Stream, K>& in, const std::array<Stream, M>&
       for (int k = 0; k < K; ++k) fixed[m * K + k] = c.at(cg, m, k);
     int64_t i = lo;
     for (; i + kWide <= hi; i += kWide) affine_at<Wide>(x, y, fixed, i);
-    if (i + kNarrow <= hi) {
-      affine_at<Narrow>(x, y, fixed, i);
-      i += kNarrow;
+    if constexpr (std::is_same_v<Storage, math_t>) {
+      if (i + kNarrow <= hi) {
+        affine_at<Narrow>(x, y, fixed, i);
+        i += kNarrow;
+      }
+      for (; i < hi; ++i) affine_at<math_t>(x, y, fixed, i);
+    } else if (i < hi) {
+      // Converted streams: the rest of the group as one vector, converted at once (c10's
+      // conversions cost several ns each), into local copies written back element by element.
+      // Its inputs are read in place while a whole vector lies in the span (the elements past
+      // the group are converted and dropped); local copies of them are the last resort, since
+      // a vector load from small stores waits for them to retire.
+      const int64_t rest = hi - i;
+      Storage xs[K][kWide] = {}, ys[M][kWide];
+      const Storage* px[K];
+      Storage* py[M];
+      for (int k = 0; k < K; ++k) {
+        px[k] = x[k] + i;
+        if (i + kWide > len) {
+          for (int64_t j = 0; j < rest; ++j) xs[k][j] = x[k][i + j];
+          px[k] = xs[k];
+        }
+      }
+      for (int m = 0; m < M; ++m) py[m] = ys[m];
+      affine_at<Wide>(px, py, fixed, 0);
+      for (int m = 0; m < M; ++m)
+        for (int64_t j = 0; j < rest; ++j) y[m][i + j] = ys[m][j];
     }
-    for (; i < hi; ++i) affine_at<math_t>(x, y, fixed, i);
     lo = hi;
   }
 }
@@ -419,24 +437,30 @@ void affine_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coef
   const int64_t numel = inputs[0].numel();
   const int64_t n = numel / coeffs.size(0);
 
-  // Streams all in bf16, or all in fp16 where AVX2 converts them (with fp32 math), are converted
-  // in registers: affine_span's Uniform.
+  // Streams all of one type go group by group (affine_groups): in the math type (unless the
+  // outputs take streaming stores), in bf16, or in fp16 where AVX2 converts it, with fp32 math.
+  // Mixed types, streaming stores and the smallest groups go through the tiles of affine_span.
   constexpr bool kFloatMath = std::is_same_v<math_t, float>;
-  using Bf16 = std::conditional_t<kFloatMath, c10::BFloat16, void>;
-  using Fp16 = std::conditional_t<kFloatMath && kVector16, c10::Half, void>;
   const at::ScalarType type = inputs[0].scalar_type();
-  bool uniform = (type == at::kBFloat16 && kFloatMath) ||
-                 (type == at::kHalf && !std::is_void_v<Fp16>);
+  bool one_type = true;
   for (const auto* streams : {&inputs, &outputs})
-    for (const auto& x : *streams) uniform = uniform && x.scalar_type() == type;
+    for (const auto& x : *streams) one_type = one_type && x.scalar_type() == type;
   int64_t output_bytes = 0;
   for (const auto& y : outputs) output_bytes += y.nbytes();
   const bool streaming = kCanStream && may_stream && output_bytes >= kStreamingMinBytes;
-  const bool small = n < (uniform ? kSmallUniformGroup : kSmallGroup<math_t>);
-  bool direct = true;  // every stream in the math type
-  for (const auto* streams : {&inputs, &outputs})
-    for (const auto& x : *streams) direct = direct && x.scalar_type() == kMathType<math_t>;
-  const bool grouped = direct && !streaming && n >= kGroupLoopMin<math_t>;
+  const bool direct = one_type && type == kMathType<math_t>;
+  const bool converted = one_type && kFloatMath &&
+                         (type == at::kBFloat16 || (type == at::kHalf && kVector16));
+  const bool grouped = (direct && !streaming && n >= kGroupLoopMin<math_t>) ||
+                       (converted && n >= kConvertedGroupLoopMin);
+  const bool small = n < kSmallGroup<math_t>;
+  const auto groups = [&](const auto& x, const auto& y, int64_t lo, int64_t len) {
+    if (direct) return affine_groups<math_t, K, M, math_t>(x, y, c, n, lo, len);
+    if constexpr (kFloatMath) {
+      if (type == at::kBFloat16) return affine_groups<math_t, K, M, c10::BFloat16>(x, y, c, n, lo, len);
+      return affine_groups<math_t, K, M, c10::Half>(x, y, c, n, lo, len);
+    }
+  };
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
     // A task may straddle rows and groups: walk it in spans within one row and, on the span
     // path, within one group, so that each span has fixed coefficients.
@@ -446,13 +470,9 @@ void affine_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coef
       const auto x = from_element(in, lo, row);
       const auto y = from_element(out, lo, row);
       if (grouped) {
-        affine_groups<math_t, K, M>(x, y, c, n, lo, hi - lo);
+        groups(x, y, lo, hi - lo);
       } else if (small) {
         affine_span<math_t, K, M, true>(x, y, c, n, lo, hi - lo, streaming);
-      } else if (uniform && type == at::kBFloat16) {
-        affine_span<math_t, K, M, false, Bf16>(x, y, c, n, lo, hi - lo, false);
-      } else if (uniform) {
-        affine_span<math_t, K, M, false, Fp16>(x, y, c, n, lo, hi - lo, false);
       } else {
         affine_span<math_t, K, M, false>(x, y, c, n, lo, hi - lo, streaming);
       }

@@ -1,6 +1,8 @@
 """The dispatcher ops fastflow::affine, affine_out and affine_dot on every backend, and the
 argument checks of the C++ kernels behind them."""
+import ctypes
 import itertools
+import mmap
 import os
 
 import pytest
@@ -1022,11 +1024,12 @@ def test_cpu_kernels_stream_row_layouts_in_place(dtype, groups, case):
         assert not b.narrow(dim, ROW_SHAPE[dim], ROW_SHAPE[dim]).any()
 
 
-# Group sizes about each width that small groups' coefficients are spread over (powers of two to
-# 64 elements for fp32, 32 for fp64; 16-bit streams take a span per group from 16 on), in
-# numbers of elements that start tiles and threads' tasks mid-group; and in rows of 96 elements
-# (slices of wider buffers, streamed in place), which groups straddle.
-@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 9, 15, 16, 17, 31, 33, 63, 64, 65])
+# Group sizes about each width the CPU kernels care about: the table of coefficients per element
+# (groups of 1 or 2; 16-bit ones under 8), the group-by-group path's vectors of 32 and 16 bytes
+# and their tails, the table's widths (powers of two to 64 elements), in numbers of elements that
+# start tiles and threads' tasks mid-group; and in rows of 96 elements (slices of wider buffers,
+# streamed in place), which groups straddle.
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 8, 9, 12, 15, 16, 17, 31, 33, 63, 64, 65])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows", [False, True], ids=["contiguous", "rows of 96"])
 def test_cpu_kernel_gives_eager_bits_for_every_group_size(n, dtype, rows):
@@ -1045,6 +1048,43 @@ def test_cpu_kernel_gives_eager_bits_for_every_group_size(n, dtype, rows):
     for outputs in results.values():
         for got, want in zip(outputs, reference_affine(inputs, coeffs), strict=True):
             assert torch.equal(got.view(-1), want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_kernels_touch_nothing_past_their_streams(dtype):
+    """Every stream ends where a page without access begins: a kernel that reads or writes one
+    element past a stream (the group-by-group path converts 16-bit tails a vector at a time)
+    crashes the test instead of passing by luck."""
+    ext = compiled_extension()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    page = mmap.PAGESIZE
+    size = torch.tensor([], dtype=dtype).element_size()
+    gen = torch.Generator().manual_seed(5)
+    keep = []
+
+    def at_page_end(numel):
+        region = mmap.mmap(-1, 2 * page)
+        address = ctypes.addressof(ctypes.c_char.from_buffer(region))
+        assert libc.mprotect(address + page, page, 0) == 0, os.strerror(ctypes.get_errno())
+        keep.append(region)
+        whole = torch.frombuffer(region, dtype=dtype, count=page // size)
+        return whole[page // size - numel:]
+
+    for n in (3, 5, 9, 12, 15):
+        numel = (page // size // 2) // n * n
+        inputs = [at_page_end(numel) for _ in range(2)]
+        for x in inputs:
+            x.copy_(torch.randn(numel, generator=gen))
+        outputs = [at_page_end(numel) for _ in range(2)]
+        coeffs = _coeffs(numel // n, 2, 2, dtype, "cpu")
+        def run():
+            ext.affine_cpu(inputs, coeffs, outputs)
+            return [y.clone() for y in outputs]
+
+        for results in _run_on_every_cpu_isa(run).values():
+            for got, want in zip(results, reference_affine(inputs, coeffs), strict=True):
+                assert torch.equal(got, want)
 
 
 def test_cpu_kernels_read_broadcast_inputs_in_place():
