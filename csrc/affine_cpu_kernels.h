@@ -307,6 +307,14 @@ void affine_span(const std::array<Stream, K>& in, const std::array<Stream, M>& o
   }
 }
 
+// The width of the group-by-group path's vectors: an AVX2 register, or an SSE2 (NEON) one on the
+// baseline build, where 32-byte vectors were lowered to pairs slower than the tiles.
+#ifdef FASTFLOW_CPU_AVX2
+constexpr int kVectorBytes = 32;
+#else
+constexpr int kVectorBytes = 16;
+#endif
+
 // kBytes of math_t as a GCC/Clang vector type, whose arithmetic is element by element with the
 // scalar roundings. (Specialised per type: the attribute does not apply to a dependent type.)
 template <typename math_t, int kBytes>
@@ -319,7 +327,7 @@ struct SimdOf<double, kBytes> { typedef double type __attribute__((vector_size(k
 // A Vector (a SimdOf, or math_t itself) of the values at p, stored as Storage, and back: moved
 // as they are when Storage is math_t, else converted as c10 converts (eight at a time with AVX2).
 template <typename Vector, typename math_t, typename Storage>
-inline void load_vector(const Storage* p, Vector& v) {  // not returned: no vector-ABI concerns
+[[gnu::always_inline]] inline void load_vector(const Storage* p, Vector& v) {  // not returned: no vector-ABI concerns
   if constexpr (std::is_same_v<Storage, math_t>) {
     std::memcpy(&v, p, sizeof(Vector));
   } else if constexpr (std::is_same_v<Vector, math_t>) {
@@ -335,7 +343,7 @@ inline void load_vector(const Storage* p, Vector& v) {  // not returned: no vect
   }
 }
 template <typename Vector, typename math_t, typename Storage>
-inline void store_vector(const Vector& v, Storage* p) {
+[[gnu::always_inline]] inline void store_vector(const Vector& v, Storage* p) {
   if constexpr (std::is_same_v<Storage, math_t>) {
     std::memcpy(p, &v, sizeof(Vector));
   } else if constexpr (std::is_same_v<Vector, math_t>) {
@@ -352,13 +360,19 @@ inline void store_vector(const Vector& v, Storage* p) {
 // The M outputs at y[m] + i, over the width of Vector, with the coefficients `fixed`; every
 // input is read before any output is written.
 template <typename Vector, int K, int M, typename math_t, typename Storage>
-inline void affine_at(const Storage* const (&x)[K], Storage* const (&y)[M], const math_t* fixed,
+[[gnu::always_inline]] inline void affine_at(const Storage* const (&x)[K], Storage* const (&y)[M], const math_t* fixed,
                       int64_t i) {
+  // Unrolled, so that v stays in registers: GCC kept it on the stack from K = 3 on, loaded
+  // through two 16-byte stores each (5x to 7x slower).
   Vector v[K];
+#pragma GCC unroll 8
   for (int k = 0; k < K; ++k) load_vector<Vector, math_t>(x[k] + i, v[k]);
+#pragma GCC unroll 8
   for (int m = 0; m < M; ++m) {
-    Vector acc = (Vector{} + fixed[m * K]) * v[0];
-    for (int k = 1; k < K; ++k) acc = acc + (Vector{} + fixed[m * K + k]) * v[k];
+    // A scalar times a vector multiplies every lane by it (0 + c would turn -0 into +0).
+    Vector acc = fixed[m * K] * v[0];
+#pragma GCC unroll 8
+    for (int k = 1; k < K; ++k) acc = acc + fixed[m * K + k] * v[k];
     store_vector<Vector, math_t>(acc, y[m] + i);
   }
 }
@@ -374,8 +388,8 @@ inline void affine_at(const Storage* const (&x)[K], Storage* const (&y)[M], cons
 template <typename math_t, int K, int M, typename Storage>
 void affine_groups(const std::array<Stream, K>& in, const std::array<Stream, M>& out,
                    const Coeffs<math_t>& c, int64_t n, int64_t first, int64_t len) {
-  using Wide = typename SimdOf<math_t, 32>::type;
-  using Narrow = typename SimdOf<math_t, 16>::type;
+  using Wide = typename SimdOf<math_t, kVectorBytes>::type;
+  using Narrow = typename SimdOf<math_t, kVectorBytes / 2>::type;
   constexpr int kWide = sizeof(Wide) / sizeof(math_t), kNarrow = sizeof(Narrow) / sizeof(math_t);
   const Storage* x[K];
   Storage* y[M];
@@ -389,6 +403,10 @@ void affine_groups(const std::array<Stream, K>& in, const std::array<Stream, M>&
     for (int m = 0; m < M; ++m)
       for (int k = 0; k < K; ++k) fixed[m * K + k] = c.at(cg, m, k);
     int64_t i = lo;
+    if constexpr (!std::is_same_v<Storage, math_t> && !kVector16) {
+      // Without AVX2, c10's conversions go one value at a time (vectors of them were slower).
+      for (; i < hi; ++i) affine_at<math_t>(x, y, fixed, i);
+    }
     for (; i + kWide <= hi; i += kWide) affine_at<Wide>(x, y, fixed, i);
     if constexpr (std::is_same_v<Storage, math_t>) {
       if (i + kNarrow <= hi) {

@@ -1087,6 +1087,20 @@ def test_cpu_kernels_touch_nothing_past_their_streams(dtype):
                 assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_kernels_keep_the_sign_of_zero_coefficients(dtype):
+    """-0 * x is -0 for positive x, as eager computes it: a kernel that broadcast coefficients
+    as 0 + c turned -0 into +0, and -0 + -0 (an output that is all zero terms) into +0."""
+    ext = compiled_extension()
+    n = 37   # a 32-byte vector, a 16-byte one, then single elements
+    x = [torch.full((4 * n,), 2.0, dtype=dtype), torch.full((4 * n,), -0.0, dtype=dtype)]
+    coeffs = torch.tensor([[[-0.0, 1.0], [-0.0, -0.0]]] * 4, dtype=_ops.math_dtype(dtype))
+    for outputs in _run_on_every_cpu_isa(lambda: ext.affine_fresh_cpu(x, coeffs)).values():
+        for got, want in zip(outputs, reference_affine(x, coeffs), strict=True):
+            assert bits_equal(got, want)
+        assert torch.signbit(outputs[0]).all()   # -0 * 2 + 1 * -0
+
+
 def test_cpu_kernels_read_broadcast_inputs_in_place():
     ext = compiled_extension()
     gen = torch.Generator().manual_seed(3)
