@@ -217,8 +217,8 @@ constexpr int kSmallGroup = 256 / sizeof(math_t);
 // 512 1.15x, level from 2048 on; fp64 groups of 2 1.5x, 4 2.1x, 64 1.2x, 128 to 8192 1.5x to
 // 1.8x (a span computes one output after another, reading the inputs again for each). Groups of
 // one element, and fp32 pairs, were faster with the table. Streams all in bf16 (or fp16 with
-// AVX2) from groups of 8 on: bf16 1.8x faster at 8, 1.2x to 1.5x at 12 to 32, 1.1x at 128,
-// level from 1024 on, fp16 2.2x at 8 and 1.8x at 16; under 8 elements the table was faster
+// AVX2) from groups of 8 on: bf16 1.8x to 2.1x faster at 8, 1.2x to 1.7x at 12 to 32, 1.1x at
+// 128, level from 1024 on, fp16 2.2x to 2.5x at 8; under 8 elements the table was faster
 // (1.2x to 1.4x at 3 to 5).
 template <typename math_t>
 constexpr int kGroupLoopMin = sizeof(math_t) == sizeof(float) ? 3 : 2;
