@@ -11,7 +11,9 @@
 // written so that the compiler's auto-vectoriser handles them (local tiles cannot alias the
 // streamed tensors). -ffp-contract=off keeps results bit-identical to eager PyTorch. Reductions
 // keep a fixed number of independent accumulators, so the vector width changes no result
-// either: both instruction sets give the same bits.
+// either: both instruction sets give the same bits. (Except a NaN's payload where two NaNs meet
+// in one operation: which operand's the hardware keeps depends on the instruction, as it does in
+// eager PyTorch between its vector and scalar loops.)
 
 namespace fastflow {
 namespace FASTFLOW_CPU_ISA {
