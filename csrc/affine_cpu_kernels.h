@@ -329,7 +329,7 @@ struct SimdOf<double, kBytes> { typedef double type __attribute__((vector_size(k
 // A Vector (a SimdOf, or math_t itself) of the values at p, stored as Storage, and back: moved
 // as they are when Storage is math_t, else converted as c10 converts (eight at a time with AVX2).
 template <typename Vector, typename math_t, typename Storage>
-[[gnu::always_inline]] inline void load_vector(const Storage* p, Vector& v) {  // not returned: no vector-ABI concerns
+[[gnu::always_inline]] inline void load_vector(const Storage* p, Vector& v) {  // no vector ABI
   if constexpr (std::is_same_v<Storage, math_t>) {
     std::memcpy(&v, p, sizeof(Vector));
   } else if constexpr (std::is_same_v<Vector, math_t>) {
@@ -362,8 +362,8 @@ template <typename Vector, typename math_t, typename Storage>
 // The M outputs at y[m] + i, over the width of Vector, with the coefficients `fixed`; every
 // input is read before any output is written.
 template <typename Vector, int K, int M, typename math_t, typename Storage>
-[[gnu::always_inline]] inline void affine_at(const Storage* const (&x)[K], Storage* const (&y)[M], const math_t* fixed,
-                      int64_t i) {
+[[gnu::always_inline]] inline void affine_at(const Storage* const (&x)[K], Storage* const (&y)[M],
+                                             const math_t* fixed, int64_t i) {
   // Unrolled, so that v stays in registers: GCC kept it on the stack from K = 3 on, loaded
   // through two 16-byte stores each (5x to 7x slower).
   Vector v[K];
@@ -380,11 +380,12 @@ template <typename Vector, int K, int M, typename math_t, typename Storage>
 }
 
 // Streams all stored as Storage (the math type, or one 16-bit type with fp32 math), group by
-// group: each group's M K coefficients are read once and its elements computed with them, a
-// 32-byte vector of math_t at a time, then a 16-byte one, then one element at a time, straight
-// from and to the streams, all outputs per vector of inputs (16-bit streams: the rest of a
-// group through local copies). The span lies in one row; its data
-// point at element `first`. Written with vector types: given the same loop as scalars, the
+// group: each group's M K coefficients are read once and its elements computed with them,
+// straight from and to the streams, all outputs per vector of inputs. The math type goes a
+// vector (kVectorBytes) at a time, then half a vector, then one element at a time; 16-bit
+// streams with AVX2 a vector at a time, then the rest of the group as one more vector; 16-bit
+// streams without AVX2 one element at a time. The span lies in one row; its data point at
+// element `first`. Written with vector types: given the same loop as scalars, the
 // auto-vectoriser vectorised across vectors instead, with alias checks and spills, and run
 // times moved by 1.7x between group sizes.
 template <typename math_t, int K, int M, typename Storage>
@@ -405,38 +406,40 @@ void affine_groups(const std::array<Stream, K>& in, const std::array<Stream, M>&
     for (int m = 0; m < M; ++m)
       for (int k = 0; k < K; ++k) fixed[m * K + k] = c.at(cg, m, k);
     int64_t i = lo;
-    if constexpr (!std::is_same_v<Storage, math_t> && !kVector16) {
-      // Without AVX2, c10's conversions go one value at a time (vectors of them were slower).
-      for (; i < hi; ++i) affine_at<math_t>(x, y, fixed, i);
-    }
-    for (; i + kWide <= hi; i += kWide) affine_at<Wide>(x, y, fixed, i);
     if constexpr (std::is_same_v<Storage, math_t>) {
+      for (; i + kWide <= hi; i += kWide) affine_at<Wide>(x, y, fixed, i);
       if (i + kNarrow <= hi) {
         affine_at<Narrow>(x, y, fixed, i);
         i += kNarrow;
       }
       for (; i < hi; ++i) affine_at<math_t>(x, y, fixed, i);
-    } else if (i < hi) {
-      // Converted streams: the rest of the group as one vector, converted at once (c10's
-      // conversions cost several ns each), into local copies written back element by element.
-      // Its inputs are read in place while a whole vector lies in the span (the elements past
-      // the group are converted and dropped); local copies of them are the last resort, since
-      // a vector load from small stores waits for them to retire.
-      const int64_t rest = hi - i;
-      Storage xs[K][kWide] = {}, ys[M][kWide];
-      const Storage* px[K];
-      Storage* py[M];
-      for (int k = 0; k < K; ++k) {
-        px[k] = x[k] + i;
-        if (i + kWide > len) {
-          for (int64_t j = 0; j < rest; ++j) xs[k][j] = x[k][i + j];
-          px[k] = xs[k];
+    } else if constexpr (kVector16) {
+      for (; i + kWide <= hi; i += kWide) affine_at<Wide>(x, y, fixed, i);
+      if (i < hi) {
+        // The rest of the group as one vector, converted at once (c10's conversions cost
+        // several ns each), into local copies written back element by element. Its inputs are
+        // read in place while a whole vector lies in the span (the elements past the group are
+        // converted and dropped); local copies of them are the last resort, since a vector load
+        // from small stores waits for them to retire.
+        const int64_t rest = hi - i;
+        Storage xs[K][kWide] = {}, ys[M][kWide];
+        const Storage* px[K];
+        Storage* py[M];
+        for (int k = 0; k < K; ++k) {
+          px[k] = x[k] + i;
+          if (i + kWide > len) {
+            for (int64_t j = 0; j < rest; ++j) xs[k][j] = x[k][i + j];
+            px[k] = xs[k];
+          }
         }
+        for (int m = 0; m < M; ++m) py[m] = ys[m];
+        affine_at<Wide>(px, py, fixed, 0);
+        for (int m = 0; m < M; ++m)
+          for (int64_t j = 0; j < rest; ++j) y[m][i + j] = ys[m][j];
       }
-      for (int m = 0; m < M; ++m) py[m] = ys[m];
-      affine_at<Wide>(px, py, fixed, 0);
-      for (int m = 0; m < M; ++m)
-        for (int64_t j = 0; j < rest; ++j) y[m][i + j] = ys[m][j];
+    } else {
+      // Without AVX2, c10's conversions go one value at a time (vectors of them were slower).
+      for (; i < hi; ++i) affine_at<math_t>(x, y, fixed, i);
     }
     lo = hi;
   }
@@ -477,7 +480,9 @@ void affine_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coef
   const auto groups = [&](const auto& x, const auto& y, int64_t lo, int64_t len) {
     if (direct) return affine_groups<math_t, K, M, math_t>(x, y, c, n, lo, len);
     if constexpr (kFloatMath) {
-      if (type == at::kBFloat16) return affine_groups<math_t, K, M, c10::BFloat16>(x, y, c, n, lo, len);
+      if (type == at::kBFloat16) {
+        return affine_groups<math_t, K, M, c10::BFloat16>(x, y, c, n, lo, len);
+      }
       return affine_groups<math_t, K, M, c10::Half>(x, y, c, n, lo, len);
     }
   };
