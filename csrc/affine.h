@@ -64,14 +64,27 @@ void dispatch_arity(int64_t k, int64_t m, F&& f) {
   }
 }
 
-// The instruction set the CPU affine kernels run with: "avx2" on CPUs with AVX2 and F16C (where
-// the build has those kernels), else "baseline". Both give the same bits; set_cpu_isa switches
-// between the available ones (the tests run each).
+// The instruction set the CPU affine kernels run with: "avx512" on CPUs with AVX-512 (F, BW, VL),
+// AVX2 and F16C where PyTorch runs its own kernels with AVX-512, else "avx2" on CPUs with AVX2
+// and F16C, else "baseline" (and "baseline" alone where the build has only those kernels). All
+// give the same bits; set_cpu_isa switches between the available ones (the tests run each).
 std::string cpu_isa();
 void set_cpu_isa(const std::string& isa);
+// The entry points of one instruction set's kernels (affine_cpu_kernels.h), on checked arguments
+// of any layout; affine_cpu.cpp runs those of the chosen one.
+struct IsaKernels {
+  const char* name;
+  void (*affine)(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
+                 const std::vector<at::Tensor>& outputs, int64_t row, bool may_stream);
+  void (*dot)(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b, int64_t groups,
+              at::Tensor& sums);
+  void (*sqnorm)(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs, int64_t row,
+                 at::Tensor& sums);
+  void (*narrow_floats)(const float* src, int64_t n, at::ScalarType type, void* dst);
+};
 // n fp32 values rounded to the 16-bit float type `type` (kHalf or kBFloat16) into dst, as c10
-// rounds, with the affine kernels' conversions: eight values per instruction on the AVX2
-// instruction set. For the CPU kernels outside this family that write 16-bit outputs.
+// rounds, with the affine kernels' conversions: eight or sixteen values per instruction with
+// AVX2 or AVX-512. For the CPU kernels outside this family that write 16-bit outputs.
 void narrow_floats(const float* src, int64_t n, at::ScalarType type, void* dst);
 // Total output bytes from which the AVX2 affine kernels write fp32 and fp64 outputs into
 // existing tensors (out=, in-place updates) with streaming stores (affine_cpu_kernels.h): twice

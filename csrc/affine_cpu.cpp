@@ -1,70 +1,85 @@
 // Entry points of the CPU affine kernels: argument checks, then the kernels of one instruction
-// set (affine_cpu_kernels.h): the baseline, compiled here, or AVX2 (affine_cpu_avx2.cpp) on CPUs
-// that have it. Both give the same bits; set_cpu_isa lets the tests run each.
-#include "affine.h"
-#include "float_bits.h"
-#include "simd_clones.h"
+// set (affine_cpu_kernels.h): the baseline, compiled here, AVX2 (affine_cpu_avx2.cpp) or
+// AVX-512 (affine_cpu_avx512.cpp) on CPUs that have them. All give the same bits; set_cpu_isa
+// lets the tests run each.
+#include "affine_cpu_deps.h"
 
-#include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
-#include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
-#include <algorithm>
-#include <array>
 #include <atomic>
-#include <cstring>
-#include <type_traits>
+#include <string>
+#include <vector>
 
 #define FASTFLOW_CPU_ISA baseline
 #include "affine_cpu_kernels.h"
 
 namespace fastflow {
 
-#ifdef FASTFLOW_AVX2_KERNELS
+#ifdef FASTFLOW_ISA_KERNELS
 namespace avx2 {  // affine_cpu_avx2.cpp
-void affine(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
-            const std::vector<at::Tensor>& outputs, int64_t row, bool may_stream);
-void dot(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b, int64_t groups,
-         at::Tensor& sums);
-void sqnorm(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs, int64_t row,
-            at::Tensor& sums);
-void narrow_floats(const float* src, int64_t n, at::ScalarType type, void* dst);
-}  // namespace avx2
-#else
-namespace avx2 = baseline;  // never chosen: avx2_available() is false
+extern const IsaKernels kKernels;
+}
+namespace avx512 {  // affine_cpu_avx512.cpp
+extern const IsaKernels kKernels;
+}
 #endif
 
 namespace {
 
-bool avx2_available() {
-#ifdef FASTFLOW_AVX2_KERNELS
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-#else
-  return false;
+// The instruction sets this CPU and build can run, best last.
+std::vector<const IsaKernels*> available_isas() {
+  std::vector<const IsaKernels*> isas{&baseline::kKernels};
+#ifdef FASTFLOW_ISA_KERNELS
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) {
+    isas.push_back(&avx2::kKernels);
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl")) {
+      isas.push_back(&avx512::kKernels);
+    }
+  }
 #endif
+  return isas;
 }
 
-std::atomic<bool> g_use_avx2{avx2_available()};
+// The best available, but not AVX-512 where PyTorch runs its own kernels without it (a CPU
+// it does not trust with AVX-512, or ATEN_CPU_CAPABILITY set lower): whatever reason PyTorch
+// has, it holds for these kernels too.
+const IsaKernels* default_isa() {
+  auto isas = available_isas();
+  // at::get_cpu_capability() names it: "DEFAULT", "AVX2", "AVX512" on x86-64.
+  if (std::string(isas.back()->name) == "avx512" &&
+      at::get_cpu_capability().rfind("AVX512", 0) != 0) {
+    isas.pop_back();
+  }
+  return isas.back();
+}
 
-bool use_avx2() { return g_use_avx2.load(std::memory_order_relaxed); }
+std::atomic<const IsaKernels*> g_isa{default_isa()};
+
+const IsaKernels& isa() { return *g_isa.load(std::memory_order_relaxed); }
 
 }  // namespace
 
-std::string cpu_isa() { return use_avx2() ? "avx2" : "baseline"; }
+std::string cpu_isa() { return isa().name; }
 
-void set_cpu_isa(const std::string& isa) {
-  TORCH_CHECK_VALUE(isa == "baseline" || (isa == "avx2" && avx2_available()),
-                    "fastflow set_cpu_isa: expected 'baseline'",
-                    avx2_available() ? " or 'avx2'" : "",
-                    " (what this CPU and build support), got '", isa, "'");
-  g_use_avx2 = isa == "avx2";
+void set_cpu_isa(const std::string& name) {
+  std::string names;
+  for (const IsaKernels* kernels : available_isas()) {
+    if (name == kernels->name) {
+      g_isa = kernels;
+      return;
+    }
+    names += std::string(names.empty() ? "'" : ", '") + kernels->name + "'";
+  }
+  TORCH_CHECK_VALUE(false, "fastflow set_cpu_isa: expected one of ", names,
+                    " (what this CPU and build support), got '", name, "'");
 }
 
 void narrow_floats(const float* src, int64_t n, at::ScalarType type, void* dst) {
-  if (use_avx2()) return avx2::narrow_floats(src, n, type, dst);
-  baseline::narrow_floats(src, n, type, dst);
+  isa().narrow_floats(src, n, type, dst);
 }
 
 namespace {
@@ -75,8 +90,7 @@ void run_affine(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
                 const std::vector<at::Tensor>& outputs, bool fresh) {
   if (inputs[0].numel() == 0) return;
   on_streams(inputs, outputs, [&](const auto& in, const auto& out, int64_t row) {
-    if (use_avx2()) return avx2::affine(in, coeffs, out, row, !fresh);
-    baseline::affine(in, coeffs, out, row, !fresh);
+    isa().affine(in, coeffs, out, row, !fresh);
   });
 }
 
@@ -116,11 +130,7 @@ at::Tensor affine_dot_cpu(const std::vector<at::Tensor>& a, const std::vector<at
   at::Tensor sums = at::zeros({groups, static_cast<int64_t>(a.size()),
                                static_cast<int64_t>(b.size())}, a[0].options().dtype(at::kDouble));
   if (a[0].numel() != 0) {
-    if (use_avx2()) {
-      avx2::dot(a, b, groups, sums);
-    } else {
-      baseline::dot(a, b, groups, sums);
-    }
+    isa().dot(a, b, groups, sums);
   }
   return sums.to(math);
 }
@@ -137,8 +147,7 @@ at::Tensor affine_sqnorm_cpu(const std::vector<at::Tensor>& inputs, const at::Te
   std::fill_n(sum, groups, 0.0);
   if (inputs[0].numel() != 0) {
     on_streams(inputs, {}, [&](const auto& in, const auto&, int64_t row) {
-      if (use_avx2()) return avx2::sqnorm(in, coeffs, row, sums);
-      baseline::sqnorm(in, coeffs, row, sums);
+      isa().sqnorm(in, coeffs, row, sums);
     });
   }
   if (math_type(inputs, {}) == at::kDouble) return sums;

@@ -4,6 +4,7 @@ import ctypes
 import itertools
 import mmap
 import os
+import re
 
 import pytest
 import torch
@@ -811,15 +812,16 @@ def test_interpolate_is_differentiable_twice_in_t(backend, path):
         assert torch.equal(grad_x0, torch.full_like(x0, -1))
 
 
-# The CPU kernels are compiled for the baseline and again for AVX2 (csrc/affine_cpu_avx2.cpp),
-# picked at run time; both must give the same bits, on every path of the kernels.
+# The CPU kernels are compiled for the baseline and again for AVX2 and AVX-512
+# (csrc/affine_cpu_avx2.cpp, affine_cpu_avx512.cpp), picked at run time; all must give the same
+# bits, on every path of the kernels.
 
 def _run_on_every_cpu_isa(fn):
     """{isa: fn()} for the instruction sets this CPU and build have; the default restored."""
     ext = compiled_extension()
     default, results = ext.cpu_isa(), {}
     try:
-        for isa in ("baseline", "avx2"):
+        for isa in ("baseline", "avx2", "avx512"):
             try:
                 ext.set_cpu_isa(isa)
             except ValueError:  # not on this CPU
@@ -830,6 +832,15 @@ def _run_on_every_cpu_isa(fn):
     if len(results) < 2:
         pytest.skip("only the baseline kernels run on this CPU")
     return results
+
+
+def _assert_isas_agree(results):
+    """Every instruction set's list of tensors has the baseline's bits."""
+    baseline = results["baseline"]
+    for isa, tensors in results.items():
+        assert len(tensors) == len(baseline)
+        for i, (got, want) in enumerate(zip(tensors, baseline)):
+            assert bits_equal(got, want), f"{isa}, tensor {i}"
 
 
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
@@ -854,8 +865,7 @@ def test_cpu_instruction_sets_give_the_same_bits(dtype, layout):
         return out
 
     results = _run_on_every_cpu_isa(run)
-    for a, b in zip(*results.values()):
-        assert bits_equal(a, b)
+    _assert_isas_agree(results)
 
 
 def test_streaming_stores_give_the_same_bits():
@@ -880,9 +890,8 @@ def test_streaming_stores_give_the_same_bits():
         return [*fresh, *shifted, updated]
 
     results = _run_on_every_cpu_isa(run)
-    for a, b in zip(*results.values()):
-        assert bits_equal(a, b)
-    assert torch.equal(results["avx2"][-1], state * 0.5)
+    _assert_isas_agree(results)
+    assert torch.equal(results["baseline"][-1], state * 0.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -934,14 +943,14 @@ def test_cpu_instruction_sets_convert_16_bit_floats_alike():
                 convert(narrowing, torch.float16), convert(narrowing, torch.bfloat16)]
 
     results = _run_on_every_cpu_isa(run)
-    for a, b in zip(*results.values()):
-        assert bits_equal(a, b)
+    _assert_isas_agree(results)
 
 
-def test_only_the_avx2_kernels_use_avx():
-    # Code compiled for AVX2 must stay in its namespace (or GCC's .avx2 clones): a function
-    # defined inline in a header and compiled in the AVX2 region could be the copy the linker
-    # keeps for every caller, and crash CPUs without AVX2.
+def test_only_the_avx2_and_avx512_kernels_use_avx():
+    # Code compiled for AVX2 must stay in its namespaces (or GCC's .avx2 clones), and code
+    # compiled for AVX-512 in its own: a function defined inline in a header and compiled in a
+    # target region could be the copy the linker keeps for every caller, and crash CPUs without
+    # those instructions.
     import shutil
     import subprocess
 
@@ -950,12 +959,18 @@ def test_only_the_avx2_kernels_use_avx():
         pytest.skip("needs objdump")
     listing = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", ext.__file__],
                              capture_output=True, text=True, check=True).stdout
+    # AVX-512 shows in its registers: zmm, the mask registers k0 to k7, and xmm16 to xmm31 (and
+    # their ymm and zmm forms), which only EVEX encodings reach.
+    avx512 = re.compile(r"%zmm|%k[0-7]\b|%[xy]mm(1[6-9]|2[0-9]|3[01])\b")
     function, offenders = "", set()
     for line in listing.splitlines():
         if line.endswith(">:"):
             function = line
-        elif "\t" in line and line.split("\t")[1].startswith("v"):  # VEX-encoded: AVX and up
-            if "fastflow::avx2::" not in function and ".avx2" not in function:
+        elif "\t" in line and line.split("\t")[1].startswith("v"):  # VEX or EVEX: AVX and up
+            in_avx512 = "fastflow::avx512::" in function
+            if avx512.search(line) and not in_avx512:
+                offenders.add(function)
+            if not (in_avx512 or "fastflow::avx2::" in function or ".avx2" in function):
                 offenders.add(function)
     assert not offenders, sorted(offenders)[:10]
 
@@ -1071,7 +1086,7 @@ def test_cpu_kernels_touch_nothing_past_their_streams(dtype):
         whole = torch.frombuffer(region, dtype=dtype, count=page // size)
         return whole[page // size - numel:]
 
-    for n in (3, 5, 9, 12, 15):
+    for n in (2, 3, 5, 7, 9, 12, 15, 23):
         numel = (page // size // 2) // n * n
         inputs = [at_page_end(numel) for _ in range(2)]
         for x in inputs:
