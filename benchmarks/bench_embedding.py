@@ -25,7 +25,6 @@ import common  # noqa: E402
 import fastflow  # noqa: E402
 from fastflow import reference  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DIM = 256
 DIT = fastflow.embeddings.convention("dit")
 
@@ -53,7 +52,7 @@ def run_sinusoidal(device, sizes, dtypes):
     peer = _diffusers()
     rows = []
     for dtype_name in dtypes:
-        dtype = DTYPES[dtype_name]
+        dtype = common.DTYPES[dtype_name]
         for batch in sizes:
             t = torch.randint(0, 1000, (batch,), device=device)
             nbytes = batch * DIM * dtype.itemsize

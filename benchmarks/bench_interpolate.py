@@ -3,7 +3,8 @@
     python benchmarks/bench_interpolate.py [--device cpu|cuda] [--sizes 65536,...] [--dtypes fp32,bf16]
 
 Per size and dtype: fused with fresh outputs, fused with out= buffers, eager
-`t*x1 + (1-t)*x0, x1 - x0`, and torch.compile of that eager function. On CUDA with the CUDA C++
+`(t*x1 + (1-t)*x0).to(x1.dtype), x1 - x0` (rounded to the data's type, as fastflow's x_t is:
+float32 t times 16-bit data is float32), and torch.compile of that eager function. On CUDA with the CUDA C++
 kernels built, fused also on that backend ("fused, cuda backend") beside the default (Triton):
 the figures that decide which of the two CUDA tensors should get. Reports ms, effective GB/s
 (two reads and two writes of the tensor size), speedups and the fraction of the copy bandwidth
@@ -21,13 +22,13 @@ import common  # noqa: E402
 
 import fastflow  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BATCH = 64
 
 
 def eager_cond_ot(x0, x1, t):
     t = t.view(-1, *([1] * (x1.dim() - 1)))
-    return t * x1 + (1 - t) * x0, x1 - x0
+    # Rounded to the data's type, as fastflow's xt is: float32 t times bf16 x1 is float32.
+    return (t * x1 + (1 - t) * x0).to(x1.dtype), x1 - x0
 
 
 def run(device, sizes, dtypes):
@@ -37,7 +38,7 @@ def run(device, sizes, dtypes):
                          and backends["triton"].available)
     rows = []
     for dtype_name in dtypes:
-        dtype = DTYPES[dtype_name]
+        dtype = common.DTYPES[dtype_name]
         for numel in sizes:
             x1 = torch.randn(BATCH, numel // BATCH, device=device, dtype=dtype)
             x0 = torch.randn_like(x1)

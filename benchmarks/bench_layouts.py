@@ -33,13 +33,13 @@ import common  # noqa: E402
 
 import fastflow  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BATCH, CHANNELS = 64, 16
 
 
 def eager_cond_ot(x0, x1, t):
     t = t.view(-1, *[1] * (x1.dim() - 1))
-    return t * x1 + (1 - t) * x0, x1 - x0
+    # Rounded to the data's type, as fastflow's xt is: float32 t times bf16 x1 is float32.
+    return (t * x1 + (1 - t) * x0).to(x1.dtype), x1 - x0
 
 
 def eager_loss(pred, x0, x1):
@@ -76,8 +76,8 @@ def run(device, sizes, dtypes):
         # torch.compile would silently run the eager code.
         torch._dynamo.reset()
         compiled_interpolate, compiled_loss = torch.compile(eager_cond_ot), torch.compile(eager_loss)
-        x0, x1, pred, *out = (LAYOUTS[layout](numel, DTYPES[dtype_name], device)
-                              for _ in range(5))
+        dtype = common.DTYPES[dtype_name]
+        x0, x1, pred, *out = (LAYOUTS[layout](numel, dtype, device) for _ in range(5))
         pred.requires_grad_()
         t = torch.rand(x1.shape[0], device=device)
         copy_gbps = common.copy_bandwidth_gbps(device, x1.nbytes)

@@ -21,7 +21,6 @@ import common  # noqa: E402
 
 import fastflow  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BATCH = 64
 
 
@@ -54,7 +53,7 @@ def peak_extra_bytes(variant, numel, dtype_name, device):
 import json, sys, torch
 sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
 import bench_loss as b
-pred, x0, x1, t = b._inputs({numel}, b.DTYPES[{dtype_name!r}], torch.device({device.type!r}))
+pred, x0, x1, t = b._inputs({numel}, b.common.DTYPES[{dtype_name!r}], torch.device({device.type!r}))
 fn = b._variants(x0, x1, t)[{variant!r}]
 fn(pred).backward(); pred.grad = None
 print(json.dumps(b._measure_peak(lambda: fn(pred).backward(), {device.type!r})))
@@ -87,7 +86,7 @@ def run(device, sizes, dtypes):
     rows = []
     for dtype_name in dtypes:
         for numel in sizes:
-            pred, x0, x1, t = _inputs(numel, DTYPES[dtype_name], device)
+            pred, x0, x1, t = _inputs(numel, common.DTYPES[dtype_name], device)
             moved = 7 * x1.nbytes
             copy_gbps = common.copy_bandwidth_gbps(device, x1.nbytes)
 

@@ -21,30 +21,35 @@ import common  # noqa: E402
 import fastflow  # noqa: E402
 from fastflow import paths  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BATCH = 64
 
 
 def eager_for(path):
     """interpolate on `path` as one writes it by hand: the schedule from t as [B, 1, ...] (in
-    t's float32), then the products and sums."""
+    t's float32), then the products and sums, rounded to the data's float type as fastflow's
+    outputs are (float32 times bf16 is float32: without the rounding, 16-bit data would have
+    eager and torch.compile write wider outputs than fastflow and skip a conversion)."""
+    def rounded(outputs, x):
+        return tuple(out.to(x.dtype) for out in outputs)
+
     def column(t, x):
         return t.view(-1, *([1] * (x.dim() - 1)))
 
     if isinstance(path, paths.AffinePath):
         def eager(x0, x1, t, noise):
             alpha, sigma, d_alpha, d_sigma = path(column(t, x1))
-            return alpha * x1 + sigma * x0, d_alpha * x1 + d_sigma * x0
+            return rounded((alpha * x1 + sigma * x0, d_alpha * x1 + d_sigma * x0), x1)
     elif isinstance(path, paths.ConstantNoise):
         def eager(x0, x1, t, noise):
             t = column(t, x1)
-            return t * x1 + (1 - t) * x0 + path.sigma * noise, x1 - x0
+            return rounded((t * x1 + (1 - t) * x0 + path.sigma * noise, x1 - x0), x1)
     else:  # the Schrodinger bridge, as torchcfm computes it
         def eager(x0, x1, t, noise):
             t = column(t, x1)
             s_t = path.sigma * torch.sqrt(t * (1 - t))
             ratio = (1 - 2 * t) / (2 * t * (1 - t) + 1e-8)
-            return t * x1 + (1 - t) * x0 + s_t * noise, x1 - x0 + ratio * s_t * noise
+            return rounded((t * x1 + (1 - t) * x0 + s_t * noise,
+                            x1 - x0 + ratio * s_t * noise), x1)
     return eager
 
 
@@ -57,7 +62,8 @@ def run(device, sizes, dtypes):
         compiled = torch.compile(eager)
         for dtype_name in dtypes:
             for numel in sizes:
-                x1 = torch.randn(BATCH, numel // BATCH, device=device, dtype=DTYPES[dtype_name])
+                dtype = common.DTYPES[dtype_name]
+                x1 = torch.randn(BATCH, numel // BATCH, device=device, dtype=dtype)
                 x0 = torch.randn_like(x1)
                 noise = torch.randn_like(x1) if path.uses_noise else None
                 t = torch.rand(BATCH, device=device) * 0.98 + 0.01

@@ -216,7 +216,8 @@ def run_noise(device, sizes):
                     "torch.compile": lambda: compiled(7, ids, 3, out.shape),
                     "torch.randn_like": lambda: torch.randn_like(out)}
         rows += common.measure(device, "fp32", numel, variants, out.nbytes,
-                               common.copy_bandwidth_gbps(device, out.nbytes))
+                               common.copy_bandwidth_gbps(device, out.nbytes),
+                               for_scale=("torch.randn_like",))
     return rows
 
 

@@ -13,6 +13,7 @@ import time
 import torch
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def device_name(device):
@@ -120,10 +121,43 @@ def copy_bandwidth_gbps(device, nbytes):
     return 2 * src.nbytes / ms / 1e6
 
 
-def measure(device, dtype_name, numel, variants, moved_bytes, copy_gbps, extra=None):
+def check_same_results(variants, for_scale=()):
+    """Raise unless the variants that return tensors return the same ones: the same number, float
+    types and shapes, and values close to "eager"'s. A comparison with code that writes wider
+    outputs, or computes something else, would report a speedup it did not measure. Variants
+    named in `for_scale` do other work on purpose (torch.randn_like beside the sampler's noise)
+    and are not checked."""
+    results = {}
+    for name, fn in variants.items():
+        if name in for_scale:
+            continue
+        returned = fn()
+        tensors = returned if isinstance(returned, (tuple, list)) else (returned,)
+        tensors = [x.detach() for x in tensors if isinstance(x, torch.Tensor)]
+        if tensors:
+            results[name] = tensors
+    expected = results.get("eager")
+    for name, tensors in results.items():
+        described = [(x.dtype, tuple(x.shape)) for x in tensors]
+        if expected is None or described != [(x.dtype, tuple(x.shape)) for x in expected]:
+            raise RuntimeError(f"benchmark variant {name!r} returns {described}, where "
+                               f"'eager' returns " + (repr([(x.dtype, tuple(x.shape))
+                                                            for x in expected])
+                                                      if expected is not None else "no tensors"))
+        for got, want in zip(tensors, expected):
+            # Loose: the variants round differently (eager rounds every op to the data's type).
+            torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05,
+                                       msg=lambda text: f"benchmark variant {name!r}: {text}")
+
+
+def measure(device, dtype_name, numel, variants, moved_bytes, copy_gbps, extra=None,
+            for_scale=()):
     """Time each variant (a no-argument callable) and return one result row per variant.
     `moved_bytes` is the minimum traffic of the op; speedups are against the variants named
-    "eager" and "torch.compile", which every benchmark includes. extra(name) adds columns."""
+    "eager" and "torch.compile", which every benchmark includes. extra(name) adds columns.
+    The variants must compute the same thing, except those named in `for_scale`: see
+    check_same_results."""
+    check_same_results(variants, for_scale)
     spreads = {}
     ms = time_variants(variants, device, spreads=spreads)
     rows = []
@@ -161,8 +195,12 @@ def main(run, op, title, doc, sizes, dtypes):
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", default=",".join(str(n) for n in sizes))
-    parser.add_argument("--dtypes", default=",".join(dtypes))
+    parser.add_argument("--dtypes", default=",".join(dtypes), help=", ".join(DTYPES))
     args = parser.parse_args()
+    unknown = [name for name in args.dtypes.split(",") if name not in DTYPES]
+    if unknown:
+        parser.error(f"--dtypes: unknown {', '.join(unknown)}; expected names from "
+                     f"{', '.join(DTYPES)}")
     device = torch.device(args.device)
     rows = run(device, [int(n) for n in args.sizes.split(",")], args.dtypes.split(","))
     report(rows, op, title, device)
