@@ -96,7 +96,9 @@ void visit_float_type(at::ScalarType type, const Visit& visit) {
 // slower than fp16 at 1M elements), fp16 through F16C's instructions. F16C rounds as c10 does
 // (to nearest even, overflow to inf, subnormals kept) and widens to the same bits for every
 // input, NaNs included. Its narrowing differs on NaNs only: c10 gives every NaN the payload
-// 0x7E00, the hardware keeps the top of the input's payload; a blend restores c10's. With
+// 0x7E00, the hardware keeps the top of the input's payload; a blend restores c10's, behind a
+// branch that vectors without NaNs skip (fp16 at 1M elements, one thread: 1.35x faster with
+// AVX2, 1.02x to 1.15x with AVX-512, than blending every vector). With
 // AVX-512 (FASTFLOW_CPU_AVX512) the same sixteen at a time: at 1M elements of a 2 -> 2 map, one
 // thread, bf16 1.2x and fp16 1.4x faster than eight at a time (the conversions, not memory,
 // bound these streams).
@@ -110,7 +112,9 @@ __m256 widen8(__m128i h, c10::BFloat16) {
 }
 __m128i narrow8(__m256 x, c10::Half) {
   const __m128i h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  const __m256 unordered = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+  if (__builtin_expect(_mm256_testz_ps(unordered, unordered), 1)) return h;
+  const __m256i nan = _mm256_castps_si256(unordered);
   const __m128i nan16 = _mm_packs_epi32(_mm256_castsi256_si128(nan),
                                         _mm256_extracti128_si256(nan, 1));
   const __m128i c10_nan = _mm_or_si128(_mm_and_si128(h, _mm_set1_epi16(int16_t(0x8000))),
@@ -146,6 +150,7 @@ __m512 widen16(__m256i h, c10::BFloat16) {
 __m256i narrow16(__m512 x, c10::Half) {
   const __m256i h = _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT);
   const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  if (__builtin_expect(nan == 0, 1)) return h;
   const __m256i c10_nan = _mm256_or_si256(
       _mm256_and_si256(h, _mm256_set1_epi16(int16_t(0x8000))), _mm256_set1_epi16(0x7E00));
   return _mm256_mask_blend_epi16(nan, h, c10_nan);
