@@ -86,10 +86,10 @@ struct IsaKernels {
 // rounds, with the affine kernels' conversions: eight or sixteen values per instruction with
 // AVX2 or AVX-512. For the CPU kernels outside this family that write 16-bit outputs.
 void narrow_floats(const float* src, int64_t n, at::ScalarType type, void* dst);
-// Total output bytes from which the AVX2 affine kernels write fp32 and fp64 outputs into
-// existing tensors (out=, in-place updates) with streaming stores (affine_cpu_kernels.h): twice
-// the 32 MB last-level cache of the machines measured, so that outputs an op would find in
-// cache are left there.
+// Total output bytes from which the AVX2 and AVX-512 affine kernels write fp32 and fp64 outputs
+// into existing tensors (out=, in-place updates) with streaming stores (affine_cpu_kernels.h):
+// twice the 32 MB last-level cache of the machines measured, so that outputs an op would find
+// in cache are left there.
 constexpr int64_t kStreamingMinBytes = int64_t(64) << 20;
 
 // Hint the kernel to back a fresh CPU tensor with transparent huge pages (no-op elsewhere).

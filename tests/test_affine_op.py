@@ -946,6 +946,35 @@ def test_cpu_instruction_sets_convert_16_bit_floats_alike():
     _assert_isas_agree(results)
 
 
+@pytest.mark.parametrize("capability", [None, "avx2", "default"])
+def test_cpu_kernels_run_avx512_only_where_pytorch_does(capability):
+    # The AVX-512 kernels are the default only where PyTorch's own kernels run AVX-512: a CPU
+    # it does not trust with it, or ATEN_CPU_CAPABILITY set lower, keeps fastflow off it too.
+    import subprocess
+    import sys
+
+    ext = compiled_extension()
+    default = ext.cpu_isa()
+    try:
+        ext.set_cpu_isa("avx512")
+        avx512_here = True
+    except ValueError:
+        avx512_here = False
+    finally:
+        ext.set_cpu_isa(default)
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    if capability is not None:
+        env["ATEN_CPU_CAPABILITY"] = capability
+    code = ("import torch; from fastflow import _C; "
+            "print(torch.backends.cpu.get_cpu_capability(), _C.cpu_isa())")
+    torch_capability, isa = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                                           capture_output=True, text=True).stdout.split()
+    if torch_capability.startswith("AVX512") and avx512_here:
+        assert isa == "avx512"
+    else:
+        assert isa != "avx512"
+
+
 def test_only_the_avx2_and_avx512_kernels_use_avx():
     # Code compiled for AVX2 must stay in its namespaces (or GCC's .avx2 clones), and code
     # compiled for AVX-512 in its own: a function defined inline in a header and compiled in a
