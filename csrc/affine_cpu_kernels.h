@@ -443,7 +443,7 @@ template <typename Vector, typename math_t, typename Storage>
 // doubles.
 template <typename Vector, typename math_t, typename Storage>
 [[gnu::always_inline]] inline void load_first(const Storage* p, int lanes, Vector& v) {
-  const __mmask16 mask = static_cast<__mmask16>((1u << lanes) - 1);
+  const __mmask8 mask = static_cast<__mmask8>((1u << lanes) - 1);
   if constexpr (std::is_same_v<Storage, float>) {
     v = reinterpret_cast<Vector>(_mm256_maskz_loadu_ps(mask, p));
   } else if constexpr (std::is_same_v<Storage, double>) {
@@ -455,7 +455,7 @@ template <typename Vector, typename math_t, typename Storage>
 }
 template <typename Vector, typename math_t, typename Storage>
 [[gnu::always_inline]] inline void store_first(const Vector& v, int lanes, Storage* p) {
-  const __mmask16 mask = static_cast<__mmask16>((1u << lanes) - 1);
+  const __mmask8 mask = static_cast<__mmask8>((1u << lanes) - 1);
   if constexpr (std::is_same_v<Storage, float>) {
     _mm256_mask_storeu_ps(p, mask, reinterpret_cast<__m256>(v));
   } else if constexpr (std::is_same_v<Storage, double>) {
@@ -473,6 +473,7 @@ template <typename Vector, bool kFirstLanes = false, int K, int M, typename math
           typename Storage>
 [[gnu::always_inline]] inline void affine_at(const Storage* const (&x)[K], Storage* const (&y)[M],
                                              const math_t* fixed, int64_t i, int lanes = 0) {
+  static_assert(!kFirstLanes || kMaskedTails, "masked ends need AVX-512 (load_first)");
   // Unrolled, so that v stays in registers: GCC kept it on the stack from K = 3 on, loaded
   // through two 16-byte stores each (5x to 7x slower).
   Vector v[K];
@@ -896,7 +897,8 @@ void narrow_floats(const float* src, int64_t n, at::ScalarType type, void* dst) 
 
 #define FASTFLOW_STRINGIFY(x) #x
 #define FASTFLOW_NAME_OF(x) FASTFLOW_STRINGIFY(x)
-extern const IsaKernels kKernels{FASTFLOW_NAME_OF(FASTFLOW_CPU_ISA), affine, dot, sqnorm, narrow_floats};
+extern const IsaKernels kKernels{FASTFLOW_NAME_OF(FASTFLOW_CPU_ISA), affine, dot, sqnorm,
+                                 narrow_floats};
 #undef FASTFLOW_NAME_OF
 #undef FASTFLOW_STRINGIFY
 
