@@ -710,7 +710,8 @@ struct Lanes {
   // add() for the terms double(x) * double(y) of fp32 factors (x, y) = factors(i) computed from
   // 16-bit streams, eight terms at a time: the compiler does not vectorise c10::Half's
   // conversion inside a sum (fp16 ran 4.6x slower than bf16 at 1M elements). The two halves of
-  // a vector are lanes 0-3 and 4-7, and every term takes the same operations in the same
+  // a vector are lanes 0-3 and 4-7 (with AVX-512, one vector of eight doubles: 16-bit squared
+  // norms 1.1x to 1.2x faster at 1M), and every term takes the same operations in the same
   // order: the same bits. term(i) is the scalar term, which add() sums for the run's head (up to
   // lane 0) and tail.
   template <typename Factors, typename Term>
@@ -718,6 +719,14 @@ struct Lanes {
     static_assert(std::is_same_v<acc_t, double> && kLanes == 8);
     int64_t i = std::min<int64_t>(n, (kLanes - next) % kLanes);
     add(i, term);
+#ifdef FASTFLOW_CPU_AVX512
+    __m512d lanes = _mm512_loadu_pd(acc);
+    for (; i + kLanes <= n; i += kLanes) {
+      const auto [x, y] = factors(i);
+      lanes = _mm512_add_pd(lanes, _mm512_mul_pd(_mm512_cvtps_pd(x), _mm512_cvtps_pd(y)));
+    }
+    _mm512_storeu_pd(acc, lanes);
+#else
     __m256d low = _mm256_loadu_pd(acc), high = _mm256_loadu_pd(acc + 4);
     for (; i + kLanes <= n; i += kLanes) {
       const auto [x, y] = factors(i);
@@ -728,6 +737,7 @@ struct Lanes {
     }
     _mm256_storeu_pd(acc, low);
     _mm256_storeu_pd(acc + 4, high);
+#endif
     add(n - i, [&](int64_t j) { return term(i + j); });
   }
 #endif
