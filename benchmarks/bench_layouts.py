@@ -26,24 +26,15 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import fastflow  # noqa: E402
+from bench_interpolate import eager_cond_ot  # noqa: E402
+from bench_loss import eager_loss  # noqa: E402
 
 BATCH, CHANNELS = 64, 16
-
-
-def eager_cond_ot(x0, x1, t):
-    t = t.view(-1, *[1] * (x1.dim() - 1))
-    # Rounded to the data's type, as fastflow's xt is: float32 t times bf16 x1 is float32.
-    return (t * x1 + (1 - t) * x0).to(x1.dtype), x1 - x0
-
-
-def eager_loss(pred, x0, x1):
-    return F.mse_loss(pred.float(), (x1 - x0).float())
 
 
 def _channels_last(numel, dtype, device):

@@ -126,24 +126,24 @@ def check_same_results(variants, for_scale=()):
     types and shapes, and values close to "eager"'s. A comparison with code that writes wider
     outputs, or computes something else, would report a speedup it did not measure. Variants
     named in `for_scale` do other work on purpose (torch.randn_like beside the sampler's noise)
-    and are not checked."""
-    results = {}
-    for name, fn in variants.items():
-        if name in for_scale:
-            continue
-        returned = fn()
-        tensors = returned if isinstance(returned, (tuple, list)) else (returned,)
-        tensors = [x.detach() for x in tensors if isinstance(x, torch.Tensor)]
-        if tensors:
-            results[name] = tensors
-    expected = results.get("eager")
+    and are not checked. They run in their order: one may update in place what the next reads
+    (the guided step's state)."""
+    def returned(name):
+        out = variants[name]()
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        return [x.detach() for x in out if isinstance(x, torch.Tensor)]
+
+    def described(tensors):
+        return [(x.dtype, tuple(x.shape)) for x in tensors]
+
+    results = {name: returned(name) for name in variants if name not in for_scale}
+    expected = results.get("eager", [])
     for name, tensors in results.items():
-        described = [(x.dtype, tuple(x.shape)) for x in tensors]
-        if expected is None or described != [(x.dtype, tuple(x.shape)) for x in expected]:
-            raise RuntimeError(f"benchmark variant {name!r} returns {described}, where "
-                               f"'eager' returns " + (repr([(x.dtype, tuple(x.shape))
-                                                            for x in expected])
-                                                      if expected is not None else "no tensors"))
+        if not tensors:  # works in place (a sampler's state)
+            continue
+        if described(tensors) != described(expected):
+            raise RuntimeError(f"benchmark variant {name!r} returns {described(tensors)}, where "
+                               f"'eager' returns {described(expected)}")
         for got, want in zip(tensors, expected):
             # Loose: the variants round differently (eager rounds every op to the data's type).
             torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05,
