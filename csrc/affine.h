@@ -64,8 +64,9 @@ void dispatch_arity(int64_t k, int64_t m, F&& f) {
   }
 }
 
-// The instruction set the CPU affine kernels run with: "avx512" on CPUs with AVX-512 (F, BW, VL),
-// AVX2 and F16C where PyTorch runs its own kernels with AVX-512, else "avx2" on CPUs with AVX2
+// The instruction set the CPU affine kernels run with, where PyTorch runs its own kernels with
+// AVX-512: "avx512_bf16" on CPUs with AVX-512 (F, BW, VL, DQ), AVX512_BF16, AVX2 and F16C, else
+// "avx512" on CPUs with AVX-512 (F, BW, VL), AVX2 and F16C; otherwise "avx2" on CPUs with AVX2
 // and F16C, else "baseline" (and "baseline" alone where the build has only those kernels). All
 // give the same bits; set_cpu_isa switches between the available ones (the tests run each).
 std::string cpu_isa();

@@ -1,7 +1,7 @@
 // Entry points of the CPU affine kernels: argument checks, then the kernels of one instruction
-// set (affine_cpu_kernels.h): the baseline, compiled here, AVX2 (affine_cpu_avx2.cpp) or
-// AVX-512 (affine_cpu_avx512.cpp) on CPUs that have them. All give the same bits; set_cpu_isa
-// lets the tests run each.
+// set (affine_cpu_kernels.h): the baseline, compiled here, AVX2 (affine_cpu_avx2.cpp), AVX-512
+// (affine_cpu_avx512.cpp) or AVX-512 with AVX512_BF16 (affine_cpu_avx512_bf16.cpp) on CPUs that
+// have them. All give the same bits; set_cpu_isa lets the tests run each.
 #include "affine_cpu_deps.h"
 
 #include <ATen/MemoryOverlap.h>
@@ -25,6 +25,9 @@ extern const IsaKernels kKernels;
 namespace avx512 {  // affine_cpu_avx512.cpp
 extern const IsaKernels kKernels;
 }
+namespace avx512_bf16 {  // affine_cpu_avx512_bf16.cpp
+extern const IsaKernels kKernels;
+}
 #endif
 
 namespace {
@@ -38,6 +41,8 @@ std::vector<const IsaKernels*> available_isas() {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl")) {
       isas.push_back(&avx512::kKernels);
+      if (__builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bf16"))
+        isas.push_back(&avx512_bf16::kKernels);
     }
   }
 #endif
@@ -50,9 +55,8 @@ std::vector<const IsaKernels*> available_isas() {
 const IsaKernels* default_isa() {
   auto isas = available_isas();
   // at::get_cpu_capability() names it: "DEFAULT", "AVX2", "AVX512" on x86-64.
-  if (std::string(isas.back()->name) == "avx512" &&
-      at::get_cpu_capability().rfind("AVX512", 0) != 0) {
-    isas.pop_back();
+  if (at::get_cpu_capability().rfind("AVX512", 0) != 0) {
+    while (std::string(isas.back()->name).rfind("avx512", 0) == 0) isas.pop_back();
   }
   return isas.back();
 }

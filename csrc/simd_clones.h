@@ -6,7 +6,7 @@
 //    so every other AVX2 CPU (later Intel, all AMD) would run the baseline.
 //  - FASTFLOW_ISA_KERNELS is set where a whole translation unit of templates can be compiled
 //    again for AVX2 or AVX-512 with `#pragma GCC target` (affine_cpu_avx2.cpp,
-//    affine_cpu_avx512.cpp).
+//    affine_cpu_avx512.cpp, affine_cpu_avx512_bf16.cpp).
 // With -ffp-contract=off every version rounds identically. GCC on x86-64 only; elsewhere the
 // baseline alone is built.
 #pragma once

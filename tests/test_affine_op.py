@@ -812,16 +812,17 @@ def test_interpolate_is_differentiable_twice_in_t(backend, path):
         assert torch.equal(grad_x0, torch.full_like(x0, -1))
 
 
-# The CPU kernels are compiled for the baseline and again for AVX2 and AVX-512
-# (csrc/affine_cpu_avx2.cpp, affine_cpu_avx512.cpp), picked at run time; all must give the same
-# bits, on every path of the kernels.
+# The CPU kernels are compiled for the baseline and again for AVX2, AVX-512 and AVX-512 with
+# AVX512_BF16 (csrc/affine_cpu_avx2.cpp, affine_cpu_avx512.cpp, affine_cpu_avx512_bf16.cpp),
+# picked at run time; all must give the same bits, on every path of the kernels.
+CPU_ISAS = ("baseline", "avx2", "avx512", "avx512_bf16")
 
 def _run_on_every_cpu_isa(fn):
     """{isa: fn()} for the instruction sets this CPU and build have; the default restored."""
     ext = compiled_extension()
     default, results = ext.cpu_isa(), {}
     try:
-        for isa in ("baseline", "avx2", "avx512"):
+        for isa in CPU_ISAS:
             try:
                 ext.set_cpu_isa(isa)
             except ValueError:  # not on this CPU
@@ -913,9 +914,11 @@ def test_16_bit_streams_round_the_fp32_result_once(k, m, dtype):
 
 def test_cpu_instruction_sets_convert_16_bit_floats_alike():
     # The AVX2 build widens and narrows eight values at a time (fp16 with F16C, bf16 with integer
-    # vectors), the baseline one at a time with c10's formulas: every fp16 and bf16 bit pattern
-    # widened, and fp32 values narrowed around every rounding tie, overflow, subnormal and NaN
-    # payload, must give the same bits.
+    # vectors), AVX-512 sixteen, AVX512_BF16 narrows to bf16 with vcvtneps2bf16 (which flushes
+    # subnormals and keeps NaN payloads: vectors with either take the integer arithmetic), the
+    # baseline one at a time with c10's formulas: every fp16 and bf16 bit pattern widened, and
+    # fp32 values narrowed around every rounding tie, overflow, subnormal and NaN payload, must
+    # give the same bits.
     halves = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
     ties = []
     for dtype in (torch.float16, torch.bfloat16):
@@ -934,10 +937,17 @@ def test_cpu_instruction_sets_convert_16_bit_floats_alike():
         torch.ops.fastflow.affine_out([x], torch.ones(1, 1, 1), [out])
         return out
 
+    def in_groups(dtype):
+        # Streams all of one 16-bit type go group by group, a group of 24 as sixteen values and
+        # eight: every bit pattern through both widths of conversion, NaN payloads included.
+        x = halves[:halves.numel() // 24 * 24].view(dtype).view(-1, 24)
+        return torch.ops.fastflow.affine([x], torch.ones(x.shape[0], 1, 1))[0]
+
     def run():
         return [convert(halves.view(torch.float16), torch.float32),
                 convert(halves.view(torch.bfloat16), torch.float32),
-                convert(narrowing, torch.float16), convert(narrowing, torch.bfloat16)]
+                convert(narrowing, torch.float16), convert(narrowing, torch.bfloat16),
+                in_groups(torch.float16), in_groups(torch.bfloat16)]
 
     results = _run_on_every_cpu_isa(run)
     _assert_isas_agree(results)
@@ -945,18 +955,21 @@ def test_cpu_instruction_sets_convert_16_bit_floats_alike():
 
 @pytest.mark.parametrize("capability", [None, "avx2", "default"])
 def test_cpu_kernels_run_avx512_only_where_pytorch_does(capability):
-    # The AVX-512 kernels are the default only where PyTorch's own kernels run AVX-512: a CPU
-    # it does not trust with it, or ATEN_CPU_CAPABILITY set lower, keeps fastflow off it too.
+    # The AVX-512 kernels (with AVX512_BF16 where the CPU has it) are the default only where
+    # PyTorch's own kernels run AVX-512: a CPU it does not trust with it, or
+    # ATEN_CPU_CAPABILITY set lower, keeps fastflow off it too.
     import subprocess
     import sys
 
     ext = compiled_extension()
-    default = ext.cpu_isa()
+    default, available = ext.cpu_isa(), []
     try:
-        ext.set_cpu_isa("avx512")
-        avx512_here = True
-    except ValueError:
-        avx512_here = False
+        for isa in CPU_ISAS:
+            try:
+                ext.set_cpu_isa(isa)
+                available.append(isa)
+            except ValueError:  # not on this CPU
+                pass
     finally:
         ext.set_cpu_isa(default)
     env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
@@ -966,15 +979,16 @@ def test_cpu_kernels_run_avx512_only_where_pytorch_does(capability):
             "print(torch.backends.cpu.get_cpu_capability(), _C.cpu_isa())")
     torch_capability, isa = subprocess.run([sys.executable, "-c", code], env=env, check=True,
                                            capture_output=True, text=True).stdout.split()
-    if torch_capability.startswith("AVX512") and avx512_here:
-        assert isa == "avx512"
+    if torch_capability.startswith("AVX512"):
+        assert isa == available[-1]
     else:
-        assert isa != "avx512"
+        assert not isa.startswith("avx512")
+        assert isa == [name for name in available if not name.startswith("avx512")][-1]
 
 
 def test_only_the_avx2_and_avx512_kernels_use_avx():
-    # Code compiled for AVX2 must stay in its namespaces (or GCC's .avx2 clones), and code
-    # compiled for AVX-512 in its own: a function defined inline in a header and compiled in a
+    # Code compiled for AVX2 must stay in its namespaces (or GCC's .avx2 clones), code compiled
+    # for AVX-512 in its own, and AVX512_BF16's conversions in theirs: a function defined inline in a header and compiled in a
     # target region could be the copy the linker keeps for every caller, and crash CPUs without
     # those instructions.
     import shutil
@@ -988,13 +1002,15 @@ def test_only_the_avx2_and_avx512_kernels_use_avx():
     # AVX-512 shows in its registers: zmm, the mask registers k0 to k7, and xmm16 to xmm31 (and
     # their ymm and zmm forms), which only EVEX encodings reach.
     avx512 = re.compile(r"%zmm|%k[0-7]\b|%[xy]mm(1[6-9]|2[0-9]|3[01])\b")
+    bf16 = re.compile(r"\tv(cvtneps2bf16|cvtne2ps2bf16|dpbf16ps)")
     function, offenders = "", set()
     for line in listing.splitlines():
         if line.endswith(">:"):
             function = line
         elif "\t" in line and line.split("\t")[1].startswith("v"):  # VEX or EVEX: AVX and up
-            in_avx512 = "fastflow::avx512::" in function
-            if avx512.search(line) and not in_avx512:
+            in_bf16 = "fastflow::avx512_bf16::" in function
+            in_avx512 = in_bf16 or "fastflow::avx512::" in function
+            if avx512.search(line) and not in_avx512 or bf16.search(line) and not in_bf16:
                 offenders.add(function)
             if not (in_avx512 or "fastflow::avx2::" in function or ".avx2" in function):
                 offenders.add(function)
