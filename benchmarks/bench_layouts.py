@@ -10,8 +10,10 @@ Layouts:
   returns outputs in the same layout, as the eager expressions do.
 - tokens: [N / 4, 4], one time per row of 4 values, as when every token of a sequence has its
   own time. fastflow builds a coefficient table with a row per sample: its known weak spot.
-- batch innermost: [64, N / 64] views of [N / 64, 64] tensors (x.T). fastflow copies them to
-  contiguous first: another known weak spot.
+- batch innermost: [64, N / 64] views of [N / 64, 64] tensors (x.T). The CPU kernels stream
+  their memory in order, the groups starting over in each row of 64 (csrc/row_layout.cpp,
+  batch_period), and fresh outputs keep the layout; the GPU ones copy them to contiguous
+  first.
 - channel slice: [64, 16, H, W] halves of [64, 32, H, W] tensors, as a network that predicts a
   variance beside the velocity returns them. The CPU kernels stream such rows at one stride
   apart in place (csrc/row_layout.cpp); the GPU ones copy them to contiguous first.

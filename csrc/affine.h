@@ -76,11 +76,12 @@ void set_cpu_isa(const std::string& isa);
 struct IsaKernels {
   const char* name;
   void (*affine)(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
-                 const std::vector<at::Tensor>& outputs, int64_t row, bool may_stream);
+                 const std::vector<at::Tensor>& outputs, int64_t row, int64_t period,
+                 bool may_stream);
   void (*dot)(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b, int64_t groups,
               at::Tensor& sums);
   void (*sqnorm)(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs, int64_t row,
-                 at::Tensor& sums);
+                 int64_t period, at::Tensor& sums);
   void (*narrow_floats)(const float* src, int64_t n, at::ScalarType type, void* dst);
 };
 // n fp32 values rounded to the 16-bit float type `type` (kHalf or kBFloat16) into dst, as c10
@@ -97,8 +98,9 @@ constexpr int64_t kStreamingMinBytes = int64_t(64) << 20;
 void advise_huge_pages(const at::Tensor& t);
 // Fresh outputs at least this large get the hint: below it the faults saved are too few.
 constexpr int64_t kHugePageMinBytes = int64_t(4) << 20;
-// A fresh contiguous tensor like `like`, with the hint where it is large enough.
-at::Tensor fresh_output(const at::Tensor& like);
+// A fresh tensor like `like`, with the hint where it is large enough: contiguous, or with
+// like's strides where `keep_layout` (a dense layout, such as batch_period's).
+at::Tensor fresh_output(const at::Tensor& like, bool keep_layout = false);
 
 #ifdef FASTFLOW_WITH_CUDA
 void affine_cuda(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
@@ -141,12 +143,29 @@ int64_t row_stride(const at::Tensor& x, int64_t row);
 // fp32 elements takes from memory; at 64 the rows ran 1.5x faster than the copies (4M elements).
 constexpr int64_t kMinRow = 64;
 
-// kernel(inputs, outputs, row) on streams that it can stream as rows of `row` elements: the
-// call's own where row_length allows, else contiguous copies of the inputs and, for the outputs
-// that are not contiguous, contiguous stand-ins, copied into them afterwards.
+// The kernels also stream in place tensors that hold a contiguous tensor's memory with the batch
+// (dimension 0) moved inward: x.movedim(0, d).is_contiguous() for some d > 0, such as x.T of a
+// [N, B] tensor (the batch innermost) or a [B, T, C] view of a sequence-first [T, B, C] one.
+// Memory is then periods of B * inner elements (inner: the product of the sizes after d), one
+// per index of the dimensions before d, each holding every sample's `inner` elements: the
+// G groups' runs of period / G elements start over in each period (affine_kernel).
+// batch_period gives that period for streams all of one shape and strides in such a layout,
+// whose `groups` groups each cover whole samples (`ordered`, for sums over each group, whose
+// bits depend on the order of their terms: one sample each, whose elements memory holds in
+// their order) and whose runs are one element (the columns of x.T) or at least kMinRow; the
+// element count for one group, not `ordered`, in any dense layout; 0 otherwise.
+int64_t batch_period(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& outputs,
+                     int64_t groups, bool ordered);
+
+// kernel(inputs, outputs, row, period) on streams that it can stream as rows of `row` elements,
+// in groups whose runs repeat every `period` elements: the call's own where row_length allows
+// (period: the element count), their memory as one row where batch_period allows, else
+// contiguous copies of the inputs and, for the outputs that are not contiguous, contiguous
+// stand-ins, copied into them afterwards. `groups` and `ordered`: as for batch_period.
 void on_streams(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& outputs,
+                int64_t groups, bool ordered,
                 c10::function_ref<void(const std::vector<at::Tensor>&,
-                                       const std::vector<at::Tensor>&, int64_t)> kernel);
+                                       const std::vector<at::Tensor>&, int64_t, int64_t)> kernel);
 
 // affine_dot's: a and b (1 to kMaxOutputs and 1 to kMaxInputs tensors) of one float type, element
 // count and device, contiguous, in `groups` groups.

@@ -7,6 +7,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Version.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/repeat_interleave.h>
 #include <ATen/ops/zeros.h>
 
 #include <atomic>
@@ -93,8 +94,9 @@ namespace {
 void run_affine(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
                 const std::vector<at::Tensor>& outputs, bool fresh) {
   if (inputs[0].numel() == 0) return;
-  on_streams(inputs, outputs, [&](const auto& in, const auto& out, int64_t row) {
-    isa().affine(in, coeffs, out, row, !fresh);
+  on_streams(inputs, outputs, coeffs.size(0), /*ordered=*/false,
+             [&](const auto& in, const auto& out, int64_t row, int64_t period) {
+    isa().affine(in, coeffs, out, row, period, !fresh);
   });
 }
 
@@ -119,8 +121,11 @@ std::vector<at::Tensor> affine_fresh_cpu(const std::vector<at::Tensor>& inputs,
   const int64_t m = coeffs.size(1);
   TORCH_CHECK_VALUE(m >= 1 && m <= kMaxOutputs, "fastflow affine: expected 1 to ", kMaxOutputs,
                     " outputs, got ", m);
+  // In the inputs' layout where the kernels stream it in place (batch_period), as PyTorch's
+  // elementwise ops give theirs; else contiguous.
+  const bool keep_layout = batch_period(inputs, {}, coeffs.size(0), /*ordered=*/false) > 0;
   std::vector<at::Tensor> outputs;
-  for (int64_t i = 0; i < m; ++i) outputs.push_back(fresh_output(inputs[0]));
+  for (int64_t i = 0; i < m; ++i) outputs.push_back(fresh_output(inputs[0], keep_layout));
   check_affine_args(inputs, coeffs, outputs, c10::kCPU);
   run_affine(inputs, coeffs, outputs, /*fresh=*/true);
   return outputs;
@@ -149,10 +154,25 @@ at::Tensor affine_sqnorm_cpu(const std::vector<at::Tensor>& inputs, const at::Te
   at::Tensor sums = at::empty({groups}, inputs[0].options().dtype(at::kDouble));
   double* sum = sums.mutable_data_ptr<double>();
   std::fill_n(sum, groups, 0.0);
-  if (inputs[0].numel() != 0) {
-    on_streams(inputs, {}, [&](const auto& in, const auto&, int64_t row) {
-      isa().sqnorm(in, coeffs, row, sums);
+  const auto stream = [&](const at::Tensor& c, at::Tensor& out) {
+    on_streams(inputs, {}, c.size(0), /*ordered=*/true,
+               [&](const auto& in, const auto&, int64_t row, int64_t period) {
+      isa().sqnorm(in, c, row, period, out);
     });
+  };
+  const int64_t batch = inputs[0].numel() ? inputs[0].size(0) : 0;
+  if (groups < batch && batch % groups == 0 &&
+      batch_period(inputs, {}, batch, /*ordered=*/true) > 0) {
+    // Groups of several samples in a layout with the batch inward (a loss over the whole batch
+    // of x.T): streamed in place as per-sample sums, then added up per group in sample order.
+    // The value of the contiguous path, its terms summed in another order.
+    const int64_t per_group = batch / groups;
+    at::Tensor samples = at::zeros({batch}, sums.options());
+    stream(coeffs.repeat_interleave(per_group, 0), samples);
+    const double* s = samples.const_data_ptr<double>();
+    for (int64_t b = 0; b < batch; ++b) sum[b / per_group] += s[b];
+  } else if (inputs[0].numel() != 0) {
+    stream(coeffs, sums);
   }
   if (math_type(inputs, {}) == at::kDouble) return sums;
   at::Tensor rounded = at::empty({groups}, sums.options().dtype(at::kFloat));

@@ -37,11 +37,11 @@ constexpr int64_t kDotChunk = 1 << 14;
 template <typename math_t>
 struct Coeffs {
   const math_t* data;
-  int64_t group_stride, m_stride, k_stride;
+  int64_t groups, group_stride, m_stride, k_stride;
 
   explicit Coeffs(const at::Tensor& c)
-      : data(c.const_data_ptr<math_t>()), group_stride(c.stride(0)), m_stride(c.stride(1)),
-        k_stride(c.stride(2)) {}
+      : data(c.const_data_ptr<math_t>()), groups(c.size(0)), group_stride(c.stride(0)),
+        m_stride(c.stride(1)), k_stride(c.stride(2)) {}
   const math_t* group(int64_t g) const { return data + g * group_stride; }
   math_t at(const math_t* group, int m, int k) const {
     return group[m * m_stride + k * k_stride];
@@ -315,10 +315,11 @@ void spread_groups(const Coeffs<math_t>& c, int64_t n, int64_t first, int64_t ti
     if (n > kWidth) return spread_groups<kPad, 2 * kWidth, K>(c, n, first, tile, c_tile);
   }
   const int64_t g0 = first / n;
-  for (int64_t a = kPad - (first - g0 * n), g = g0; a < kPad + tile; a += n, ++g) {
+  for (int64_t a = kPad - (first - g0 * n), g = g0 % c.groups; a < kPad + tile; a += n) {
     const math_t* cg = c.group(g);
     for (int m = 0; m < MK / K; ++m)
       for (int k = 0; k < K; ++k) std::fill_n(&c_tile[m * K + k][a], kWidth, c.at(cg, m, k));
+    if (++g == c.groups) g = 0;  // the next period's first group
   }
 }
 
@@ -343,17 +344,24 @@ void affine_span(const std::array<Stream, K>& in, const std::array<Stream, M>& o
   // One group's coefficients, copied out of their strides once per span.
   math_t fixed[M * K];
   if constexpr (!kSpansGroups) {
-    const math_t* cg = c.group(first / n);
+    const math_t* cg = c.group(first / n % c.groups);
     for (int m = 0; m < M; ++m)
       for (int k = 0; k < K; ++k) fixed[m * K + k] = c.at(cg, m, k);
   }
-  for (int64_t j0 = 0; j0 < len; j0 += kTile) {
-    const int64_t tile = std::min(kTile, len - j0);
+  // Small groups: each element's coefficients, element i of the tile at kPad + i. Groups that
+  // start over every period of at most a tile (the batch innermost: affine_kernel) go in tiles
+  // of whole periods, which all start at the same point of a period: one table serves them all.
+  math_t c_tile[kSpansGroups ? M * K : 1][kSpansGroups ? kTile + 2 * kPad : 1];
+  const int64_t period = n * c.groups;
+  const bool one_table = kSpansGroups && period <= kTile;
+  const int64_t step = one_table ? kTile - kTile % period : kTile;
+  for (int64_t j0 = 0; j0 < len; j0 += step) {
+    const int64_t tile = std::min(step, len - j0);
     math_t x_tile[K][kTile];
     math_t y_tile[kTile];
-    // Small groups: each element's coefficients, element i of the tile at kPad + i.
-    math_t c_tile[kSpansGroups ? M * K : 1][kSpansGroups ? kTile + 2 * kPad : 1];
-    if constexpr (kSpansGroups) spread_groups<kPad, 1, K>(c, n, first + j0, tile, c_tile);
+    if constexpr (kSpansGroups) {
+      if (j0 == 0 || !one_table) spread_groups<kPad, 1, K>(c, n, first + j0, tile, c_tile);
+    }
     const math_t* x[K];
     for (int k = 0; k < K; ++k) {
       if (in[k].type == kMathType<math_t>) {
@@ -540,10 +548,10 @@ void affine_groups(const std::array<Stream, K>& in, const std::array<Stream, M>&
   Storage* y[M];
   for (int k = 0; k < K; ++k) x[k] = static_cast<const Storage*>(in[k].data);
   for (int m = 0; m < M; ++m) y[m] = static_cast<Storage*>(out[m].data);
-  int64_t g = first / n;
-  for (int64_t lo = 0; lo < len; ++g) {
+  int64_t g = first / n, wrapped = g % c.groups;
+  for (int64_t lo = 0; lo < len; ++g, wrapped = wrapped + 1 == c.groups ? 0 : wrapped + 1) {
     const int64_t hi = std::min(len, (g + 1) * n - first);
-    const math_t* cg = c.group(g);
+    const math_t* cg = c.group(wrapped);
     math_t fixed[M * K];
     for (int m = 0; m < M; ++m)
       for (int k = 0; k < K; ++k) fixed[m * K + k] = c.at(cg, m, k);
@@ -604,9 +612,13 @@ void affine_groups(const std::array<Stream, K>& in, const std::array<Stream, M>&
   }
 }
 
+// The streams are rows of `row` elements (row_length); group g's coefficients serve elements
+// [g n, (g + 1) n) of every `period` of G n elements: the whole stream, or one memory row of a
+// stream with the batch inside (batch_period), where the groups start over at each.
 template <typename math_t, int K, int M>
 void affine_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
-                   const std::vector<at::Tensor>& outputs, int64_t row, bool may_stream) {
+                   const std::vector<at::Tensor>& outputs, int64_t row, int64_t period,
+                   bool may_stream) {
   std::array<Stream, K> in;
   std::array<Stream, M> out;
   for (int k = 0; k < K; ++k)
@@ -617,7 +629,7 @@ void affine_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coef
   }
   const Coeffs<math_t> c(coeffs);
   const int64_t numel = inputs[0].numel();
-  const int64_t n = numel / coeffs.size(0);
+  const int64_t n = period / coeffs.size(0);
 
   // Streams all of one type go group by group (affine_groups): in the math type (unless the
   // outputs take streaming stores), in bf16, or in fp16 where AVX2 converts it, with fp32 math.
@@ -811,34 +823,90 @@ void dot_kernel(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>&
   });
 }
 
+// The squared residuals r^2 of sqnorm_kernel for groups of one element per period (the batch
+// innermost, x.T): period p is memory row p, group g's term at column g. Memory is walked in
+// order, a block of columns at a time; term p of each column goes to lane p % kLanes of its sum,
+// and the lanes are folded every kDotChunk terms, as grouped_sums and Lanes sum a group's terms
+// wherever they lie: the same bits as on contiguous streams.
+template <typename scalar_t, int K, typename math_t>
+void sqnorm_columns(const std::array<Stream, K>& in, const Coeffs<math_t>& c, int64_t periods,
+                    double* sums) {
+  constexpr int64_t kBlock = 256;  // columns at a time: their lanes take 16 KB
+  const int64_t groups = c.groups;
+  at::parallel_for(0, groups, std::max<int64_t>(1, kGrain / periods), [&](int64_t begin,
+                                                                          int64_t end) {
+    for (int64_t g0 = begin; g0 < end; g0 += kBlock) {
+      const int64_t width = std::min(kBlock, end - g0);
+      math_t cg[K][kBlock];
+      for (int64_t j = 0; j < width; ++j)
+        for (int k = 0; k < K; ++k) cg[k][j] = c.at(c.group(g0 + j), 0, k);
+      double lanes[kLanes][kBlock] = {}, total[kBlock] = {};
+      for (int64_t p = 0; p < periods; ++p) {
+        const scalar_t* x[K];
+        for (int k = 0; k < K; ++k)
+          x[k] = static_cast<const scalar_t*>(in[k].data) + p * groups + g0;
+        double* lane = lanes[p % kLanes];
+        for (int64_t j = 0; j < width; ++j) {
+          math_t r = cg[0][j] * load_as<math_t>(x[0][j]);
+          for (int k = 1; k < K; ++k) r = r + cg[k][j] * load_as<math_t>(x[k][j]);
+          lane[j] += static_cast<double>(r) * static_cast<double>(r);
+        }
+        if ((p + 1) % kDotChunk == 0 || p + 1 == periods) {  // a chunk's sums, folded in order
+          for (int64_t j = 0; j < width; ++j) {
+            double s = 0;
+            for (int l = 0; l < kLanes; ++l) s += lanes[l][j];
+            total[j] += s;
+          }
+          std::fill_n(&lanes[0][0], kLanes * kBlock, 0.0);
+        }
+      }
+      std::copy_n(total, width, sums + g0);
+    }
+  });
+}
+
 // Sum over each group of r^2, r = sum_k coeffs[g, 0, k] * in[k] computed exactly as affine
 // computes an output (math type, order k = 0..K-1), the square accumulated in fp64. The inputs
-// are rows of `row` elements (row_length): a group's terms come in runs, one per piece of a row.
+// are rows of `row` elements (row_length), and each group's elements are runs of `period` / G
+// elements, one per period (affine_kernel): a group's terms come in runs, one per piece of a
+// row or per period.
 template <typename scalar_t, int K>
 void sqnorm_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs, int64_t row,
-                   at::Tensor& result) {
+                   int64_t period, at::Tensor& result) {
   using math_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   std::array<Stream, K> in;
   for (int k = 0; k < K; ++k)
     in[k] = {inputs[k].const_data_ptr(), inputs[k].scalar_type(), row_stride(inputs[k], row)};
   const Coeffs<math_t> c(coeffs);
   const int64_t groups = coeffs.size(0), numel = inputs[0].numel();
-  const int64_t n = numel / groups;
+  const int64_t n = numel / groups, run = period / groups;
+  if (run == 1 && period < numel) {
+    return sqnorm_columns<scalar_t, K>(in, c, numel / period, result.mutable_data_ptr<double>());
+  }
   grouped_sums<double, 1>(groups, n, result.mutable_data_ptr<double>(),
                           [&](int64_t g, int64_t lo, int64_t hi, double* sum) {
     math_t cg[K];
     for (int k = 0; k < K; ++k) cg[k] = c.at(c.group(g), 0, k);
-    // f(x, len) for each run of [lo, hi), the piece of a row at x[k][0 .. len).
+    // f(x, len) for each run of [lo, hi), the piece of a row or of a period at x[k][0 .. len).
     const auto for_runs = [&](const auto& f) {
-      if (row == numel) {  // contiguous streams: one run, without the walk over rows
-        std::array<const scalar_t*, K> x;
+      std::array<const scalar_t*, K> x;
+      if (row == numel && period == numel) {  // contiguous: one run, without a walk
         for (int k = 0; k < K; ++k) x[k] = static_cast<const scalar_t*>(in[k].data) + lo;
         return f(x, hi - lo);
+      }
+      if (period < numel) {  // term i of group g: in period i / run, at g * run + i % run
+        for (int64_t i = lo - g * n; i < hi - g * n;) {
+          const int64_t p = i / run, len = std::min((p + 1) * run, hi - g * n) - i;
+          for (int k = 0; k < K; ++k)
+            x[k] = static_cast<const scalar_t*>(in[k].data) + p * period + g * run + i % run;
+          f(x, len);
+          i += len;
+        }
+        return;
       }
       for (int64_t a = lo; a < hi;) {
         const int64_t b = std::min(hi, (row_of(a, row) + 1) * row);
         const auto streams = from_element(in, a, row);
-        std::array<const scalar_t*, K> x;
         for (int k = 0; k < K; ++k) x[k] = static_cast<const scalar_t*>(streams[k].data);
         f(x, b - a);
         a = b;
@@ -884,13 +952,14 @@ void sqnorm_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coef
 // The entry points of this instruction set, after the argument checks (affine_cpu.cpp).
 
 void affine(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
-            const std::vector<at::Tensor>& outputs, int64_t row, bool may_stream) {
+            const std::vector<at::Tensor>& outputs, int64_t row, int64_t period,
+            bool may_stream) {
   dispatch_arity(inputs.size(), outputs.size(), [&](auto k, auto m) {
     constexpr int K = decltype(k)::value, M = decltype(m)::value;
     if (coeffs.scalar_type() == at::kDouble) {
-      affine_kernel<double, K, M>(inputs, coeffs, outputs, row, may_stream);
+      affine_kernel<double, K, M>(inputs, coeffs, outputs, row, period, may_stream);
     } else {
-      affine_kernel<float, K, M>(inputs, coeffs, outputs, row, may_stream);
+      affine_kernel<float, K, M>(inputs, coeffs, outputs, row, period, may_stream);
     }
   });
 }
@@ -906,11 +975,11 @@ void dot(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b, int
 }
 
 void sqnorm(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs, int64_t row,
-            at::Tensor& sums) {
+            int64_t period, at::Tensor& sums) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, inputs[0].scalar_type(),
                                   "affine_sqnorm_cpu", [&] {
     dispatch_arity(inputs.size(), 1, [&](auto k, auto) {
-      sqnorm_kernel<scalar_t, decltype(k)::value>(inputs, coeffs, row, sums);
+      sqnorm_kernel<scalar_t, decltype(k)::value>(inputs, coeffs, row, period, sums);
     });
   });
 }

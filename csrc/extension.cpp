@@ -37,7 +37,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("misread", &fastflow::misread,
         "whether a kernel would misread a tensor: negative or conjugate bit, legacy batched");
   m.def("cpu_isa", &fastflow::cpu_isa, "instruction set of the CPU affine kernels");
-  m.def("set_cpu_isa", &fastflow::set_cpu_isa, "run the CPU affine kernels with 'baseline' or 'avx2'");
+  m.def("set_cpu_isa", &fastflow::set_cpu_isa,
+        "run the CPU affine kernels with 'baseline', 'avx2', 'avx512' or 'avx512_bf16'");
   m.def("advise_huge_pages", &fastflow::advise_huge_pages,
         "ask for transparent huge pages behind a fresh CPU tensor");
   m.attr("huge_page_min_bytes") = fastflow::kHugePageMinBytes;
@@ -45,6 +46,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_length", &fastflow::row_length,
         "the row length the CPU kernels stream these tensors in; 0 when they copy them");
   m.attr("min_row") = fastflow::kMinRow;
+  m.def("batch_period", &fastflow::batch_period,
+        "the period of the groups when the CPU kernels stream these tensors' memory in order "
+        "(the batch moved inward; ordered: for sums over the groups); 0 when they do not");
 #ifdef FASTFLOW_WITH_CUDA
   m.attr("cuda_built") = true;
   m.def("affine_cuda", &fastflow::affine_cuda, "outputs[m] = sum_k coeffs[g, m, k] * inputs[k]");

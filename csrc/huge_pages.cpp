@@ -7,6 +7,7 @@
 #include "affine.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -31,8 +32,9 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
-at::Tensor fresh_output(const at::Tensor& like) {
-  at::Tensor out = at::empty(like.sizes(), like.options());
+at::Tensor fresh_output(const at::Tensor& like, bool keep_layout) {
+  at::Tensor out = keep_layout ? at::empty_strided(like.sizes(), like.strides(), like.options())
+                               : at::empty(like.sizes(), like.options());
   if (out.nbytes() >= kHugePageMinBytes) advise_huge_pages(out);
   return out;
 }

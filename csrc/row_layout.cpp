@@ -1,5 +1,5 @@
 // The layouts the CPU kernels stream in place: rows of contiguous elements at one stride apart
-// (affine.h, row_length).
+// (affine.h, row_length), and contiguous memory with the batch moved inward (batch_period).
 #include "affine.h"
 
 #include <ATen/ops/empty.h>
@@ -70,16 +70,45 @@ int64_t row_length(const std::vector<at::Tensor>& inputs, const std::vector<at::
   return row;
 }
 
+int64_t batch_period(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& outputs,
+                     int64_t groups, bool ordered) {
+  const at::Tensor& x = inputs.at(0);
+  if (x.dim() < 2 || x.numel() == 0 || x.is_contiguous() || groups < 1 || x.size(0) % groups ||
+      (ordered && groups != x.size(0)))
+    return 0;
+  for (const auto* streams : {&inputs, &outputs})
+    for (const auto& y : *streams)
+      if (y.sizes() != x.sizes() || y.strides() != x.strides()) return 0;
+  // One group and no order to keep: memory in any dense layout, one period.
+  if (groups == 1 && !ordered && x.is_non_overlapping_and_dense()) return x.numel();
+  for (int64_t d = 1; d < x.dim(); ++d) {
+    if (!x.movedim(0, d).is_contiguous()) continue;
+    int64_t inner = 1;
+    for (int64_t i = d + 1; i < x.dim(); ++i) inner *= x.size(i);
+    const int64_t period = x.size(0) * inner, run = period / groups;
+    return run == 1 || run >= kMinRow ? period : 0;
+  }
+  return 0;
+}
+
 void on_streams(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& outputs,
+                int64_t groups, bool ordered,
                 c10::function_ref<void(const std::vector<at::Tensor>&,
-                                       const std::vector<at::Tensor>&, int64_t)> kernel) {
+                                       const std::vector<at::Tensor>&, int64_t, int64_t)> kernel) {
+  const int64_t numel = inputs[0].numel();
   const int64_t row = row_length(inputs, outputs);
-  if (row > 0) return kernel(inputs, outputs, row);
+  if (row > 0) return kernel(inputs, outputs, row, std::max<int64_t>(1, numel));
   std::vector<at::Tensor> in, out;
+  if (const int64_t period = batch_period(inputs, outputs, groups, ordered)) {
+    // Their memory, in order, as contiguous streams: one row of periods.
+    for (const auto& x : inputs) in.push_back(x.as_strided({numel}, {1}));
+    for (const auto& y : outputs) out.push_back(y.as_strided({numel}, {1}));
+    return kernel(in, out, numel, period);
+  }
   for (const auto& x : inputs) in.push_back(x.contiguous());
   for (const auto& y : outputs)
     out.push_back(y.is_contiguous() ? y : at::empty(y.sizes(), y.options()));
-  kernel(in, out, std::max<int64_t>(1, in[0].numel()));
+  kernel(in, out, std::max<int64_t>(1, in[0].numel()), std::max<int64_t>(1, in[0].numel()));
   for (size_t m = 0; m < outputs.size(); ++m)
     if (!out[m].is_same(outputs[m])) outputs[m].copy_(out[m]);
 }

@@ -1081,6 +1081,67 @@ def test_cpu_kernels_stream_row_layouts_in_place(dtype, groups, case):
         assert not b.narrow(dim, ROW_SHAPE[dim], ROW_SHAPE[dim]).any()
 
 
+# The CPU kernels also stream in place, in memory order, tensors that hold a contiguous tensor
+# with the batch moved inward (csrc/row_layout.cpp, batch_period): x.T of an [N, B] tensor, whose
+# groups are columns, or a [B, T, C] view of a sequence-first [T, B, C] tensor, whose groups come
+# in runs of C elements, one per step. Each case: the memory's shape, where the batch lies in it,
+# and the period the kernels see for one group per sample (0: copied).
+BATCH_INWARD = {
+    "x.T": ((20011, 5), 1, 5),                 # more than a chunk of sums per column
+    "x.T of a 3-d tensor": ((31, 3, 9), 2, 9),
+    "sequence first": ((7, 6, 83), 1, 6 * 83),
+    "runs too short": ((7, 6, 9), 1, 0),      # runs of 9: copied
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", BATCH_INWARD)
+def test_cpu_kernels_stream_the_batch_inward_in_place(dtype, case):
+    """affine into outputs of the inputs' layout and into fresh ones (which take it), and the
+    per-sample sums of affine_sqnorm: the bits of the contiguous copies, on every instruction
+    set and three threads. Coefficients of one group are streamed in memory order too; the
+    sums over groups of several samples are the per-sample sums added up (the value of the
+    contiguous path, summed in another order)."""
+    ext = compiled_extension()
+    memory, batch_dim, period = BATCH_INWARD[case]
+    laid = [x.movedim(batch_dim, 0) for x in _streams(3, memory, dtype, "cpu", seed=len(case))]
+    inputs = [x.contiguous() for x in laid]
+    batch = laid[0].shape[0]
+    out = [torch.empty(memory, dtype=dtype).movedim(batch_dim, 0) for _ in range(2)]
+    assert ext.batch_period(laid, out, batch, True) == period
+    assert ext.batch_period(laid, out, 1, False) == laid[0].numel()
+
+    def run():
+        results = []
+        for groups in (batch, 1):
+            coeffs = _coeffs(groups, 2, 3, dtype, "cpu")
+            ext.affine_cpu(laid, coeffs, out)
+            fresh = ext.affine_fresh_cpu(laid, coeffs)
+            if period:
+                assert all(y.stride() == laid[0].stride() for y in fresh)
+            results += [*fresh, *(y.clone() for y in out)]
+            results.append(ext.affine_sqnorm_cpu(laid, coeffs[:, :1]))
+        return results
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        every_isa = _run_on_every_cpu_isa(run)
+    finally:
+        torch.set_num_threads(before)
+    want = []
+    for groups in (batch, 1):
+        coeffs = _coeffs(groups, 2, 3, dtype, "cpu")
+        want += [*reference_affine(inputs, coeffs)] * 2
+        want.append(ext.affine_sqnorm_cpu(inputs, coeffs[:, :1]))
+    for results in every_isa.values():
+        *per_sample, whole = results
+        for got, expected in zip(per_sample, want[:-1], strict=True):
+            assert bits_equal(got.contiguous(), expected)
+        torch.testing.assert_close(whole, want[-1], rtol=1e-12 if dtype == torch.float64 else 0,
+                                   atol=0)
+
+
 # Group sizes about each width the CPU kernels care about: the table of coefficients per element
 # (groups of 1 or 2; 16-bit ones under 8), the group-by-group path's vectors of 32 and 16 bytes
 # and their tails, the table's widths (powers of two to 64 elements), in numbers of elements that
