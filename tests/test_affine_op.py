@@ -1089,6 +1089,7 @@ def test_cpu_kernels_stream_row_layouts_in_place(dtype, groups, case):
 BATCH_INWARD = {
     "x.T": ((20011, 5), 1, 5),                 # more than a chunk of sums per column
     "x.T of a 3-d tensor": ((31, 3, 9), 2, 9),
+    "x.T, rows longer than a tile": ((101, 301), 1, 301),   # tasks start mid-row
     "sequence first": ((7, 6, 83), 1, 6 * 83),
     "runs too short": ((7, 6, 9), 1, 0),      # runs of 9: copied
 }
