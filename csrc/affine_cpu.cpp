@@ -121,9 +121,12 @@ std::vector<at::Tensor> affine_fresh_cpu(const std::vector<at::Tensor>& inputs,
   const int64_t m = coeffs.size(1);
   TORCH_CHECK_VALUE(m >= 1 && m <= kMaxOutputs, "fastflow affine: expected 1 to ", kMaxOutputs,
                     " outputs, got ", m);
-  // In the inputs' layout where the kernels stream it in place (batch_period), as PyTorch's
-  // elementwise ops give theirs; else contiguous.
-  const bool keep_layout = batch_period(inputs, {}, coeffs.size(0), /*ordered=*/false) > 0;
+  // In the inputs' layout where they share one dense layout (fastflow/_ops.py,
+  // _shared_dense_layout), as PyTorch's elementwise ops give theirs; else contiguous.
+  bool keep_layout = !inputs[0].is_contiguous() && inputs[0].is_non_overlapping_and_dense();
+  for (const auto& x : inputs)
+    keep_layout = keep_layout && x.sizes() == inputs[0].sizes() &&
+                  x.strides() == inputs[0].strides();
   std::vector<at::Tensor> outputs;
   for (int64_t i = 0; i < m; ++i) outputs.push_back(fresh_output(inputs[0], keep_layout));
   check_affine_args(inputs, coeffs, outputs, c10::kCPU);

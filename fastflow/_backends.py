@@ -171,8 +171,8 @@ def kernels(name):
     differentiable in pred (fastflow.losses); ``checks_args``, whether the kernels check their
     arguments themselves (the C++ ones do); ``any_layout``, whether affine and affine_sqnorm take
     streams of any layout (the C++ ones stream rows of contiguous elements at one stride
-    apart in place and copy other layouts themselves: csrc/affine.h) rather than contiguous
-    ones."""
+    apart, and memory with the batch moved inward, in place and copy other layouts themselves:
+    csrc/affine.h) rather than contiguous ones."""
     return _KERNELS[name]()
 
 

@@ -153,17 +153,26 @@ def _flat_layout(tensors, groups):
     the `groups` groups of coefficients covers whole samples. Per-sample coefficients then
     apply alike in any order of a sample's elements."""
     x = tensors[0] if tensors else None
-    if (x is None or x.dim() < 2 or x.numel() == 0 or x.is_contiguous() or groups < 1
-            or x.shape[0] % groups):
+    if (x is None or x.dim() < 2 or x.numel() == 0 or groups < 1 or x.shape[0] % groups
+            or not _shared_dense_layout(tensors)):
         return False
-    if any(t.shape != x.shape or t.stride() != x.stride() for t in tensors[1:]):
+    return x.shape[0] == 1 or x.stride(0) == x.numel() // x.shape[0]
+
+
+def _shared_dense_layout(tensors):
+    """Whether `tensors` share one shape and one dense layout other than the contiguous one (a
+    permutation of a contiguous tensor's memory: channels_last, x.T). Fresh outputs then take it,
+    as PyTorch's elementwise ops' do, on every backend (csrc/affine_cpu.cpp repeats the rule)."""
+    x = tensors[0]
+    if x.is_contiguous() or any(t.shape != x.shape or t.stride() != x.stride()
+                                for t in tensors[1:]):
         return False
     run = 1   # dense: the strides, fastest first, are the running products of the sizes
-    for stride, size in sorted((st, n) for st, n in zip(x.stride()[1:], x.shape[1:]) if n != 1):
+    for stride, size in sorted((st, n) for st, n in zip(x.stride(), x.shape) if n != 1):
         if stride != run:
             return False
         run *= size
-    return x.shape[0] == 1 or x.stride(0) == run
+    return True
 
 
 def _flat(x):
@@ -218,6 +227,7 @@ def _affine(inputs, coeffs, name=None):
     kernels = _backends.kernels(name)
     # Inputs in a _flat_layout (channels_last, say) are read in place and the outputs get their
     # layout, as PyTorch's elementwise ops give: a contiguous copy would cost more than the pass.
+    # Other dense layouts the outputs take too (the C++ kernels stream some in place, x.T).
     flat = coeffs.dim() == 3 and _flat_layout(inputs, coeffs.shape[0])
     if kernels.affine_fresh is not None and not flat:
         # One call checks (as _check_affine_args does), allocates and runs, on inputs of any
@@ -225,9 +235,14 @@ def _affine(inputs, coeffs, name=None):
         # times the kernel.
         return kernels.affine_fresh(inputs, coeffs)
     _check_affine_args(inputs, coeffs, coeffs.shape[1] if coeffs.dim() == 3 else 0)
-    outputs = [_empty_output(inputs[0], layout_of_x=flat) for _ in range(coeffs.shape[1])]
-    view = _flat if flat else (lambda x: x)
-    _launch(name, [view(x) for x in inputs], coeffs, [view(o) for o in outputs])
+    keep = flat or _shared_dense_layout(inputs)
+    outputs = [_empty_output(inputs[0], layout_of_x=keep) for _ in range(coeffs.shape[1])]
+    if flat:
+        _launch(name, [_flat(x) for x in inputs], coeffs, [_flat(o) for o in outputs])
+    elif keep and not kernels.any_layout:   # through contiguous stand-ins
+        _affine_out(inputs, coeffs, outputs, name)
+    else:
+        _launch(name, inputs, coeffs, outputs)
     return outputs
 
 
@@ -429,7 +444,7 @@ for _name, _kernel in _KERNELS.items():
 def _affine_fake(inputs, coeffs):
     _check_affine_args(inputs, coeffs, coeffs.shape[1] if coeffs.dim() == 3 else 0)
     x = inputs[0]
-    if _flat_layout(inputs, coeffs.shape[0]):   # as _affine: the inputs' layout
+    if _shared_dense_layout(inputs):   # as _affine: the inputs' layout
         return [torch.empty_like(x) for _ in range(coeffs.shape[1])]
     return [torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(coeffs.shape[1])]
 

@@ -1,6 +1,7 @@
 """fastflow.interpolate on every backend against the reference, plus its edge cases and errors."""
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fastflow
 from fastflow import paths
@@ -255,11 +256,24 @@ def test_out_refuses_what_pytorch_refuses_before_writing(backend):
     assert not other.any() and not frozen.any()   # nothing written
 
 
-def test_channels_last_in_channels_last_out(backend):
+# Dense layouts other than the contiguous one, as memory order: channels_last; the batch
+# innermost (x.T); sequence first (a [B, T, C] view of [T, B, C] memory).
+DENSE_LAYOUTS = {
+    "channels_last": (0, 2, 3, 1),
+    "batch innermost": (1, 2, 3, 0),
+    "sequence first": (1, 0, 2, 3),
+}
+
+
+@pytest.mark.parametrize("layout", DENSE_LAYOUTS)
+def test_dense_layouts_in_dense_layouts_out(backend, layout):
     """As PyTorch's elementwise ops: the outputs keep the inputs' layout (eager, and traced:
     the fake kernel gives the same strides), CondOT's bits are the eager formula's."""
     x0, x1, t, _ = _make((3, 4, 2, 5), torch.float32, backend, paths.CondOT())
-    x0, x1 = (x.to(memory_format=torch.channels_last) for x in (x0, x1))
+    order = DENSE_LAYOUTS[layout]
+    x0, x1 = (x.permute(order).contiguous().permute([order.index(d) for d in range(4)])
+              for x in (x0, x1))
+    assert not x0.is_contiguous()
     tt = t[:, None, None, None]
     want = (tt * x1 + (1 - tt) * x0, x1 - x0)
     got = fastflow.interpolate(x0, x1, t)
@@ -267,6 +281,9 @@ def test_channels_last_in_channels_last_out(backend):
     for g, c, w in zip(got, compiled, want):
         assert g.stride() == c.stride() == w.stride() == x0.stride()
         assert torch.equal(g, w) and torch.equal(c, w)
+    with FakeTensorMode() as mode:   # what a compiler plans with: the fake kernel's strides
+        fake = fastflow.interpolate(*(mode.from_tensor(x) for x in (x0, x1, t)))
+    assert all(f.stride() == x0.stride() for f in fake)
 
 
 def test_torch_compile_fullgraph(backend):
