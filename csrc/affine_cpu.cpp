@@ -163,7 +163,7 @@ at::Tensor affine_sqnorm_cpu(const std::vector<at::Tensor>& inputs, const at::Te
       isa().sqnorm(in, c, row, period, out);
     });
   };
-  const int64_t batch = inputs[0].numel() ? inputs[0].size(0) : 0;
+  const int64_t batch = inputs[0].dim() > 0 && inputs[0].numel() ? inputs[0].size(0) : 0;
   if (groups < batch && batch % groups == 0 &&
       batch_period(inputs, {}, batch, /*ordered=*/true) > 0) {
     // Groups of several samples in a layout with the batch inward (a loss over the whole batch

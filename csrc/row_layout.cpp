@@ -72,13 +72,17 @@ int64_t row_length(const std::vector<at::Tensor>& inputs, const std::vector<at::
 
 int64_t batch_period(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& outputs,
                      int64_t groups, bool ordered) {
-  const at::Tensor& x = inputs.at(0);
+  TORCH_CHECK_VALUE(!inputs.empty(), "fastflow batch_period: expected at least one input");
+  const at::Tensor& x = inputs[0];
   if (x.dim() < 2 || x.numel() == 0 || x.is_contiguous() || groups < 1 || x.size(0) % groups ||
       (ordered && groups != x.size(0)))
     return 0;
+  // Memory that holds other values than the tensor's (the negative bit) is copied, which
+  // resolves them.
   for (const auto* streams : {&inputs, &outputs})
     for (const auto& y : *streams)
-      if (y.sizes() != x.sizes() || y.strides() != x.strides()) return 0;
+      if (y.sizes() != x.sizes() || y.strides() != x.strides() || y.is_neg() || y.is_conj())
+        return 0;
   // One group and no order to keep: memory in any dense layout, one period.
   if (groups == 1 && !ordered && x.is_non_overlapping_and_dense()) return x.numel();
   for (int64_t d = 1; d < x.dim(); ++d) {

@@ -1144,6 +1144,19 @@ def test_cpu_kernels_stream_the_batch_inward_in_place(dtype, case):
                                    atol=0)
 
 
+def test_cpu_kernels_take_zero_dim_and_negative_views_whatever_the_layout():
+    # A 0-d stream has no batch dimension to look for inward; memory with the negative bit holds
+    # minus the values, which the copy resolves: neither may take the in-place batch-inward path.
+    ext = compiled_extension()
+    assert torch.equal(ext.affine_sqnorm_cpu([torch.tensor(2.0)], torch.ones(1, 1, 1)),
+                       torch.tensor([4.0]))
+    y = torch.randn(300, 7)
+    negated = torch._neg_view(y).T
+    assert ext.batch_period([negated], [], 7, False) == 0
+    (got,) = ext.affine_fresh_cpu([negated], torch.ones(7, 1, 1))
+    assert torch.equal(got, -y.T)
+
+
 # Group sizes about each width the CPU kernels care about: the table of coefficients per element
 # (groups of 1 or 2; 16-bit ones under 8), the group-by-group path's vectors of 32 and 16 bytes
 # and their tails, the table's widths (powers of two to 64 elements), in numbers of elements that
