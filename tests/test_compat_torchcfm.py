@@ -121,6 +121,28 @@ def test_same_draws_and_bits_as_torchcfm(name, given_t, dtype, fused_calls):
                 assert (ours[0] is t) if given_t else ours[0].dtype == dtype
 
 
+def test_plain_icfm_takes_the_constant_noise_path(monkeypatch):
+    # I-CFM's rows come from fastflow's ConstantNoise path where that gives torchcfm's bits (the
+    # test above checks them), and only there: not for another matcher's rows, a tensor sigma,
+    # or 16-bit data (whose t promotes in torchcfm's formulas).
+    paths_taken = []
+    real = compat.interpolate
+
+    def spy(*args, **kwargs):
+        paths_taken.append(kwargs["path"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compat, "interpolate", spy)
+    x0, x1 = torch.randn(8, 3), torch.randn(8, 3)
+    compat.ConditionalFlowMatcher(0.25).sample_location_and_conditional_flow(x0, x1)
+    assert [p.sigma for p in paths_taken] == [0.25]
+    for matcher, data in ((compat.VariancePreservingConditionalFlowMatcher(0.25), (x0, x1)),
+                          (compat.ConditionalFlowMatcher(torch.tensor(0.25)), (x0, x1)),
+                          (compat.ConditionalFlowMatcher(0.25), (x0.half(), x1.half()))):
+        matcher.sample_location_and_conditional_flow(*data)
+    assert len(paths_taken) == 1
+
+
 @pytest.mark.parametrize("return_noise", [False, True])
 @pytest.mark.parametrize("name", OT_CLASSES)
 def test_guided_matches_torchcfm(name, return_noise, fused_calls):
