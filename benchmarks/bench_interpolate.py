@@ -4,8 +4,9 @@
 
 Per size and dtype: fused with fresh outputs, fused with out= buffers, eager
 `(t*x1 + (1-t)*x0).to(x1.dtype), x1 - x0` (rounded to the data's type, as fastflow's x_t is:
-float32 t times 16-bit data is float32), and torch.compile of that eager function. On CUDA with the CUDA C++
-kernels built, fused also on that backend ("fused, cuda backend") beside the default (Triton):
+float32 t times 16-bit data is float32), and torch.compile of that eager function. On CUDA with
+the CUDA C++ kernels built, fused also on that backend ("fused, cuda backend") beside the default
+(Triton):
 the figures that decide which of the two CUDA tensors should get. Reports ms, effective GB/s
 (two reads and two writes of the tensor size), speedups and the fraction of the copy bandwidth
 measured in the same run. Writes benchmarks/results/interpolate_<device>_<allocator>.csv and a

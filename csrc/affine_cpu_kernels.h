@@ -303,10 +303,10 @@ constexpr int kGroupLoopMin = kMaskedTails ? 2 : sizeof(math_t) == sizeof(float)
 constexpr int kConvertedGroupLoopMin = kMaskedTails ? 3 : 8;
 
 // The coefficients of the elements [first, first + tile) of groups of n < kPad elements, element
-// by element: those of element first + i at rows[(m * K + k) * row_length + kPad + i]. Each group's are
-// written over kWidth >= n elements from its first one (before kPad for a group that starts
-// before the tile), in a loop of fixed count: vector stores, and the next group's writes replace
-// the excess. One division per tile and no branch per element: 2.6x fewer instructions at
+// by element: those of element first + i at rows[(m * K + k) * row_length + kPad + i]. Each
+// group's are written over kWidth >= n elements from its first one (before kPad for a group that
+// starts before the tile), in a loop of fixed count: vector stores, and the next group's writes
+// replace the excess. One division per tile and no branch per element: 2.6x fewer instructions at
 // n = 4 than a walk element by element. kWidth is the smallest power of two >= n.
 template <int kPad, int kWidth, int K, int MK, typename math_t>
 void spread_groups(const Coeffs<math_t>& c, int64_t n, int64_t first, int64_t tile,

@@ -100,8 +100,9 @@ void on_streams(const std::vector<at::Tensor>& inputs, const std::vector<at::Ten
                 c10::function_ref<void(const std::vector<at::Tensor>&,
                                        const std::vector<at::Tensor>&, int64_t, int64_t)> kernel) {
   const int64_t numel = inputs[0].numel();
+  const int64_t whole = std::max<int64_t>(1, numel);  // a length the kernels may divide by
   const int64_t row = row_length(inputs, outputs);
-  if (row > 0) return kernel(inputs, outputs, row, std::max<int64_t>(1, numel));
+  if (row > 0) return kernel(inputs, outputs, row, whole);
   std::vector<at::Tensor> in, out;
   if (const int64_t period = batch_period(inputs, outputs, groups, ordered)) {
     // Their memory, in order, as contiguous streams: one row of periods.
@@ -112,7 +113,7 @@ void on_streams(const std::vector<at::Tensor>& inputs, const std::vector<at::Ten
   for (const auto& x : inputs) in.push_back(x.contiguous());
   for (const auto& y : outputs)
     out.push_back(y.is_contiguous() ? y : at::empty(y.sizes(), y.options()));
-  kernel(in, out, std::max<int64_t>(1, in[0].numel()), std::max<int64_t>(1, in[0].numel()));
+  kernel(in, out, whole, whole);
   for (size_t m = 0; m < outputs.size(); ++m)
     if (!out[m].is_same(outputs[m])) outputs[m].copy_(out[m]);
 }

@@ -818,8 +818,10 @@ def test_interpolate_is_differentiable_twice_in_t(backend, path):
 # picked at run time; all must give the same bits, on every path of the kernels.
 CPU_ISAS = ("baseline", "avx2", "avx512", "avx512_bf16")
 
-def _run_on_every_cpu_isa(fn):
-    """{isa: fn()} for the instruction sets this CPU and build have; the default restored."""
+
+def _cpu_isas(fn=lambda: None):
+    """{isa: fn()} for the instruction sets this CPU and build have, in CPU_ISAS's order (best
+    last); the default restored."""
     ext = compiled_extension()
     default, results = ext.cpu_isa(), {}
     try:
@@ -831,6 +833,12 @@ def _run_on_every_cpu_isa(fn):
             results[isa] = fn()
     finally:
         ext.set_cpu_isa(default)
+    return results
+
+
+def _run_on_every_cpu_isa(fn):
+    """_cpu_isas(fn), where there are instruction sets to compare."""
+    results = _cpu_isas(fn)
     if len(results) < 2:
         pytest.skip("only the baseline kernels run on this CPU")
     return results
@@ -962,17 +970,7 @@ def test_cpu_kernels_run_avx512_only_where_pytorch_does(capability):
     import subprocess
     import sys
 
-    ext = compiled_extension()
-    default, available = ext.cpu_isa(), []
-    try:
-        for isa in CPU_ISAS:
-            try:
-                ext.set_cpu_isa(isa)
-                available.append(isa)
-            except ValueError:  # not on this CPU
-                pass
-    finally:
-        ext.set_cpu_isa(default)
+    available = list(_cpu_isas())
     env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
     if capability is not None:
         env["ATEN_CPU_CAPABILITY"] = capability
@@ -989,9 +987,9 @@ def test_cpu_kernels_run_avx512_only_where_pytorch_does(capability):
 
 def test_only_the_avx2_and_avx512_kernels_use_avx():
     # Code compiled for AVX2 must stay in its namespaces (or GCC's .avx2 clones), code compiled
-    # for AVX-512 in its own, and AVX512_BF16's conversions in theirs: a function defined inline in a header and compiled in a
-    # target region could be the copy the linker keeps for every caller, and crash CPUs without
-    # those instructions.
+    # for AVX-512 in its own, and AVX512_BF16's conversions in theirs: a function defined inline
+    # in a header and compiled in a target region could be the copy the linker keeps for every
+    # caller, and crash CPUs without those instructions.
     import shutil
     import subprocess
 
