@@ -32,6 +32,14 @@ constexpr int64_t kMaxOutputs = 4;
 
 void affine_cpu(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
                 const std::vector<at::Tensor>& outputs);
+// The whole of an eager fastflow::affine_out call on CPU tensors (fastflow/_ops.py, _affine_out)
+// in one call from Python, whose own steps cost five times the kernel on a small tensor: the
+// checks; outputs that share memory with an input written through stand-ins, but the last
+// output exactly on top of an input (the kernels read an index of every input before writing
+// the last output there); their version counters bumped, as in-place ops do, even when the
+// kernels fail part way.
+void affine_out_cpu(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
+                    const std::vector<at::Tensor>& outputs);
 // affine_cpu into fresh outputs like inputs[0], all streams of one float type. One call from
 // Python: for a small tensor, checks and allocation done in Python cost ten times the kernel.
 std::vector<at::Tensor> affine_fresh_cpu(const std::vector<at::Tensor>& inputs,
@@ -126,6 +134,17 @@ void check_affine_args(const std::vector<at::Tensor>& inputs, const at::Tensor& 
 // coefficients of the elements after them.
 at::Tensor coefficients_apart(const at::Tensor& coeffs, const std::vector<at::Tensor>& outputs);
 
+// Whether the byte spans of a and b, from first element to the end of the last, intersect
+// (fastflow._checks._overlap): none does for an empty tensor.
+bool spans_intersect(const at::Tensor& a, const at::Tensor& b);
+
+// Whether fastflow._checks.check_outputs would accept `outputs` as the out= of a public op whose
+// reference stream is `ref` and whose tensor arguments are `inputs`, so that it may skip its own
+// checks (a microsecond per rule in Python). False for any doubt, which sends the call to those
+// checks: tensors the dispatcher must see (fake, subclasses, functorch wrappers) included.
+bool outputs_acceptable(const std::vector<at::Tensor>& outputs, const at::Tensor& ref,
+                        const std::vector<at::Tensor>& inputs);
+
 // The CPU kernels of affine and affine_sqnorm stream, beside contiguous tensors, tensors made of
 // rows of L contiguous elements at one stride apart: a slice of a wider tensor (out[:, :C] of a
 // [B, 2C, H, W] buffer: rows of C * H * W elements at stride 2C * H * W) or an input broadcast
@@ -153,7 +172,8 @@ constexpr int64_t kMinRow = 64;
 // whose `groups` groups each cover whole samples (`ordered`, for sums over each group, whose
 // bits depend on the order of their terms: one sample each, whose elements memory holds in
 // their order) and whose runs are one element (the columns of x.T) or at least kMinRow; the
-// element count for one group, not `ordered`, in any dense layout; 0 otherwise.
+// element count, not `ordered`, in any dense layout for one group, or with the batch outermost
+// (channels_last: each group's samples one run of memory); 0 otherwise.
 int64_t batch_period(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& outputs,
                      int64_t groups, bool ordered);
 

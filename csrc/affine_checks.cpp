@@ -1,6 +1,8 @@
 #include "affine.h"
 
 #include <ATen/LegacyBatchedTensorImpl.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
 
 namespace fastflow {
 
@@ -39,14 +41,6 @@ int64_t extent(const at::Tensor& x) {
   return (last + 1) * static_cast<int64_t>(x.element_size());
 }
 
-// Whether the byte spans of a and b intersect (fastflow._checks._overlap).
-bool spans_intersect(const at::Tensor& a, const at::Tensor& b) {
-  const auto* a0 = static_cast<const char*>(a.const_data_ptr());
-  const auto* b0 = static_cast<const char*>(b.const_data_ptr());
-  const int64_t a_bytes = extent(a), b_bytes = extent(b);
-  return a_bytes > 0 && b_bytes > 0 && a0 < b0 + b_bytes && b0 < a0 + a_bytes;
-}
-
 // Whether `groups` groups of consecutive elements cover `ref` (none for an empty tensor).
 void check_groups(const char* op, const at::Tensor& ref, int64_t groups) {
   TORCH_CHECK_VALUE(groups >= 1 ? ref.numel() % groups == 0 : groups == 0 && ref.numel() == 0,
@@ -54,6 +48,39 @@ void check_groups(const char* op, const at::Tensor& ref, int64_t groups) {
 }
 
 }  // namespace
+
+bool spans_intersect(const at::Tensor& a, const at::Tensor& b) {
+  const auto* a0 = static_cast<const char*>(a.const_data_ptr());
+  const auto* b0 = static_cast<const char*>(b.const_data_ptr());
+  const int64_t a_bytes = extent(a), b_bytes = extent(b);
+  return a_bytes > 0 && b_bytes > 0 && a0 < b0 + b_bytes && b0 < a0 + a_bytes;
+}
+
+bool outputs_acceptable(const std::vector<at::Tensor>& outputs, const at::Tensor& ref,
+                        const std::vector<at::Tensor>& inputs) {
+  const bool grad = c10::GradMode::is_enabled();
+  const bool inference_mode = c10::InferenceMode::is_enabled();
+  // Tensors that the dispatcher must see (fake ones, subclasses, functorch's wrappers): Python.
+  const auto plain_like_ref = [&](const at::Tensor& y) {
+    return (y.is_cpu() || y.is_cuda()) && !y.unsafeGetTensorImpl()->is_python_dispatch() &&
+           y.has_storage() && is_stream_type(y.scalar_type()) && y.dim() > 0 &&
+           y.sizes() == ref.sizes() && y.scalar_type() == ref.scalar_type() &&
+           y.device() == ref.device() && !(grad && y.requires_grad()) &&
+           (inference_mode || !y.is_inference()) && !y.is_neg();
+  };
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    const at::Tensor& y = outputs[i];
+    if (!plain_like_ref(y)) return false;
+    for (int64_t d = 0; d < y.dim(); ++d)
+      if (y.stride(d) == 0 && y.size(d) > 1) return false;
+    for (size_t j = 0; j < i; ++j)
+      if (y.is_same(outputs[j]) || spans_intersect(y, outputs[j])) return false;
+  }
+  if (grad)
+    for (const auto& x : inputs)
+      if (x.requires_grad()) return false;
+  return true;
+}
 
 at::Tensor coefficients_apart(const at::Tensor& coeffs, const std::vector<at::Tensor>& outputs) {
   for (const auto& y : outputs)

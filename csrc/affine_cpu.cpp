@@ -9,6 +9,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/repeat_interleave.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/ScopeExit.h>
 
 #include <atomic>
 #include <string>
@@ -102,14 +103,54 @@ void run_affine(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
 
 }  // namespace
 
-void affine_cpu(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
-                const std::vector<at::Tensor>& outputs) {
+namespace {
+
+void check_out_args(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
+                    const std::vector<at::Tensor>& outputs) {
   check_affine_args(inputs, coeffs, outputs, c10::kCPU, /*one_dtype=*/false);
   for (const auto& y : outputs)
     TORCH_CHECK_VALUE(at::has_internal_overlap(y) != at::MemOverlap::Yes,
                       "fastflow affine: an output has elements that share memory (strides ",
                       y.strides(), " for shape ", y.sizes(), ")");
+}
+
+// Whether the kernels may write output y directly (fastflow/_ops.py, _writable_in_place): it
+// shares no memory with an input, or, as the last output, lies exactly on top of one.
+bool writable_in_place(const at::Tensor& y, bool last, const std::vector<at::Tensor>& inputs) {
+  for (const auto& x : inputs)
+    if (spans_intersect(x, y) &&
+        !(last && x.const_data_ptr() == y.const_data_ptr() &&
+          x.scalar_type() == y.scalar_type() && x.sizes() == y.sizes() &&
+          x.strides() == y.strides()))
+      return false;
+  return true;
+}
+
+}  // namespace
+
+void affine_cpu(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
+                const std::vector<at::Tensor>& outputs) {
+  check_out_args(inputs, coeffs, outputs);
   run_affine(inputs, coefficients_apart(coeffs, outputs), outputs, /*fresh=*/false);
+}
+
+void affine_out_cpu(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
+                    const std::vector<at::Tensor>& outputs) {
+  check_out_args(inputs, coeffs, outputs);
+  const auto bump_versions = c10::make_scope_exit([&] {
+    for (const auto& y : outputs)
+      if (y.unsafeGetTensorImpl()->version_counter().enabled())  // not an inference tensor
+        y.unsafeGetTensorImpl()->bump_version();
+  });
+  std::vector<at::Tensor> staged;
+  for (size_t m = 0; m < outputs.size(); ++m) {
+    const at::Tensor& y = outputs[m];
+    staged.push_back(writable_in_place(y, m + 1 == outputs.size(), inputs)
+                         ? y : at::empty(y.sizes(), y.options()));
+  }
+  run_affine(inputs, coefficients_apart(coeffs, outputs), staged, /*fresh=*/false);
+  for (size_t m = 0; m < outputs.size(); ++m)
+    if (!staged[m].is_same(outputs[m])) outputs[m].copy_(staged[m]);
 }
 
 std::vector<at::Tensor> affine_fresh_cpu(const std::vector<at::Tensor>& inputs,

@@ -14,6 +14,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("max_inputs") = fastflow::kMaxInputs;
   m.attr("max_outputs") = fastflow::kMaxOutputs;
   m.def("affine_cpu", &fastflow::affine_cpu, "outputs[m] = sum_k coeffs[g, m, k] * inputs[k]");
+  m.def("affine_out_cpu", &fastflow::affine_out_cpu,
+        "affine_cpu as an eager affine_out call: outputs on inputs staged, versions bumped");
+  m.def("outputs_acceptable", &fastflow::outputs_acceptable,
+        "whether fastflow._checks.check_outputs would accept these out= tensors");
   m.def("affine_fresh_cpu", &fastflow::affine_fresh_cpu,
         "affine_cpu into fresh outputs like inputs[0] (one float type for all streams)");
   m.def("affine_dot_cpu", &fastflow::affine_dot_cpu, "per-group dot products [G, len(a), len(b)]");

@@ -83,8 +83,11 @@ int64_t batch_period(const std::vector<at::Tensor>& inputs, const std::vector<at
     for (const auto& y : *streams)
       if (y.sizes() != x.sizes() || y.strides() != x.strides() || y.is_neg() || y.is_conj())
         return 0;
-  // One group and no order to keep: memory in any dense layout, one period.
-  if (groups == 1 && !ordered && x.is_non_overlapping_and_dense()) return x.numel();
+  // No order to keep, and each group one run of memory (one group, or the batch outermost as in
+  // channels_last): memory in any dense layout, one period.
+  if (!ordered && x.is_non_overlapping_and_dense() &&
+      (groups == 1 || x.stride(0) * x.size(0) == x.numel()))
+    return x.numel();
   for (int64_t d = 1; d < x.dim(); ++d) {
     if (!x.movedim(0, d).is_contiguous()) continue;
     int64_t inner = 1;

@@ -162,7 +162,9 @@ def kernels(name):
     ``affine_dot(a, b, groups)``, ``affine_sqnorm(inputs, coeffs)`` and
     ``sinusoid_backward(grad, t, freqs, scale, cos_first, t_grad, freqs_grad)``, which return
     their results. Optional: ``affine_fresh(inputs, coeffs)``, affine into outputs it allocates
-    after checking the arguments; ``path_coefficients(t, path, params, dtype)`` for the paths of
+    after checking the arguments; ``affine_out(inputs, coeffs, outputs)``, the whole of an eager
+    fastflow::affine_out call (checks, outputs that alias inputs written through stand-ins,
+    version counters bumped); ``path_coefficients(t, path, params, dtype)`` for the paths of
     fastflow.paths._NATIVE, at times t of any float type (it returns None for a path it cannot
     build), and ``conversion_coefficients(path_coeffs, src, dst, eps, dtype)`` for
     fastflow.convert (None where PyTorch computes them); ``pred_loss(pred, data, coeffs,
@@ -187,6 +189,7 @@ class _Kernels:
     path_coefficients: object = None
     conversion_coefficients: object = None
     affine_fresh: object = None
+    affine_out: object = None
     pred_loss: object = None
     checks_args: bool = False
     any_layout: bool = False
@@ -214,8 +217,8 @@ def _cpu_kernels():
     ext = _extension()[0]
     return _Kernels(ext.affine_cpu, ext.affine_dot_cpu, ext.affine_sqnorm_cpu, ext.sinusoid_cpu,
                     ext.sinusoid_backward_cpu, ext.gaussian_cpu, ext.path_coefficients_cpu,
-                    ext.conversion_coefficients_cpu, ext.affine_fresh_cpu, ext.pred_loss_cpu,
-                    checks_args=True, any_layout=True)
+                    ext.conversion_coefficients_cpu, ext.affine_fresh_cpu, ext.affine_out_cpu,
+                    ext.pred_loss_cpu, checks_args=True, any_layout=True)
 
 
 def _cuda_kernels():

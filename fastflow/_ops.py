@@ -228,12 +228,12 @@ def _affine(inputs, coeffs, name=None):
     # Inputs in a _flat_layout (channels_last, say) are read in place and the outputs get their
     # layout, as PyTorch's elementwise ops give: a contiguous copy would cost more than the pass.
     # Other dense layouts the outputs take too (the C++ kernels stream some in place, x.T).
-    flat = coeffs.dim() == 3 and _flat_layout(inputs, coeffs.shape[0])
-    if kernels.affine_fresh is not None and not flat:
+    if kernels.affine_fresh is not None:
         # One call checks (as _check_affine_args does), allocates and runs, on inputs of any
         # layout (_Kernels.any_layout): on a small tensor the same steps in Python take ten
         # times the kernel.
         return kernels.affine_fresh(inputs, coeffs)
+    flat = coeffs.dim() == 3 and _flat_layout(inputs, coeffs.shape[0])
     _check_affine_args(inputs, coeffs, coeffs.shape[1] if coeffs.dim() == 3 else 0)
     keep = flat or _shared_dense_layout(inputs)
     outputs = [_empty_output(inputs[0], layout_of_x=keep) for _ in range(coeffs.shape[1])]
@@ -249,6 +249,8 @@ def _affine(inputs, coeffs, name=None):
 def _affine_out(inputs, coeffs, out, name=None):
     name = name or _backend_of(inputs)
     kernels = _backends.kernels(name)
+    if kernels.affine_out is not None:   # all of the steps below in one call
+        return kernels.affine_out(inputs, coeffs, out)
     if not kernels.checks_args:
         _check_affine_args(inputs, coeffs, len(out), out, one_dtype=False)
         if any(_overlap(coeffs, o) for o in out):   # csrc's coefficients_apart

@@ -126,6 +126,25 @@ def test_affine_out_mixes_stream_dtypes(backend, k, m):
         torch.ops.fastflow.affine(inputs, coeffs)
 
 
+@pytest.mark.parametrize("shift", [3, -3, 1000], ids=lambda s: f"shift{s}")
+@pytest.mark.parametrize("last", [True, False], ids=["last output", "first output"])
+def test_affine_out_writes_outputs_that_overlap_an_input_off_its_elements(backend, shift, last):
+    """An output over part of an input, off its elements (a view of the same buffer a few
+    elements on), would overwrite inputs not yet read: it is written through a stand-in."""
+    n, spare_count = 3 * 1001, 1000
+    memory = torch.randn(n + spare_count, device=backend)
+    start = max(0, -shift)
+    x = memory[start:start + n].view(3, 1001)
+    y = memory[start + shift:start + shift + n].view(3, 1001)
+    other = torch.randn(3, 1001, device=backend)
+    coeffs = _coeffs(3, 2, 2, torch.float32, backend)
+    expected = reference_affine([x.clone(), other], coeffs)
+    out = [torch.empty_like(other), y] if last else [y, torch.empty_like(other)]
+    torch.ops.fastflow.affine_out([x, other], coeffs, out)
+    for o, e in zip(out, expected, strict=True):
+        assert torch.equal(o, e)
+
+
 @pytest.mark.parametrize("m", [1, 3])
 def test_affine_out_updates_an_input_in_place(backend, m):
     """The last output may be an input (a sampler's state); other aliasing is staged."""
@@ -240,9 +259,14 @@ def test_channels_last_streams_are_read_in_place(backend, groups):
 
 
 def test_channels_last_streams_are_flat_views_for_every_kernel():
-    # The CPU kernels take any layout but would copy channels_last (its rows are single
-    # elements): the sums get the contiguous [B, n] views of its memory first.
+    # The CPU kernels stream channels_last memory in place where no order of the terms matters
+    # (affine, groups of whole samples), but would copy it for the sums (its rows are single
+    # elements), which get the contiguous [B, n] views of its memory first.
     xs = _channels_last(_streams(3, (4, 3, 2, 5), torch.float32, "cpu", seed=11))
+    ext = compiled_extension()
+    for groups, period in ((4, xs[0].numel()), (2, xs[0].numel()), (12, 0)):
+        assert ext.batch_period(xs, xs[:2], groups, False) == period
+    assert ext.batch_period(xs, [], 4, True) == 0
     for name in ("reference", "cpu"):
         if not _backends._status(name, "cpu")[0]:
             continue

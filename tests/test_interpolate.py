@@ -7,7 +7,7 @@ import fastflow
 from fastflow import paths
 from fastflow.reference import interpolate as reference_interpolate
 
-from conftest import DTYPES, assert_close_to_reference
+from conftest import DTYPES, assert_close_to_reference, compiled_extension
 
 ALL_PATHS = [paths.CondOT(), paths.CondOT(sigma_min=0.1), paths.Polynomial(3.0), paths.Cosine(),
              paths.LinearVP(), paths.VP(), paths.TargetCFM(0.05), paths.ConstantNoise(0.2),
@@ -254,6 +254,50 @@ def test_out_refuses_what_pytorch_refuses_before_writing(backend):
     with pytest.raises(ValueError, match=r"out\[0\]: an expanded tensor"):
         fastflow.interpolate(x0, x1, t, out=(expanded, other))
     assert not other.any() and not frozen.any()   # nothing written
+
+
+def _out_cases(x0, x1):
+    """out= pairs for [3, 4] fp32 streams, by name: each accepted (None) or the error it gets."""
+    other, buf, wide = torch.zeros_like(x1), torch.zeros(2, 3, 4), torch.zeros(3, 8)
+    with torch.inference_mode():
+        frozen = torch.zeros_like(x1)
+    return {
+        "fresh": ((torch.empty_like(x1), other), None),
+        "slices of one buffer": ((buf[0], buf[1]), None),
+        "the inputs, swapped": ((x1, x0), None),
+        "strided": ((wide[:, :4], other), None),
+        "one tensor twice": ((other, other), "overlap in memory"),
+        "interleaved": ((wide[:, ::2], wide[:, 1::2]), "overlap in memory"),
+        "partly overlapping": ((wide[:, :4], wide[:, 2:6]), "overlap in memory"),
+        "requires grad": ((torch.zeros_like(x1, requires_grad=True), other), "requires grad"),
+        "inference tensor": ((frozen, other), "inference tensor"),
+        "expanded": ((torch.zeros(1, 4).expand(3, 4), other), "expanded tensor"),
+        "negative bit": ((torch._neg_view(torch.zeros_like(x1)), other), "negative bit"),
+        "fp64": ((x1.double(), other), "expected dtype"),
+        "shape": ((other, torch.zeros(4, 3)), "expected shape"),
+        "meta": ((other, torch.empty(3, 4, device="meta")), "expected a tensor on cpu"),
+    }
+
+
+def test_the_extension_accepts_exactly_the_outs_that_check_outputs_accepts():
+    """check_outputs asks the extension first (one call where its rules cost a microsecond each
+    in Python) and skips them when it accepts: it must refuse everything they refuse."""
+    ext = compiled_extension()
+    x0, x1, t, _ = _make((3, 4), torch.float32, "cpu", paths.CondOT())
+    for case, (out, error) in _out_cases(x0, x1).items():
+        assert ext.outputs_acceptable(out, x1, (x0, x1, t)) == (error is None), case
+        if error is None:
+            fastflow.interpolate(x0, x1, t, out=out)
+        else:
+            with pytest.raises((ValueError, TypeError, RuntimeError), match=error):
+                fastflow.interpolate(x0, x1, t, out=out)
+    out = (torch.empty_like(x1), torch.empty_like(x1))
+    assert not ext.outputs_acceptable(out, x1, (x0.requires_grad_(), x1, t))
+    with torch.no_grad():   # outside grad mode, gradients do not matter
+        assert ext.outputs_acceptable(out, x1, (x0, x1, t))
+    with FakeTensorMode() as mode:   # left to Python, which the tracers' tensors need
+        fake = tuple(mode.from_tensor(o) for o in out)
+        assert not ext.outputs_acceptable(fake, x1, (x1,))
 
 
 # Dense layouts other than the contiguous one, as memory order: channels_last; the batch
