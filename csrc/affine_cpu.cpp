@@ -9,6 +9,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/repeat_interleave.h>
 #include <ATen/ops/zeros.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/util/ScopeExit.h>
 
 #include <atomic>
@@ -137,10 +138,14 @@ void affine_cpu(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
 void affine_out_cpu(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
                     const std::vector<at::Tensor>& outputs) {
   check_out_args(inputs, coeffs, outputs);
+  // PyTorch's rule for in-place writes, checked before anything is written.
+  for (const auto& y : outputs)
+    TORCH_CHECK(!y.is_inference() || c10::InferenceMode::is_enabled(),
+                "fastflow affine: an output is an inference tensor (made under "
+                "torch.inference_mode), which cannot be written outside inference mode");
   const auto bump_versions = c10::make_scope_exit([&] {
     for (const auto& y : outputs)
-      if (y.unsafeGetTensorImpl()->version_counter().enabled())  // not an inference tensor
-        y.unsafeGetTensorImpl()->bump_version();
+      if (!y.is_inference()) y.unsafeGetTensorImpl()->bump_version();
   });
   std::vector<at::Tensor> staged;
   for (size_t m = 0; m < outputs.size(); ++m) {

@@ -97,11 +97,13 @@ at::Tensor conversion_coefficients_cpu(const at::Tensor& path_coeffs, const std:
                     "fastflow conversion_coefficients: dtype must be float32 or float64, got ",
                     dtype);
   const int64_t groups = path_coeffs.size(0);
-  at::Tensor out = at::empty({groups, 1, 2}, path_coeffs.options().dtype(dtype));
+  // Entry-major, as path_coefficients_cpu lays its out (affine_lanes).
+  at::Tensor out =
+      at::empty({1, 2, groups}, path_coeffs.options().dtype(dtype)).permute({2, 0, 1});
   // Rows (x_t, u_t) over columns (x0, x1): [[sigma, alpha], [d_sigma, d_alpha]].
   const auto pc = path_coeffs.accessor<double, 3>();
   AT_DISPATCH_FLOATING_TYPES(dtype, "conversion_coefficients_cpu", [&] {
-    scalar_t* dst_row = out.mutable_data_ptr<scalar_t>();
+    scalar_t* entries = out.mutable_data_ptr<scalar_t>();
     with_kind(from, [&](auto src) {
       with_kind(to, [&](auto dst) {
         at::parallel_for(0, groups, kGroupGrain, [&](int64_t begin, int64_t end) {
@@ -109,8 +111,8 @@ at::Tensor conversion_coefficients_cpu(const at::Tensor& path_coeffs, const std:
           for (int64_t g = begin; g < end; ++g) {
             conversion_row<decltype(src)::value, decltype(dst)::value>(
                 pc[g][0][1], pc[g][0][0], pc[g][1][1], pc[g][1][0], eps, row);
-            dst_row[2 * g] = static_cast<scalar_t>(row[0]);
-            dst_row[2 * g + 1] = static_cast<scalar_t>(row[1]);
+            entries[g] = static_cast<scalar_t>(row[0]);
+            entries[groups + g] = static_cast<scalar_t>(row[1]);
           }
         });
       });

@@ -131,7 +131,7 @@ void fill(const at::Tensor& t, const Params& params, at::Tensor& out) {
         for (int64_t g = begin; g < end; ++g) {
           double row[kWidth];
           kEntries(static_cast<double>(times[g * stride]), p, row);
-          for (int j = 0; j < kWidth; ++j) dst[g * kWidth + j] = static_cast<scalar_t>(row[j]);
+          for (int j = 0; j < kWidth; ++j) dst[j * groups + g] = static_cast<scalar_t>(row[j]);
         }
       });
     });
@@ -171,7 +171,10 @@ at::Tensor path_coefficients_cpu(const at::Tensor& t, const std::string& path,
                     t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
   TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kDouble,
                     "fastflow path_coefficients: dtype must be float32 or float64, got ", dtype);
-  at::Tensor out = at::empty({t.size(0), 2, found->columns}, t.options().dtype(dtype));
+  // Entry-major ([2, columns, G] memory): each entry's values over the groups adjacent, which
+  // the affine kernels load a vector at a time for small groups (affine_lanes).
+  at::Tensor out =
+      at::empty({2, found->columns, t.size(0)}, t.options().dtype(dtype)).permute({2, 0, 1});
   Params p{};
   std::copy(params.begin(), params.end(), p.begin());
   found->fill(t, p, out);

@@ -253,6 +253,8 @@ def _affine_out(inputs, coeffs, out, name=None):
         return kernels.affine_out(inputs, coeffs, out)
     if not kernels.checks_args:
         _check_affine_args(inputs, coeffs, len(out), out, one_dtype=False)
+        if not torch.is_inference_mode_enabled() and any(o.is_inference() for o in out):
+            raise RuntimeError(_INFERENCE_OUTPUT)   # as csrc/affine_cpu.cpp, before writing
         if any(_overlap(coeffs, o) for o in out):   # csrc's coefficients_apart
             coeffs = coeffs.clone()
     if coeffs.dim() == 3 and _flat_layout([*inputs, *out], coeffs.shape[0]):
@@ -270,6 +272,10 @@ def _affine_out(inputs, coeffs, out, name=None):
                 o.copy_(buf)
     finally:   # even a failed call may have written some of them
         _written(out)
+
+
+_INFERENCE_OUTPUT = ("fastflow affine: an output is an inference tensor (made under "
+                     "torch.inference_mode), which cannot be written outside inference mode")
 
 
 def _check_separate(outputs):

@@ -201,6 +201,16 @@ def _assert_same_bits(first, second):
         assert bits_equal(x, y), f"tensor {i}"
 
 
+def _on_threads(count, fn):
+    """fn() run with `count` intra-op threads; the setting restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_repeated_calls_give_the_same_bits(backend):
     run = _determinism_case(backend)
     _assert_same_bits(run(), run())
@@ -212,13 +222,7 @@ def test_cpu_results_do_not_depend_on_thread_count(monkeypatch):
     monkeypatch.setenv(_backends.ENV_VAR, "cpu")
     run = _determinism_case("cpu")
     before = torch.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            results.append(run())
-    finally:
-        torch.set_num_threads(before)
+    results = [_on_threads(threads, run) for threads in (1, 2)]
     assert torch.get_num_threads() == before
     _assert_same_bits(*results)
 
@@ -410,6 +414,23 @@ def test_ops_refuse_outputs_that_share_memory(backend):
     torch.ops.fastflow.affine_out(x, coeffs, [buf[:2], buf[2:]])
     for got, want in zip((buf[:2], buf[2:]), reference_affine(x, coeffs), strict=True):
         assert torch.equal(got, want)
+
+
+def test_affine_out_refuses_inference_outputs_outside_inference_mode(backend):
+    # PyTorch's rule for in-place writes, checked before anything is written (the reference
+    # backend wrote the values of an output staged through a stand-in, then raised: a hunt).
+    x = torch.randn(4, 3, device=backend)
+    with torch.inference_mode():
+        memory = torch.zeros(13, device=backend)
+    coeffs = torch.ones(4, 1, 1, device=backend)
+    written, shifted = memory[1:].view(4, 3), memory[:12].view(4, 3)
+    for inputs in ([x], [shifted]):   # written directly, and through a stand-in
+        with pytest.raises(RuntimeError, match="an output is an inference tensor"):
+            torch.ops.fastflow.affine_out(inputs, coeffs, [written])
+    assert not memory.any()
+    with torch.inference_mode():
+        torch.ops.fastflow.affine_out([x], coeffs, [written])
+    assert torch.equal(written, x)
 
 
 def test_affine_out_reads_coefficients_that_are_a_view_of_an_output(backend):
@@ -874,6 +895,44 @@ def _assert_isas_agree(results):
         _assert_same_bits(tensors, results["baseline"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8])
+def test_small_groups_with_adjacent_coefficients_give_the_same_bits(dtype, n):
+    """Groups of 1, 2 or 4 elements, whose coefficients lie entry-major (one entry's values of
+    consecutive groups adjacent, as the path builders lay them out), go a vector of several
+    groups at a time (affine_lanes): the bits of the same coefficients laid out group-major
+    (the other paths), on every instruction set and three threads. Streams: contiguous, with a
+    tail short of a vector, several tasks; and rows of 66 elements 100 apart, whose groups of 4
+    straddle rows (spans that start and end mid-group); the last output on top of an input."""
+    ext = compiled_extension()
+    groups = 40013 // n * 2 + 1 if n < 8 else 5001   # odd: a tail short of every vector width
+    contiguous = _streams(3, (groups * n,), dtype, "cpu", seed=n)
+    cases = [(contiguous, groups)]
+    if 12 * 66 % n == 0:
+        cases.append(([x.view(12, 100)[:, :66] for x in _streams(3, (1200,), dtype, "cpu", n)],
+                      12 * 66 // n))
+
+    def run():
+        out = []
+        for inputs, g in cases:
+            group_major = _coeffs(g, 2, 3, dtype, "cpu", seed=n)
+            entry_major = group_major.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+            for coeffs in (entry_major, group_major):
+                state = inputs[0].clone()
+                fresh = [torch.empty_like(state)]
+                torch.ops.fastflow.affine_out([state, *inputs[1:]], coeffs, [*fresh, state])
+                out += [*fresh, state]
+        return out
+
+    results = _on_threads(3, lambda: _cpu_isas(run))
+    for tensors in results.values():
+        _assert_same_bits(tensors, results["baseline"])
+        for lanes, grouped in zip(tensors[0::4], tensors[2::4]):   # entry- and group-major
+            assert bits_equal(lanes, grouped)
+        for lanes, grouped in zip(tensors[1::4], tensors[3::4]):
+            assert bits_equal(lanes, grouped)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_instruction_sets_give_the_same_bits(dtype, layout):
@@ -1147,12 +1206,7 @@ def test_cpu_kernels_stream_the_batch_inward_in_place(dtype, case):
             results.append(ext.affine_sqnorm_cpu(laid, coeffs[:, :1]))
         return results
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
-        every_isa = _run_on_every_cpu_isa(run)
-    finally:
-        torch.set_num_threads(before)
+    every_isa = _on_threads(3, lambda: _run_on_every_cpu_isa(run))
     want = []
     for groups in (batch, 1):
         coeffs = _coeffs(groups, 2, 3, dtype, "cpu")
@@ -1194,12 +1248,8 @@ def test_cpu_kernel_gives_eager_bits_for_every_group_size(n, dtype, rows):
     laid = [_wider(x.view(-1, 96), 1) for x in inputs] if rows else inputs
     assert ext.row_length(laid, []) == (96 if rows else numel)
     coeffs = _coeffs(numel // n, 2, 3, dtype, "cpu")
-    before = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
-        results = _run_on_every_cpu_isa(lambda: ext.affine_fresh_cpu(laid, coeffs))
-    finally:
-        torch.set_num_threads(before)
+    results = _on_threads(3, lambda: _run_on_every_cpu_isa(
+        lambda: ext.affine_fresh_cpu(laid, coeffs)))
     for outputs in results.values():
         for got, want in zip(outputs, reference_affine(inputs, coeffs), strict=True):
             assert torch.equal(got.view(-1), want)
