@@ -9,7 +9,9 @@ Layouts:
   in. fastflow streams them in place (each sample is one run of memory in every tensor) and
   returns outputs in the same layout, as the eager expressions do.
 - tokens: [N / 4, 4], one time per row of 4 values, as when every token of a sequence has its
-  own time. fastflow builds a coefficient table with a row per sample: its known weak spot.
+  own time. fastflow builds [N / 4, 2, 2] coefficients (entry-major) in one pass, then the CPU
+  kernel covers two rows per vector of eight floats (csrc/affine_cpu_kernels.h,
+  affine_lanes).
 - batch innermost: [64, N / 64] views of [N / 64, 64] tensors (x.T). The CPU kernels stream
   their memory in order, the groups starting over in each row of 64 (csrc/row_layout.cpp,
   batch_period), and fresh outputs keep the layout; the GPU ones copy them to contiguous

@@ -175,6 +175,8 @@ at::Tensor path_coefficients_cpu(const at::Tensor& t, const std::string& path,
   // the affine kernels load a vector at a time for small groups (affine_lanes).
   at::Tensor out =
       at::empty({2, found->columns, t.size(0)}, t.options().dtype(dtype)).permute({2, 0, 1});
+  // A time per token makes this as large as a stream: huge pages, as for fresh outputs.
+  if (out.nbytes() >= kHugePageMinBytes) advise_huge_pages(out);
   Params p{};
   std::copy(params.begin(), params.end(), p.begin());
   found->fill(t, p, out);
