@@ -102,10 +102,6 @@ void run_affine(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
   });
 }
 
-}  // namespace
-
-namespace {
-
 void check_out_args(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
                     const std::vector<at::Tensor>& outputs) {
   check_affine_args(inputs, coeffs, outputs, c10::kCPU, /*one_dtype=*/false);

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/TensorOptions.h>
 
 #include <string>
 #include <variant>
@@ -14,6 +15,13 @@ namespace fastflow {
 // Samples per task of the builders' loops over samples (one call per sample each, tens of
 // nanoseconds with the first touch of the output).
 constexpr int64_t kGroupGrain = 16384;
+
+// An uninitialised [groups, rows, columns] coefficient tensor laid out entry-major ([rows,
+// columns, groups] memory: each entry's values over the groups adjacent, which the CPU affine
+// kernels load a vector at a time for small groups, affine_lanes), with huge pages once it is
+// as large as a stream may be (a time per token), as fresh outputs get them.
+at::Tensor entry_major_coefficients(int64_t groups, int64_t rows, int64_t columns,
+                                    const at::TensorOptions& options);
 
 // [G, 2, K] coefficients, rows (x_t, u_t) over columns (x0, x1[, noise]), of the path `path`
 // (a name of fastflow.paths._NATIVE) with parameters `params` at the times t [G] (any float type,

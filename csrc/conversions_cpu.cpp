@@ -8,11 +8,9 @@
 // the same bits. tests/test_conversions.py compares them; triton_kernels/conversions.py is the
 // GPU twin.
 #include "coefficients.h"
-#include "affine.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <type_traits>
@@ -98,10 +96,7 @@ at::Tensor conversion_coefficients_cpu(const at::Tensor& path_coeffs, const std:
                     "fastflow conversion_coefficients: dtype must be float32 or float64, got ",
                     dtype);
   const int64_t groups = path_coeffs.size(0);
-  // Entry-major, as path_coefficients_cpu lays its out (affine_lanes).
-  at::Tensor out =
-      at::empty({1, 2, groups}, path_coeffs.options().dtype(dtype)).permute({2, 0, 1});
-  if (out.nbytes() >= kHugePageMinBytes) advise_huge_pages(out);  // as path_coefficients_cpu
+  at::Tensor out = entry_major_coefficients(groups, 1, 2, path_coeffs.options().dtype(dtype));
   // Rows (x_t, u_t) over columns (x0, x1): [[sigma, alpha], [d_sigma, d_alpha]].
   const auto pc = path_coeffs.accessor<double, 3>();
   AT_DISPATCH_FLOATING_TYPES(dtype, "conversion_coefficients_cpu", [&] {

@@ -157,6 +157,13 @@ constexpr NativePath kPaths[] = {
 
 }  // namespace
 
+at::Tensor entry_major_coefficients(int64_t groups, int64_t rows, int64_t columns,
+                                    const at::TensorOptions& options) {
+  at::Tensor out = at::empty({rows, columns, groups}, options).permute({2, 0, 1});
+  if (out.nbytes() >= kHugePageMinBytes) advise_huge_pages(out);
+  return out;
+}
+
 at::Tensor path_coefficients_cpu(const at::Tensor& t, const std::string& path,
                                  const std::vector<double>& params, at::ScalarType dtype) {
   const NativePath* found = nullptr;
@@ -171,12 +178,7 @@ at::Tensor path_coefficients_cpu(const at::Tensor& t, const std::string& path,
                     t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
   TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kDouble,
                     "fastflow path_coefficients: dtype must be float32 or float64, got ", dtype);
-  // Entry-major ([2, columns, G] memory): each entry's values over the groups adjacent, which
-  // the affine kernels load a vector at a time for small groups (affine_lanes).
-  at::Tensor out =
-      at::empty({2, found->columns, t.size(0)}, t.options().dtype(dtype)).permute({2, 0, 1});
-  // A time per token makes this as large as a stream: huge pages, as for fresh outputs.
-  if (out.nbytes() >= kHugePageMinBytes) advise_huge_pages(out);
+  at::Tensor out = entry_major_coefficients(t.size(0), 2, found->columns, t.options().dtype(dtype));
   Params p{};
   std::copy(params.begin(), params.end(), p.begin());
   found->fill(t, p, out);

@@ -304,7 +304,8 @@ def _writable_in_place(out, inputs, last, any_layout):
     writing the last output there (earlier outputs may be written before the inputs are read
     again for the next), so an output that shares memory with an input is safe as the last
     output, exactly on top of it (same start, type and layout). Memory is compared by
-    address, not storage: two storages may share it (numpy views)."""
+    address, not storage: two storages may share it (numpy views). csrc/affine_cpu.cpp repeats
+    the rule for the CPU backend's affine_out."""
     if not (any_layout or out.is_contiguous()):
         return False
     for x in inputs:
