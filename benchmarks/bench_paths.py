@@ -4,12 +4,15 @@
 
 The kernel is the same for every path; what differs is the coefficients computed from t, which
 eager PyTorch does in 4 to 20 tiny ops (kernel launches on a GPU) before the two products and
-sums, and fastflow in one call. So the sizes stop where the tensors, not the coefficients, take
-the time. "eager" is what one writes by hand: the path's schedule from t (fastflow.paths'
-formulas; torchcfm's for the noise paths), then the products and sums. Reports ms,
-effective GB/s (two or three reads, two writes), speedups and the fraction of the copy bandwidth.
-Writes benchmarks/results/paths_<device>_<allocator>.csv and a PNG plot, one panel per path.
+sums, and fastflow in one call. Two layouts ("layout" column): a time per sample of a batch of
+64, where the sizes stop once the tensors, not the coefficients, take the time; and a time per
+token, [N / 4, 4], where a time comes with every 4 elements and the cost of exp, pow and sin
+per time shows. "eager" is what one writes by hand: the path's schedule from t (fastflow.paths'
+formulas; torchcfm's for the noise paths), then the products and sums. Reports ms, effective
+GB/s (two or three reads, two writes), speedups and the fraction of the copy bandwidth. Writes
+benchmarks/results/paths_<device>_<allocator>.csv and a PNG plot, one panel per layout and path.
 """
+import itertools
 import os
 import sys
 
@@ -53,30 +56,35 @@ def eager_for(path):
     return eager
 
 
+# [rows, elements per row] of each layout: one time per row.
+LAYOUTS = {"time per sample": lambda numel: (BATCH, numel // BATCH),
+           "time per token": lambda numel: (numel // 4, 4)}
+
+
 def run(device, sizes, dtypes):
     rows = []
-    for name in paths._BY_NAME:
+    for name, layout in itertools.product(paths._BY_NAME, LAYOUTS):
         path = paths.get_path(name)
         eager = eager_for(path)
-        torch._dynamo.reset()  # the closures share code objects: a fresh cache for each path
+        # The closures share code objects, and each layout brings its shapes: a fresh cache.
+        torch._dynamo.reset()
         compiled = torch.compile(eager)
-        for dtype_name in dtypes:
-            for numel in sizes:
-                dtype = common.DTYPES[dtype_name]
-                x1 = torch.randn(BATCH, numel // BATCH, device=device, dtype=dtype)
-                x0 = torch.randn_like(x1)
-                noise = torch.randn_like(x1) if path.uses_noise else None
-                t = torch.rand(BATCH, device=device) * 0.98 + 0.01
-                variants = {
-                    "fused": lambda: fastflow.interpolate(x0, x1, t, path, noise),
-                    "eager": lambda: eager(x0, x1, t, noise),
-                    "torch.compile": lambda: compiled(x0, x1, t, noise),
-                }
-                streams = 5 if path.uses_noise else 4
-                rows += common.measure(device, dtype_name, numel, variants, streams * x1.nbytes,
-                                       common.copy_bandwidth_gbps(device, x1.nbytes),
-                                       extra=lambda variant: {"path": name})
-                del x0, x1, noise
+        for dtype_name, numel in itertools.product(dtypes, sizes):
+            dtype = common.DTYPES[dtype_name]
+            x1 = torch.randn(LAYOUTS[layout](numel), device=device, dtype=dtype)
+            x0 = torch.randn_like(x1)
+            noise = torch.randn_like(x1) if path.uses_noise else None
+            t = torch.rand(x1.shape[0], device=device) * 0.98 + 0.01
+            variants = {
+                "fused": lambda: fastflow.interpolate(x0, x1, t, path, noise),
+                "eager": lambda: eager(x0, x1, t, noise),
+                "torch.compile": lambda: compiled(x0, x1, t, noise),
+            }
+            streams = 5 if path.uses_noise else 4
+            rows += common.measure(device, dtype_name, numel, variants, streams * x1.nbytes,
+                                   common.copy_bandwidth_gbps(device, x1.nbytes),
+                                   extra=lambda variant: {"layout": layout, "path": name})
+            del x0, x1, noise
     return rows
 
 

@@ -12,8 +12,8 @@
 
 namespace fastflow {
 
-// Samples per task of the builders' loops over samples (one call per sample each, tens of
-// nanoseconds with the first touch of the output).
+// Samples per task of loops over samples: the builders' (one call per sample each, tens of
+// nanoseconds with the first touch of the output), the loss's backward rows (loss_cpu.cpp).
 constexpr int64_t kGroupGrain = 16384;
 
 // An uninitialised [groups, rows, columns] coefficient tensor laid out entry-major ([rows,

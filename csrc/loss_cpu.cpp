@@ -10,11 +10,14 @@
 // gradients to x0, x1, t or the weights) takes the Python node (fastflow/losses.py),
 // which this one repeats for its case: dL/dpred = 2 g w_g / divisor * residual, one affine pass.
 #include "affine.h"
+#include "coefficients.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/LegacyBatchedTensorImpl.h>
+#include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -42,21 +45,29 @@ at::Tensor divided(const at::Tensor& squares, double divisor) {
 }
 
 // dL/dpred's rows, coeffs * (grad * (2 / divisor) [* weight]) as those ATen ops round them:
-// [G, 1, K] like coeffs, all in coeffs' type, which grad (0-d) and weight ([G, 1, 1]) share.
+// [G, 1, K] like coeffs (in its layout: entry-major rows keep the kernel's vector path for
+// small groups), all in coeffs' type, which grad (0-d) and weight ([G, 1, 1]) share. Entry by
+// entry, each over the groups: contiguous in the entry-major layout (a time per token).
 at::Tensor scaled_rows(const at::Tensor& coeffs, const at::Tensor& grad, double divisor,
                        const at::Tensor& weight) {
-  at::Tensor rows = at::empty(coeffs.sizes(), coeffs.options());
+  at::Tensor rows = at::empty_like(coeffs);
+  const int64_t groups = coeffs.size(0), entries = coeffs.size(2);
   AT_DISPATCH_FLOATING_TYPES(coeffs.scalar_type(), "pred_loss_backward", [&] {
     const scalar_t scale =
         *grad.const_data_ptr<scalar_t>() * static_cast<scalar_t>(2.0 / divisor);
-    const auto c = coeffs.accessor<const scalar_t, 3>();
-    auto r = rows.accessor<scalar_t, 3>();
+    const scalar_t* c = coeffs.const_data_ptr<scalar_t>();
+    scalar_t* r = rows.mutable_data_ptr<scalar_t>();
     const scalar_t* w = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
     const int64_t w_stride = weight.defined() ? weight.stride(0) : 0;
-    for (int64_t g = 0; g < coeffs.size(0); ++g) {
-      const scalar_t s = w ? scale * w[g * w_stride] : scale;
-      for (int64_t k = 0; k < coeffs.size(2); ++k) r[g][0][k] = c[g][0][k] * s;
-    }
+    const int64_t c_group = coeffs.stride(0), c_entry = coeffs.stride(2);
+    const int64_t r_group = rows.stride(0), r_entry = rows.stride(2);
+    at::parallel_for(0, groups, kGroupGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t k = 0; k < entries; ++k)
+        for (int64_t g = begin; g < end; ++g) {
+          const scalar_t s = w ? scale * w[g * w_stride] : scale;
+          r[g * r_group + k * r_entry] = c[g * c_group + k * c_entry] * s;
+        }
+    });
   });
   return rows;
 }

@@ -3,18 +3,22 @@
 // fastflow/paths.py defines every path in PyTorch (differentiable in t, any device). On CPU those
 // formulas are 4 to 20 tensor ops on B numbers, and each op's dispatch costs more than the
 // affine kernel itself on a small batch. This file repeats the formulas operation for operation
-// in double (the type paths.py computes them in on CPU), with no contraction:
+// in double (the type paths.py computes them in on CPU), with no contraction, a tile of samples
+// at a time in loops that vectorise (AVX2 clones, simd_clones.h):
 // - CondOT, Target-CFM and the constant-noise path are + - * / only: the results are PyTorch's
 //   bits;
-// - sqrt, sin, cos, exp and pow come from the C library here and from PyTorch's vector math
-//   there (whose t ** 3 is t * t * t). Both round within an ulp, but not always the same way
-//   (on 0.1% to 25% of arguments in double, by function), so LinearVP, Polynomial, Cosine, VP
-//   and the Schrodinger bridge agree with PyTorch to a few ulps of double where their formulas
-//   are well conditioned. Rounded to float, the type of fp32, bf16 and fp16 streams'
+// - exp, pow, sin and cos come from vector_math.h here (within an ulp or two of the C library,
+//   which takes the arguments outside their domain: t <= 0 for pow, infinities, nan) and from
+//   PyTorch's vector math there (whose t ** 3 is t * t * t). Both round within an ulp or two,
+//   not always the same way, so LinearVP, Polynomial, Cosine, VP and the Schrodinger bridge
+//   (sqrt and division also enter them) agree with PyTorch to a few ulps of double where their
+//   formulas are well conditioned. Rounded to float, the type of fp32, bf16 and fp16 streams'
 //   coefficients, they agreed on every time tested. tests/test_paths.py checks both;
 //   triton_kernels/paths.py is the GPU twin.
 #include "coefficients.h"
 #include "affine.h"
+#include "simd_clones.h"
+#include "vector_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -24,6 +28,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <type_traits>
 
 namespace fastflow {
 namespace {
@@ -31,10 +36,31 @@ namespace {
 // A path's parameters (at most two), in order.
 using Params = std::array<double, 2>;
 
+// The functions the formulas call beyond + - * / and sqrt (which vectorises as it is): the C
+// library's, for any argument, or vector_math.h's, which flag the arguments they do not take.
+struct LibraryMath {
+  static double exp(double x) { return std::exp(x); }
+  static double pow(double t, double n) { return std::pow(t, n); }
+  static void sin_cos(double x, double& sin, double& cos) {
+    sin = std::sin(x);
+    cos = std::cos(x);
+  }
+};
+
+struct VectorMath {
+  uint64_t out_of_range = 0;  // all ones once an argument needs the C library
+  double exp(double x) { return vector_math::exp(x, out_of_range); }
+  double pow(double t, double n) { return vector_math::pow(t, n, out_of_range); }
+  void sin_cos(double x, double& sin, double& cos) {
+    vector_math::sin_cos(x, sin, cos, out_of_range);
+  }
+};
+
 // Rows (x_t, u_t) over columns (x0, x1[, noise]) at time t, row-major, for paths of K columns:
 // (sigma, alpha, d_sigma, d_alpha) for the affine ones. Each line mirrors the expression of the
-// same path in fastflow/paths.py.
-void cond_ot(double t, const Params& p, double* c) {
+// same path in fastflow/paths.py. Always inlined: a call stops the tile's loop vectorising.
+template <class Math>
+FASTFLOW_ALWAYS_INLINE void cond_ot(double t, const Params& p, double* c, Math&) {
   const double slope = 1.0 - p[0];  // p = {sigma_min}
   c[0] = 1.0 - slope * t;
   c[1] = t;
@@ -43,32 +69,38 @@ void cond_ot(double t, const Params& p, double* c) {
 }
 
 // t ** n as torch.pow takes it: a square root for n = 1/2 and its reciprocal for n = -1/2, which
-// give NaN at t = -inf where the C library's pow gives inf and 0.
-double torch_pow(double t, double n) {
-  if (n == 0.5) return std::sqrt(t);
-  if (n == -0.5) return 1.0 / std::sqrt(t);
-  return std::pow(t, n);
+// give NaN at t = -inf where the C library's pow gives inf and 0. All three computed, then
+// selected, so that the loop vectorises (a root may then be sent to the C library for nothing:
+// vector_math::pow flags t <= 0).
+template <class Math>
+FASTFLOW_ALWAYS_INLINE double torch_pow(double t, double n, Math& math) {
+  const double power = math.pow(t, n), root = std::sqrt(t), inverse_root = 1.0 / root;
+  return vector_math::select(n == 0.5, root, vector_math::select(n == -0.5, inverse_root, power));
 }
 
-void polynomial(double t, const Params& p, double* c) {
+template <class Math>
+FASTFLOW_ALWAYS_INLINE void polynomial(double t, const Params& p, double* c, Math& math) {
   const double n = p[0];
-  const double alpha = torch_pow(t, n), d_alpha = n * torch_pow(t, n - 1.0);
+  const double alpha = torch_pow(t, n, math), d_alpha = n * torch_pow(t, n - 1.0, math);
   c[0] = 1.0 - alpha;
   c[1] = alpha;
   c[2] = -d_alpha;
   c[3] = d_alpha;
 }
 
-void cosine(double t, const Params&, double* c) {
+template <class Math>
+FASTFLOW_ALWAYS_INLINE void cosine(double t, const Params&, double* c, Math& math) {
   constexpr double kHalfPi = c10::pi<double> / 2;  // math.pi / 2
-  const double angle = kHalfPi * t, sin = std::sin(angle), cos = std::cos(angle);
+  double sin, cos;
+  math.sin_cos(kHalfPi * t, sin, cos);
   c[0] = cos;
   c[1] = sin;
   c[2] = -kHalfPi * sin;
   c[3] = kHalfPi * cos;
 }
 
-void linear_vp(double t, const Params&, double* c) {
+template <class Math>
+FASTFLOW_ALWAYS_INLINE void linear_vp(double t, const Params&, double* c, Math&) {
   const double sigma = std::sqrt(1.0 - t * t);
   c[0] = sigma;
   c[1] = t;
@@ -76,11 +108,12 @@ void linear_vp(double t, const Params&, double* c) {
   c[3] = 1.0;
 }
 
-void vp(double t, const Params& p, double* c) {
+template <class Math>
+FASTFLOW_ALWAYS_INLINE void vp(double t, const Params& p, double* c, Math& math) {
   const double beta_min = p[0], spread = p[1] - p[0];  // p = {beta_min, beta_max}
   const double s = 1.0 - t;
   const double big_t = 0.5 * (s * s) * spread + s * beta_min, d_big_t = -s * spread - beta_min;
-  const double alpha = std::exp(-0.5 * big_t), decay = std::exp(-big_t);
+  const double alpha = math.exp(-0.5 * big_t), decay = math.exp(-big_t);
   const double sigma = std::sqrt(1.0 - decay);
   c[0] = sigma;
   c[1] = alpha;
@@ -88,7 +121,8 @@ void vp(double t, const Params& p, double* c) {
   c[3] = -0.5 * d_big_t * alpha;
 }
 
-void constant_noise(double t, const Params& p, double* c) {
+template <class Math>
+FASTFLOW_ALWAYS_INLINE void constant_noise(double t, const Params& p, double* c, Math&) {
   c[0] = 1.0 - t;
   c[1] = t;
   c[2] = p[0];  // p = {sigma}
@@ -97,7 +131,8 @@ void constant_noise(double t, const Params& p, double* c) {
   c[5] = 0.0;
 }
 
-void schrodinger_bridge(double t, const Params& p, double* c) {
+template <class Math>
+FASTFLOW_ALWAYS_INLINE void schrodinger_bridge(double t, const Params& p, double* c, Math&) {
   const double s_t = p[0] * std::sqrt(t * (1.0 - t));  // p = {sigma}
   const double ratio = (1.0 - 2.0 * t) / (2.0 * t * (1.0 - t) + 1e-8);
   c[0] = 1.0 - t;
@@ -108,15 +143,64 @@ void schrodinger_bridge(double t, const Params& p, double* c) {
   c[5] = ratio * s_t;
 }
 
-using Entries = void (*)(double, const Params&, double*);
+// Samples per tile: the builders' loops run a tile at a time, times widened to double first.
+constexpr int64_t kTile = 256;
 
-// The [G, 2, columns] coefficients of the times `t` into `out`: one loop per path (and float
-// types), with the path's formulas inlined, so that the arithmetic ones vectorise. CondOT took
-// 48 instructions a sample through a pointer per sample, 11 inlined (9 and 1.2 ns a sample at
-// 256K samples, one time per token, where its pass over the streams takes 1 to 2 ns).
-template <int kColumns, Entries kEntries>
+// A path's entries for the times t[0, n) with vector math into out (entry j of sample i at
+// out[j * groups + i], entry-major), and in redo[i] whether sample i needs the C library
+// instead; returns whether any does (a test per sample would wait on the vector stores).
+template <int kColumns, void (*kEntries)(double, const Params&, double*, VectorMath&),
+          typename out_t>
+FASTFLOW_ALWAYS_INLINE bool vector_tile(const double* __restrict t, int64_t n, const Params p,
+                                        out_t* __restrict out, int64_t groups,
+                                        uint64_t* __restrict redo) {
+  uint64_t any = 0;
+  // The rows of `out` never overlap (groups >= n), which GCC cannot prove: without ivdep it
+  // would check every pair at run time, and gives up beyond 10 pairs (3 columns, 6 rows).
+#pragma GCC ivdep
+  for (int64_t i = 0; i < n; ++i) {
+    VectorMath math;
+    double row[2 * kColumns];
+    kEntries(t[i], p, row, math);
+    for (int j = 0; j < 2 * kColumns; ++j) out[j * groups + i] = static_cast<out_t>(row[j]);
+    redo[i] = math.out_of_range;
+    any |= math.out_of_range;
+  }
+  return any != 0;
+}
+
+// One plain function per path, since simd_clones.h compiles those again for AVX2, not templates;
+// `out` holds doubles or floats. The parameters come by value: stores through `out` cannot
+// change them, so the loop reads them once.
+#define FASTFLOW_VECTOR_TILE(path, columns)                                                     \
+  FASTFLOW_SIMD_CLONES bool path##_tile(const double* t, int64_t n, Params p, void* out,        \
+                                        bool doubles, int64_t groups, uint64_t* redo) {         \
+    return doubles ? vector_tile<columns, path<VectorMath>>(t, n, p, static_cast<double*>(out), \
+                                                            groups, redo)                       \
+                   : vector_tile<columns, path<VectorMath>>(t, n, p, static_cast<float*>(out),  \
+                                                            groups, redo);                      \
+  }
+FASTFLOW_VECTOR_TILE(cond_ot, 2)
+FASTFLOW_VECTOR_TILE(polynomial, 2)
+FASTFLOW_VECTOR_TILE(cosine, 2)
+FASTFLOW_VECTOR_TILE(linear_vp, 2)
+FASTFLOW_VECTOR_TILE(vp, 2)
+FASTFLOW_VECTOR_TILE(constant_noise, 3)
+FASTFLOW_VECTOR_TILE(schrodinger_bridge, 3)
+#undef FASTFLOW_VECTOR_TILE
+
+using Tile = bool (*)(const double*, int64_t, Params, void*, bool, int64_t, uint64_t*);
+
+// Samples per task of fill: kGroupGrain for the arithmetic paths (under a nanosecond a sample),
+// an eighth of it for those that take exp, pow or sin (3 to 8 ns), so that their smaller batches
+// also use every core.
+constexpr int64_t kTranscendentalGrain = kGroupGrain / 8;
+
+// The [G, 2, columns] coefficients of the times `t` into `out` (entry-major), a tile of samples
+// at a time: vector math for all, then the C library for the samples it flags.
+template <int kColumns, void (*kEntries)(double, const Params&, double*, LibraryMath&),
+          Tile kVectorTile, int64_t kGrain = kGroupGrain>
 void fill(const at::Tensor& t, const Params& params, at::Tensor& out) {
-  constexpr int kWidth = 2 * kColumns;
   const int64_t groups = t.size(0), stride = t.stride(0);
   // t in its own type, widened to double on load (exactly): the caller saves a conversion.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "path_times", [&] {
@@ -124,14 +208,24 @@ void fill(const at::Tensor& t, const Params& params, at::Tensor& out) {
     const time_t* times = t.const_data_ptr<time_t>();
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "path_coefficients_cpu", [&] {
       scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-      // Threads from kGroupGrain samples on (one time per token: hundreds of thousands); a
-      // batch below that runs inline, without the pool's cost.
-      at::parallel_for(0, groups, kGroupGrain, [&](int64_t begin, int64_t end) {
-        const Params p = params;  // a local copy: the stores below cannot change it
-        for (int64_t g = begin; g < end; ++g) {
-          double row[kWidth];
-          kEntries(static_cast<double>(times[g * stride]), p, row);
-          for (int j = 0; j < kWidth; ++j) dst[j * groups + g] = static_cast<scalar_t>(row[j]);
+      // Threads from kGrain samples on (one time per token: hundreds of thousands); a batch
+      // below that runs inline, without the pool's cost.
+      at::parallel_for(0, groups, kGrain, [&](int64_t begin, int64_t end) {
+        double tile_t[kTile];
+        uint64_t redo[kTile];
+        for (int64_t g0 = begin; g0 < end; g0 += kTile) {
+          const int64_t n = std::min(kTile, end - g0);
+          for (int64_t i = 0; i < n; ++i) tile_t[i] = static_cast<double>(times[(g0 + i) * stride]);
+          constexpr bool kDoubles = std::is_same_v<scalar_t, double>;
+          if (!kVectorTile(tile_t, n, params, dst + g0, kDoubles, groups, redo)) continue;
+          for (int64_t i = 0; i < n; ++i) {
+            if (!redo[i]) continue;
+            double row[2 * kColumns];
+            LibraryMath math;
+            kEntries(tile_t[i], params, row, math);
+            for (int j = 0; j < 2 * kColumns; ++j)
+              dst[j * groups + g0 + i] = static_cast<scalar_t>(row[j]);
+          }
         }
       });
     });
@@ -146,13 +240,13 @@ struct NativePath {
 };
 
 constexpr NativePath kPaths[] = {
-    {"cond_ot", 2, 1, fill<2, cond_ot>},
-    {"polynomial", 2, 1, fill<2, polynomial>},
-    {"cosine", 2, 0, fill<2, cosine>},
-    {"linear_vp", 2, 0, fill<2, linear_vp>},
-    {"vp", 2, 2, fill<2, vp>},
-    {"constant_noise", 3, 1, fill<3, constant_noise>},
-    {"schrodinger_bridge", 3, 1, fill<3, schrodinger_bridge>},
+    {"cond_ot", 2, 1, fill<2, cond_ot, cond_ot_tile>},
+    {"polynomial", 2, 1, fill<2, polynomial, polynomial_tile, kTranscendentalGrain>},
+    {"cosine", 2, 0, fill<2, cosine, cosine_tile, kTranscendentalGrain>},
+    {"linear_vp", 2, 0, fill<2, linear_vp, linear_vp_tile>},
+    {"vp", 2, 2, fill<2, vp, vp_tile, kTranscendentalGrain>},
+    {"constant_noise", 3, 1, fill<3, constant_noise, constant_noise_tile>},
+    {"schrodinger_bridge", 3, 1, fill<3, schrodinger_bridge, schrodinger_bridge_tile>},
 };
 
 }  // namespace

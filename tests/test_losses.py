@@ -292,6 +292,26 @@ def test_training_step_node_rounds_as_the_op_by_op_loss(backend, dtype, reductio
     assert bits_equal(p.grad, want)
 
 
+@pytest.mark.parametrize("path", [paths.Cosine(), paths.Polynomial(0.7)], ids=repr)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_a_time_per_token_matches_the_reference(backend, path, weighted):
+    # [G, 4] with G past the threads' split of the builders (2048 samples for sin and pow) and
+    # of the training step's backward rows (16384): on CPU the residual's rows come entry-major
+    # from the builder, and dL/dpred's rows keep that layout.
+    pred, x0, x1, t, _, weight = _batch((20000, 4), torch.float32, backend, path, seed=13)
+    weight = weight if weighted else None
+    p = pred.clone().requires_grad_()
+    loss = fastflow.flow_matching_loss(p, x0, x1, t, path, weight=weight)
+    loss.backward()
+    up = pred.double().requires_grad_()
+    want = reference_loss(up, x0.double(), x1.double(), t.double(), path,
+                          weight=None if weight is None else weight.double())
+    want.backward()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-12)
+    # Gradients of about 2e-5 (2 r / 80000), whose residuals r cancel in fp32 here.
+    torch.testing.assert_close(p.grad.double(), up.grad, rtol=1e-5, atol=1e-10)
+
+
 @pytest.mark.parametrize("path", ["cond_ot", "cosine"])
 def test_data_made_under_inference_mode(path):
     # Latents encoded under torch.inference_mode are inference tensors, which autograd cannot

@@ -272,6 +272,80 @@ def test_native_coefficients_round_like_the_formula(backend, path, dtype):
                                    equal_nan=True)
 
 
+def _c_library():
+    """The C library's exp, pow, sin and cos, which csrc/paths_cpu.cpp falls back to (Python's
+    math raises where they return inf, nan or 0)."""
+    import ctypes
+
+    libm = ctypes.CDLL(None)  # the interpreter's own symbols, the C library's among them
+    for name, arity in (("exp", 1), ("pow", 2), ("sin", 1), ("cos", 1)):
+        getattr(libm, name).restype = ctypes.c_double
+        getattr(libm, name).argtypes = [ctypes.c_double] * arity
+    return libm
+
+
+def _ulps(a, b):
+    """Distance in float64 ulps: 0 for equal bits (and for two NaNs), 1 for adjacent floats."""
+    def order(x):
+        bits = x.view(torch.int64)
+        return torch.where(bits < 0, -(bits & 0x7FFFFFFFFFFFFFFF), bits)
+    return torch.where(a.isnan() & b.isnan(), 0, (order(a) - order(b)).abs())
+
+
+def _vp_alpha(libm, t, beta_min=0.1, beta_max=20.0):
+    s = 1.0 - t
+    return libm.exp(-0.5 * (0.5 * (s * s) * (beta_max - beta_min) + s * beta_min))
+
+
+def _uniform(low, high, count, seed):
+    g = torch.Generator().manual_seed(seed)
+    return low + (high - low) * torch.rand(count, generator=g, dtype=torch.float64)
+
+
+# (path, parameters, times inside vector_math.h's domain, times outside it, entry (row, column)
+# -> (its formula with the C library's functions, ulps allowed inside the domain)).
+VECTOR_MATH_CASES = [
+    ("polynomial", [0.7], torch.logspace(-300, 3, 3001, dtype=torch.float64),
+     [0.0, -0.0, -0.5, 1e-310],
+     {(0, 1): (lambda m, t: m.pow(t, 0.7), 1), (1, 1): (lambda m, t: 0.7 * m.pow(t, 0.7 - 1.0), 2)}),
+    # log t's error (2^-58 absolute) grows with n in n log t. t^40 leaves the normal range
+    # (exp's domain) between 1e-9 and 1e-7.
+    ("polynomial", [40.0],
+     torch.cat([_uniform(0, 30, 3000, 1), torch.logspace(-9, -7, 1000, dtype=torch.float64)]),
+     [0.0, -2.0, 1e-20, 1e30],
+     {(0, 1): (lambda m, t: m.pow(t, 40.0), 2), (1, 1): (lambda m, t: 40.0 * m.pow(t, 39.0), 3)}),
+    ("polynomial", [3.0], _uniform(-1, 2, 3000, 2), [],
+     {(0, 1): (lambda m, t: m.pow(t, 3.0), 1), (1, 1): (lambda m, t: 3.0 * m.pow(t, 2.0), 2)}),
+    ("cosine", [], torch.cat([_uniform(-4e4, 4e4, 3000, 3), torch.arange(-40000.0, 40001, 97)]),
+     [5e4, -1e300],
+     {(0, 0): (lambda m, t: m.cos(math.pi / 2 * t), 2), (0, 1): (lambda m, t: m.sin(math.pi / 2 * t), 2)}),
+    ("vp", [0.1, 20.0], _uniform(-3, 2, 3000, 4), [-20.0, -1e3],
+     {(0, 1): (_vp_alpha, 1)}),
+]
+
+
+@pytest.mark.parametrize("case", VECTOR_MATH_CASES, ids=lambda c: f"{c[0]}{c[1]}")
+def test_vector_math_is_within_an_ulp_or_two_of_the_c_library(case):
+    # The CPU builders compute exp, pow, sin and cos with branch-free polynomials
+    # (csrc/vector_math.h) on a domain of ordinary arguments, and call the C library for the
+    # rest (0, negatives, subnormals, infinities, nan, results that would underflow): those get
+    # its bits exactly, whatever their neighbours in the batch.
+    from conftest import compiled_extension
+
+    name, params, inside, outside, entries = case
+    libm = _c_library()
+    outside = torch.tensor(outside + [math.inf, -math.inf, math.nan], dtype=torch.float64)
+    t = torch.cat([inside, outside])[torch.randperm(len(inside) + len(outside),
+                                                    generator=torch.Generator().manual_seed(0))]
+    is_outside = torch.isin(t, outside) | t.isnan()
+    c = compiled_extension().path_coefficients_cpu(t, name, params, torch.float64)
+    for (row, column), (formula, allowed) in entries.items():
+        expected = torch.tensor([formula(libm, v) for v in t.tolist()], dtype=torch.float64)
+        distance = _ulps(c[:, row, column], expected)
+        assert distance[~is_outside].max() <= allowed, (row, column)
+        assert distance[is_outside].max() == 0, (row, column)
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter: sqrt(-x), 1/0
 @pytest.mark.parametrize("time_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("path", ARITHMETIC_PATHS + TRANSCENDENTAL_PATHS, ids=repr)
@@ -331,12 +405,16 @@ def test_integer_times_give_the_coefficients_of_their_float_values(path):
 
 def test_native_coefficients_of_a_large_batch_are_those_of_its_parts():
     # The C++ builders split their loop over the samples between threads from 16384 samples on
-    # (one time per token); each sample's row must not depend on the split.
+    # (one time per token, 2048 for the paths with exp, pow or sin); each sample's row must not
+    # depend on the split, nor on whether its neighbours need the C library (t <= 0, inf, nan).
     from conftest import bits_equal
 
     t = torch.rand(40000, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    t[torch.randperm(40000, generator=torch.Generator().manual_seed(3))[:400]] = torch.tensor(
+        [0.0, -1.0, math.inf, math.nan], dtype=torch.float64).repeat(100)
     x_t = torch.randn(40000, 2, generator=torch.Generator().manual_seed(2))
-    for path in (paths.CondOT(0.1), paths.Cosine(), paths.SchrodingerBridge(0.5)):
+    for path in (paths.CondOT(0.1), paths.Cosine(), paths.SchrodingerBridge(0.5),
+                 paths.Polynomial(0.7), paths.VP()):
         whole = paths.coefficients(path, t, torch.float32, "cpu")
         parts = [paths.coefficients(path, t[i:i + 5000], torch.float32, "cpu")
                  for i in range(0, 40000, 5000)]
