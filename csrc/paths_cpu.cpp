@@ -5,16 +5,16 @@
 // affine kernel itself on a small batch. This file repeats the formulas operation for operation
 // in double (the type paths.py computes them in on CPU), with no contraction, a tile of samples
 // at a time in loops that vectorise (AVX2 clones, simd_clones.h):
-// - CondOT, Target-CFM and the constant-noise path are + - * / only: the results are PyTorch's
-//   bits;
+// - CondOT, Target-CFM, the constant-noise path and Polynomial with n = 1, 2 or 3 (which
+//   torch.pow computes by multiplication) are + - * / only: the results are PyTorch's bits;
 // - exp, pow, sin and cos come from vector_math.h here (within an ulp or two of the C library,
 //   which takes the arguments outside their domain: t <= 0 for pow, infinities, nan) and from
-//   PyTorch's vector math there (whose t ** 3 is t * t * t). Both round within an ulp or two,
-//   not always the same way, so LinearVP, Polynomial, Cosine, VP and the Schrodinger bridge
-//   (sqrt and division also enter them) agree with PyTorch to a few ulps of double where their
-//   formulas are well conditioned. Rounded to float, the type of fp32, bf16 and fp16 streams'
-//   coefficients, they agreed on every time tested. tests/test_paths.py checks both;
-//   triton_kernels/paths.py is the GPU twin.
+//   PyTorch's vector math there. Both round within an ulp or two, not always the same way, so
+//   LinearVP, the other Polynomials, Cosine, VP and the Schrodinger bridge (sqrt and division
+//   also enter them) agree with PyTorch to a few ulps of double where their formulas are well
+//   conditioned. Rounded to float, the type of fp32, bf16 and fp16 streams' coefficients, they
+//   agreed on every time tested. tests/test_paths.py checks both; triton_kernels/paths.py is
+//   the GPU twin.
 #include "coefficients.h"
 #include "affine.h"
 #include "simd_clones.h"
@@ -68,24 +68,45 @@ FASTFLOW_ALWAYS_INLINE void cond_ot(double t, const Params& p, double* c, Math&)
   c[3] = 1.0;
 }
 
-// t ** n as torch.pow takes it: a square root for n = 1/2 and its reciprocal for n = -1/2, which
-// give NaN at t = -inf where the C library's pow gives inf and 0. All three computed, then
-// selected, so that the loop vectorises (a root may then be sent to the C library for nothing:
-// vector_math::pow flags t <= 0).
-template <class Math>
+// t ** n as torch.pow computes it on CPU, to its bits: by multiplication for n = 0 to 3, a
+// square root for n = 1/2 and its reciprocal for n = -1/2 (NaN at t = -inf, where the C
+// library's pow gives inf and 0); any other n through exp and log (Math::pow: within an ulp or
+// two of torch.pow's, as its -1 and -2, which Polynomial's n > 0 never asks for). With kGeneral
+// false, n must be a whole power (is_whole_power): the multiplications alone. The cases are
+// computed, then selected, so that the loop vectorises.
+bool is_whole_power(double n) { return n == 0.0 || n == 1.0 || n == 2.0 || n == 3.0; }
+
+template <bool kGeneral, class Math>
 FASTFLOW_ALWAYS_INLINE double torch_pow(double t, double n, Math& math) {
-  const double power = math.pow(t, n), root = std::sqrt(t), inverse_root = 1.0 / root;
-  return vector_math::select(n == 0.5, root, vector_math::select(n == -0.5, inverse_root, power));
+  using vector_math::select;
+  const double square = t * t;
+  const double whole = select(n == 3.0, square * t,
+                              select(n == 2.0, square, select(n == 1.0, t, 1.0)));
+  if constexpr (!kGeneral) {
+    return whole;
+  } else {
+    const double root = std::sqrt(t), inverse_root = 1.0 / root;
+    const double other =
+        select(n == 0.5, root, select(n == -0.5, inverse_root, math.pow(t, n)));
+    return select(is_whole_power(n), whole, other);
+  }
 }
 
-template <class Math>
+template <class Math, bool kGeneral = true>
 FASTFLOW_ALWAYS_INLINE void polynomial(double t, const Params& p, double* c, Math& math) {
   const double n = p[0];
-  const double alpha = torch_pow(t, n, math), d_alpha = n * torch_pow(t, n - 1.0, math);
+  const double alpha = torch_pow<kGeneral>(t, n, math);
+  const double d_alpha = n * torch_pow<kGeneral>(t, n - 1.0, math);
   c[0] = 1.0 - alpha;
   c[1] = alpha;
   c[2] = -d_alpha;
   c[3] = d_alpha;
+}
+
+// Polynomial with n = 1, 2 (the default) or 3: n and n - 1 whole powers, multiplications only.
+template <class Math>
+FASTFLOW_ALWAYS_INLINE void whole_polynomial(double t, const Params& p, double* c, Math& math) {
+  polynomial<Math, false>(t, p, c, math);
 }
 
 template <class Math>
@@ -182,6 +203,7 @@ FASTFLOW_ALWAYS_INLINE bool vector_tile(const double* __restrict t, int64_t n, c
   }
 FASTFLOW_VECTOR_TILE(cond_ot, 2)
 FASTFLOW_VECTOR_TILE(polynomial, 2)
+FASTFLOW_VECTOR_TILE(whole_polynomial, 2)
 FASTFLOW_VECTOR_TILE(cosine, 2)
 FASTFLOW_VECTOR_TILE(linear_vp, 2)
 FASTFLOW_VECTOR_TILE(vp, 2)
@@ -232,6 +254,13 @@ void fill(const at::Tensor& t, const Params& params, at::Tensor& out) {
   });
 }
 
+void fill_polynomial(const at::Tensor& t, const Params& params, at::Tensor& out) {
+  if (is_whole_power(params[0]) && is_whole_power(params[0] - 1.0)) {
+    return fill<2, whole_polynomial, whole_polynomial_tile>(t, params, out);
+  }
+  fill<2, polynomial, polynomial_tile, kTranscendentalGrain>(t, params, out);
+}
+
 struct NativePath {
   const char* name;
   int columns;
@@ -241,7 +270,7 @@ struct NativePath {
 
 constexpr NativePath kPaths[] = {
     {"cond_ot", 2, 1, fill<2, cond_ot, cond_ot_tile>},
-    {"polynomial", 2, 1, fill<2, polynomial, polynomial_tile, kTranscendentalGrain>},
+    {"polynomial", 2, 1, fill_polynomial},
     {"cosine", 2, 0, fill<2, cosine, cosine_tile, kTranscendentalGrain>},
     {"linear_vp", 2, 0, fill<2, linear_vp, linear_vp_tile>},
     {"vp", 2, 2, fill<2, vp, vp_tile, kTranscendentalGrain>},

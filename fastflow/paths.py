@@ -256,9 +256,11 @@ def coefficients(path, t, dtype, backend=None):
     (CPU) or Triton (GPU) backend computes the same formulas in the same order in one call,
     without the 4 to 20 tiny tensor ops (kernel launches on a GPU) that cost more than the fused
     kernel itself on a small batch. The results are PyTorch's bits for the arithmetic paths
-    (CondOT, Target-CFM, constant noise); where sqrt, sin, exp or pow come in, the libraries may
-    round differently by an ulp of float64, which a cancelling difference (1 - t^n near t = 1)
-    can magnify to a few hundred float64 ulps (csrc/paths_cpu.cpp says more)."""
+    (CondOT, Target-CFM, constant noise; on CPU also Polynomial with n = 1, 2 or 3, whose powers
+    torch.pow multiplies out); where sqrt, sin, exp or pow come in, the functions (on CPU
+    csrc/vector_math.h's) may round differently by an ulp or two of float64, which a cancelling
+    difference (1 - t^n near t = 1) can magnify to a few hundred float64 ulps
+    (csrc/paths_cpu.cpp says more)."""
     native = _NATIVE.get(type(path))
     build = coefficient_builder(t, "path_coefficients", backend) if native is not None else None
     coeffs = build(t, *native(path), dtype) if build is not None else None

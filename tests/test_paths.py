@@ -273,12 +273,12 @@ def test_native_coefficients_round_like_the_formula(backend, path, dtype):
 
 
 def _c_library():
-    """The C library's exp, pow, sin and cos, which csrc/paths_cpu.cpp falls back to (Python's
-    math raises where they return inf, nan or 0)."""
+    """The C library's exp, pow, sin, cos and sqrt, which csrc/paths_cpu.cpp falls back to
+    (Python's math raises where they return inf, nan or 0)."""
     import ctypes
 
     libm = ctypes.CDLL(None)  # the interpreter's own symbols, the C library's among them
-    for name, arity in (("exp", 1), ("pow", 2), ("sin", 1), ("cos", 1)):
+    for name, arity in (("exp", 1), ("pow", 2), ("sin", 1), ("cos", 1), ("sqrt", 1)):
         getattr(libm, name).restype = ctypes.c_double
         getattr(libm, name).argtypes = [ctypes.c_double] * arity
     return libm
@@ -314,8 +314,8 @@ VECTOR_MATH_CASES = [
      torch.cat([_uniform(0, 30, 3000, 1), torch.logspace(-9, -7, 1000, dtype=torch.float64)]),
      [0.0, -2.0, 1e-20, 1e30],
      {(0, 1): (lambda m, t: m.pow(t, 40.0), 2), (1, 1): (lambda m, t: 40.0 * m.pow(t, 39.0), 3)}),
-    ("polynomial", [3.0], _uniform(-1, 2, 3000, 2), [],
-     {(0, 1): (lambda m, t: m.pow(t, 3.0), 1), (1, 1): (lambda m, t: 3.0 * m.pow(t, 2.0), 2)}),
+    ("polynomial", [1.5], _uniform(0, 2, 3000, 2), [0.0, -2.0],
+     {(0, 1): (lambda m, t: m.pow(t, 1.5), 1), (1, 1): (lambda m, t: 1.5 * m.sqrt(t), 0)}),  # t ** 0.5 is sqrt
     ("cosine", [], torch.cat([_uniform(-4e4, 4e4, 3000, 3), torch.arange(-40000.0, 40001, 97)]),
      [5e4, -1e300],
      {(0, 0): (lambda m, t: m.cos(math.pi / 2 * t), 2), (0, 1): (lambda m, t: m.sin(math.pi / 2 * t), 2)}),
@@ -344,6 +344,19 @@ def test_vector_math_is_within_an_ulp_or_two_of_the_c_library(case):
         distance = _ulps(c[:, row, column], expected)
         assert distance[~is_outside].max() <= allowed, (row, column)
         assert distance[is_outside].max() == 0, (row, column)
+
+
+@pytest.mark.parametrize("n", [1.0, 2.0, 3.0])
+def test_whole_polynomial_powers_give_pytorchs_bits_on_cpu(n):
+    # torch.pow multiplies for the exponents 0 to 3 (t ** 2 is t * t), and so does the CPU
+    # builder for n and n - 1 (whole_polynomial, no exp or log).
+    from conftest import bits_equal
+
+    path = paths.Polynomial(n)
+    t = torch.cat([NATIVE_TIMES, _uniform(-3, 3, 1000, 6)])
+    for dtype in (torch.float32, torch.float64):
+        assert bits_equal(paths.coefficients(path, t, dtype, "cpu"),
+                          path.coefficients(t).to(dtype))
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter: sqrt(-x), 1/0
