@@ -933,6 +933,39 @@ def test_small_groups_with_adjacent_coefficients_give_the_same_bits(dtype, n):
             assert bits_equal(lanes, grouped)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8])
+def test_squared_norms_of_small_groups_are_summed_in_order(dtype, n):
+    """Contiguous streams in groups of at most 8 elements (a time per token) take one loop over
+    the groups (sqnorm_small_groups): each residual in the math type, k = 0..K-1, squared in
+    fp64, and the squares summed in order from 0, as lane_sum's shortcut sums them. Those bits,
+    rebuilt here op by op, for 1, 3 and 5 streams, coefficients entry- and group-major, on every
+    instruction set and three threads."""
+    ext = compiled_extension()
+    groups, math = 20001, _ops.math_dtype(dtype)
+
+    def expected(inputs, coeffs):
+        r = coeffs[:, 0, :1] * inputs[0].view(groups, n).to(math)
+        for k in range(1, len(inputs)):
+            r = r + coeffs[:, 0, k:k + 1] * inputs[k].view(groups, n).to(math)
+        squares, s = r.double() * r.double(), torch.zeros(groups, dtype=torch.float64)
+        for j in range(n):
+            s = s + squares[:, j]
+        return s.to(math)
+
+    cases = []
+    for k in (1, 3, 5):
+        inputs = _streams(k, (groups * n,), dtype, "cpu", seed=n + k)
+        group_major = _coeffs(groups, 1, k, dtype, "cpu", seed=k)
+        entry_major = group_major.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+        cases += [(inputs, group_major), (inputs, entry_major)]
+    results = _on_threads(3, lambda: _cpu_isas(
+        lambda: [ext.affine_sqnorm_cpu(inputs, coeffs) for inputs, coeffs in cases]))
+    for tensors in results.values():
+        for got, (inputs, coeffs) in zip(tensors, cases, strict=True):
+            assert bits_equal(got, expected(inputs, coeffs))
+
+
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_instruction_sets_give_the_same_bits(dtype, layout):
