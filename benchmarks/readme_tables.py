@@ -38,12 +38,15 @@ def _markdown(header, rows):
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def op_table(results, name, cases, variants, extra_cells, column="dtype"):
+def op_table(results, name, cases, variants, extra_cells, column="dtype", where=None):
     """One row per (label, value, size) of `cases`, value that of `column` in the CSV (the
-    dtype, or the path of the paths benchmark): first the label and size, then each variant's
-    time, then extra_cells(rows by variant). Cases missing from the CSV are left out."""
+    dtype, or the path of the paths benchmark), among the CSV's rows whose columns have the
+    values of `where`: first the label and size, then each variant's time, then
+    extra_cells(rows by variant). Cases missing from the CSV are left out."""
+    where = where or {}
     with open(os.path.join(results, f"{name}_cpu_default.csv")) as f:
-        found = {(r[column], int(r["numel"]), r["variant"]): r for r in csv.DictReader(f)}
+        found = {(r[column], int(r["numel"]), r["variant"]): r for r in csv.DictReader(f)
+                 if all(r.get(k) == v for k, v in where.items())}
     rows = []
     for label, dtype, sizes, scale in cases:
         for size in sizes:
@@ -102,10 +105,14 @@ def paths(results):
     variants = ["fused", "eager", "torch.compile"]
     names = ["cond_ot", "polynomial", "cosine", "linear_vp", "vp", "target_cfm", "constant_noise",
              "schrodinger_bridge"]
-    rows = op_table(results, "paths", [(n, n, [K, M], 1) for n in names], variants,
-                    lambda by: [], column="path")
-    return _markdown(["path (fp32)", "elements", *variants, "fused vs eager", "fused vs compile"],
-                     rows)
+    rows = []
+    for op, layout, sizes in (("interpolate", "sample", [K, M]), ("interpolate", "token", [M]),
+                              ("loss fwd+bwd", "token", [M])):
+        rows += op_table(results, "paths", [(n, n, sizes, 1) for n in names], variants,
+                         lambda by, op=op, layout=layout: [op, layout], column="path",
+                         where={"op": op, "layout": f"time per {layout}"})
+    return _markdown(["path (fp32)", "elements", *variants, "fused vs eager", "fused vs compile",
+                      "op", "a time per"], rows)
 
 
 def sampler(results):

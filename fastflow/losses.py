@@ -24,12 +24,13 @@ from .paths import (AffinePath, ConstantNoise, CondOT, TargetCFM, coefficients, 
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def target_coefficients(path, t, prediction, eps=DIVISOR_EPS, backend=None):
+def target_coefficients(path, t, prediction, eps=DIVISOR_EPS, backend=None, dtype=None):
     """[G, K] coefficients of the regression target of kind `prediction` over (x0, x1[, noise]),
     computed in float64 from the times t (any float type); `backend` as in
-    ``paths.coefficients``."""
+    ``paths.coefficients``. The velocity's come rounded to `dtype` where given (the loss's math
+    type: the same bits as rounding them afterwards, without a float64 tensor per call)."""
     if prediction == "velocity":
-        return coefficients(path, t, formula_dtype(t.device), backend)[:, 1]
+        return coefficients(path, t, dtype or formula_dtype(t.device), backend)[:, 1]
     t = formula_time(t)
     if prediction == "score":  # -x0 / sigma_t
         if not isinstance(path, AffinePath):
@@ -155,7 +156,8 @@ def flow_matching_loss(pred, x0, x1, t, path=None, prediction="velocity", noise=
     if residual is None:
         # One group per sample; t unconverted for the path's builder.
         t = batch_time(t, x1, keep_type=True).expand(batch)
-        target = target_coefficients(path, t, prediction, backend=None if t_grad else backend)
+        target = target_coefficients(path, t, prediction, backend=None if t_grad else backend,
+                                     dtype=math)
         residual = _ops._take(_residual_coeffs(target, math), 2, read)
     streams = [streams[k] for k in read]
     if recording and not _ops._is_compiling():   # (the tracer cannot ask)
