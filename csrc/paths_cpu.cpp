@@ -254,6 +254,8 @@ void fill(const at::Tensor& t, const Params& params, at::Tensor& out) {
   });
 }
 
+// Polynomial's coefficients: by multiplication alone where n and n - 1 are both whole powers
+// (n = 1, 2, 3), else through vector_math's pow (at least one of the two powers needs it).
 void fill_polynomial(const at::Tensor& t, const Params& params, at::Tensor& out) {
   if (is_whole_power(params[0]) && is_whole_power(params[0] - 1.0)) {
     return fill<2, whole_polynomial, whole_polynomial_tile>(t, params, out);
