@@ -978,6 +978,16 @@ void sqnorm_columns(const std::array<Stream, K>& in, const Coeffs<math_t>& c, in
   });
 }
 
+// r^2 in fp64 for r = sum_k c[k] * x[k][i] in the math type, k = 0..K-1: the term of
+// affine_sqnorm's sums, r computed exactly as affine computes an output.
+template <typename math_t, int K, typename scalar_t>
+[[gnu::always_inline]] inline double squared_residual(const math_t* c, const scalar_t* const* x,
+                                                      int64_t i) {
+  math_t r = c[0] * load_as<math_t>(x[0][i]);
+  for (int k = 1; k < K; ++k) r = r + c[k] * load_as<math_t>(x[k][i]);
+  return static_cast<double>(r) * static_cast<double>(r);
+}
+
 // The sums of sqnorm_kernel for contiguous streams in groups of at most kLanes elements (a time
 // per token): one loop over the groups, each summed in order as lane_sum's shortcut sums it (the
 // same bits), without grouped_sums' call and run walk per group, which cost 3 ns a group of 4.
@@ -995,12 +1005,7 @@ void sqnorm_small_groups(const std::array<Stream, K>& in, const Coeffs<math_t>& 
       for (int k = 0; k < K; ++k) cg[k] = c.at(c.group(g), 0, k);
       double s = 0;
 #pragma GCC unroll 8
-      for (int64_t j = 0; j < size; ++j) {
-        const int64_t i = g * size + j;
-        math_t r = cg[0] * load_as<math_t>(x[0][i]);
-        for (int k = 1; k < K; ++k) r = r + cg[k] * load_as<math_t>(x[k][i]);
-        s += static_cast<double>(r) * static_cast<double>(r);
-      }
+      for (int64_t j = 0; j < size; ++j) s += squared_residual<math_t, K>(cg, x, g * size + j);
       sums[g] = s;
     }
   });
@@ -1062,22 +1067,17 @@ void sqnorm_kernel(const std::vector<at::Tensor>& inputs, const at::Tensor& coef
         a = b;
       }
     };
-    const auto squared_residual = [&](const std::array<const scalar_t*, K>& x, int64_t i) {
-      math_t r = cg[0] * load_as<math_t>(x[0][i]);
-      for (int k = 1; k < K; ++k) r = r + cg[k] * load_as<math_t>(x[k][i]);
-      return static_cast<double>(r) * static_cast<double>(r);
-    };
     if (hi - lo <= kLanes) {  // lane_sum's shortcut for tiny groups
       double s = 0;
       for_runs([&](const auto& x, int64_t len) {
-        for (int64_t i = 0; i < len; ++i) s += squared_residual(x, i);
+        for (int64_t i = 0; i < len; ++i) s += squared_residual<math_t, K>(cg, x.data(), i);
       });
       *sum = s;
       return;
     }
     Lanes<double> lanes;
     for_runs([&](const auto& x, int64_t len) {
-      const auto term = [&](int64_t i) { return squared_residual(x, i); };
+      const auto term = [&](int64_t i) { return squared_residual<math_t, K>(cg, x.data(), i); };
 #ifdef FASTFLOW_CPU_AVX2
       if constexpr (sizeof(scalar_t) == 2) {
         __m256 coeff[K];

@@ -16,6 +16,8 @@ namespace fastflow {
 
 inline float f32_from_bits(uint32_t u) { return c10::bit_cast<float>(u); }
 inline uint32_t f32_bits(float f) { return c10::bit_cast<uint32_t>(f); }
+inline double f64_from_bits(uint64_t u) { return c10::bit_cast<double>(u); }
+inline uint64_t f64_bits(double f) { return c10::bit_cast<uint64_t>(f); }
 // All ones where cond holds, else zero.
 inline uint32_t mask_if(bool cond) { return 0u - static_cast<uint32_t>(cond); }
 inline uint32_t select(uint32_t mask, uint32_t a, uint32_t b) { return (a & mask) | (b & ~mask); }

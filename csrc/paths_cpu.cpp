@@ -60,7 +60,7 @@ struct VectorMath {
 // (sigma, alpha, d_sigma, d_alpha) for the affine ones. Each line mirrors the expression of the
 // same path in fastflow/paths.py. Always inlined: a call stops the tile's loop vectorising.
 template <class Math>
-FASTFLOW_ALWAYS_INLINE void cond_ot(double t, const Params& p, double* c, Math&) {
+[[gnu::always_inline]] inline void cond_ot(double t, const Params& p, double* c, Math&) {
   const double slope = 1.0 - p[0];  // p = {sigma_min}
   c[0] = 1.0 - slope * t;
   c[1] = t;
@@ -77,7 +77,7 @@ FASTFLOW_ALWAYS_INLINE void cond_ot(double t, const Params& p, double* c, Math&)
 bool is_whole_power(double n) { return n == 0.0 || n == 1.0 || n == 2.0 || n == 3.0; }
 
 template <bool kGeneral, class Math>
-FASTFLOW_ALWAYS_INLINE double torch_pow(double t, double n, Math& math) {
+[[gnu::always_inline]] inline double torch_pow(double t, double n, Math& math) {
   using vector_math::select;
   const double square = t * t;
   const double whole = select(n == 3.0, square * t,
@@ -93,7 +93,7 @@ FASTFLOW_ALWAYS_INLINE double torch_pow(double t, double n, Math& math) {
 }
 
 template <class Math, bool kGeneral = true>
-FASTFLOW_ALWAYS_INLINE void polynomial(double t, const Params& p, double* c, Math& math) {
+[[gnu::always_inline]] inline void polynomial(double t, const Params& p, double* c, Math& math) {
   const double n = p[0];
   const double alpha = torch_pow<kGeneral>(t, n, math);
   const double d_alpha = n * torch_pow<kGeneral>(t, n - 1.0, math);
@@ -105,12 +105,13 @@ FASTFLOW_ALWAYS_INLINE void polynomial(double t, const Params& p, double* c, Mat
 
 // Polynomial with n = 1, 2 (the default) or 3: n and n - 1 whole powers, multiplications only.
 template <class Math>
-FASTFLOW_ALWAYS_INLINE void whole_polynomial(double t, const Params& p, double* c, Math& math) {
+[[gnu::always_inline]] inline void whole_polynomial(double t, const Params& p, double* c,
+                                                    Math& math) {
   polynomial<Math, false>(t, p, c, math);
 }
 
 template <class Math>
-FASTFLOW_ALWAYS_INLINE void cosine(double t, const Params&, double* c, Math& math) {
+[[gnu::always_inline]] inline void cosine(double t, const Params&, double* c, Math& math) {
   constexpr double kHalfPi = c10::pi<double> / 2;  // math.pi / 2
   double sin, cos;
   math.sin_cos(kHalfPi * t, sin, cos);
@@ -121,7 +122,7 @@ FASTFLOW_ALWAYS_INLINE void cosine(double t, const Params&, double* c, Math& mat
 }
 
 template <class Math>
-FASTFLOW_ALWAYS_INLINE void linear_vp(double t, const Params&, double* c, Math&) {
+[[gnu::always_inline]] inline void linear_vp(double t, const Params&, double* c, Math&) {
   const double sigma = std::sqrt(1.0 - t * t);
   c[0] = sigma;
   c[1] = t;
@@ -130,7 +131,7 @@ FASTFLOW_ALWAYS_INLINE void linear_vp(double t, const Params&, double* c, Math&)
 }
 
 template <class Math>
-FASTFLOW_ALWAYS_INLINE void vp(double t, const Params& p, double* c, Math& math) {
+[[gnu::always_inline]] inline void vp(double t, const Params& p, double* c, Math& math) {
   const double beta_min = p[0], spread = p[1] - p[0];  // p = {beta_min, beta_max}
   const double s = 1.0 - t;
   const double big_t = 0.5 * (s * s) * spread + s * beta_min, d_big_t = -s * spread - beta_min;
@@ -143,7 +144,7 @@ FASTFLOW_ALWAYS_INLINE void vp(double t, const Params& p, double* c, Math& math)
 }
 
 template <class Math>
-FASTFLOW_ALWAYS_INLINE void constant_noise(double t, const Params& p, double* c, Math&) {
+[[gnu::always_inline]] inline void constant_noise(double t, const Params& p, double* c, Math&) {
   c[0] = 1.0 - t;
   c[1] = t;
   c[2] = p[0];  // p = {sigma}
@@ -153,7 +154,7 @@ FASTFLOW_ALWAYS_INLINE void constant_noise(double t, const Params& p, double* c,
 }
 
 template <class Math>
-FASTFLOW_ALWAYS_INLINE void schrodinger_bridge(double t, const Params& p, double* c, Math&) {
+[[gnu::always_inline]] inline void schrodinger_bridge(double t, const Params& p, double* c, Math&) {
   const double s_t = p[0] * std::sqrt(t * (1.0 - t));  // p = {sigma}
   const double ratio = (1.0 - 2.0 * t) / (2.0 * t * (1.0 - t) + 1e-8);
   c[0] = 1.0 - t;
@@ -172,9 +173,9 @@ constexpr int64_t kTile = 256;
 // instead; returns whether any does (a test per sample would wait on the vector stores).
 template <int kColumns, void (*kEntries)(double, const Params&, double*, VectorMath&),
           typename out_t>
-FASTFLOW_ALWAYS_INLINE bool vector_tile(const double* __restrict t, int64_t n, const Params p,
-                                        out_t* __restrict out, int64_t groups,
-                                        uint64_t* __restrict redo) {
+[[gnu::always_inline]] inline bool vector_tile(const double* __restrict t, int64_t n,
+                                               const Params p, out_t* __restrict out,
+                                               int64_t groups, uint64_t* __restrict redo) {
   uint64_t any = 0;
   // The rows of `out` never overlap (groups >= n), which GCC cannot prove: without ivdep it
   // would check every pair at run time, and gives up beyond 10 pairs (3 columns, 6 rows).

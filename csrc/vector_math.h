@@ -14,30 +14,23 @@
 // They need -ffp-contract=off: the error-free products and sums rely on separate roundings.
 #pragma once
 
-#include <c10/util/bit_cast.h>
+#include "float_bits.h"
 
 #include <cmath>
 #include <cstdint>
 
 namespace fastflow::vector_math {
 
-// Inlined into the caller's loop, whatever its size: a call would stop the loop vectorising.
-#if defined(__GNUC__)
-#define FASTFLOW_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define FASTFLOW_ALWAYS_INLINE inline
-#endif
-
-FASTFLOW_ALWAYS_INLINE uint64_t bits(double x) { return c10::bit_cast<uint64_t>(x); }
-FASTFLOW_ALWAYS_INLINE double from_bits(uint64_t u) { return c10::bit_cast<double>(u); }
-FASTFLOW_ALWAYS_INLINE uint64_t mask_unless(bool in_range) {
+// Every function here is [[gnu::always_inline]]: a call would stop the caller's loop
+// vectorising, whatever the function's size.
+[[gnu::always_inline]] inline uint64_t mask_unless(bool in_range) {
   return static_cast<uint64_t>(in_range) - 1;
 }
 // pick ? a : b with bit operations: GCC leaves `?:` on a loop-invariant condition a branch,
 // which stops the loop vectorising.
-FASTFLOW_ALWAYS_INLINE double select(bool pick, double a, double b) {
+[[gnu::always_inline]] inline double select(bool pick, double a, double b) {
   const uint64_t mask = 0 - static_cast<uint64_t>(pick);
-  return from_bits((bits(a) & mask) | (bits(b) & ~mask));
+  return f64_from_bits((f64_bits(a) & mask) | (f64_bits(b) & ~mask));
 }
 
 // Adding and subtracting 1.5 * 2^52 rounds a double of magnitude below 2^51 to an integer,
@@ -49,14 +42,14 @@ constexpr double kLn2Hi = 6.93147180369123816490e-01;
 constexpr double kLn2Lo = 1.90821492927058770002e-10;
 
 // hi + lo = a + b exactly (Knuth's two-sum).
-FASTFLOW_ALWAYS_INLINE void two_sum(double a, double b, double& hi, double& lo) {
+[[gnu::always_inline]] inline void two_sum(double a, double b, double& hi, double& lo) {
   hi = a + b;
   const double b_part = hi - a;
   lo = (a - (hi - b_part)) + (b - b_part);
 }
 
 // hi + lo = a * b exactly (Dekker's product, for |a|, |b| < 2^995).
-FASTFLOW_ALWAYS_INLINE void two_product(double a, double b, double& hi, double& lo) {
+[[gnu::always_inline]] inline void two_product(double a, double b, double& hi, double& lo) {
   constexpr double kSplit = 134217729.0;  // 2^27 + 1
   const double ca = kSplit * a, cb = kSplit * b;
   const double a_hi = ca - (ca - a), a_lo = a - a_hi;
@@ -66,7 +59,7 @@ FASTFLOW_ALWAYS_INLINE void two_product(double a, double b, double& hi, double& 
 }
 
 // e^(x + tail), |tail| <= an ulp of x. In range: -708 <= x <= 709 (a normal result).
-FASTFLOW_ALWAYS_INLINE double exp(double x, double tail, uint64_t& out_of_range) {
+[[gnu::always_inline]] inline double exp(double x, double tail, uint64_t& out_of_range) {
   out_of_range |= mask_unless((x >= -708.0) & (x <= 709.0));
   const double shifted = x * 1.44269504088896338700 + kRoundMagic;  // x / ln 2
   const double k = shifted - kRoundMagic;
@@ -80,18 +73,21 @@ FASTFLOW_ALWAYS_INLINE double exp(double x, double tail, uint64_t& out_of_range)
                          z * (-1.65339022054652515390e-06 + z * 4.13813679705723846039e-08))));
   const double e_r = 1.0 - ((lo - (r * c) / (2.0 - c)) - hi);
   // 2^k from the exponent field; the shift drops the magic number's bits above k.
-  return e_r * from_bits((bits(shifted) + 1023) << 52);
+  return e_r * f64_from_bits((f64_bits(shifted) + 1023) << 52);
 }
 
-FASTFLOW_ALWAYS_INLINE double exp(double x, uint64_t& out_of_range) { return exp(x, 0.0, out_of_range); }
+[[gnu::always_inline]] inline double exp(double x, uint64_t& out_of_range) {
+  return exp(x, 0.0, out_of_range);
+}
 
 // log x as hi + lo to about 2^-57 absolute. In range: positive normal x.
-FASTFLOW_ALWAYS_INLINE void log(double x, double& hi, double& lo, uint64_t& out_of_range) {
+[[gnu::always_inline]] inline void log(double x, double& hi, double& lo,
+                                       uint64_t& out_of_range) {
   out_of_range |= mask_unless((x >= 0x1p-1022) & (x <= 0x1.fffffffffffffp1023));
   // x = 2^k m with m in [sqrt(2) / 2, sqrt(2)): shift the exponent field by sqrt(2) / 2's.
-  const uint64_t shifted = bits(x) + (0x3ff0000000000000 - 0x3fe6a09e00000000);
-  const double k = from_bits(0x4338000000000000 + (shifted >> 52) - 1023) - kRoundMagic;
-  const double f = from_bits((shifted & 0x000fffffffffffff) + 0x3fe6a09e00000000) - 1.0;
+  const uint64_t shifted = f64_bits(x) + (0x3ff0000000000000 - 0x3fe6a09e00000000);
+  const double k = f64_from_bits(0x4338000000000000 + (shifted >> 52) - 1023) - kRoundMagic;
+  const double f = f64_from_bits((shifted & 0x000fffffffffffff) + 0x3fe6a09e00000000) - 1.0;
   // log(1 + f) = f - f^2 / 2 + s (f^2 / 2 + R(s^2)), s = f / (2 + f).
   double f2, f2_lo;
   two_product(f, f, f2, f2_lo);
@@ -113,7 +109,7 @@ FASTFLOW_ALWAYS_INLINE void log(double x, double& hi, double& lo, uint64_t& out_
 // t^n = e^(n log t). In range: positive normal t, |n| <= 10 and a normal result. log's error
 // (up to about 2^-57 absolute, where s = f / (2 + f) is rounded at |f| near 0.41) grows n-fold
 // in n log t: past |n| = 10 it would pass an ulp of the result (4 ulps at n = 40).
-FASTFLOW_ALWAYS_INLINE double pow(double t, double n, uint64_t& out_of_range) {
+[[gnu::always_inline]] inline double pow(double t, double n, uint64_t& out_of_range) {
   double log_hi, log_lo, y, y_lo;
   log(t, log_hi, log_lo, out_of_range);
   two_product(n, log_hi, y, y_lo);
@@ -122,7 +118,8 @@ FASTFLOW_ALWAYS_INLINE double pow(double t, double n, uint64_t& out_of_range) {
 }
 
 // sin x and cos x. In range: |x| <= 2^16.
-FASTFLOW_ALWAYS_INLINE void sin_cos(double x, double& sin, double& cos, uint64_t& out_of_range) {
+[[gnu::always_inline]] inline void sin_cos(double x, double& sin, double& cos,
+                                           uint64_t& out_of_range) {
   out_of_range |= mask_unless(std::fabs(x) <= 65536.0);
   // x = k pi/2 + r, |r| <= pi/4, with pi/2 in parts of 33 bits (k * part exact for |k| < 2^20)
   // and the rest, so that r keeps its relative accuracy next to a multiple of pi/2.
@@ -138,7 +135,8 @@ FASTFLOW_ALWAYS_INLINE void sin_cos(double x, double& sin, double& cos, uint64_t
                z * (8.33333333332248946124e-03 +
                     z * (-1.98412698298579493134e-04 +
                          z * (2.75573137070700676789e-06 +
-                              z * (-2.50507602534068634195e-08 + z * 1.58969099521155010221e-10)))));
+                              z * (-2.50507602534068634195e-08 +
+                                   z * 1.58969099521155010221e-10)))));
   const double tail =
       z * (4.16666666666666019037e-02 +
            z * (-1.38888888888741095749e-03 + z * 2.48015872894767294178e-05)) +
@@ -147,11 +145,11 @@ FASTFLOW_ALWAYS_INLINE void sin_cos(double x, double& sin, double& cos, uint64_t
   const double half_z = 0.5 * z, one_minus = 1.0 - half_z;
   const double cos_r = one_minus + (((1.0 - one_minus) - half_z) + z * tail);
   // sin x = (sin r, cos r, -sin r, -cos r)[k mod 4]; cos x likewise, shifted by one.
-  const uint64_t q = bits(shifted), swap = 0 - (q & 1);
-  const uint64_t s = (bits(cos_r) & swap) | (bits(sin_r) & ~swap);
-  const uint64_t c = (bits(sin_r) & swap) | (bits(cos_r) & ~swap);
-  sin = from_bits(s ^ ((q & 2) << 62));
-  cos = from_bits(c ^ (((q + 1) & 2) << 62));
+  const uint64_t q = f64_bits(shifted), swap = 0 - (q & 1);
+  const uint64_t s = (f64_bits(cos_r) & swap) | (f64_bits(sin_r) & ~swap);
+  const uint64_t c = (f64_bits(sin_r) & swap) | (f64_bits(cos_r) & ~swap);
+  sin = f64_from_bits(s ^ ((q & 2) << 62));
+  cos = f64_from_bits(c ^ (((q + 1) & 2) << 62));
 }
 
 }  // namespace fastflow::vector_math
