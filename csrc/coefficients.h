@@ -26,9 +26,12 @@ at::Tensor entry_major_coefficients(int64_t groups, int64_t rows, int64_t column
 // [G, 2, K] coefficients, rows (x_t, u_t) over columns (x0, x1[, noise]), of the path `path`
 // (a name of fastflow.paths._NATIVE) with parameters `params` at the times t [G] (any float type,
 // widened to double), in `dtype` (float32 or float64): what fastflow.paths computes with PyTorch
-// in float64, to its bits where the formulas are arithmetic (see paths_cpu.cpp).
+// in float64, to its bits where the formulas are arithmetic (see paths_cpu.cpp). With
+// `residual`, the velocity loss's [G, 1, 1 + K] rows (1, -u_t) over (pred, x0, x1[, noise])
+// instead, u_t rounded to dtype then negated.
 at::Tensor path_coefficients_cpu(const at::Tensor& t, const std::string& path,
-                                 const std::vector<double>& params, at::ScalarType dtype);
+                                 const std::vector<double>& params, at::ScalarType dtype,
+                                 bool residual);
 
 // [G, 1, 2] coefficients over (x_t, pred) that turn a prediction of kind `src` into kind `dst`
 // ("velocity", "epsilon", "data" or "score"), from the path's float64 coefficient matrix

@@ -33,7 +33,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gaussian_cpu", &fastflow::gaussian_cpu,
         "out[b] = the sampler's standard normal noise of sample ids[b] at this step");
   m.def("path_coefficients_cpu", &fastflow::path_coefficients_cpu,
-        "[G, 2, K] coefficients of a built-in path, as fastflow.paths computes them");
+        "[G, 2, K] coefficients of a built-in path, as fastflow.paths computes them, or the "
+        "velocity loss's [G, 1, 1 + K] residual rows (1, -u_t)");
   m.def("conversion_coefficients_cpu", &fastflow::conversion_coefficients_cpu,
         "[G, 1, 2] rows of fastflow.convert from a path's coefficient matrix, the same bits");
   m.def("coefficient_matrix", &fastflow::coefficient_matrix,

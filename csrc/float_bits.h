@@ -18,6 +18,11 @@ inline float f32_from_bits(uint32_t u) { return c10::bit_cast<float>(u); }
 inline uint32_t f32_bits(float f) { return c10::bit_cast<uint32_t>(f); }
 inline double f64_from_bits(uint64_t u) { return c10::bit_cast<double>(u); }
 inline uint64_t f64_bits(double f) { return c10::bit_cast<uint64_t>(f); }
+// -v by its sign bit, NaNs included: PyTorch's neg flips a NaN's sign, where the compiler may
+// fold a negation into the operation that made v (-(a / b) into (-a) / b: exact, but a NaN
+// keeps its sign).
+inline float negated(float v) { return f32_from_bits(f32_bits(v) ^ 0x80000000u); }
+inline double negated(double v) { return f64_from_bits(f64_bits(v) ^ (uint64_t{1} << 63)); }
 // All ones where cond holds, else zero.
 inline uint32_t mask_if(bool cond) { return 0u - static_cast<uint32_t>(cond); }
 inline uint32_t select(uint32_t mask, uint32_t a, uint32_t b) { return (a & mask) | (b & ~mask); }

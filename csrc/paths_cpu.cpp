@@ -17,6 +17,7 @@
 //   the GPU twin.
 #include "coefficients.h"
 #include "affine.h"
+#include "float_bits.h"
 #include "simd_clones.h"
 #include "vector_math.h"
 
@@ -168,10 +169,28 @@ template <class Math>
 // Samples per tile: the builders' loops run a tile at a time, times widened to double first.
 constexpr int64_t kTile = 256;
 
-// A path's entries for the times t[0, n) with vector math into out (entry j of sample i at
-// out[j * groups + i], entry-major), and in redo[i] whether sample i needs the C library
-// instead; returns whether any does (a test per sample would wait on the vector stores).
-template <int kColumns, void (*kEntries)(double, const Params&, double*, VectorMath&),
+// What a builder writes for a sample: its [2, K] matrix, rows (x_t, u_t) over (x0, x1[,
+// noise]); or the loss's residual row (1, -u_t) over (pred, x0, x1[, noise]), 1 + K entries:
+// the bits of the rounded u_t row negated.
+enum class Rows { kMatrix, kResidual };
+
+// Stores the entries of `row` (the sample's matrix) that kRows asks for, entry j at
+// out[j * groups] (entry-major).
+template <Rows kRows, int kColumns, typename out_t>
+[[gnu::always_inline]] inline void store_entries(const double* row, out_t* out, int64_t groups) {
+  if constexpr (kRows == Rows::kMatrix) {
+    for (int j = 0; j < 2 * kColumns; ++j) out[j * groups] = static_cast<out_t>(row[j]);
+  } else {
+    out[0] = out_t(1);
+    for (int j = 0; j < kColumns; ++j)
+      out[(1 + j) * groups] = negated(static_cast<out_t>(row[kColumns + j]));
+  }
+}
+
+// A path's entries for the times t[0, n) with vector math into out (entry-major), and in
+// redo[i] whether sample i needs the C library instead; returns whether any does (a test per
+// sample would wait on the vector stores).
+template <Rows kRows, int kColumns, void (*kEntries)(double, const Params&, double*, VectorMath&),
           typename out_t>
 [[gnu::always_inline]] inline bool vector_tile(const double* __restrict t, int64_t n,
                                                const Params p, out_t* __restrict out,
@@ -184,7 +203,7 @@ template <int kColumns, void (*kEntries)(double, const Params&, double*, VectorM
     VectorMath math;
     double row[2 * kColumns];
     kEntries(t[i], p, row, math);
-    for (int j = 0; j < 2 * kColumns; ++j) out[j * groups + i] = static_cast<out_t>(row[j]);
+    store_entries<kRows, kColumns>(row, out + i, groups);
     redo[i] = math.out_of_range;
     any |= math.out_of_range;
   }
@@ -192,15 +211,24 @@ template <int kColumns, void (*kEntries)(double, const Params&, double*, VectorM
 }
 
 // One plain function per path, since simd_clones.h compiles those again for AVX2, not templates;
-// `out` holds doubles or floats. The parameters come by value: stores through `out` cannot
-// change them, so the loop reads them once.
-#define FASTFLOW_VECTOR_TILE(path, columns)                                                     \
-  FASTFLOW_SIMD_CLONES bool path##_tile(const double* t, int64_t n, Params p, void* out,        \
-                                        bool doubles, int64_t groups, uint64_t* redo) {         \
-    return doubles ? vector_tile<columns, path<VectorMath>>(t, n, p, static_cast<double*>(out), \
-                                                            groups, redo)                       \
-                   : vector_tile<columns, path<VectorMath>>(t, n, p, static_cast<float*>(out),  \
-                                                            groups, redo);                      \
+// `out` holds doubles or floats, the matrix or the residual row. The parameters come by value:
+// stores through `out` cannot change them, so the loop reads them once.
+#define FASTFLOW_VECTOR_TILE(path, columns)                                                    \
+  template <Rows kRows, typename out_t>                                                        \
+  [[gnu::always_inline]] inline bool path##_tile_of(const double* t, int64_t n, Params p,      \
+                                                    void* out, int64_t groups, uint64_t* redo) { \
+    return vector_tile<kRows, columns, path<VectorMath>>(t, n, p, static_cast<out_t*>(out),    \
+                                                         groups, redo);                        \
+  }                                                                                            \
+  FASTFLOW_SIMD_CLONES bool path##_tile(const double* t, int64_t n, Params p, void* out,       \
+                                        bool doubles, bool residual, int64_t groups,           \
+                                        uint64_t* redo) {                                      \
+    if (residual) {                                                                            \
+      return doubles ? path##_tile_of<Rows::kResidual, double>(t, n, p, out, groups, redo)     \
+                     : path##_tile_of<Rows::kResidual, float>(t, n, p, out, groups, redo);     \
+    }                                                                                          \
+    return doubles ? path##_tile_of<Rows::kMatrix, double>(t, n, p, out, groups, redo)         \
+                   : path##_tile_of<Rows::kMatrix, float>(t, n, p, out, groups, redo);         \
   }
 FASTFLOW_VECTOR_TILE(cond_ot, 2)
 FASTFLOW_VECTOR_TILE(polynomial, 2)
@@ -212,18 +240,19 @@ FASTFLOW_VECTOR_TILE(constant_noise, 3)
 FASTFLOW_VECTOR_TILE(schrodinger_bridge, 3)
 #undef FASTFLOW_VECTOR_TILE
 
-using Tile = bool (*)(const double*, int64_t, Params, void*, bool, int64_t, uint64_t*);
+using Tile = bool (*)(const double*, int64_t, Params, void*, bool, bool, int64_t, uint64_t*);
 
 // Samples per task of fill: kGroupGrain for the arithmetic paths (under a nanosecond a sample),
 // an eighth of it for those that take exp, pow or sin (3 to 8 ns), so that their smaller batches
 // also use every core.
 constexpr int64_t kTranscendentalGrain = kGroupGrain / 8;
 
-// The [G, 2, columns] coefficients of the times `t` into `out` (entry-major), a tile of samples
-// at a time: vector math for all, then the C library for the samples it flags.
+// The coefficients of the times `t` into `out` (entry-major): [G, 2, columns], or with
+// `residual` the loss's [G, 1, 1 + columns] rows (Rows). A tile of samples at a time: vector
+// math for all, then the C library for the samples it flags.
 template <int kColumns, void (*kEntries)(double, const Params&, double*, LibraryMath&),
           Tile kVectorTile, int64_t kGrain = kGroupGrain>
-void fill(const at::Tensor& t, const Params& params, at::Tensor& out) {
+void fill(const at::Tensor& t, const Params& params, bool residual, at::Tensor& out) {
   const int64_t groups = t.size(0), stride = t.stride(0);
   // t in its own type, widened to double on load (exactly): the caller saves a conversion.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "path_times", [&] {
@@ -240,14 +269,19 @@ void fill(const at::Tensor& t, const Params& params, at::Tensor& out) {
           const int64_t n = std::min(kTile, end - g0);
           for (int64_t i = 0; i < n; ++i) tile_t[i] = static_cast<double>(times[(g0 + i) * stride]);
           constexpr bool kDoubles = std::is_same_v<scalar_t, double>;
-          if (!kVectorTile(tile_t, n, params, dst + g0, kDoubles, groups, redo)) continue;
+          if (!kVectorTile(tile_t, n, params, dst + g0, kDoubles, residual, groups, redo)) {
+            continue;
+          }
           for (int64_t i = 0; i < n; ++i) {
             if (!redo[i]) continue;
             double row[2 * kColumns];
             LibraryMath math;
             kEntries(tile_t[i], params, row, math);
-            for (int j = 0; j < 2 * kColumns; ++j)
-              dst[j * groups + g0 + i] = static_cast<scalar_t>(row[j]);
+            if (residual) {
+              store_entries<Rows::kResidual, kColumns>(row, dst + g0 + i, groups);
+            } else {
+              store_entries<Rows::kMatrix, kColumns>(row, dst + g0 + i, groups);
+            }
           }
         }
       });
@@ -257,18 +291,18 @@ void fill(const at::Tensor& t, const Params& params, at::Tensor& out) {
 
 // Polynomial's coefficients: by multiplication alone where n and n - 1 are both whole powers
 // (n = 1, 2, 3), else through vector_math's pow (at least one of the two powers needs it).
-void fill_polynomial(const at::Tensor& t, const Params& params, at::Tensor& out) {
+void fill_polynomial(const at::Tensor& t, const Params& params, bool residual, at::Tensor& out) {
   if (is_whole_power(params[0]) && is_whole_power(params[0] - 1.0)) {
-    return fill<2, whole_polynomial, whole_polynomial_tile>(t, params, out);
+    return fill<2, whole_polynomial, whole_polynomial_tile>(t, params, residual, out);
   }
-  fill<2, polynomial, polynomial_tile, kTranscendentalGrain>(t, params, out);
+  fill<2, polynomial, polynomial_tile, kTranscendentalGrain>(t, params, residual, out);
 }
 
 struct NativePath {
   const char* name;
   int columns;
   size_t params;
-  void (*fill)(const at::Tensor&, const Params&, at::Tensor&);
+  void (*fill)(const at::Tensor&, const Params&, bool, at::Tensor&);
 };
 
 constexpr NativePath kPaths[] = {
@@ -291,7 +325,8 @@ at::Tensor entry_major_coefficients(int64_t groups, int64_t rows, int64_t column
 }
 
 at::Tensor path_coefficients_cpu(const at::Tensor& t, const std::string& path,
-                                 const std::vector<double>& params, at::ScalarType dtype) {
+                                 const std::vector<double>& params, at::ScalarType dtype,
+                                 bool residual) {
   const NativePath* found = nullptr;
   for (const auto& p : kPaths)
     if (path == p.name) found = &p;
@@ -304,10 +339,12 @@ at::Tensor path_coefficients_cpu(const at::Tensor& t, const std::string& path,
                     t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
   TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kDouble,
                     "fastflow path_coefficients: dtype must be float32 or float64, got ", dtype);
-  at::Tensor out = entry_major_coefficients(t.size(0), 2, found->columns, t.options().dtype(dtype));
+  const auto options = t.options().dtype(dtype);
+  at::Tensor out = residual ? entry_major_coefficients(t.size(0), 1, 1 + found->columns, options)
+                            : entry_major_coefficients(t.size(0), 2, found->columns, options);
   Params p{};
   std::copy(params.begin(), params.end(), p.begin());
-  found->fill(t, p, out);
+  found->fill(t, p, residual, out);
   return out;
 }
 

@@ -164,9 +164,9 @@ def kernels(name):
     their results. Optional: ``affine_fresh(inputs, coeffs)``, affine into outputs it allocates
     after checking the arguments; ``affine_out(inputs, coeffs, outputs)``, the whole of an eager
     fastflow::affine_out call (checks, outputs that alias inputs written through stand-ins,
-    version counters bumped); ``path_coefficients(t, path, params, dtype)`` for the paths of
+    version counters bumped); ``path_coefficients(t, path, params, dtype, residual)`` for the paths of
     fastflow.paths._NATIVE, at times t of any float type (it returns None for a path it cannot
-    build), and ``conversion_coefficients(path_coeffs, src, dst, eps, dtype)`` for
+    build; `residual`: the velocity loss's rows, fastflow.paths.velocity_residual), and ``conversion_coefficients(path_coeffs, src, dst, eps, dtype)`` for
     fastflow.convert (None where PyTorch computes them); ``pred_loss(pred, data, coeffs,
     weight, divisor)``, the sum of ``weight * affine_sqnorm([pred, *data], coeffs)`` (weight
     None or one per group) over groups divided by `divisor`, as an autograd node

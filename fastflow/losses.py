@@ -19,7 +19,7 @@ from ._checks import (batch_time, check_like, check_stream, check_time, formula_
                       formula_time, path_inputs)
 from .conversions import DIVISOR_EPS, _check_kind, _safe
 from .paths import (AffinePath, ConstantNoise, CondOT, TargetCFM, coefficients, get_path,
-                    value_key)
+                    value_key, velocity_residual)
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -154,11 +154,15 @@ def flow_matching_loss(pred, x0, x1, t, path=None, prediction="velocity", noise=
     residual = None if t_grad else _constant_residual(path, prediction, x1, math, whole_batch,
                                                       backend is not None)
     if residual is None:
-        # One group per sample; t unconverted for the path's builder.
+        # One group per sample; t unconverted for the path's builder, which writes the velocity
+        # target's rows (1, -u_t) directly where it can.
         t = batch_time(t, x1, keep_type=True).expand(batch)
-        target = target_coefficients(path, t, prediction, backend=None if t_grad else backend,
-                                     dtype=math)
-        residual = _ops._take(_residual_coeffs(target, math), 2, read)
+        if prediction == "velocity" and not t_grad:
+            residual = velocity_residual(path, t, math, backend)
+        if residual is None:
+            target = target_coefficients(path, t, prediction, backend=None if t_grad else backend,
+                                         dtype=math)
+            residual = _ops._take(_residual_coeffs(target, math), 2, read)
     streams = [streams[k] for k in read]
     if recording and not _ops._is_compiling():   # (the tracer cannot ask)
         # Autograd cannot save inference tensors (data made under torch.inference_mode, such

@@ -261,7 +261,19 @@ def coefficients(path, t, dtype, backend=None):
     csrc/vector_math.h's) may round differently by an ulp or two of float64, which a cancelling
     difference (1 - t^n near t = 1) can magnify to a few hundred float64 ulps
     (csrc/paths_cpu.cpp says more)."""
+    coeffs = _native(path, t, dtype, backend, residual=False)
+    return coeffs if coeffs is not None else path.coefficients(formula_time(t)).to(dtype)
+
+
+def velocity_residual(path, t, dtype, backend=None):
+    """The velocity loss's [G, 1, 1 + K] rows (1, -u_t) over (pred, x0, x1[, noise]) in dtype,
+    the bits of ``coefficients(path, t, dtype, backend)[:, 1]`` negated behind a column of ones,
+    written by the backend's builder in one pass (no [G, 2, K] matrix, no copy); None where
+    ``coefficients`` would take PyTorch's formulas (or the builder does not build the path)."""
+    return _native(path, t, dtype, backend, residual=True)
+
+
+def _native(path, t, dtype, backend, residual):
     native = _NATIVE.get(type(path))
     build = coefficient_builder(t, "path_coefficients", backend) if native is not None else None
-    coeffs = build(t, *native(path), dtype) if build is not None else None
-    return coeffs if coeffs is not None else path.coefficients(formula_time(t)).to(dtype)
+    return build(t, *native(path), dtype, residual) if build is not None else None

@@ -126,9 +126,9 @@ def _cases():
             torch.empty(64, 256, dtype=dtype), torch.empty(64, dtype=dtype),
             torch.empty(128, dtype=dtype), 1.0, False, t_grad, freqs_grad)
 
-    def run_path(path, params, dtype, time_dtype=f64):
+    def run_path(path, params, dtype, time_dtype=f64, residual=False):
         return lambda: paths.path_coefficients(torch.empty(1000, dtype=time_dtype), path, params,
-                                               dtype)
+                                               dtype, residual)
 
     def run_conversion(src, dst, dtype):
         return lambda: conversions.conversion_coefficients(torch.empty(1000, 2, 2, dtype=f64), src,
@@ -176,6 +176,9 @@ def _cases():
         ("path coefficients LinearVP fp64", run_path("linear_vp", [], f64)),
         ("path coefficients VP fp32 (libdevice exp)", run_path("vp", [0.1, 20.0], f32)),
         ("path coefficients Schrodinger bridge fp32", run_path("schrodinger_bridge", [1.0], f32)),
+        ("path residual rows CondOT fp32", run_path("cond_ot", [0.0], f32, f32, True)),
+        ("path residual rows Schrodinger bridge fp64",
+         run_path("schrodinger_bridge", [1.0], f64, f32, True)),
         ("conversion epsilon to velocity fp32", run_conversion("epsilon", "velocity", f32)),
         ("conversion velocity to score fp64", run_conversion("velocity", "score", f64)),
         ("conversion score to data fp32", run_conversion("score", "data", f32)),

@@ -232,7 +232,7 @@ def _native_and_formula(backend, path, dtype, times=NATIVE_TIMES):
     times = times.to(backend)
     name = fastflow._backends.select(times.device)
     build = fastflow._backends.kernels(name).path_coefficients
-    native = build(times, *paths._NATIVE[type(path)](path), dtype) if build else None
+    native = build(times, *paths._NATIVE[type(path)](path), dtype, False) if build else None
     formula = path.coefficients(times).to(dtype)
     if native is None:
         assert name == "reference" or (name == "triton" and type(path) is paths.Polynomial)
@@ -240,6 +240,11 @@ def _native_and_formula(backend, path, dtype, times=NATIVE_TIMES):
         return None, formula
     assert bits_equal(paths.coefficients(path, times, dtype), native)
     assert native.shape == formula.shape and native.dtype == dtype
+    # The velocity loss's rows (1, -u_t), written by the same builder: u_t's bits, negated.
+    residual = paths.velocity_residual(path, times, dtype)
+    assert residual.shape == (len(times), 1, 1 + native.shape[2]) and residual.dtype == dtype
+    assert bits_equal(residual[:, 0, 0], torch.ones_like(times, dtype=dtype))
+    assert bits_equal(residual[:, 0, 1:], -native[:, 1])
     return native, formula
 
 
@@ -340,7 +345,7 @@ def test_vector_math_is_within_an_ulp_or_two_of_the_c_library(case):
     t = torch.cat([inside, outside])[torch.randperm(len(inside) + len(outside),
                                                     generator=torch.Generator().manual_seed(0))]
     is_outside = torch.isin(t, outside) | t.isnan()
-    c = compiled_extension().path_coefficients_cpu(t, name, params, torch.float64)
+    c = compiled_extension().path_coefficients_cpu(t, name, params, torch.float64, False)
     for (row, column), (formula, allowed) in entries.items():
         expected = torch.tensor([formula(libm, v) for v in t.tolist()], dtype=torch.float64)
         distance = _ulps(c[:, row, column], expected)
@@ -407,7 +412,7 @@ def test_native_coefficients_reject_bad_calls(args, message):
     from conftest import compiled_extension
 
     with pytest.raises(ValueError, match=message):
-        compiled_extension().path_coefficients_cpu(*args)
+        compiled_extension().path_coefficients_cpu(*args, False)
 
 
 @pytest.mark.parametrize("path", [paths.ConstantNoise(0.5), paths.SchrodingerBridge(0.5),
@@ -449,4 +454,4 @@ def test_the_cpu_builders_take_float8_as_the_ops_do():
     got = fastflow._ops.coefficient_matrix([t, 1.0], 1, 2, 4, torch.float32, t.device)
     assert bits_equal(got[:, 0, 0], t.float()) and bits_equal(got[:, 0, 1], torch.ones(4))
     with pytest.raises(ValueError, match=r"t must be a 1-D floating-point CPU tensor \(float16, bfloat16"):
-        compiled_extension().path_coefficients_cpu(t, "cond_ot", [0.0], torch.float32)
+        compiled_extension().path_coefficients_cpu(t, "cond_ot", [0.0], torch.float32, False)

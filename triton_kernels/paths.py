@@ -1,6 +1,7 @@
 """Coefficient matrices of the built-in paths, from t in one launch.
 
     out[g] = rows (x_t, u_t) over columns (x0, x1[, noise]) at time t[g]
+    (or the velocity loss's residual row (1, -u_t) over (pred, x0, x1[, noise]))
 
 The twin of csrc/paths_cpu.cpp: the formulas of fastflow/paths.py, operation for operation in
 fp64, so the arithmetic paths get PyTorch's bits and the others agree with it to an ulp or so
@@ -34,7 +35,8 @@ def _torch_pow(t, n):
 
 @triton.jit
 def _path_coefficients_kernel(t_ptr, p0: tl.float64, p1: tl.float64, out_ptr, groups, t_stride,
-                              PATH: tl.constexpr, COLUMNS: tl.constexpr, BLOCK: tl.constexpr):
+                              PATH: tl.constexpr, COLUMNS: tl.constexpr, RESIDUAL: tl.constexpr,
+                              BLOCK: tl.constexpr):
     g = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = g < groups
     t = tl.load(t_ptr + g * t_stride, mask=mask).to(tl.float64)  # any float type, exactly
@@ -73,28 +75,41 @@ def _path_coefficients_kernel(t_ptr, p0: tl.float64, p1: tl.float64, out_ptr, gr
         s_t = p0 * LIBM.sqrt(t * (one - t))
         ratio = (one - 2.0 * t) / (2.0 * t * (one - t) + tl.full([], 1e-8, tl.float64))
         c0, c1, c2, c3, c4, c5 = one - t, t, s_t, -one, one, ratio * s_t
-    row = out_ptr + g * (2 * COLUMNS)
     ty = out_ptr.dtype.element_ty
-    tl.store(row, c0.to(ty), mask=mask)
-    tl.store(row + 1, c1.to(ty), mask=mask)
-    tl.store(row + 2, c2.to(ty), mask=mask)
-    tl.store(row + 3, c3.to(ty), mask=mask)
-    if COLUMNS == 3:
-        tl.store(row + 4, c4.to(ty), mask=mask)
-        tl.store(row + 5, c5.to(ty), mask=mask)
+    if RESIDUAL:  # (1, -u_t), u_t rounded then negated (exactly)
+        row = out_ptr + g * (1 + COLUMNS)
+        tl.store(row, one.to(ty), mask=mask)
+        if COLUMNS == 2:
+            tl.store(row + 1, -c2.to(ty), mask=mask)
+            tl.store(row + 2, -c3.to(ty), mask=mask)
+        else:
+            tl.store(row + 1, -c3.to(ty), mask=mask)
+            tl.store(row + 2, -c4.to(ty), mask=mask)
+            tl.store(row + 3, -c5.to(ty), mask=mask)
+    else:
+        row = out_ptr + g * (2 * COLUMNS)
+        tl.store(row, c0.to(ty), mask=mask)
+        tl.store(row + 1, c1.to(ty), mask=mask)
+        tl.store(row + 2, c2.to(ty), mask=mask)
+        tl.store(row + 3, c3.to(ty), mask=mask)
+        if COLUMNS == 3:
+            tl.store(row + 4, c4.to(ty), mask=mask)
+            tl.store(row + 5, c5.to(ty), mask=mask)
 
 
 @on_tensors_device
-def path_coefficients(t, path, params, dtype):
+def path_coefficients(t, path, params, dtype, residual):
     """[G, 2, K] coefficients of `path` with `params` at the times t [G] (any float type), in
-    dtype; None for a path this backend does not build."""
+    dtype, or with `residual` the velocity loss's [G, 1, 1 + K] rows (1, -u_t); None for a path
+    this backend does not build."""
     if path not in _PATHS:
         return None
     kind, columns = _PATHS[path]
     p0, p1 = (*params, 0.0, 0.0)[:2]
-    out = torch.empty(t.shape[0], 2, columns, dtype=dtype, device=t.device)
+    shape = (1, 1 + columns) if residual else (2, columns)
+    out = torch.empty(t.shape[0], *shape, dtype=dtype, device=t.device)
     if t.shape[0]:
         grid = (triton.cdiv(t.shape[0], _BLOCK),)
         _path_coefficients_kernel[grid](t, float(p0), float(p1), out, t.shape[0], t.stride(0),
-                                        kind, columns, _BLOCK, **LAUNCH_OPTIONS)
+                                        kind, columns, residual, _BLOCK, **LAUNCH_OPTIONS)
     return out
