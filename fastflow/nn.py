@@ -78,10 +78,12 @@ class FourierEmbedding(nn.Module):
 
     def forward(self, t, dtype=None):
         """[B, dim] features of t [B], computed in fp32 (fp64 for fp64 t or W), in `dtype`; by
-        default in W's dtype when the module was cast to 16 bits (``.half()``), as diffusers'
-        GaussianFourierProjection then gives."""
-        if dtype is None and self.weight.dtype in (torch.float16, torch.bfloat16):
-            dtype = self.weight.dtype
+        default, when the module was cast to 16 bits (``.half()``), in the type diffusers'
+        GaussianFourierProjection then gives: t's and W's promoted (fp16 for fp16 t, fp32 for
+        fp32 t)."""
+        if (dtype is None and self.weight.dtype in (torch.float16, torch.bfloat16)
+                and isinstance(t, torch.Tensor)):
+            dtype = torch.promote_types(t.dtype, self.weight.dtype)
         return embeddings.fourier_embedding(t, self.weight, log=self.log,
                                             flip_sin_to_cos=self.flip_sin_to_cos, dtype=dtype)
 

@@ -96,11 +96,15 @@ class TargetCFM(CondOT):
     1 - (1 - sigma) t, target (x1 - (1 - sigma) x_t) / sigma_t.
 
     Here x0 is the Gaussian sample that torchcfm calls epsilon; the target then simplifies to
-    x1 - (1 - sigma) x0, which makes this CondOT with sigma_min = sigma.
+    x1 - (1 - sigma) x0, which makes this CondOT with sigma_min = sigma. As in torchcfm, sigma
+    may be 1 (sigma_t = 1, target x1).
     """
 
     def __init__(self, sigma=0.0):
-        super().__init__(sigma_min=sigma)
+        sigma = _parameter("TargetCFM", "sigma", sigma)
+        if not 0.0 <= sigma <= 1.0:
+            raise ValueError(f"TargetCFM: sigma must be in [0, 1], got {sigma}")
+        self.sigma_min = sigma
 
 
 class Polynomial(AffinePath):

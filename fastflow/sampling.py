@@ -97,12 +97,16 @@ class Sampler:
             per step when the sampler is built. None disables guidance; a step whose scale is
             1 (the conditional prediction alone) skips the unconditional call.
         guidance: "cfg" (v_u + w (v_c - v_u)) or "cfg_zero_star" (the unconditional
-            prediction first projected on the conditional one, per sample).
+            prediction first scaled by alpha = <p_c, p_u> / |p_u|^2 per sample, computed on
+            the model's predictions p as they come: on velocities for a velocity model, on
+            the noise, data or score for the others).
         guidance_interval: (t_lo, t_hi): guide only the steps starting inside it; the others
             use the conditional prediction alone (and skip the unconditional call, unless the
             batch is doubled).
-        zero_init_steps: CFG-Zero*'s zero init: the first steps use a zero prediction (the
-            model is not called for them, so a model singular at the start is never read).
+        zero_init_steps: CFG-Zero*'s zero init: the first steps use a zero velocity, whatever
+            the prediction's kind (the state does not move; with `stochastic`, it is re-noised
+            from its own data estimate). The model is not called for them, so a model singular
+            at the start is never read, nor converted there.
         stochastic: re-noise after every Euler step instead of following the ODE: with x1^
             the data estimate of (x, v) on `path`, x' = alpha_t' x1^ + sigma_t' eps (on CondOT,
             x1^ = x + (1 - t) v and x' = t' x1^ + (1 - t') eps); increasing grids, Euler.
@@ -125,6 +129,9 @@ class Sampler:
     The model's input x is also a buffer that later stages overwrite, and t a view of the
     sampler's time table, shared by samplers with the same options: the model must not modify
     t in place (the run then raises an error).
+
+    torch.compile: compile the model, not the sampler, whose options become host tables when
+    it is built; ``capture=True`` records the whole loop on CUDA instead.
     """
 
     def __init__(self, model, *, method="euler", steps=None, time_grid=None, sigmas=None,
@@ -205,26 +212,26 @@ class Sampler:
         """The method of the last step (see `prediction`): the main one, or the midpoint rule
         where the main one would evaluate the model at the end of the grid and the prediction
         cannot become a velocity there. Raises for any other such evaluation."""
-        if self.prediction == "velocity":
-            return self.method
         last = len(self.grid) - 2
-        earlier = [tau for row in self._stage_times(self.method, range(last)) for tau in row]
+        # The zero-init steps convert nothing (their velocity is zero).
+        if self.prediction == "velocity" or self.zero_init_steps > last:
+            return self.method
+        earlier = [tau for row in self._stage_times(self.method, range(self.zero_init_steps, last))
+                   for tau in row]
         for method in dict.fromkeys((self.method, "midpoint")):
             taus = earlier + self._stage_times(method, [last])[0]
-            singular = self._unconvertible(taus)
-            if not any(singular):
+            reasons = self._unconvertible(taus)
+            if not any(reasons):
                 return method
             # Only stages at the end of the grid (c = 1 of the last step) can be avoided.
             ends = [False] * len(earlier) + [c == 1.0 for c in TABLEAUS[method][0]]
-            if any(s and not end for s, end in zip(singular, ends)):
+            if any(r and not end for r, end in zip(reasons, ends)):
                 break
-        tau = next(tau for tau, s in zip(taus, singular) if s)
-        divisor = "sigma_t" if self.prediction == "data" else "alpha_t"
-        inside = "1e-3" if tau < 0.5 else "1 - 1e-3"
+        tau, reason = next((tau, r) for tau, r in zip(taus, reasons) if r)
         raise ValueError(f"prediction: a {self.prediction!r} prediction cannot be turned into a "
-                         f"velocity at t = {tau:g} on {self.path!r} ({divisor} vanishes there), "
-                         f"where the grid would evaluate the model; start the grid just inside, "
-                         f"e.g. at t = {inside}")
+                         f"velocity at t = {tau:g} on {self.path!r} ({reason}), where the grid "
+                         f"would evaluate the model; start the grid just inside"
+                         f"{_example_inside(tau, self._unconvertible)}")
 
     def _check_renoising(self):
         """Re-noising estimates the data from (x, v) at each step's start, dividing by
@@ -241,14 +248,21 @@ class Sampler:
                              f"t = 1e-3")
 
     def _unconvertible(self, taus):
-        """Whether the prediction can not become a velocity at each time: its conversion
-        divides by sigma_t (data) or alpha_t (epsilon, score), or the path's derivatives are
-        infinite there."""
+        """Per time, why the prediction cannot become a velocity there (its conversion divides
+        by sigma_t (data) or alpha_t (epsilon, score), or the path's derivatives are infinite
+        there), or None where it can."""
         alpha, sigma, d_alpha, d_sigma = self.path(_host(taus))
-        divisor = sigma if self.prediction == "data" else alpha
-        singular = ((divisor.abs() < DIVISOR_EPS) | ~torch.isfinite(d_alpha)
-                    | ~torch.isfinite(d_sigma))
-        return singular.tolist()
+        name, divisor = ("sigma_t", sigma) if self.prediction == "data" else ("alpha_t", alpha)
+        reasons = []
+        for i in range(len(taus)):
+            if not (torch.isfinite(d_alpha[i]) and torch.isfinite(d_sigma[i])):
+                reasons.append(f"alpha_t' = {float(d_alpha[i]):g}, sigma_t' = "
+                               f"{float(d_sigma[i]):g} there")
+            elif not abs(float(divisor[i])) >= DIVISOR_EPS:
+                reasons.append(f"{name} = {float(divisor[i]):g} there, below {DIVISOR_EPS:g}")
+            else:
+                reasons.append(None)
+        return reasons
 
     def _guidance_weights(self):
         """Per step, the scale w: a float64 [steps, G] table, G = 1 or one column per sample."""
@@ -341,14 +355,19 @@ class Sampler:
         return [(out, copies)]
 
     def _velocity_rows(self, method, stage):
-        """Per step, the velocity k = alpha * x_stage + beta * prediction at the stage's time."""
+        """Per step, the velocity k = alpha * x_stage + beta * prediction at the stage's time;
+        zero in the zero-init steps (whose prediction is a zero buffer, and whose conversion
+        may be undefined: t = 0 for a noise prediction)."""
         taus = [row[stage] for row in self._stage_times(method, range(len(self.grid) - 1))]
         if self.prediction == "velocity":
             sign = -1.0 if self.time_convention == "sigma" else 1.0
-            return [0.0] * len(taus), [sign] * len(taus)
-        rows = conversion_coefficients(self.path, _host(taus),
-                                       self.prediction, "velocity")[:, 0]
-        return rows[:, 0].tolist(), rows[:, 1].tolist()
+            alpha, beta = [0.0] * len(taus), [sign] * len(taus)
+        else:
+            rows = conversion_coefficients(self.path, _host(taus),
+                                           self.prediction, "velocity")[:, 0]
+            alpha, beta = rows[:, 0].tolist(), rows[:, 1].tolist()
+        zero = min(self.zero_init_steps, len(taus))
+        return [0.0] * zero + alpha[zero:], [0.0] * zero + beta[zero:]
 
     def _renoising_rows(self):
         """Per step t -> t', the stochastic update x' = alpha_t' x1^ + sigma_t' eps with the
@@ -437,6 +456,8 @@ class Sampler:
         if groups not in (1, x_init.shape[0]):
             raise ValueError(f"guidance_scale: expected one scale per sample ({x_init.shape[0]}), "
                              f"got {groups}")
+        if sample_ids is not None and not self.stochastic:   # unused, but never wrong
+            _sample_ids(sample_ids, x_init.shape[0], x_init.device)
         guided_anywhere = any(self.guided_steps)
         if guided_anywhere and not self.doubled_batch and uncond_kwargs is None:
             raise ValueError("uncond_kwargs: guidance needs the unconditional call's keyword "
@@ -654,6 +675,17 @@ def _zero_star_weights(uncond, cond, batch):
     return dots[:, 0] / (dots[:, 1] + _ZERO_STAR_EPS)
 
 
+def _example_inside(tau, reasons):
+    """The end of a refusal at the grid's end tau: an example time just inside it where
+    `reasons` (Sampler._unconvertible) finds nothing, with a margin (also 10% closer to the
+    end: the example rounded to float32 must pass too)."""
+    near = [1e-3, 1e-2, 0.05, 0.1]
+    side = (lambda d: d) if tau < 0.5 else (lambda d: 1 - d)
+    fine = [side(d) for d, reason in zip(near, reasons([side(0.9 * d) for d in near]))
+            if reason is None]
+    return f", e.g. at t = {fine[0]:g}" if fine else ""
+
+
 def _add(combo, term, scale):
     """combo += scale * term, coefficient lists per step."""
     for name, coeff in term.items():
@@ -708,16 +740,19 @@ def _scale_row(value):
     (from a tensor, a list or an array)."""
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return _finite_scales(_host([float(value)]), value)
-    try:   # Python floats are float64: keep every digit, as a single scale keeps them
-        scales = (value if isinstance(value, torch.Tensor) else
-                  torch.as_tensor(value, dtype=torch.float64, device="cpu"))
+    try:
+        scales = value if isinstance(value, torch.Tensor) else torch.as_tensor(value, device="cpu")
+        if not isinstance(value, torch.Tensor) and scales.dtype != torch.bool:
+            # Python floats are float64: keep every digit, as a single scale keeps them.
+            scales = torch.as_tensor(value, dtype=torch.float64, device="cpu")
     except (TypeError, ValueError, RuntimeError):
         scales = None
     # An empty row is the scales of an empty batch (a rank's shard of sample_distributed).
+    # True is no scale (it would read as w = 1, no guidance), nor is a meta tensor.
     if (scales is None or scales.dim() > 1 or scales.is_complex()
-            or scales.dtype == torch.bool):
-        got = (f"a {scales.dtype} tensor of shape {tuple(scales.shape)}" if scales is not None
-               else repr(value))
+            or scales.dtype == torch.bool or scales.is_meta):
+        got = (f"a {scales.dtype} tensor of shape {tuple(scales.shape)} on {scales.device}"
+               if scales is not None else repr(value))
         raise ValueError(f"guidance_scale: expected a real number or a [B] tensor of scales "
                          f"(one per sample), or a callable giving one per step; got {got}")
     return _finite_scales(scales.detach().to("cpu", torch.float64).reshape(-1), value)
@@ -836,6 +871,8 @@ def _host_grid(steps, time_grid, sigmas, reverse):
         except (TypeError, ValueError, RuntimeError):
             raise ValueError(f"{name}: expected a 1-D floating grid of at least 2 points, got "
                              f"{values!r}") from None
+    if values.is_meta:
+        raise ValueError(f"{name}: expected a grid of numbers, got a meta tensor (no values)")
     if values.dim() != 1 or values.numel() < 2 or not values.is_floating_point():
         raise ValueError(f"{name}: expected a 1-D floating grid of at least 2 points, got shape "
                          f"{tuple(values.shape)} and dtype {values.dtype}")

@@ -274,14 +274,17 @@ def test_fourier_module_fixed_and_learned():
     learned(t).sum().backward()
     assert learned.weight.grad.shape == (16,)
     assert_close_to_reference(fixed(t), reference.fourier_embedding(t, fixed.weight), torch.float32)
-    # Cast to 16 bits, the module emits in W's type (as diffusers' GaussianFourierProjection
-    # after .half()), computed in fp32 from the 16-bit W and rounded once.
+    # Cast to 16 bits, the module emits in t's and W's promoted type, as diffusers'
+    # GaussianFourierProjection after .half() (it gave W's type for fp32 t), computed in fp32
+    # from the 16-bit W and rounded once.
     for dtype in (torch.float16, torch.bfloat16):
         cast = FourierEmbedding(32, scale=16.0).to(dtype)
-        out = cast(t)
-        assert out.dtype == dtype
-        assert torch.equal(out, fastflow.fourier_embedding(t, cast.weight).to(dtype))
-        assert cast(t, dtype=torch.float32).dtype == torch.float32
+        for t_dtype in (dtype, torch.float32, torch.float64):
+            out = cast(t.to(t_dtype))
+            assert out.dtype == torch.promote_types(t_dtype, dtype)
+            assert torch.equal(out, fastflow.fourier_embedding(t.to(t_dtype), cast.weight,
+                                                               dtype=out.dtype))
+        assert cast(t, dtype=torch.float16).dtype == torch.float16
 
 
 def test_bad_input():

@@ -130,6 +130,7 @@ def test_sigma_selects_the_noisy_path():
     assert type(fastflow.FlowMatcher(sigma=0.0).path) is paths.CondOT
     assert fastflow.FlowMatcher("schrodinger_bridge").path.sigma == 1.0    # the path's default
     assert fastflow.FlowMatcher("target_cfm", sigma=0).path.sigma_min == 0.0
+    assert fastflow.FlowMatcher("target_cfm", sigma=1.0).path.sigma_min == 1.0   # torchcfm's too
     assert type(fastflow.FlowMatcher("cosine", sigma=0.0).path) is paths.Cosine
     with pytest.raises(ValueError, match="sigma"):   # was SchrodingerBridge(1.0), silently
         fastflow.FlowMatcher("schrodinger_bridge", sigma=0.0)

@@ -34,6 +34,7 @@ AFFINE_PATHS = [
     (paths.VP(beta_min=0.5, beta_max=5.0), _vp(0.5, 5.0)),
     (paths.VP(beta_min=1.0, beta_max=1.0), _vp(1.0, 1.0)),
     (paths.TargetCFM(0.05), lambda t: (t, 1 - 0.95 * t)),
+    (paths.TargetCFM(1.0), lambda t: (t, 1.0)),
 ]
 AFFINE_IDS = [repr(p) for p, _ in AFFINE_PATHS]
 
@@ -172,7 +173,9 @@ BAD_ARGUMENTS = [
     (paths.CondOT, {"sigma_min": -0.1}, ValueError, "CondOT: sigma_min"),
     (paths.CondOT, {"sigma_min": 1.0}, ValueError, "CondOT: sigma_min"),
     (paths.CondOT, {"sigma_min": 1.5}, ValueError, "CondOT: sigma_min"),
-    (paths.TargetCFM, {"sigma": 1.0}, ValueError, "sigma_min must be in"),
+    # It named CondOT's sigma_min, and refused torchcfm's sigma = 1.
+    (paths.TargetCFM, {"sigma": 1.5}, ValueError, r"TargetCFM: sigma must be in \[0, 1\]"),
+    (paths.TargetCFM, {"sigma": "0.1"}, TypeError, "TargetCFM: sigma must be a number"),
     (paths.VP, {"beta_min": 2.0, "beta_max": 1.0}, ValueError, "VP: need 0 <= beta_min <= beta_"),
     (paths.VP, {"beta_min": -0.1}, ValueError, "VP: need 0 <= beta_min"),
     # No noise at any t: u_t was 0 / 0 everywhere.

@@ -480,6 +480,15 @@ def test_bad_input():
         (dict(steps=4, guidance_scale=torch.tensor([])), ValueError, "guidance_scale: expected"),
         (dict(steps=4, guidance_scale=torch.ones(4, 1)), ValueError, "guidance_scale: expected"),
         (dict(steps=4, guidance_scale=float("nan")), ValueError, "guidance_scale: expected finite"),
+        # True read as w = 1 (no guidance), [True, False] as (1, 0).
+        (dict(steps=4, guidance_scale=True), ValueError, "guidance_scale: expected a real"),
+        (dict(steps=4, guidance_scale=[True, False, True, True]), ValueError,
+         "guidance_scale: expected a real number .* got a torch.bool tensor"),
+        # These raised PyTorch's "Cannot copy out of meta tensor", naming no argument.
+        (dict(steps=4, guidance_scale=torch.ones(4, device="meta")), ValueError,
+         "guidance_scale: expected .* on meta"),
+        (dict(time_grid=torch.linspace(0, 1, 5, device="meta")), ValueError,
+         "time_grid: expected a grid of numbers, got a meta tensor"),
         (dict(steps=4, stochastic=True, path="schrodinger_bridge"), TypeError,
          "path: converting a 'velocity' prediction or re-noising needs an affine path"),
         # The data estimate of re-noising divides by alpha sigma' - sigma alpha', 0 at t = 0 here.
@@ -513,6 +522,9 @@ def test_bad_input():
                         sample_ids=torch.arange(4, device="meta"))
     with pytest.raises(ValueError, match="time_grid: expected a 1-D floating grid .* got '01'"):
         fastflow.sample(model, x0, time_grid="01")
+    # Unused without stochastic, but a wrong argument all the same (it was ignored).
+    with pytest.raises(ValueError, match="sample_ids: expected 4 integers"):
+        fastflow.sample(model, x0, steps=2, sample_ids=["a", "b", "c", "d"])
 
 
 def test_guidance_scales_are_one_per_sample():
@@ -638,6 +650,61 @@ def test_predictions_are_never_converted_where_they_have_no_velocity():
         out = fastflow.sample(model, x0, time_grid=torch.tensor([0.9, 0.5, 0.0]), method="heun",
                               prediction="epsilon", path="cosine")
     assert torch.isfinite(out).all()
+    # The reference refuses the same grids (it converted there, through the clamped divisor).
+    with pytest.raises(ValueError, match="'epsilon' prediction has no velocity at t = 0 on"):
+        reference.sample(model, x0, [0.0, 0.5, 1.0], prediction="epsilon")
+
+
+@pytest.mark.parametrize("options, reason, example", [
+    # alpha_t = t^3 is 1e-9 at t = 1e-3: the message suggested the grid it refused.
+    (dict(time_grid=torch.tensor([1e-3, 0.5, 1.0]), prediction="epsilon",
+          path=fastflow.paths.Polynomial(3.0)), r"alpha_t = 1e-09 there, below 1e-06", "0.05"),
+    # alpha_1 = 1 there: the derivative of sigma_t is what is infinite, not a vanishing alpha.
+    (dict(time_grid=torch.tensor([1.0, 0.5, 0.1]), prediction="epsilon", path="linear_vp"),
+     r"alpha_t' = 1, sigma_t' = -inf there", "0.999"),
+    (dict(time_grid=torch.tensor([0.0, 0.5, 0.9]), prediction="data",
+          path=fastflow.paths.Polynomial(0.5)), r"alpha_t' = inf, sigma_t' = -inf there", "0.001"),
+])
+def test_refusals_say_why_and_suggest_a_grid_that_works(options, reason, example):
+    with pytest.raises(ValueError, match=f"{reason}\\), where .* e.g. at t = {example}$"):
+        fastflow.Sampler(Net(), **options)
+    start = float(example)
+    grid = torch.tensor([start, 0.5, 1 - start if start > 0.5 else 0.9])
+    fastflow.Sampler(Net(), **{**options, "time_grid": grid})   # the suggestion is accepted
+
+
+@pytest.mark.parametrize("prediction", ["velocity", "epsilon", "data", "score"])
+@pytest.mark.parametrize("method", ["euler", "heun", "rk4"])
+def test_zero_init_steps_hold_the_state_whatever_the_prediction(prediction, method):
+    # CFG-Zero*'s zero init skips the first steps' motion: a zero noise prediction was a
+    # velocity x / t (the state scaled 100x from t = 1e-3), a zero data prediction -x / (1 - t).
+    calls = []
+    model = lambda x, t: calls.append(t) or torch.sin(x)  # noqa: E731
+    x = torch.randn(3, 4, dtype=torch.float64)
+    grid = [0.0, 0.4, 0.7, 0.9]   # t = 0 has no velocity for noise or score predictions
+    out = fastflow.sample(model, x, time_grid=grid[:2], method=method, prediction=prediction,
+                          zero_init_steps=1)
+    assert bits_equal(out, x) and not calls
+    got = fastflow.sample(model, x, time_grid=grid, method=method, prediction=prediction,
+                          path="cosine", zero_init_steps=1)
+    want = reference.sample(model, x, grid, method=method, prediction=prediction, path="cosine",
+                            zero_init_steps=1, state_dtype=torch.float64)
+    assert _scaled_error(got, want) < 1e-12
+
+
+def test_the_reference_takes_the_samplers_last_step_and_empty_batches():
+    # It evaluated a data prediction at t = 1 (through the clamped sigma_t), where the sampler
+    # takes a midpoint last step; CFG-Zero* reshaped an empty batch to [0, -1].
+    model = lambda x, t: x * 0.99 + 0.1  # noqa: E731
+    x = torch.randn(4, 3, dtype=torch.float64)
+    got = fastflow.sample(model, x, time_grid=[0.1, 0.5, 1.0], method="heun", prediction="data")
+    want = reference.sample(model, x, [0.1, 0.5, 1.0], method="heun", prediction="data",
+                            state_dtype=torch.float64)
+    assert _scaled_error(got, want) < 1e-12
+    empty = torch.zeros(0, 3)
+    out = reference.sample(lambda x, t, y=0: x + y, empty, [0.0, 1.0], guidance_scale=2.0,
+                           cfg_zero_star=True, uncond_kwargs={"y": 1})
+    assert out.shape == (0, 3)
 
 
 def test_stochastic_sampling_renoises_with_batch_independent_noise():
