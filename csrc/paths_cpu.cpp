@@ -210,25 +210,32 @@ template <Rows kRows, int kColumns, void (*kEntries)(double, const Params&, doub
   return any != 0;
 }
 
-// One plain function per path, since simd_clones.h compiles those again for AVX2, not templates;
-// `out` holds doubles or floats, the matrix or the residual row. The parameters come by value:
-// stores through `out` cannot change them, so the loop reads them once.
-#define FASTFLOW_VECTOR_TILE(path, columns)                                                    \
-  template <Rows kRows, typename out_t>                                                        \
-  [[gnu::always_inline]] inline bool path##_tile_of(const double* t, int64_t n, Params p,      \
-                                                    void* out, int64_t groups, uint64_t* redo) { \
-    return vector_tile<kRows, columns, path<VectorMath>>(t, n, p, static_cast<out_t*>(out),    \
-                                                         groups, redo);                        \
-  }                                                                                            \
-  FASTFLOW_SIMD_CLONES bool path##_tile(const double* t, int64_t n, Params p, void* out,       \
-                                        bool doubles, bool residual, int64_t groups,           \
-                                        uint64_t* redo) {                                      \
-    if (residual) {                                                                            \
-      return doubles ? path##_tile_of<Rows::kResidual, double>(t, n, p, out, groups, redo)     \
-                     : path##_tile_of<Rows::kResidual, float>(t, n, p, out, groups, redo);     \
-    }                                                                                          \
-    return doubles ? path##_tile_of<Rows::kMatrix, double>(t, n, p, out, groups, redo)         \
-                   : path##_tile_of<Rows::kMatrix, float>(t, n, p, out, groups, redo);         \
+// vector_tile with its choices made at run time: `out` holds doubles or floats, the matrix or
+// the residual row.
+template <int kColumns, void (*kEntries)(double, const Params&, double*, VectorMath&)>
+[[gnu::always_inline]] inline bool any_tile(const double* t, int64_t n, const Params p, void* out,
+                                            bool doubles, bool residual, int64_t groups,
+                                            uint64_t* redo) {
+  // (No lambda here: GCC may leave one out of line, compiled without the clone's AVX2.)
+  constexpr Rows kMatrix = Rows::kMatrix, kResidual = Rows::kResidual;
+  auto* as_doubles = static_cast<double*>(out);
+  auto* as_floats = static_cast<float*>(out);
+  if (residual) {
+    return doubles ? vector_tile<kResidual, kColumns, kEntries>(t, n, p, as_doubles, groups, redo)
+                   : vector_tile<kResidual, kColumns, kEntries>(t, n, p, as_floats, groups, redo);
+  }
+  return doubles ? vector_tile<kMatrix, kColumns, kEntries>(t, n, p, as_doubles, groups, redo)
+                 : vector_tile<kMatrix, kColumns, kEntries>(t, n, p, as_floats, groups, redo);
+}
+
+// One plain function per path, since simd_clones.h compiles those again for AVX2, not
+// templates. The parameters come by value: stores through `out` cannot change them, so the loop
+// reads them once.
+#define FASTFLOW_VECTOR_TILE(path, columns)                                                  \
+  FASTFLOW_SIMD_CLONES bool path##_tile(const double* t, int64_t n, Params p, void* out,     \
+                                        bool doubles, bool residual, int64_t groups,         \
+                                        uint64_t* redo) {                                    \
+    return any_tile<columns, path<VectorMath>>(t, n, p, out, doubles, residual, groups, redo); \
   }
 FASTFLOW_VECTOR_TILE(cond_ot, 2)
 FASTFLOW_VECTOR_TILE(polynomial, 2)
