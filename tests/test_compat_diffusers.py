@@ -573,6 +573,12 @@ def test_bad_input_errors():
             s.step(x, t, x)
         with pytest.raises(IndexError):
             s.step(x, s.timesteps[-1], x)
+    # A float begin index: the original's IndexError (the fused step's list raised TypeError).
+    for s in (orig, fast):
+        s.set_timesteps(4)
+        s.set_begin_index(2.0)
+        with pytest.raises(IndexError):
+            s.step(x, s.timesteps[2], x)
     # A timestep that is not in the schedule, with no begin index: the original's IndexError.
     for s in (orig, fast):
         s.set_timesteps(4)

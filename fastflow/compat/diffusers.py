@@ -60,6 +60,8 @@ diffusers would differentiate through it. Each raises a ValueError or TypeError 
 names: ``t`` for timesteps, ``dim`` for embedding_dim); timesteps of another rank raise a
 ValueError that is also the AssertionError diffusers raises.
 """
+import numbers
+
 import torch
 
 from . import require
@@ -281,7 +283,9 @@ class FlowMatchEulerDiscreteScheduler(_diffusers_fm.FlowMatchEulerDiscreteSchedu
         exact = bool(self.exact_low_precision_rounding) and low
         table = self._coefficients(model_output.dtype, sample.device, exact)
         index = self._step_index
-        if not 0 <= index < len(table):  # the original's indexing, errors included
+        # Anything but an index into the schedule (past its end; a float begin index): the
+        # original's indexing, errors included.
+        if not (isinstance(index, numbers.Integral) and 0 <= index < len(table)):
             return super().step(model_output, timestep, sample, return_dict=return_dict)
 
         prev_sample = torch.empty_like(sample, dtype=model_output.dtype)
