@@ -45,6 +45,19 @@ def narrow(x, ty: tl.constexpr):
     return x.to(ty)
 
 
+@triton.jit
+def negate(x):
+    """-x as torch.neg gives it, the sign bit flipped (-0 for 0, NaNs too): Triton up to 3.6
+    compiles a float's -x as 0 - x (+0 for +0), which changed the bits of coefficients that are
+    zero (LinearVP's d_sigma at t = 0, say) on the GPU machines' Triton."""
+    if x.dtype == tl.float64:
+        y = (x.to(tl.int64, bitcast=True) ^ -9223372036854775808).to(tl.float64, bitcast=True)
+    else:   # (one return: the compiler does not stop at an early one)
+        tl.static_assert(x.dtype == tl.float32, "negate: float32 or float64")
+        y = (x.to(tl.int32, bitcast=True) ^ -2147483648).to(tl.float32, bitcast=True)
+    return y
+
+
 def on_tensors_device(launcher):
     """Run `launcher` with the CUDA device of its first argument (a tensor or a list of them)
     current: Triton launches on the current device and its current stream, and a tensor on

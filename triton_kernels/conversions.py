@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import LAUNCH_OPTIONS, on_tensors_device
+from . import LAUNCH_OPTIONS, negate, on_tensors_device
 
 _BLOCK = 256
 _KINDS = {"velocity": 0, "epsilon": 1, "data": 2, "score": 3}
@@ -40,26 +40,26 @@ def _conversion_kernel(pc_ptr, eps: tl.float64, out_ptr, groups, stride_g, strid
     if SRC == 2:  # data
         data0, data1 = zero, one
         safe_sigma = _safe(sigma, eps)
-        noise0, noise1 = one / safe_sigma, -alpha / safe_sigma
+        noise0, noise1 = one / safe_sigma, negate(alpha) / safe_sigma
     elif SRC == 1:  # epsilon
         noise0, noise1 = zero, one
         safe_alpha = _safe(alpha, eps)
-        data0, data1 = one / safe_alpha, -sigma / safe_alpha
+        data0, data1 = one / safe_alpha, negate(sigma) / safe_alpha
     elif SRC == 3:  # score
-        noise0, noise1 = zero, -sigma
+        noise0, noise1 = zero, negate(sigma)
         safe_alpha = _safe(alpha, eps)
         data0, data1 = one / safe_alpha, sigma * sigma / safe_alpha
     else:  # velocity
         det = _safe(alpha * d_sigma - sigma * d_alpha, eps)
-        data0, data1 = d_sigma / det, -sigma / det
-        noise0, noise1 = -d_alpha / det, alpha / det
+        data0, data1 = d_sigma / det, negate(sigma) / det
+        noise0, noise1 = negate(d_alpha) / det, alpha / det
     if DST == 2:
         row0, row1 = data0, data1
     elif DST == 1:
         row0, row1 = noise0, noise1
     elif DST == 3:
         safe_sigma = _safe(sigma, eps)
-        row0, row1 = -noise0 / safe_sigma, -noise1 / safe_sigma
+        row0, row1 = negate(noise0) / safe_sigma, negate(noise1) / safe_sigma
     else:
         row0, row1 = d_alpha * data0 + d_sigma * noise0, d_alpha * data1 + d_sigma * noise1
     ty = out_ptr.dtype.element_ty

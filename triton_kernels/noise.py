@@ -11,7 +11,7 @@ from the host (capturable in a CUDA graph).
 import triton
 import triton.language as tl
 
-from . import LAUNCH_OPTIONS, on_tensors_device, row_tile
+from . import LAUNCH_OPTIONS, negate, on_tensors_device, row_tile
 
 _MASK = 0xFFFFFFFF
 
@@ -76,7 +76,7 @@ def _cos_two_pi(u):
     cos_x = (((2.443315711809948e-5 * z - 1.388731625493765e-3) * z + 4.166664568298827e-2) * z * z
              - 0.5 * z + 1.0)
     base = tl.where((q & 1) == 1, sin_x, cos_x)
-    return tl.where(((q + 1) & 2) == 2, -base, base)
+    return tl.where(((q + 1) & 2) == 2, negate(base), base)
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step"])

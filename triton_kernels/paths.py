@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from . import INTERPRETING, LAUNCH_OPTIONS, LIBM, on_tensors_device
+from . import INTERPRETING, LAUNCH_OPTIONS, LIBM, negate, on_tensors_device
 
 _BLOCK = 256
 # name -> (kernel id, columns). The interpreter has no pow: Polynomial stays in PyTorch there.
@@ -48,44 +48,44 @@ def _path_coefficients_kernel(t_ptr, p0: tl.float64, p1: tl.float64, out_ptr, gr
     # (sigma, alpha, d_sigma, d_alpha), and for the noise paths the noise column's entries.
     if PATH == 0:  # CondOT, p0 = sigma_min
         slope = 1.0 - p0
-        c0, c1, c2, c3 = one - slope * t, t, -slope * one, one
+        c0, c1, c2, c3 = one - slope * t, t, negate(slope) * one, one
     elif PATH == 1:  # Polynomial, p0 = n
         alpha = _torch_pow(t, p0)
         d_alpha = p0 * _torch_pow(t, p0 - 1.0)
-        c0, c1, c2, c3 = one - alpha, alpha, -d_alpha, d_alpha
+        c0, c1, c2, c3 = one - alpha, alpha, negate(d_alpha), d_alpha
     elif PATH == 2:  # Cosine
         half_pi = tl.full([], 1.5707963267948966, tl.float64)  # math.pi / 2
         angle = half_pi * t
         sin, cos = LIBM.sin(angle), LIBM.cos(angle)
-        c0, c1, c2, c3 = cos, sin, -half_pi * sin, half_pi * cos
+        c0, c1, c2, c3 = cos, sin, negate(half_pi) * sin, half_pi * cos
     elif PATH == 3:  # LinearVP
         sigma = LIBM.sqrt(one - t * t)
-        c0, c1, c2, c3 = sigma, t, -t / sigma, one
+        c0, c1, c2, c3 = sigma, t, negate(t) / sigma, one
     elif PATH == 4:  # VP, p0 = beta_min, p1 = beta_max
         spread = p1 - p0
         s = one - t
         big_t = 0.5 * (s * s) * spread + s * p0
-        d_big_t = -s * spread - p0
-        alpha, decay = LIBM.exp(-0.5 * big_t), LIBM.exp(-big_t)
+        d_big_t = negate(s) * spread - p0
+        alpha, decay = LIBM.exp(-0.5 * big_t), LIBM.exp(negate(big_t))
         sigma = LIBM.sqrt(one - decay)
         c0, c1, c2, c3 = sigma, alpha, 0.5 * d_big_t * decay / sigma, -0.5 * d_big_t * alpha
     elif PATH == 5:  # constant noise, p0 = sigma
-        c0, c1, c2, c3, c4, c5 = one - t, t, p0 * one, -one, one, 0.0 * one
+        c0, c1, c2, c3, c4, c5 = one - t, t, p0 * one, negate(one), one, 0.0 * one
     else:  # Schrodinger bridge, p0 = sigma
         s_t = p0 * LIBM.sqrt(t * (one - t))
         ratio = (one - 2.0 * t) / (2.0 * t * (one - t) + tl.full([], 1e-8, tl.float64))
-        c0, c1, c2, c3, c4, c5 = one - t, t, s_t, -one, one, ratio * s_t
+        c0, c1, c2, c3, c4, c5 = one - t, t, s_t, negate(one), one, ratio * s_t
     ty = out_ptr.dtype.element_ty
-    if RESIDUAL:  # (1, -u_t), u_t rounded then negated (exactly)
+    if RESIDUAL:  # (1, -u_t), u_t rounded then negated
         row = out_ptr + g * (1 + COLUMNS)
         tl.store(row, one.to(ty), mask=mask)
         if COLUMNS == 2:
-            tl.store(row + 1, -c2.to(ty), mask=mask)
-            tl.store(row + 2, -c3.to(ty), mask=mask)
+            tl.store(row + 1, negate(c2.to(ty)), mask=mask)
+            tl.store(row + 2, negate(c3.to(ty)), mask=mask)
         else:
-            tl.store(row + 1, -c3.to(ty), mask=mask)
-            tl.store(row + 2, -c4.to(ty), mask=mask)
-            tl.store(row + 3, -c5.to(ty), mask=mask)
+            tl.store(row + 1, negate(c3.to(ty)), mask=mask)
+            tl.store(row + 2, negate(c4.to(ty)), mask=mask)
+            tl.store(row + 3, negate(c5.to(ty)), mask=mask)
     else:
         row = out_ptr + g * (2 * COLUMNS)
         tl.store(row, c0.to(ty), mask=mask)
