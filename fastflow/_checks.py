@@ -142,7 +142,9 @@ def real_number(value, name, why="it is taken as a constant (no gradient would r
     """value as a float: a finite real number (a Python or NumPy number, or a one-element tensor
     that does not require grad). `name` begins each error; `why` says why a tensor that
     requires grad is refused."""
-    if type(value) is float and math.isfinite(value):   # the usual case, without an ABC check
+    # Comparisons, not math.isfinite, which torch.compile cannot trace on the symbolic floats
+    # that dynamic=True makes of float arguments and defaults (NaN fails both).
+    if type(value) is float and -math.inf < value < math.inf:   # the usual case, no ABC check
         return value
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
         if value.requires_grad:   # .item() would detach it silently
@@ -151,7 +153,7 @@ def real_number(value, name, why="it is taken as a constant (no gradient would r
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
+    if not -math.inf < value < math.inf:
         raise ValueError(f"{name} must be finite, got {value}")
     return float(value)
 

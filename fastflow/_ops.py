@@ -45,7 +45,7 @@ MAX_OUTPUTS = 4
 _lib = torch.library.Library("fastflow", "DEF")
 _lib.define("affine(Tensor[] inputs, Tensor coeffs) -> Tensor[]")
 _lib.define("affine_out(Tensor[] inputs, Tensor coeffs, Tensor(a!)[] out) -> ()")
-_lib.define("affine_dot(Tensor[] a, Tensor[] b, int groups) -> Tensor")
+_lib.define("affine_dot(Tensor[] a, Tensor[] b, SymInt groups) -> Tensor")
 _lib.define("affine_sqnorm(Tensor[] inputs, Tensor coeffs) -> Tensor")
 _lib.define("sinusoid(Tensor t, Tensor freqs, float scale, bool cos_first, int dim, "
             "ScalarType dtype) -> Tensor")
@@ -552,11 +552,7 @@ def _affine_backward(ctx, grads):
     if not present:
         return grad_inputs, None
     gs = [grads[m] for m in present]
-    wanted = [k for k, needed in enumerate(ctx.input_needs_grad) if needed]
-    if wanted:
-        transposed = _take(_take(coeffs, 1, present), 2, wanted).transpose(1, 2)
-        for k, g in zip(wanted, affine(gs, transposed)):
-            grad_inputs[k] = g
+    grad_inputs = _mixed(gs, _take(coeffs, 1, present).transpose(1, 2), ctx.input_needs_grad)
     grad_coeffs = None
     if ctx.coeffs_needs_grad:
         dots = affine_dot(gs, xs, coeffs.shape[0])
@@ -597,7 +593,8 @@ def _dot_backward(ctx, grad):
 
 def _mixed(streams, coeffs, needed):
     """affine(streams, coeffs) for the outputs that are `needed` (None for the others), at most
-    MAX_OUTPUTS per call: a dot's b side may have MAX_INPUTS streams."""
+    MAX_OUTPUTS per call: a dot's b side, an affine's or a squared norm's inputs may be
+    MAX_INPUTS streams that all need a gradient."""
     out = [None] * len(needed)
     wanted = [m for m, n in enumerate(needed) if n]
     for start in range(0, len(wanted), MAX_OUTPUTS):
@@ -632,12 +629,7 @@ def sqnorm_gradients(coeffs, xs, grad, input_needs_grad, coeffs_needs_grad):
     the inputs' Gram matrix."""
     row = coeffs[:, 0]                                    # [G, K]
     scaled = (2 * grad.to(coeffs.dtype)) * row            # [G, K]: 2 g c_j
-    grad_inputs = [None] * len(xs)
-    wanted = [k for k, needed in enumerate(input_needs_grad) if needed]
-    if wanted:
-        mixing = _take(row, 1, wanted)[:, :, None] * scaled[:, None, :]  # [G, wanted, K]
-        for k, g in zip(wanted, affine(xs, mixing)):
-            grad_inputs[k] = g
+    grad_inputs = _mixed(xs, row[:, :, None] * scaled[:, None, :], input_needs_grad)  # [G, K, K]
     grad_coeffs = None
     if coeffs_needs_grad:
         gram = affine_dot(xs, xs, coeffs.shape[0])  # [G, K, K]

@@ -6,8 +6,9 @@ with the target of the chosen kind (velocity u_t, noise x0, data x1 or score -x0
 affine function of (x0, x1[, noise]) per sample. The residual pred - target is one row of the
 affine family over (pred, x0, x1[, noise]); its squared norm per sample (or over the whole
 batch, for an unweighted mean or sum of constant rows) is reduced in the kernel (fp64
-accumulation, fixed order: the same bits run to run), so neither the target nor the squared
-error is ever materialised. The backward is one more affine pass writing the gradients of the
+accumulation, fixed order; the sum over the groups is ATen's, the same bits run to run at a
+given thread count, as F.mse_loss's), so neither the target nor the squared error is ever
+materialised. The backward is one more affine pass writing the gradients of the
 inputs that need them (dL/dpred first among them). In eager calls the loss is one autograd node:
 _LossNode, or for the training step on CPU (the gradient to pred alone) the C++ node of
 csrc/loss_cpu.cpp.

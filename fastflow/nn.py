@@ -120,6 +120,9 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"t: expected a 1-D tensor of times, got {type(t).__name__}")
-        # The embedding comes out in the dtype of the first Linear (autocast decides otherwise).
-        dtype = None if torch.is_autocast_enabled(t.device.type) else self.mlp[0].weight.dtype
+        # The embedding comes out in the dtype of the first Linear (autocast decides otherwise;
+        # asked only where it exists: meta tensors have none).
+        device = t.device.type
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        dtype = None if autocast else self.mlp[0].weight.dtype
         return self.mlp(self.embedding(t, dtype=dtype))

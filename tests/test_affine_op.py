@@ -803,6 +803,19 @@ def test_backward_of_the_streams_is_differentiable_again(backend):
     assert torch.autograd.gradgradcheck(lambda a, b: _ops.affine([a, b], coeffs), (x, y))
 
 
+def test_five_inputs_that_all_need_a_gradient(backend):
+    # Their gradients were one affine call of five outputs (at most MAX_OUTPUTS = 4): a
+    # ValueError from affine's and affine_sqnorm's backward, either route.
+    shape = (2, 3)
+    xs = [x.requires_grad_() for x in
+          _streams(_ops.MAX_INPUTS, shape, torch.float64, backend, seed=13)]
+    coeffs = torch.randn(2, 2, _ops.MAX_INPUTS, dtype=torch.float64).to(backend)
+    for fn in (lambda *x: _ops.affine(x, coeffs), lambda *x: torch.ops.fastflow.affine(x, coeffs),
+               lambda *x: _ops.affine_sqnorm(x, coeffs[:, :1]),
+               lambda *x: torch.ops.fastflow.affine_sqnorm(x, coeffs[:, :1])):
+        assert torch.autograd.gradcheck(fn, tuple(xs), fast_mode=True)
+
+
 def test_affine_dot_is_differentiable_twice(backend):
     # Its backward is affine again. b has MAX_INPUTS streams, more than one affine call may
     # write, and one that needs no gradient; fast_mode: the Triton interpreter is slow.

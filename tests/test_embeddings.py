@@ -253,6 +253,27 @@ def test_compiled_training_step(compile_backend):
         torch.testing.assert_close(p.grad, g)
 
 
+def test_compiled_with_dynamic_shapes():
+    # dynamic=True traces float arguments and defaults as symbolic floats, on which the scale
+    # checks called math.isfinite: a graph break that fullgraph refused, for every call.
+    torch._dynamo.reset()
+    embedder = TimestepEmbedder(16, 8)
+
+    def embed(t, scale):
+        return fastflow.timestep_embedding(t, 8, scale=scale) + embedder(t).sum()
+
+    compiled = torch.compile(embed, fullgraph=True, dynamic=True, backend="aot_eager")
+    for batch in (3, 5):
+        t = torch.rand(batch)
+        torch.testing.assert_close(compiled(t, 2.0), embed(t, 2.0))
+
+
+def test_timestep_embedder_on_meta_tensors():
+    # It asked whether autocast was on for the meta device, which has none (a RuntimeError).
+    out = TimestepEmbedder(32, 16).to("meta")(torch.rand(3, device="meta"))
+    assert out.shape == (3, 32) and out.is_meta
+
+
 def test_timestep_embedder_is_dit():
     torch.manual_seed(0)
     ours = TimestepEmbedder(48, 256)

@@ -471,6 +471,25 @@ def test_compiled_training_step():
         torch.testing.assert_close(g, p.grad)
 
 
+def test_compiled_with_a_dynamic_batch_and_t_needing_a_gradient():
+    # The coefficients' gradient takes affine_dot, whose group count was an int in its schema:
+    # the batch size became a constant (mark_dynamic raised, dynamic=True recompiled per size).
+    torch._dynamo.reset()
+
+    def loss(x0, x1, t):
+        return fastflow.flow_matching_loss(x1 * 0.5, x0, x1, t, path="cosine")
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    for batch in (6, 7):
+        x0, x1 = torch.randn(batch, 4), torch.randn(batch, 4)
+        t = torch.rand(batch, requires_grad=True)
+        for x in (x0, x1, t):
+            torch._dynamo.mark_dynamic(x, 0)
+        got = torch.autograd.grad(compiled(x0, x1, t), t)[0]
+        want = torch.autograd.grad(loss(x0, x1, t), t)[0]
+        torch.testing.assert_close(got, want)
+
+
 def test_compiled_training_step_under_autocast():
     model = torch.nn.Linear(6, 6)
     x1, x0, t = torch.randn(8, 6), torch.randn(8, 6), torch.rand(8)
