@@ -55,6 +55,10 @@ at::Tensor affine_sqnorm_cpu(const std::vector<at::Tensor>& inputs, const at::Te
 at::Tensor pred_loss_cpu(const at::Tensor& pred, const std::vector<at::Tensor>& data,
                          const at::Tensor& coeffs, const std::optional<at::Tensor>& weight,
                          double divisor);
+// The sum of a 1-D float or double tensor, 0-d in its type, summed in fp64 in an order fixed
+// whatever the thread count (ATen's sum splits by threads beyond 32K values): the losses' sum
+// over the groups (loss_cpu.cpp).
+at::Tensor ordered_sum_cpu(const at::Tensor& values);
 
 // Calls f(std::integral_constant<int, K>{}, std::integral_constant<int, M>{}) for runtime k, m
 // within the arity limits, so that every kernel is compiled with its loops over K and M unrolled.

@@ -26,6 +26,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pred_loss_cpu", &fastflow::pred_loss_cpu,
         "sum of weight * affine_sqnorm_cpu([pred, *data], coeffs) / divisor, differentiable in "
         "pred alone");
+  m.def("ordered_sum_cpu", &fastflow::ordered_sum_cpu,
+        "sum of a 1-D float tensor in fp64, in an order independent of the thread count");
   m.def("sinusoid_cpu", &fastflow::sinusoid_cpu,
         "out[b] = [sin a, cos a] (or [cos a, sin a]) with a = (t[b] * freqs) * scale");
   m.def("sinusoid_backward_cpu", &fastflow::sinusoid_backward_cpu,

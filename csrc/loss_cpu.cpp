@@ -18,9 +18,11 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace fastflow {
@@ -72,7 +74,42 @@ at::Tensor scaled_rows(const at::Tensor& coeffs, const at::Tensor& grad, double 
   return rows;
 }
 
+// Values per task of ordered_sum_cpu: its order, and so its bits, depend on this alone.
+constexpr int64_t kSumChunk = 16384;
+// Running sums per chunk, each value to sum l = i % kSumLanes, folded in order: a loop the
+// compiler vectorises without reassociating anything.
+constexpr int kSumLanes = 8;
+
 }  // namespace
+
+at::Tensor ordered_sum_cpu(const at::Tensor& values) {
+  TORCH_CHECK_VALUE(values.dim() == 1 && values.is_cpu() &&
+                        (values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble),
+                    "fastflow ordered_sum: expected a 1-D float32 or float64 CPU tensor, got ",
+                    values.scalar_type(), " of shape ", values.sizes(), " on ", values.device());
+  const at::Tensor x = values.contiguous();
+  const int64_t n = x.numel(), chunks = std::max<int64_t>(1, (n + kSumChunk - 1) / kSumChunk);
+  std::vector<double> partial(static_cast<size_t>(chunks));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ordered_sum", [&] {
+    const scalar_t* v = x.const_data_ptr<scalar_t>();
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t lo = c * kSumChunk, hi = std::min(n, lo + kSumChunk);
+        double lanes[kSumLanes] = {};
+        int64_t i = lo;
+        for (; i + kSumLanes <= hi; i += kSumLanes)
+          for (int l = 0; l < kSumLanes; ++l) lanes[l] += static_cast<double>(v[i + l]);
+        double sum = 0;
+        for (int l = 0; l < kSumLanes; ++l) sum += lanes[l];
+        for (; i < hi; ++i) sum += static_cast<double>(v[i]);
+        partial[c] = sum;
+      }
+    });
+  });
+  double total = 0;
+  for (const double p : partial) total += p;
+  return at::scalar_tensor(total, x.options());
+}
 
 // Named outside an anonymous namespace: the node's name, torch::autograd::CppNode<fastflow::
 // PredLoss>, is what grad_fn.name() shows.
@@ -93,7 +130,7 @@ struct PredLoss : torch::autograd::Function<PredLoss> {
     ctx->save_for_backward(inputs);
     ctx->saved_data["divisor"] = divisor;
     ctx->saved_data["weighted"] = weight.has_value();
-    return squares.numel() == 1 ? divided(squares, divisor) : squares.sum() / divisor;
+    return divided(squares.numel() == 1 ? squares : ordered_sum_cpu(squares), divisor);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {

@@ -164,13 +164,15 @@ def kernels(name):
     their results. Optional: ``affine_fresh(inputs, coeffs)``, affine into outputs it allocates
     after checking the arguments; ``affine_out(inputs, coeffs, outputs)``, the whole of an eager
     fastflow::affine_out call (checks, outputs that alias inputs written through stand-ins,
-    version counters bumped); ``path_coefficients(t, path, params, dtype, residual)`` for the paths of
-    fastflow.paths._NATIVE, at times t of any float type (it returns None for a path it cannot
-    build; `residual`: the velocity loss's rows, fastflow.paths.velocity_residual), and ``conversion_coefficients(path_coeffs, src, dst, eps, dtype)`` for
-    fastflow.convert (None where PyTorch computes them); ``pred_loss(pred, data, coeffs,
-    weight, divisor)``, the sum of ``weight * affine_sqnorm([pred, *data], coeffs)`` (weight
-    None or one per group) over groups divided by `divisor`, as an autograd node
-    differentiable in pred (fastflow.losses); ``checks_args``, whether the kernels check their
+    version counters bumped); ``path_coefficients(t, path, params, dtype, residual)`` for the
+    paths of fastflow.paths._NATIVE, at times t of any float type (it returns None for a path
+    it cannot build; `residual`: the velocity loss's rows, fastflow.paths.velocity_residual),
+    and ``conversion_coefficients(path_coeffs, src, dst, eps, dtype)`` for fastflow.convert
+    (None where PyTorch computes them); ``pred_loss(pred, data, coeffs, weight, divisor)``, the
+    sum of ``weight * affine_sqnorm([pred, *data], coeffs)`` (weight None or one per group)
+    over groups divided by `divisor`, as an autograd node differentiable in pred
+    (fastflow.losses), and ``ordered_sum(values)``, the losses' sum over the groups in an order
+    that the thread count does not change; ``checks_args``, whether the kernels check their
     arguments themselves (the C++ ones do); ``any_layout``, whether affine and affine_sqnorm take
     streams of any layout (the C++ ones stream rows of contiguous elements at one stride
     apart, and memory with the batch moved inward, in place and copy other layouts themselves:
@@ -191,6 +193,7 @@ class _Kernels:
     affine_fresh: object = None
     affine_out: object = None
     pred_loss: object = None
+    ordered_sum: object = None
     checks_args: bool = False
     any_layout: bool = False
 
@@ -218,7 +221,7 @@ def _cpu_kernels():
     return _Kernels(ext.affine_cpu, ext.affine_dot_cpu, ext.affine_sqnorm_cpu, ext.sinusoid_cpu,
                     ext.sinusoid_backward_cpu, ext.gaussian_cpu, ext.path_coefficients_cpu,
                     ext.conversion_coefficients_cpu, ext.affine_fresh_cpu, ext.affine_out_cpu,
-                    ext.pred_loss_cpu, checks_args=True, any_layout=True)
+                    ext.pred_loss_cpu, ext.ordered_sum_cpu, checks_args=True, any_layout=True)
 
 
 def _cuda_kernels():

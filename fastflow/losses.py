@@ -6,8 +6,8 @@ with the target of the chosen kind (velocity u_t, noise x0, data x1 or score -x0
 affine function of (x0, x1[, noise]) per sample. The residual pred - target is one row of the
 affine family over (pred, x0, x1[, noise]); its squared norm per sample (or over the whole
 batch, for an unweighted mean or sum of constant rows) is reduced in the kernel (fp64
-accumulation, fixed order; the sum over the groups is ATen's, the same bits run to run at a
-given thread count, as F.mse_loss's), so neither the target nor the squared error is ever
+accumulation, fixed order; on CPU the sum over the groups too, in an order that the thread
+count does not change: `_total`), so neither the target nor the squared error is ever
 materialised. The backward is one more affine pass writing the gradients of the
 inputs that need them (dL/dpred first among them). In eager calls the loss is one autograd node:
 _LossNode, or for the training step on CPU (the gradient to pred alone) the C++ node of
@@ -197,18 +197,35 @@ def weighted_mean_square(inputs, coeffs, weight, reduction, backend=None):
     """reduce(weight * per-sample mean of the squared residual), recorded op by op. `coeffs`:
     the residual's [G, 1, K] rows over the inputs, one group per sample or (weight None,
     reduction not "none") one for the whole batch."""
-    return _loss(_ops.affine_sqnorm(inputs, coeffs, backend), inputs[0], weight, reduction)
+    return _loss(_ops.affine_sqnorm(inputs, coeffs, backend), inputs[0], weight, reduction,
+                 backend)
 
 
-def _loss(squares, x, weight, reduction):
+def _loss(squares, x, weight, reduction, backend=None):
     """The loss from the sums of squared residuals of each group of x's elements (see
-    weighted_mean_square)."""
+    weighted_mean_square); `backend` as there."""
     batch = x.shape[0]
     count = _count_per_sample(x, batch)
-    if weight is None and reduction != "none" and count:
-        return squares.sum() / _divisor(reduction, batch, count)
+    if reduction != "none" and count:   # as the C++ training step's node rounds it
+        if weight is not None:
+            squares = squares * weight
+        return _total(squares, backend) / _divisor(reduction, batch, count)
     per_sample = squares / count
-    return reduce(per_sample if weight is None else per_sample * weight, reduction)
+    if weight is not None:
+        per_sample = per_sample * weight
+    if reduction == "none":
+        return per_sample
+    return _total(per_sample, backend) / (batch if reduction == "mean" else 1)
+
+
+def _total(values, backend):
+    """values.sum(); on the CPU `backend` (the call's direct one: nothing records or traces
+    it) in fp64 in an order that the thread count does not change, where ATen's sum splits
+    between threads beyond 32K values."""
+    ordered = _backends.kernels(backend).ordered_sum if backend is not None else None
+    if ordered is not None and not (values.requires_grad and torch.is_grad_enabled()):
+        return ordered(values)
+    return values.sum()
 
 
 class _LossNode(torch.autograd.Function):
@@ -229,7 +246,7 @@ class _LossNode(torch.autograd.Function):
         ctx.reduction, ctx.backend = reduction, backend
         weight_grad = weight is not None and ctx.needs_input_grad[3]
         ctx.save_for_backward(coeffs, weight, squares if weight_grad else None, *inputs)
-        return _loss(squares, inputs[0], weight, reduction)
+        return _loss(squares, inputs[0], weight, reduction, backend)
 
     @staticmethod
     def backward(ctx, grad):

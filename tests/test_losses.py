@@ -312,6 +312,36 @@ def test_a_time_per_token_matches_the_reference(backend, path, weighted):
     torch.testing.assert_close(p.grad.double(), up.grad, rtol=1e-5, atol=1e-10)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_the_loss_has_the_same_bits_on_any_number_of_threads(weighted, reduction):
+    # Past 32K samples ATen's sum over them split between threads, which moved the loss's last
+    # bit with the thread count; the per-sample sums never did. Every eager route: the C++
+    # training step (a gradient to pred alone), the Python node (t needs one too), no gradient.
+    pred, x0, x1, t, _, weight = _batch((50000, 4), torch.float32, "cpu", paths.VP(), seed=17)
+    weight = weight if weighted else None
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            p, tt = pred.clone().requires_grad_(), t.clone().requires_grad_()
+            losses = [fastflow.flow_matching_loss(p, x0, x1, t, "vp", weight=weight,
+                                                  reduction=reduction),
+                      fastflow.flow_matching_loss(p, x0, x1, tt, "vp", weight=weight,
+                                                  reduction=reduction)]
+            with torch.no_grad():
+                losses.append(fastflow.flow_matching_loss(pred, x0, x1, t, "vp", weight=weight,
+                                                          reduction=reduction))
+            results.append(torch.stack([x.detach() for x in losses]))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(bits_equal(r, results[0]) for r in results[1:])
+    want = reference_loss(pred.double(), x0.double(), x1.double(), t.double(), "vp",
+                          weight=None if weight is None else weight.double(), reduction=reduction)
+    torch.testing.assert_close(results[0].double(), want.expand(3), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("path", ["cond_ot", "cosine"])
 def test_data_made_under_inference_mode(path):
     # Latents encoded under torch.inference_mode are inference tensors, which autograd cannot
