@@ -55,9 +55,10 @@ at::Tensor affine_sqnorm_cpu(const std::vector<at::Tensor>& inputs, const at::Te
 at::Tensor pred_loss_cpu(const at::Tensor& pred, const std::vector<at::Tensor>& data,
                          const at::Tensor& coeffs, const std::optional<at::Tensor>& weight,
                          double divisor);
-// The sum of a 1-D float or double tensor, 0-d in its type, summed in fp64 in an order fixed
-// whatever the thread count (ATen's sum splits by threads beyond 32K values): the losses' sum
-// over the groups (loss_cpu.cpp).
+// The sum of a 1-D float or double tensor, 0-d in its type, summed in fp64 in the affine
+// family's fixed order (affine_dot's chunks and lanes), whatever the thread count and
+// instruction set, where ATen's sum splits by threads beyond 32K values: the losses' sum over
+// the groups (loss_cpu.cpp, fastflow/losses.py).
 at::Tensor ordered_sum_cpu(const at::Tensor& values);
 
 // Calls f(std::integral_constant<int, K>{}, std::integral_constant<int, M>{}) for runtime k, m
@@ -95,6 +96,7 @@ struct IsaKernels {
   void (*sqnorm)(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs, int64_t row,
                  int64_t period, at::Tensor& sums);
   void (*narrow_floats)(const float* src, int64_t n, at::ScalarType type, void* dst);
+  double (*total)(const at::Tensor& values);
 };
 // n fp32 values rounded to the 16-bit float type `type` (kHalf or kBFloat16) into dst, as c10
 // rounds, with the affine kernels' conversions: eight or sixteen values per instruction with

@@ -8,6 +8,7 @@
 #include <ATen/Version.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/repeat_interleave.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/util/ScopeExit.h>
@@ -87,6 +88,15 @@ void set_cpu_isa(const std::string& name) {
 
 void narrow_floats(const float* src, int64_t n, at::ScalarType type, void* dst) {
   isa().narrow_floats(src, n, type, dst);
+}
+
+at::Tensor ordered_sum_cpu(const at::Tensor& values) {
+  TORCH_CHECK_VALUE(values.dim() == 1 && values.is_cpu() &&
+                        (values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble),
+                    "fastflow ordered_sum: expected a 1-D float32 or float64 CPU tensor, got ",
+                    values.scalar_type(), " of shape ", values.sizes(), " on ", values.device());
+  const at::Tensor x = values.contiguous();
+  return at::scalar_tensor(isa().total(x), x.options());
 }
 
 namespace {

@@ -1140,10 +1140,23 @@ void narrow_floats(const float* src, int64_t n, at::ScalarType type, void* dst) 
   narrow(src, n, static_cast<c10::BFloat16*>(dst));
 }
 
+// The fp64 sum of a contiguous 1-D float or double tensor, grouped_sums' order for one group.
+double total(const at::Tensor& values) {
+  double sum = 0;
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "ordered_sum_cpu", [&] {
+    const scalar_t* v = values.const_data_ptr<scalar_t>();
+    grouped_sums<double, 1>(1, values.numel(), &sum,
+                            [&](int64_t, int64_t lo, int64_t hi, double* chunk) {
+      *chunk = lane_sum<double>(hi - lo, [&](int64_t i) { return static_cast<double>(v[lo + i]); });
+    });
+  });
+  return sum;
+}
+
 #define FASTFLOW_STRINGIFY(x) #x
 #define FASTFLOW_NAME_OF(x) FASTFLOW_STRINGIFY(x)
 extern const IsaKernels kKernels{FASTFLOW_NAME_OF(FASTFLOW_CPU_ISA), affine, dot, sqnorm,
-                                 narrow_floats};
+                                 narrow_floats, total};
 #undef FASTFLOW_NAME_OF
 #undef FASTFLOW_STRINGIFY
 

@@ -11,7 +11,6 @@
 // which this one repeats for its case: dL/dpred = 2 g w_g / divisor * residual, one affine pass.
 #include "affine.h"
 #include "coefficients.h"
-#include "simd_clones.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/LegacyBatchedTensorImpl.h>
@@ -19,11 +18,9 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/autograd/custom_function.h>
 
-#include <algorithm>
 #include <vector>
 
 namespace fastflow {
@@ -75,56 +72,7 @@ at::Tensor scaled_rows(const at::Tensor& coeffs, const at::Tensor& grad, double 
   return rows;
 }
 
-// Values per task of ordered_sum_cpu: its order, and so its bits, depend on this alone.
-constexpr int64_t kSumChunk = 16384;
-// Running sums per chunk, value i to sum i % kSumLanes, folded in order: a loop the compiler
-// vectorises without reassociating anything.
-constexpr int kSumLanes = 8;
-
-// The fp64 sum of v[0, n) in ordered_sum_cpu's order.
-template <typename scalar_t>
-[[gnu::always_inline]] inline double chunk_sum(const scalar_t* v, int64_t n) {
-  double lanes[kSumLanes] = {};
-  int64_t i = 0;
-  for (; i + kSumLanes <= n; i += kSumLanes)
-    for (int l = 0; l < kSumLanes; ++l) lanes[l] += static_cast<double>(v[i + l]);
-  double sum = 0;
-  for (int l = 0; l < kSumLanes; ++l) sum += lanes[l];
-  for (; i < n; ++i) sum += static_cast<double>(v[i]);
-  return sum;
-}
-
-// Plain functions, which simd_clones.h compiles again for AVX2 (same order, same bits).
-FASTFLOW_SIMD_CLONES double ordered_chunk_sum(const float* v, int64_t n) {
-  return chunk_sum(v, n);
-}
-FASTFLOW_SIMD_CLONES double ordered_chunk_sum(const double* v, int64_t n) {
-  return chunk_sum(v, n);
-}
-
 }  // namespace
-
-at::Tensor ordered_sum_cpu(const at::Tensor& values) {
-  TORCH_CHECK_VALUE(values.dim() == 1 && values.is_cpu() &&
-                        (values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble),
-                    "fastflow ordered_sum: expected a 1-D float32 or float64 CPU tensor, got ",
-                    values.scalar_type(), " of shape ", values.sizes(), " on ", values.device());
-  const at::Tensor x = values.contiguous();
-  const int64_t n = x.numel(), chunks = std::max<int64_t>(1, (n + kSumChunk - 1) / kSumChunk);
-  std::vector<double> partial(static_cast<size_t>(chunks));
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ordered_sum", [&] {
-    const scalar_t* v = x.const_data_ptr<scalar_t>();
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        const int64_t lo = c * kSumChunk, len = std::min(n, lo + kSumChunk) - lo;
-        partial[c] = ordered_chunk_sum(v + lo, len);
-      }
-    });
-  });
-  double total = 0;
-  for (const double p : partial) total += p;
-  return at::scalar_tensor(total, x.options());
-}
 
 // Named outside an anonymous namespace: the node's name, torch::autograd::CppNode<fastflow::
 // PredLoss>, is what grad_fn.name() shows.

@@ -25,13 +25,12 @@ from .paths import (AffinePath, ConstantNoise, CondOT, TargetCFM, coefficients, 
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def target_coefficients(path, t, prediction, eps=DIVISOR_EPS, backend=None, dtype=None):
+def target_coefficients(path, t, prediction, eps=DIVISOR_EPS, backend=None):
     """[G, K] coefficients of the regression target of kind `prediction` over (x0, x1[, noise]),
     computed in float64 from the times t (any float type); `backend` as in
-    ``paths.coefficients``. The velocity's come rounded to `dtype` where given (the loss's math
-    type: the same bits as rounding them afterwards, without a float64 tensor per call)."""
+    ``paths.coefficients``."""
     if prediction == "velocity":
-        return coefficients(path, t, dtype or formula_dtype(t.device), backend)[:, 1]
+        return coefficients(path, t, formula_dtype(t.device), backend)[:, 1]
     t = formula_time(t)
     if prediction == "score":  # -x0 / sigma_t
         if not isinstance(path, AffinePath):
@@ -161,8 +160,7 @@ def flow_matching_loss(pred, x0, x1, t, path=None, prediction="velocity", noise=
         if prediction == "velocity" and not t_grad:
             residual = velocity_residual(path, t, math, backend)
         if residual is None:
-            target = target_coefficients(path, t, prediction, backend=None if t_grad else backend,
-                                         dtype=math)
+            target = target_coefficients(path, t, prediction, backend=None if t_grad else backend)
             residual = _ops._take(_residual_coeffs(target, math), 2, read)
     streams = [streams[k] for k in read]
     if recording and not _ops._is_compiling():   # (the tracer cannot ask)

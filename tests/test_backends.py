@@ -38,10 +38,10 @@ def test_cpu_backend_is_built():
 
 
 # The loops that simd_clones.h compiles again for AVX2: each path builder's tile, the
-# embedding's sin and cos, the sampler's noise, the loss's ordered sum.
+# embedding's sin and cos, the sampler's noise.
 AVX2_CLONES = ["cond_ot_tile", "polynomial_tile", "whole_polynomial_tile", "cosine_tile",
                "linear_vp_tile", "vp_tile", "constant_noise_tile", "schrodinger_bridge_tile",
-               "gaussian_tile", "sincos_fast", "ordered_chunk_sum"]
+               "gaussian_tile", "sincos_fast"]
 
 
 def test_the_avx2_clones_are_vectorised():

@@ -4,10 +4,9 @@ import math
 import torch
 
 from .._tableaus import TABLEAUS
+from ..conversions import DIVISOR_EPS
 from ..paths import get_path
 from ._conversions import convert
-
-_EPS = 1e-6   # the conversions' divisor guard (fastflow.conversions.DIVISOR_EPS)
 
 
 def sample(model, x_init, time_grid, method="euler", prediction="velocity", path=None,
@@ -73,7 +72,7 @@ def _convertible(prediction, path, tau):
     alpha, sigma, d_alpha, d_sigma = (float(v) for v in get_path(path)(
         torch.tensor([tau], dtype=torch.float64)))
     divisor = sigma if prediction == "data" else alpha
-    return abs(divisor) >= _EPS and math.isfinite(d_alpha) and math.isfinite(d_sigma)
+    return abs(divisor) >= DIVISOR_EPS and math.isfinite(d_alpha) and math.isfinite(d_sigma)
 
 
 def _guided(model, x, t, guided, scale, uncond_kwargs, doubled_batch, cfg_zero_star, kwargs):
