@@ -12,10 +12,11 @@ import os
 import re
 import subprocess
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["fastflow", "fastflow.reference", "fastflow._triton"]
+# Every package under fastflow/, plus the Triton kernels, installed as fastflow._triton.
+PACKAGES = find_packages(include=["fastflow", "fastflow.*"]) + ["fastflow._triton"]
 PACKAGE_DIR = {"fastflow._triton": "triton_kernels"}
 
 

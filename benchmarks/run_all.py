@@ -1,9 +1,11 @@
 """Run every benchmark of the package: `make bench`.
 
-Each script runs in its own process so environment settings apply to it alone. On CPU the
-interpolation benchmark runs twice, with the default allocator and with THP_MEM_ALLOC_ENABLE=1,
-because fresh-output figures there depend on page faults (DESIGN.md section 9).
+Each script runs in its own process so environment settings apply to it alone. On CPU every
+script runs twice, with the default allocator and with THP_MEM_ALLOC_ENABLE=1, because
+fresh-output figures there depend on page faults (DESIGN.md section 9). It takes no options:
+run a script alone to narrow it (--device, --sizes, --dtypes).
 """
+import argparse
 import glob
 import os
 import subprocess
@@ -15,6 +17,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     scripts = sorted(glob.glob(os.path.join(HERE, "bench_*.py")))
     allocators = [{}] if torch.cuda.is_available() else [{}, {"THP_MEM_ALLOC_ENABLE": "1"}]
     failed = []

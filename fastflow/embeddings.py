@@ -116,9 +116,10 @@ def fourier_embedding(t, W, *, log=False, flip_sin_to_cos=False, dtype=None):
         >>> emb = fastflow.fourier_embedding(sigmas, W, log=True)      # [B, 256]
     """
     t = _times(t)
-    if not isinstance(W, torch.Tensor) or W.dim() != 1 or W.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"W: expected a 1-D floating tensor of frequencies, got "
-                         f"{describe(W)}")
+    if not isinstance(W, torch.Tensor) or W.dtype not in FLOAT_DTYPES:   # as t's check
+        raise TypeError(f"W: expected a 1-D floating tensor of frequencies, got {describe(W)}")
+    if W.dim() != 1:
+        raise ValueError(f"W: expected a 1-D floating tensor of frequencies, got {describe(W)}")
     if W.device != t.device:
         raise ValueError(f"W: expected a tensor on {t.device} (the device of t), got {W.device}")
     math_dtype = torch.promote_types(t.dtype, _ops.math_dtype(W.dtype))

@@ -8,7 +8,7 @@ Everything is drawn on x1's device with the caller's torch.Generator (no host RN
 copies); x_t comes from one fused pass and the loss from another, which builds the target
 inside the reduction instead of materialising it.
 """
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 
@@ -22,9 +22,10 @@ TIME_SAMPLERS = ("uniform", "logit_normal")
 
 
 class FlowSample(NamedTuple):
-    """What a training step regresses on: the times, the network input and its target."""
+    """What a training step regresses on: the times (as given, a float included, or the [B]
+    tensor drawn), the network input and its target."""
 
-    t: torch.Tensor
+    t: Union[torch.Tensor, float]
     x_t: torch.Tensor
     target: torch.Tensor
     noise: Optional[torch.Tensor]

@@ -106,6 +106,9 @@ class TargetCFM(CondOT):
             raise ValueError(f"TargetCFM: sigma must be in [0, 1], got {sigma}")
         self.sigma_min = sigma
 
+    def __repr__(self):   # its own argument's name, which the stored sigma_min is not
+        return f"TargetCFM(sigma={self.sigma_min!r})"
+
 
 class Polynomial(AffinePath):
     """alpha_t = t^n, sigma_t = 1 - t^n (flow_matching's PolynomialConvexScheduler)."""

@@ -19,6 +19,7 @@ never synchronises with the host, and on CUDA it can be recorded as one CUDA gra
 import inspect
 import numbers
 import threading
+from collections.abc import Mapping
 import warnings
 
 import torch
@@ -58,6 +59,9 @@ def sample(model, x_init, *, model_kwargs=None, uncond_kwargs=None, sample_ids=N
     if unknown:
         raise TypeError(f"sample: unknown option {', '.join(map(repr, unknown))}; the model's "
                         f"keyword arguments go in model_kwargs={{...}} (and uncond_kwargs=)")
+    if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
+        raise TypeError(f"model_kwargs: expected a dict of the model's keyword arguments, got "
+                        f"{type(model_kwargs).__name__}")
     return Sampler(model, **options)(x_init, uncond_kwargs=uncond_kwargs, sample_ids=sample_ids,
                                      **(model_kwargs or {}))
 
@@ -67,7 +71,9 @@ class Sampler:
     keeps static buffers per input shape, and runs the loop without host synchronisation.
 
     Sampling is not differentiable: the fused passes update buffers in place, so the loop runs
-    without autograd (``fastflow.reference.sample`` is the differentiable loop).
+    without autograd. The differentiable loop is ``fastflow.reference.sample(model, x_init,
+    time_grid, ...)``: an explicit grid (a list of t) where this takes steps or sigmas too, and
+    no re-noising (see its docstring).
 
     Args:
         model: called as ``model(x, t, **kwargs)``, x in x_init's dtype, t a [B] tensor.
@@ -77,8 +83,9 @@ class Sampler:
         time_grid: explicit grid t_0, ..., t_N (1-D, strictly monotone; decreasing integrates
             from data towards noise, for inversion). t = 0 is noise, t = 1 is data.
         sigmas: a diffusers-style decreasing sigma grid (e.g. from
-            ``fastflow.schedules.flow_match_sigmas``), used as the grid t = 1 - sigma.
-            Exactly one of steps, time_grid and sigmas.
+            ``fastflow.schedules.flow_match_sigmas``), used as the grid t = 1 - sigma; an
+            increasing one (``invert_sigmas=True``) integrates from data to noise, as a
+            decreasing time_grid does. Exactly one of steps, time_grid and sigmas.
         reverse: with steps, integrate from t = 1 to 0.
         prediction: what the model returns: "velocity" (default), "epsilon", "data" or "score",
             converted to a velocity on `path` inside the fused pass. The conversion divides by
@@ -413,7 +420,7 @@ class Sampler:
         return (device, math, shared, self.method, self.last_method, tuple(self.grid),
                 self.prediction, path, self.time_convention, self.time_scale,
                 tuple(self.guided_steps), self.doubled_batch, weights,
-                self.stochastic)
+                self.stochastic, self.zero_init_steps)
 
     def _build_plan(self, device, math, shared):
         """Every stage's passes with their coefficients on the device ([steps, G, M, K] tables,
@@ -447,7 +454,9 @@ class Sampler:
         if x_init.requires_grad and torch.is_grad_enabled():
             raise ValueError("x_init: requires grad, but fastflow's sampler is not "
                              "differentiable (its fused passes update buffers in place); pass "
-                             "x_init.detach(), or differentiate through fastflow.reference.sample")
+                             "x_init.detach(), or differentiate through "
+                             "fastflow.reference.sample(model, x_init, time_grid, ...), which "
+                             "takes an explicit list of times")
         if _ops.transforming():
             raise RuntimeError("fastflow's sampler does not run under torch.func transforms or "
                                "forward-mode AD (its fused passes update buffers in place, "
@@ -458,6 +467,9 @@ class Sampler:
                              f"got {groups}")
         if sample_ids is not None and not self.stochastic:   # unused, but never wrong
             _sample_ids(sample_ids, x_init.shape[0], x_init.device)
+        if uncond_kwargs is not None and not isinstance(uncond_kwargs, Mapping):
+            raise TypeError(f"uncond_kwargs: expected a dict of the unconditional call's keyword "
+                            f"arguments, got {type(uncond_kwargs).__name__}")
         guided_anywhere = any(self.guided_steps)
         if guided_anywhere and not self.doubled_batch and uncond_kwargs is None:
             raise ValueError("uncond_kwargs: guidance needs the unconditional call's keyword "

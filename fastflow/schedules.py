@@ -59,6 +59,10 @@ def calculate_shift(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shif
         base_seq_len, max_seq_len, base_shift, max_shift: the scheduler config's
             ``base_image_seq_len``, ``max_image_seq_len``, ``base_shift`` and ``max_shift``.
     """
+    for name, value in (("image_seq_len", image_seq_len), ("base_seq_len", base_seq_len),
+                        ("max_seq_len", max_seq_len), ("base_shift", base_shift),
+                        ("max_shift", max_shift)):
+        _check_number(name, value)
     if max_seq_len == base_seq_len:
         raise ValueError(f"calculate_shift: max_seq_len must differ from base_seq_len, both are "
                          f"{base_seq_len}")

@@ -1,10 +1,13 @@
 """fastflow.backends(), backend selection and FASTFLOW_BACKEND, and the fallback when the
 extension is not built."""
+import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import pytest
 import torch
@@ -152,3 +155,28 @@ def test_import_and_interpolate_without_the_extension():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok cpu: unavailable (extension not built")
+
+
+def test_the_wheel_holds_every_module(tmp_path):
+    # A plain (not editable) install has only the packages setup.py names: fastflow.compat was
+    # missing from them, so `from fastflow.compat.torchcfm import ...` failed after `pip install .`
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = tmp_path / "source"
+    skip = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info")
+    for folder in ("fastflow", "triton_kernels"):
+        shutil.copytree(os.path.join(root, folder), source / folder, ignore=skip)
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(root, name), source / name)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "-w", str(tmp_path / "wheel"), str(source)],
+        env={**os.environ, "FASTFLOW_SKIP_EXTENSION": "1"}, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stderr
+    (wheel,) = (tmp_path / "wheel").glob("fastflow-*.whl")
+    held = set(zipfile.ZipFile(wheel).namelist())
+    modules = {os.path.join("fastflow", os.path.relpath(path, source / "fastflow"))
+               for path in glob.glob(str(source / "fastflow" / "**" / "*.py"), recursive=True)}
+    modules |= {os.path.join("fastflow", "_triton", os.path.basename(path))
+                for path in glob.glob(str(source / "triton_kernels" / "*.py"))}
+    assert modules - held == set()

@@ -328,8 +328,10 @@ def test_bad_input():
         fastflow.timestep_embedding(t, 8, dtype=torch.int32)
     with pytest.raises(ValueError, match="W: expected a 1-D floating tensor"):
         fastflow.fourier_embedding(t, torch.randn(2, 3))
-    with pytest.raises(ValueError, match="W: expected a 1-D floating tensor"):
+    with pytest.raises(TypeError, match="W: expected a 1-D floating tensor"):
         fastflow.fourier_embedding(t, torch.arange(3))
+    with pytest.raises(TypeError, match="W: expected a 1-D floating tensor"):
+        fastflow.fourier_embedding(t, [1.0, 2.0])
     with pytest.raises(ValueError, match="convention"):
         SinusoidalEmbedding(8, convention="ddpm")
     with pytest.raises(ValueError, match="convention: expected one of"):

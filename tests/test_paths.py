@@ -43,6 +43,13 @@ def _t(values=T_GRID, requires_grad=False):
     return torch.tensor(values, dtype=torch.float64, requires_grad=requires_grad)
 
 
+def test_a_path_is_its_repr():
+    # Errors, test ids and cache keys show the repr: it must be the call that makes the path.
+    for path in [p for p, _ in AFFINE_PATHS] + NOISE_PATHS:
+        again = eval(repr(path), vars(paths))
+        assert paths.value_key(again) == paths.value_key(path), repr(path)
+
+
 @pytest.mark.parametrize("path,closed_form", AFFINE_PATHS, ids=AFFINE_IDS)
 def test_schedules_match_closed_form(path, closed_form):
     alpha, sigma, _, _ = path(_t())

@@ -500,6 +500,10 @@ def test_bad_input():
             fastflow.sample(model, x0, **options)
     with pytest.raises(ValueError, match="uncond_kwargs: guidance needs"):
         fastflow.sample(model, x0, steps=2, guidance_scale=2.0)
+    with pytest.raises(TypeError, match="model_kwargs: expected a dict .* got list"):
+        fastflow.sample(model, x0, steps=2, model_kwargs=[1])
+    with pytest.raises(TypeError, match="uncond_kwargs: expected a dict .* got tuple"):
+        fastflow.sample(model, x0, steps=2, guidance_scale=2.0, uncond_kwargs=())
     with pytest.raises(ValueError, match=r"model: expected an output of shape \(4, 2\)"):
         fastflow.sample(lambda x, t: x[:, :1], x0, steps=2)
     with pytest.raises(TypeError, match="model: expected a callable"):
@@ -823,6 +827,48 @@ def test_a_plan_built_under_inference_mode_serves_autograd_later():
     with torch.inference_mode():
         want = fastflow.Sampler(lambda x, t: -w * t[:, None], steps=3)(x)
     torch.testing.assert_close(fastflow.Sampler(model, steps=3)(x), want)
+
+
+def test_the_plan_cache_keeps_every_option_apart():
+    # Samplers with equal options share their tables (_PLANS). An option missing from the key
+    # hands a sampler another's tables: zero_init_steps was, so a plain run after a zero-init
+    # one skipped its first step. Each sampler, run with every other one's plan cached, must
+    # give what it gives alone.
+    model = Net()
+    x, y = torch.randn(4, 2), torch.randn(4, 2)
+    grid = [0.1, 0.4, 0.7, 0.9]
+    guided = dict(time_grid=grid, guidance_scale=2.0)
+    variants = [
+        dict(time_grid=grid), dict(time_grid=grid, method="heun"),
+        dict(time_grid=[0.1, 0.5, 0.7, 0.9]), dict(time_grid=grid[::-1]),
+        dict(sigmas=[0.9, 0.6, 0.3, 0.1]), dict(steps=3), dict(steps=3, reverse=True),
+        dict(time_grid=grid, prediction="epsilon", path="cosine"),
+        dict(time_grid=grid, prediction="epsilon", path="vp"),
+        dict(time_grid=grid, prediction="data", path="cosine"),
+        dict(time_grid=grid, time_convention="sigma"), dict(time_grid=grid, time_scale=1000.0),
+        guided, dict(guided, guidance_scale=3.0), dict(guided, guidance="cfg_zero_star"),
+        dict(guided, guidance_interval=(0.3, 0.8)),
+        dict(guided, guidance_scale=torch.tensor([1.0, 2.0, 3.0, 4.0])),
+        dict(guided, doubled_batch=True),
+        dict(time_grid=grid, zero_init_steps=1), dict(time_grid=grid, zero_init_steps=2),
+        dict(time_grid=grid, prediction="epsilon", path="cosine", zero_init_steps=1),
+        dict(time_grid=grid, stochastic=True), dict(time_grid=grid, stochastic=True, noise_seed=1),
+        dict(time_grid=grid, state_dtype=torch.float64),
+    ]
+
+    def run(options):
+        if options.get("doubled_batch"):
+            return fastflow.Sampler(model, **options)(x, y=torch.cat([torch.zeros_like(y), y]))
+        uncond = {} if "guidance_scale" in options else None
+        return fastflow.Sampler(model, **options)(x, uncond_kwargs=uncond, y=y)
+
+    alone = []
+    for options in variants:
+        sampling._PLANS.clear()
+        alone.append(run(options))
+    for order in (range(len(variants)), reversed(range(len(variants)))):
+        for i in order:
+            assert bits_equal(run(variants[i]), alone[i]), variants[i]
 
 
 @pytest.mark.parametrize("method", ["euler", "heun", "rk4"])

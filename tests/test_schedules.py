@@ -191,6 +191,10 @@ def test_calculate_shift_formula():
     assert calculate_shift(256) == pytest.approx(0.5) and calculate_shift(4096) == pytest.approx(1.15)
     with pytest.raises(ValueError, match="max_seq_len"):
         calculate_shift(100, base_seq_len=256, max_seq_len=256)
+    with pytest.raises(TypeError, match="image_seq_len must be a real number, got 'a'"):
+        calculate_shift("a")
+    with pytest.raises(ValueError, match="max_shift"):
+        calculate_shift(1024, max_shift=float("nan"))
 
 
 def test_known_values():
