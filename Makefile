@@ -2,7 +2,9 @@
 # Both set up everything first on a fresh machine (pinned torch, the tools, the extension build).
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
-TOOLS = triton ninja pybind11 numpy pytest hypothesis matplotlib
+# The build requirements of pyproject.toml (pip install --no-build-isolation uses these), then the
+# tools of the tests and benchmarks.
+TOOLS = "setuptools>=64" wheel ninja pybind11 triton numpy pytest hypothesis matplotlib
 # Libraries the tests and benchmarks compare against (diffusers' schedules, scheduler and
 # embeddings; torchdiffeq's fixed-grid solvers; flow_matching's ODESolver; torchcfm, whose own
 # tests run against fastflow.compat). Installed --no-deps so that they can never replace the

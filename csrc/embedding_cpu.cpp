@@ -66,26 +66,30 @@ void sincos_exact(math_t t, const math_t* f, math_t scale, int64_t n, math_t* s,
   }
 }
 
-// One row's tile. `bound` is max_j |f[j]| * |scale|: with it, |t| * bound bounds every argument.
+// One row's tile. `bound` is max_j |f[j]|: (|t| * bound) * |scale|, rounded in the kernel's
+// order, bounds every argument and its product t * f[j] (rounding is monotonic), so that an
+// overflow there (inf times a tiny scale) also takes the exact path.
 template <typename math_t>
 void sincos_tile(math_t t, const math_t* f, math_t scale, math_t bound, int64_t n, math_t* s,
                  math_t* c) {
   if constexpr (std::is_same_v<math_t, float>) {
-    if (std::fabs(t) * bound <= kFastLimit) return sincos_fast(t, f, scale, n, s, c);
+    if ((std::fabs(t) * bound) * std::fabs(scale) <= kFastLimit) {
+      return sincos_fast(t, f, scale, n, s, c);
+    }
   }
   sincos_exact(t, f, scale, n, s, c);
 }
 
-// NaN when a frequency is NaN, which sends every row to the exact path: the fast path would
-// convert a NaN quadrant to int32, which is undefined behaviour.
+// max_j |f[j]|; NaN when a frequency is NaN, which sends every row to the exact path: the fast
+// path would convert a NaN quadrant to int32, which is undefined behaviour.
 template <typename math_t>
-math_t argument_bound(const math_t* f, int64_t n, math_t scale) {
+math_t argument_bound(const math_t* f, int64_t n) {
   math_t m = 0;
   for (int64_t j = 0; j < n; ++j) {
     const math_t a = std::fabs(f[j]);
     if (a > m || std::isnan(a)) m = a;   // once NaN, m stays NaN (a > NaN is false)
   }
-  return m * std::fabs(scale);
+  return m;
 }
 
 // Rows per task (forward) and per deterministic partial sum (backward): about kGrain elements.
@@ -97,7 +101,7 @@ void sinusoid_kernel(const at::Tensor& t, const at::Tensor& freqs, math_t scale,
   const int64_t half = freqs.numel(), dim = out.size(1);
   const math_t* tp = t.const_data_ptr<math_t>();
   const math_t* f = freqs.const_data_ptr<math_t>();
-  const math_t bound = argument_bound(f, half, scale);
+  const math_t bound = argument_bound(f, half);
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, t.numel(), rows_per_task(dim), [&](int64_t b0, int64_t b1) {
     math_t s[kTile], c[kTile];
@@ -130,7 +134,7 @@ void sinusoid_backward_kernel(const at::Tensor& grad, const at::Tensor& t,
   const int64_t batch = t.numel(), half = freqs.numel(), dim = grad.size(1);
   const math_t* tp = t.const_data_ptr<math_t>();
   const math_t* f = freqs.const_data_ptr<math_t>();
-  const math_t bound = argument_bound(f, half, scale);
+  const math_t bound = argument_bound(f, half);
   const scalar_t* g = grad.const_data_ptr<scalar_t>();
   // grad_f is summed over rows in chunks fixed by the shape alone, then folded in order.
   const int64_t rows = rows_per_task(dim);

@@ -8,7 +8,8 @@
 // autograd.Function costs about 0.1 ms a step around a few microseconds of kernels on a small
 // batch; this node costs what a built-in op's does. Everything else (per-sample losses,
 // gradients to x0, x1, t or the weights) takes the Python node (fastflow/losses.py),
-// which this one repeats for its case: dL/dpred = 2 g w_g / divisor * residual, one affine pass.
+// which this one repeats for its case: dL/dpred = 2 g w_g c_g / divisor * residual, c_g =
+// coeffs[g, 0, 0] (1 in the loss's rows (1, -target)), one affine pass.
 #include "affine.h"
 #include "coefficients.h"
 
@@ -44,10 +45,11 @@ at::Tensor divided(const at::Tensor& squares, double divisor) {
   return loss;
 }
 
-// dL/dpred's rows, coeffs * (grad * (2 / divisor) [* weight]) as those ATen ops round them:
-// [G, 1, K] like coeffs (in its layout: entry-major rows keep the kernel's vector path for
-// small groups), all in coeffs' type, which grad (0-d) and weight ([G, 1, 1]) share. Entry by
-// entry, each over the groups: contiguous in the entry-major layout (a time per token).
+// dL/dpred's rows, coeffs * (grad * (2 / divisor) [* weight] * coeffs[:, :, :1]) as those ATen
+// ops round them: [G, 1, K] like coeffs (in its layout: entry-major rows keep the kernel's
+// vector path for small groups), all in coeffs' type, which grad (0-d) and weight ([G, 1, 1])
+// share. Entry by entry, each over the groups: contiguous in the entry-major layout (a time
+// per token).
 at::Tensor scaled_rows(const at::Tensor& coeffs, const at::Tensor& grad, double divisor,
                        const at::Tensor& weight) {
   at::Tensor rows = at::empty_like(coeffs);
@@ -64,7 +66,7 @@ at::Tensor scaled_rows(const at::Tensor& coeffs, const at::Tensor& grad, double 
     at::parallel_for(0, groups, kGroupGrain, [&](int64_t begin, int64_t end) {
       for (int64_t k = 0; k < entries; ++k)
         for (int64_t g = begin; g < end; ++g) {
-          const scalar_t s = w ? scale * w[g * w_stride] : scale;
+          const scalar_t s = (w ? scale * w[g * w_stride] : scale) * c[g * c_group];
           r[g * r_group + k * r_entry] = c[g * c_group + k * c_entry] * s;
         }
     });
@@ -107,17 +109,19 @@ struct PredLoss : torch::autograd::Function<PredLoss> {
     inputs.pop_back();
     const double divisor = ctx->saved_data["divisor"].toDouble();
     at::Tensor grad_pred;
-    // By hand on a plain gradient; a batched one (is_grads_batched) has no data to read.
-    if (!at::GradMode::is_enabled() && grads[0].scalar_type() == coeffs.scalar_type() &&
-        !at::isBatchedTensor(grads[0])) {
+    const int64_t groups = coeffs.size(0);
+    if (groups == 0) {   // an empty batch, whose rows the ATen form below cannot reshape
+      grad_pred = at::zeros_like(inputs[0]);
+    } else if (!at::GradMode::is_enabled() && grads[0].scalar_type() == coeffs.scalar_type() &&
+               !at::isBatchedTensor(grads[0])) {
+      // By hand on a plain gradient; a batched one (is_grads_batched) has no data to read.
       grad_pred = affine_fresh_cpu(inputs, scaled_rows(coeffs, grads[0], divisor, weight))[0];
     } else {
       // A double backward (or batched gradients): the same map in ATen ops, which autograd
       // differentiates.
       at::Tensor scale = grads[0] * (2.0 / divisor);
       if (weight.defined()) scale = scale * weight;
-      const at::Tensor rows = coeffs * scale;
-      const int64_t groups = coeffs.size(0);
+      const at::Tensor rows = coeffs * (scale * coeffs.narrow(2, 0, 1));
       grad_pred = at::zeros({groups, inputs[0].numel() / groups}, rows.options());
       for (size_t k = 0; k < inputs.size(); ++k)
         grad_pred = grad_pred + rows.select(1, 0).narrow(1, k, 1) * inputs[k].reshape({groups, -1});

@@ -64,17 +64,18 @@ def _constant_residual(path, prediction, x1, math, whole_batch, direct=False):
     device = x1.device
     row = _constant_rows.get((kind, prediction, math, device), device, lambda: _ops._take(
         _residual_coeffs(target_coefficients(path, batch_time(0.0, x1), prediction), math), 2,
-        _read(prediction, 3 + path.uses_noise)), direct)
+        _read(path, prediction)), direct)
     return row if whole_batch else row.expand(x1.shape[0], -1, -1)
 
 
-def _read(prediction, count):
-    """The indices of the `count` streams (pred, x0, x1[, noise]) that the residual reads. A noise,
-    data or score target reads one input, x0 (x1 for data): an exact-zero coefficient on the
-    others would turn an inf or NaN in them into NaN (0 * inf), where the formula never reads
-    them, and cost a stream."""
+def _read(path, prediction):
+    """The indices of the streams (pred, x0, x1[, noise]) that the residual reads. A noise, data
+    or score target reads one input, x0 (x1 for data), and the constant-noise path's velocity
+    x1 - x0 no noise: an exact-zero coefficient on the others would turn an inf or NaN in them
+    into NaN (0 * inf), where the formula never reads them, and cost a stream (a quarter of
+    the I-CFM loss's traffic)."""
     if prediction == "velocity":
-        return list(range(count))
+        return list(range(3 if type(path) is ConstantNoise else 3 + path.uses_noise))
     return [0, 2 if prediction == "data" else 1]
 
 
@@ -150,7 +151,7 @@ def flow_matching_loss(pred, x0, x1, t, path=None, prediction="velocity", noise=
     # A loss that is one unweighted number of constant rows reduces the batch as one group: no
     # per-sample sums to fold, no [B] rows to expand.
     whole_batch = weight is None and reduction != "none" and x1.numel() > 0
-    read = _read(prediction, len(streams))
+    read = _read(path, prediction)
     residual = None if t_grad else _constant_residual(path, prediction, x1, math, whole_batch,
                                                       backend is not None)
     if residual is None:

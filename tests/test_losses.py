@@ -371,6 +371,28 @@ def test_training_step_node_checks_its_weight():
     torch.testing.assert_close(pred.grad, 2 * (pred - (x1 - x0)).detach() / 32)
 
 
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_training_step_node_for_any_rows(create_graph):
+    # The node is a function of any rows: its gradient took the pred column as 1 (as the
+    # loss's rows (1, -target) have it), and an empty batch divided by zero in the ATen form
+    # of a double backward (SIGFPE).
+    ext = pytest.importorskip("fastflow._C")
+    pred = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    x0 = torch.randn(3, 5, dtype=torch.float64)
+    coeffs = torch.randn(3, 1, 2, dtype=torch.float64)
+    weight = torch.rand(3, dtype=torch.float64)
+    want, = torch.autograd.grad(
+        (weight * ((coeffs[:, 0, :1] * pred + coeffs[:, 0, 1:] * x0) ** 2).sum(1)).sum() / 7,
+        pred)
+    got, = torch.autograd.grad(ext.pred_loss_cpu(pred, [x0], coeffs, weight, 7.0), pred,
+                               create_graph=create_graph)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    empty = torch.zeros(0, 5, requires_grad=True)
+    loss = ext.pred_loss_cpu(empty, [torch.zeros(0, 5)], torch.zeros(0, 1, 2), None, 1.0)
+    got, = torch.autograd.grad(loss, empty, create_graph=create_graph)
+    assert got.shape == (0, 5)
+
+
 def test_double_backward_with_a_learned_weight(backend):
     # dL/dweight is the per-sample loss, a function of pred: a double backward must see that.
     path = paths.Cosine()
@@ -616,22 +638,41 @@ def test_the_references_take_an_empty_batch():
             want)
 
 
-@pytest.mark.parametrize("prediction,ignored", [("data", "x0"), ("epsilon", "x1"),
-                                                ("score", "x1")])
-def test_a_stream_the_target_ignores_is_not_read(backend, prediction, ignored):
+@pytest.mark.parametrize("prediction,ignored,path", [
+    ("data", "x0", "cosine"), ("epsilon", "x1", "cosine"), ("score", "x1", "cosine"),
+    ("velocity", "noise", paths.ConstantNoise(0.1))])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter: 0 * inf
+def test_a_stream_the_target_ignores_is_not_read(backend, prediction, ignored, path):
     # 0 * inf is NaN: streaming the ignored input with its exact-zero coefficient made the
-    # loss NaN where the formula (F.mse_loss against x1 or x0) is finite.
-    data = {name: torch.randn(2, 3, device=backend) for name in ("x0", "x1")}
+    # loss NaN where the formula (F.mse_loss against x1, x0 or torchcfm's x1 - x0) is finite.
+    data = {name: torch.randn(2, 3, device=backend) for name in ("x0", "x1", "noise")}
     data[ignored][0, 0] = float("inf")
     data[ignored][1, 1] = float("nan")
+    noise = data["noise"] if paths.get_path(path).uses_noise else None
     pred = torch.randn(2, 3, device=backend, requires_grad=True)
-    t = torch.rand(2, device=backend) * 0.8 + 0.1
-    for reduction in ("mean", "none"):
-        got = fastflow.flow_matching_loss(pred, data["x0"], data["x1"], t, path="cosine",
-                                          prediction=prediction, reduction=reduction)
-        want = reference_loss(pred, data["x0"], data["x1"], t, path="cosine",
-                              prediction=prediction, reduction=reduction)
-        assert torch.isfinite(got).all()
-        torch.testing.assert_close(got, want)
-    got.sum().backward()
-    assert torch.isfinite(pred.grad).all()
+    for t_grad in (False, True):   # the cached rows, and the per-sample formulas
+        t = (torch.rand(2, device=backend) * 0.8 + 0.1).requires_grad_(t_grad)
+        for reduction in ("mean", "none"):
+            got = fastflow.flow_matching_loss(pred, data["x0"], data["x1"], t, path=path,
+                                              prediction=prediction, noise=noise,
+                                              reduction=reduction)
+            want = reference_loss(pred, data["x0"], data["x1"], t, path=path, noise=noise,
+                                  prediction=prediction, reduction=reduction)
+            assert torch.isfinite(got).all()
+            torch.testing.assert_close(got, want)
+        pred.grad = None
+        got.sum().backward()
+        assert torch.isfinite(pred.grad).all()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter: 1/0, 0 * inf
+@pytest.mark.parametrize("elements", [3, 4, 5, 33])
+def test_an_infinite_target_gives_an_infinite_loss(backend, elements):
+    # u_t of LinearVP is infinite at t = 1. The Triton reduction's padding lanes (zeros times
+    # the infinite coefficient) made the loss NaN unless the element count was a power of two.
+    x0, x1, pred = (torch.randn(2, elements, device=backend) for _ in range(3))
+    t = torch.tensor([1.0, 0.5], device=backend)
+    got = fastflow.flow_matching_loss(pred, x0, x1, t, path="linear_vp", reduction="none")
+    want = reference_loss(pred, x0, x1, t, path="linear_vp", reduction="none")
+    assert got[0].isinf() and want[0].isinf()
+    torch.testing.assert_close(got[1:], want[1:])

@@ -79,6 +79,8 @@ def _sqnorm_kernel(ins, coeffs_ptr, partial_ptr, groups, n, tiles_per_group, K: 
     for k in tl.static_range(1, K):
         c = tl.load(coeff + k)
         r = r + c * tl.load(ins[k] + offs, mask=mask, other=0).to(c.dtype)
+    # Padding lanes out: their zeros times an infinite coefficient are NaN, not the loss's inf.
+    r = tl.where(mask, r, 0.0)
     tl.store(partial_ptr + slot, tl.sum(r * r, axis=1), mask=rows < groups)
 
 

@@ -4,7 +4,7 @@ from math import prod
 import torch
 
 from .._checks import batch_time
-from ..paths import get_path
+from ..paths import ConstantNoise, get_path
 from ._interpolation import interpolate
 
 
@@ -14,7 +14,9 @@ def flow_matching_loss(pred, x0, x1, t, path=None, prediction="velocity", noise=
     then reduced."""
     path = get_path(path)
     math = torch.float64 if torch.float64 in (pred.dtype, x1.dtype) else torch.float32
-    if prediction == "velocity":
+    if prediction == "velocity" and type(path) is ConstantNoise:
+        target = x1 - x0    # torchcfm's formula, which reads no noise
+    elif prediction == "velocity":
         target = interpolate(x0, x1, t, path, noise)[1]
     elif prediction == "epsilon":
         target = x0
