@@ -51,10 +51,6 @@ class Model(torch.nn.Module):
         return self.net(torch.cat([x, t[:, None]], dim=1))
 
 
-def _evals(method):
-    return {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}[method]
-
-
 def _solvers(model, x, steps, method, device):
     """name -> callable sampling x over `steps` steps of `method`, for every library present."""
     grid = torch.linspace(0, 1, steps + 1, device=device)

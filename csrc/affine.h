@@ -30,6 +30,15 @@ namespace fastflow {
 constexpr int64_t kMaxInputs = 5;
 constexpr int64_t kMaxOutputs = 4;
 
+// How the CPU kernels (affine family, embeddings, noise) split their loops. kGrain: the smallest
+// span worth handing to another thread, about where OpenMP's fork-join cost is repaid on two
+// cores (larger ranges are split evenly over all threads). kTile: elements per register/L1
+// tile inside a task. kLanes: independent accumulators of a sum, which lets the compiler
+// vectorise it without reassociating, so that no instruction set changes the result.
+constexpr int64_t kGrain = 1 << 14;
+constexpr int64_t kTile = 256;
+constexpr int kLanes = 8;
+
 void affine_cpu(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
                 const std::vector<at::Tensor>& outputs);
 // The whole of an eager fastflow::affine_out call on CPU tensors (fastflow/_ops.py, _affine_out)
@@ -108,13 +117,13 @@ void narrow_floats(const float* src, int64_t n, at::ScalarType type, void* dst);
 // in cache are left there.
 constexpr int64_t kStreamingMinBytes = int64_t(64) << 20;
 
-// Hint the kernel to back a fresh CPU tensor with transparent huge pages (no-op elsewhere).
+// Hint the kernel to back a fresh CPU tensor with transparent huge pages (no-op elsewhere) if it
+// holds at least kHugePageMinBytes: below that the faults saved are too few.
 void advise_huge_pages(const at::Tensor& t);
-// Fresh outputs at least this large get the hint: below it the faults saved are too few.
 constexpr int64_t kHugePageMinBytes = int64_t(4) << 20;
-// A fresh tensor like `like`, with the hint where it is large enough: contiguous, or with
-// like's strides where `keep_layout` (a dense layout, such as batch_period's).
-at::Tensor fresh_output(const at::Tensor& like, bool keep_layout = false);
+// A fresh tensor like `like`, advised huge pages: contiguous, or with like's strides where
+// `keep_layout` (a dense layout, such as batch_period's).
+at::Tensor fresh_output(const at::Tensor& like, bool keep_layout);
 
 #ifdef FASTFLOW_WITH_CUDA
 void affine_cuda(const std::vector<at::Tensor>& inputs, const at::Tensor& coeffs,
@@ -196,7 +205,7 @@ void on_streams(const std::vector<at::Tensor>& inputs, const std::vector<at::Ten
 // affine_dot's: a and b (1 to kMaxOutputs and 1 to kMaxInputs tensors) of one float type, element
 // count and device, contiguous, in `groups` groups.
 void check_dot_args(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b,
-                    int64_t groups, c10::DeviceType device);
+                    int64_t groups);
 
 // Whether a kernel would misread one of `tensors` through its data pointer: memory that holds
 // other values than the tensor's (the negative or conjugate bit) or none of its own (the legacy

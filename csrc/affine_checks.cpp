@@ -95,15 +95,15 @@ bool misread(const std::vector<at::Tensor>& tensors) {
 }
 
 void check_dot_args(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b,
-                    int64_t groups, c10::DeviceType device) {
+                    int64_t groups) {
   constexpr const char* op = "fastflow affine_dot";
   const auto m = static_cast<int64_t>(a.size()), k = static_cast<int64_t>(b.size());
   TORCH_CHECK_VALUE(m >= 1 && m <= kMaxOutputs, op, ": expected 1 to ", kMaxOutputs,
                     " tensors in a, got ", m);
   TORCH_CHECK_VALUE(k >= 1 && k <= kMaxInputs, op, ": expected 1 to ", kMaxInputs,
                     " tensors in b, got ", k);
-  for (const auto& x : a) check_stream(op, x, "a tensor of a", a[0], device, true);
-  for (const auto& x : b) check_stream(op, x, "a tensor of b", a[0], device, true);
+  for (const auto& x : a) check_stream(op, x, "a tensor of a", a[0], c10::kCPU, true);
+  for (const auto& x : b) check_stream(op, x, "a tensor of b", a[0], c10::kCPU, true);
   check_groups(op, a[0], groups);
 }
 

@@ -188,7 +188,7 @@ std::vector<at::Tensor> affine_fresh_cpu(const std::vector<at::Tensor>& inputs,
 
 at::Tensor affine_dot_cpu(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b,
                           int64_t groups) {
-  check_dot_args(a, b, groups, c10::kCPU);
+  check_dot_args(a, b, groups);
   const auto math = math_type(a, b);
   // Accumulate in fp64 (products of fp32 values are exact there) and round once at the end.
   at::Tensor sums = at::zeros({groups, static_cast<int64_t>(a.size()),

@@ -23,14 +23,6 @@ namespace FASTFLOW_CPU_ISA {
 namespace {
 
 
-// Smallest span worth handing to another thread: about the size where the fork-join overhead
-// of OpenMP is repaid on two cores; larger ranges are split evenly over all threads.
-constexpr int64_t kGrain = 1 << 14;
-// Elements per register/L1 tile inside a task.
-constexpr int64_t kTile = 256;
-// Independent accumulators per dot product: lets the compiler vectorise the reduction without
-// reassociating it, so results do not depend on the instruction set.
-constexpr int kLanes = 8;
 // Elements per deterministic partial sum of affine_dot (fixed, independent of thread count).
 constexpr int64_t kDotChunk = 1 << 14;
 

@@ -24,20 +24,12 @@
 namespace fastflow {
 namespace {
 
-// Work per task and per register/L1 tile, as in affine_cpu.cpp.
-constexpr int64_t kGrain = 1 << 14;
-constexpr int64_t kTile = 256;
-// Independent accumulators of a row sum: vectorisable without reassociation.
-constexpr int kLanes = 8;
-
 // pi/2 in three parts with 8, 11 and 24 significant bits (Cephes): k * part is exact for
 // |k| < 2^13, which |a| <= kFastLimit guarantees, so the reduced argument is accurate to ~1e-7.
 constexpr float kPio2A = 1.5703125f;
 constexpr float kPio2B = 4.837512969970703125e-4f;
 constexpr float kPio2C = 7.54978995489188216e-8f;
 constexpr float kFastLimit = 8192.0f;
-// Adding and subtracting 1.5 * 2^23 rounds a float of magnitude below 2^22 to an integer.
-constexpr float kRoundMagic = 12582912.0f;
 
 // s[j], c[j] = sin, cos of a = (t * f[j]) * scale, for |a| <= kFastLimit. Cody-Waite reduction
 // a = k pi/2 + r, Cephes' minimax polynomials on |r| <= pi/4, and the quadrant k mod 4 applied

@@ -47,8 +47,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_isa", &fastflow::set_cpu_isa,
         "run the CPU affine kernels with 'baseline', 'avx2', 'avx512' or 'avx512_bf16'");
   m.def("advise_huge_pages", &fastflow::advise_huge_pages,
-        "ask for transparent huge pages behind a fresh CPU tensor");
-  m.attr("huge_page_min_bytes") = fastflow::kHugePageMinBytes;
+        "ask for transparent huge pages behind a fresh CPU tensor of at least 4 MB");
   m.attr("streaming_store_min_bytes") = fastflow::kStreamingMinBytes;
   m.def("row_length", &fastflow::row_length,
         "the row length the CPU kernels stream these tensors in; 0 when they copy them");

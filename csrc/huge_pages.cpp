@@ -21,6 +21,7 @@ void advise_huge_pages(const at::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(1) << 21;
   TORCH_CHECK(t.device().is_cpu(), "advise_huge_pages: expected a CPU tensor");
+  if (t.nbytes() < kHugePageMinBytes) return;
   const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
   const uintptr_t end = begin + t.nbytes();
   const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
@@ -35,7 +36,7 @@ void advise_huge_pages(const at::Tensor& t) {
 at::Tensor fresh_output(const at::Tensor& like, bool keep_layout) {
   at::Tensor out = keep_layout ? at::empty_strided(like.sizes(), like.strides(), like.options())
                                : at::empty(like.sizes(), like.options());
-  if (out.nbytes() >= kHugePageMinBytes) advise_huge_pages(out);
+  advise_huge_pages(out);
   return out;
 }
 

@@ -19,9 +19,6 @@
 namespace fastflow {
 namespace {
 
-constexpr int64_t kGrain = 1 << 14;  // values per task
-constexpr int64_t kTile = 256;       // values per register/L1 tile
-
 // Wellons' lowbias32.
 inline uint32_t mix32(uint32_t x) {
   x ^= x >> 16;
@@ -84,7 +81,7 @@ inline float log_positive(float u) {
 // cos(2 pi u) for u in [0, 1]: u less its nearest quarter turn k / 4 (exact), the sin and cos
 // polynomials on the remainder, then the quadrant.
 inline float cos_two_pi(float u) {
-  const float k = (4.0f * u + 12582912.0f) - 12582912.0f;
+  const float k = (4.0f * u + kRoundMagic) - kRoundMagic;
   const int32_t q = static_cast<int32_t>(k);
   const float x = (u - k * 0.25f) * 6.283185307179586f;
   const float z = x * x;

@@ -327,7 +327,7 @@ constexpr NativePath kPaths[] = {
 at::Tensor entry_major_coefficients(int64_t groups, int64_t rows, int64_t columns,
                                     const at::TensorOptions& options) {
   at::Tensor out = at::empty({rows, columns, groups}, options).permute({2, 0, 1});
-  if (out.nbytes() >= kHugePageMinBytes) advise_huge_pages(out);
+  advise_huge_pages(out);
   return out;
 }
 

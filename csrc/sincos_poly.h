@@ -11,6 +11,10 @@
 
 namespace fastflow {
 
+// Adding and subtracting 1.5 * 2^23 rounds a float of magnitude below 2^22 to an integer: the
+// quadrant of a reduction.
+constexpr float kRoundMagic = 12582912.0f;
+
 // sin r and cos r, with z = r * r.
 inline float sin_poly(float r, float z) {
   return ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * r + r;

@@ -156,45 +156,43 @@ def fallback_for_mixed_dtypes(device):
 
 
 def kernels(name):
-    """The kernels of backend `name`: an object with ``affine(inputs, coeffs, outputs)`` and
-    ``sinusoid(t, freqs, scale, cos_first, out)`` and ``gaussian(ids, seed, step, out)`` (the
-    sampler's noise, fastflow/_noise.py), which write into their last argument, and
-    ``affine_dot(a, b, groups)``, ``affine_sqnorm(inputs, coeffs)`` and
-    ``sinusoid_backward(grad, t, freqs, scale, cos_first, t_grad, freqs_grad)``, which return
-    their results. Optional: ``affine_fresh(inputs, coeffs)``, affine into outputs it allocates
-    after checking the arguments; ``affine_out(inputs, coeffs, outputs)``, the whole of an eager
-    fastflow::affine_out call (checks, outputs that alias inputs written through stand-ins,
-    version counters bumped); ``path_coefficients(t, path, params, dtype, residual)`` for the
-    paths of fastflow.paths._NATIVE, at times t of any float type (it returns None for a path
-    it cannot build; `residual`: the velocity loss's rows, fastflow.paths.velocity_residual),
-    and ``conversion_coefficients(path_coeffs, src, dst, eps, dtype)`` for fastflow.convert
-    (None where PyTorch computes them); ``pred_loss(pred, data, coeffs, weight, divisor)``, the
-    sum of ``weight * affine_sqnorm([pred, *data], coeffs)`` (weight None or one per group)
-    over groups divided by `divisor`, as an autograd node differentiable in pred
-    (fastflow.losses), and ``ordered_sum(values)``, the losses' sum over the groups in an order
-    that the thread count does not change; ``checks_args``, whether the kernels check their
-    arguments themselves (the C++ ones do); ``any_layout``, whether affine and affine_sqnorm take
-    streams of any layout (the C++ ones stream rows of contiguous elements at one stride
-    apart, and memory with the batch moved inward, in place and copy other layouts themselves:
-    csrc/affine.h) rather than contiguous ones."""
+    """The kernels of backend `name`: a _Kernels."""
     return _KERNELS[name]()
 
 
 @dataclass(frozen=True)
 class _Kernels:
-    affine: object
-    affine_dot: object
-    affine_sqnorm: object
-    sinusoid: object
-    sinusoid_backward: object
-    gaussian: object
+    """A backend's kernels. Those that write take their outputs last; the others return."""
+
+    affine: object               # (inputs, coeffs, outputs)
+    affine_dot: object           # (a, b, groups) -> [G, len(a), len(b)]
+    affine_sqnorm: object        # (inputs, coeffs) -> [G]
+    sinusoid: object             # (t, freqs, scale, cos_first, out)
+    sinusoid_backward: object    # (grad, t, freqs, scale, cos_first, t_grad, freqs_grad)
+    gaussian: object             # (ids, seed, step, out): the sampler's noise, fastflow/_noise.py
+    # Optional. (t, path, params, dtype, residual) -> the coefficients of a path of
+    # fastflow.paths._NATIVE at times t of any float type, or None for a path it cannot build;
+    # `residual`: the velocity loss's rows (fastflow.paths.velocity_residual).
     path_coefficients: object = None
+    # (path_coeffs, src, dst, eps, dtype) -> fastflow.convert's rows, or None where PyTorch
+    # computes them.
     conversion_coefficients: object = None
+    # (inputs, coeffs) -> affine into outputs it allocates, after checking the arguments.
     affine_fresh: object = None
+    # (inputs, coeffs, outputs): the whole of an eager fastflow::affine_out call (checks,
+    # outputs that alias inputs written through stand-ins, version counters bumped).
     affine_out: object = None
+    # (pred, data, coeffs, weight, divisor) -> sum over groups of weight * affine_sqnorm([pred,
+    # *data], coeffs) (weight None or one per group) / divisor, as an autograd node
+    # differentiable in pred (fastflow.losses).
     pred_loss: object = None
+    # (values) -> the losses' sum over the groups, in an order the thread count does not change.
     ordered_sum: object = None
+    # Whether the kernels check their arguments themselves (the C++ ones do).
     checks_args: bool = False
+    # Whether affine and affine_sqnorm take streams of any layout (the C++ ones stream rows of
+    # contiguous elements at one stride apart, and memory with the batch moved inward, in place,
+    # and copy other layouts themselves: csrc/affine.h) rather than contiguous ones.
     any_layout: bool = False
 
 

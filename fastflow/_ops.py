@@ -6,7 +6,7 @@
         the same, written into preallocated tensors; here every stream may have its own float
         type (a sampler's fp32 state beside a bf16 model's output), and the last output may be an
         input (updated in place)
-    fastflow::affine_dot(Tensor[] a, Tensor[] b, int groups) -> Tensor
+    fastflow::affine_dot(Tensor[] a, Tensor[] b, SymInt groups) -> Tensor
         dot[g, m, k] = sum_i a[m][g, i] * b[k][g, i], the reduction of affine's backward; its
         own backward is affine again, so the affine ops differentiate to any order
     fastflow::affine_sqnorm(Tensor[] inputs, Tensor coeffs) -> Tensor
@@ -192,14 +192,13 @@ def _streamed(tensors, groups, kernels=None):
 
 
 def _launch(name, inputs, coeffs, outputs):
-    """Run backend `name`'s kernel, writing `outputs` (contiguous unless its kernels take any
-    layout)."""
+    """Run backend `name`'s kernel on contiguous inputs, writing contiguous `outputs`: the
+    backends without affine_fresh and affine_out (_Kernels), which the CPU backend's take the
+    place of with any layout."""
     if name == "cuda" and len({x.dtype for x in (*inputs, *outputs)}) > 1:
         name = _backends.fallback_for_mixed_dtypes(inputs[0].device)
-    kernels = _backends.kernels(name)
-    if not kernels.any_layout:
-        inputs = [x.contiguous() for x in inputs]
-    kernels.affine(inputs, _packed_for(name, coeffs), outputs)
+    inputs = [x.contiguous() for x in inputs]
+    _backends.kernels(name).affine(inputs, _packed_for(name, coeffs), outputs)
 
 
 def _empty_output(x, shape=None, dtype=None, layout_of_x=False):
@@ -212,7 +211,7 @@ def _empty_output(x, shape=None, dtype=None, layout_of_x=False):
                           device=x.device)
     if out.device.type == "cpu":
         ext, _ = _backends._extension()
-        if ext is not None and out.nbytes >= ext.huge_page_min_bytes:
+        if ext is not None:
             ext.advise_huge_pages(out)
     return out
 
@@ -239,7 +238,7 @@ def _affine(inputs, coeffs, name=None):
     outputs = [_empty_output(inputs[0], layout_of_x=keep) for _ in range(coeffs.shape[1])]
     if flat:
         _launch(name, [_flat(x) for x in inputs], coeffs, [_flat(o) for o in outputs])
-    elif keep and not kernels.any_layout:   # through contiguous stand-ins
+    elif keep:   # through contiguous stand-ins
         _affine_out(inputs, coeffs, outputs, name)
     else:
         _launch(name, inputs, coeffs, outputs)
@@ -251,20 +250,17 @@ def _affine_out(inputs, coeffs, out, name=None):
     kernels = _backends.kernels(name)
     if kernels.affine_out is not None:   # all of the steps below in one call
         return kernels.affine_out(inputs, coeffs, out)
-    if not kernels.checks_args:
-        _check_affine_args(inputs, coeffs, len(out), out, one_dtype=False)
-        if not torch.is_inference_mode_enabled() and any(o.is_inference() for o in out):
-            raise RuntimeError(_INFERENCE_OUTPUT)   # as csrc/affine_cpu.cpp, before writing
-        if any(_overlap(coeffs, o) for o in out):   # csrc's coefficients_apart
-            coeffs = coeffs.clone()
+    _check_affine_args(inputs, coeffs, len(out), out, one_dtype=False)
+    if not torch.is_inference_mode_enabled() and any(o.is_inference() for o in out):
+        raise RuntimeError(_INFERENCE_OUTPUT)   # as csrc/affine_cpu.cpp, before writing
+    if any(_overlap(coeffs, o) for o in out):   # csrc's coefficients_apart
+        coeffs = coeffs.clone()
     if coeffs.dim() == 3 and _flat_layout([*inputs, *out], coeffs.shape[0]):
         inputs, out = [_flat(x) for x in inputs], [_flat(o) for o in out]
-    staged = [o if _writable_in_place(o, inputs, m == len(out) - 1, kernels.any_layout)
+    staged = [o if _writable_in_place(o, inputs, m == len(out) - 1)
               else torch.empty_like(o, memory_format=torch.contiguous_format)
               for m, o in enumerate(out)]
-    # The C++ checks refuse outputs that share memory, but see the stand-ins where there are any.
-    if not kernels.checks_args or any(buf is not o for o, buf in zip(out, staged)):
-        _check_separate(out)
+    _check_separate(out)
     try:
         _launch(name, inputs, coeffs, staged)
         for o, buf in zip(out, staged):
@@ -298,15 +294,14 @@ def _written(tensors):
             _increment_version(x)
 
 
-def _writable_in_place(out, inputs, last, any_layout):
-    """Whether the kernels can write `out` directly: if contiguous, or in any layout for
-    kernels that take any (_Kernels.any_layout). They read every input at an index before
-    writing the last output there (earlier outputs may be written before the inputs are read
-    again for the next), so an output that shares memory with an input is safe as the last
-    output, exactly on top of it (same start, type and layout). Memory is compared by
-    address, not storage: two storages may share it (numpy views). csrc/affine_cpu.cpp repeats
-    the rule for the CPU backend's affine_out."""
-    if not (any_layout or out.is_contiguous()):
+def _writable_in_place(out, inputs, last):
+    """Whether the kernels can write `out` directly: if contiguous. They read every input at an
+    index before writing the last output there (earlier outputs may be written before the
+    inputs are read again for the next), so an output that shares memory with an input is safe
+    as the last output, exactly on top of it (same start, type and layout). Memory is compared
+    by address, not storage: two storages may share it (numpy views). csrc/affine_cpu.cpp
+    repeats the rule for the CPU backend's affine_out."""
+    if not out.is_contiguous():
         return False
     for x in inputs:
         if _overlap(x, out) and not (last and x.data_ptr() == out.data_ptr()

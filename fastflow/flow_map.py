@@ -12,7 +12,7 @@ import torch
 from . import _ops
 from ._checks import (FLOAT_DTYPES, batch_time, check_like, describe, path_inputs,
                       real_number)
-from .losses import check_reduction, mean_square, reduce
+from .losses import check_reduction
 from .paths import AffinePath, coefficients, get_path
 
 
@@ -69,7 +69,7 @@ def flow_map_loss(model, x0, x1, t, s=None, u=None, path=None, match_weight=1.0,
     if _runs(match_weight):
         jump = phi(x0, torch.zeros_like(model_t), model_t)
         rows = torch.cat([one, -location(t)], dim=1)
-        total = total + match_weight * mean_square([jump, x0, x1], rows)
+        total = total + match_weight * _mean_square([jump, x0, x1], rows)
     if _runs(consistency_weight) or _runs(identity_weight):
         points = torch.stack([location(s), location(t)], dim=1).to(_ops.math_dtype(x1.dtype))
         x_s, x_t = _ops.affine([x0, x1], points)
@@ -77,12 +77,26 @@ def flow_map_loss(model, x0, x1, t, s=None, u=None, path=None, match_weight=1.0,
         two_jumps = phi(phi(x_s, model_s, model_u), model_u, model_t)
         one_jump = phi(x_s, model_s, model_t)
         rows = torch.cat([one, -one], dim=1)
-        total = total + consistency_weight * mean_square([two_jumps, one_jump], rows)
+        total = total + consistency_weight * _mean_square([two_jumps, one_jump], rows)
     if _runs(identity_weight):
         stay = phi(x_t, model_t, model_t)
         rows = torch.cat([one, -one], dim=1)
-        total = total + identity_weight * mean_square([stay, x_t], rows)
-    return reduce(total, reduction)
+        total = total + identity_weight * _mean_square([stay, x_t], rows)
+    return _reduce(total, reduction)
+
+
+def _mean_square(inputs, rows):
+    """Per-sample mean of (sum_k rows[:, k] * inputs[k])^2 over each sample's elements, fused:
+    rows is [B, K] and the combination is never written out."""
+    coeffs = rows[:, None, :].to(_ops.math_dtype(inputs[0].dtype))
+    batch = rows.shape[0]
+    return _ops.affine_sqnorm(inputs, coeffs) / (inputs[0].numel() // batch if batch else 0)
+
+
+def _reduce(per_sample, reduction):
+    if reduction == "none":
+        return per_sample
+    return per_sample.mean() if reduction == "mean" else per_sample.sum()
 
 
 def _term_weight(value, name):

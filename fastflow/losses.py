@@ -227,6 +227,11 @@ def _total(values, backend):
     return values.sum()
 
 
+# Where forward's arguments (reduction, backend, coeffs, weight, pred, *data) sit in
+# ctx.needs_input_grad.
+_COEFFS, _WEIGHT, _PRED = 2, 3, 4
+
+
 class _LossNode(torch.autograd.Function):
     """weighted_mean_square as one autograd node, for eager calls with a gradient to record.
 
@@ -243,7 +248,7 @@ class _LossNode(torch.autograd.Function):
     def forward(ctx, reduction, backend, coeffs, weight, *inputs):
         squares = _ops.affine_sqnorm(inputs, coeffs, backend)
         ctx.reduction, ctx.backend = reduction, backend
-        weight_grad = weight is not None and ctx.needs_input_grad[3]
+        weight_grad = weight is not None and ctx.needs_input_grad[_WEIGHT]
         ctx.save_for_backward(coeffs, weight, squares if weight_grad else None, *inputs)
         return _loss(squares, inputs[0], weight, reduction, backend)
 
@@ -269,7 +274,7 @@ class _LossNode(torch.autograd.Function):
         if grad_squares.dim():
             grad_squares = grad_squares[:, None]    # [B, 1]
         needs = ctx.needs_input_grad
-        if needs[4] and not needs[2] and not any(needs[5:]):
+        if needs[_PRED] and not needs[_COEFFS] and not any(needs[_PRED + 1:]):
             # Only pred, as in training: the rows are (1, -target), so dL/dpred = 2 g (pred -
             # target) is the residual with its rows scaled, and there is no [B, K, K] mixing
             # matrix to build (a handful of tiny tensor ops, most of a small batch's backward).
@@ -278,7 +283,7 @@ class _LossNode(torch.autograd.Function):
                                        ctx.backend if direct else None)
             return None, None, None, grad_weight, grad_pred, *([None] * (len(inputs) - 1))
         grad_inputs, grad_coeffs = _ops.sqnorm_gradients(
-            coeffs, inputs, grad_squares, needs[4:], needs[2])
+            coeffs, inputs, grad_squares, needs[_PRED:], needs[_COEFFS])
         return None, None, grad_coeffs, grad_weight, *grad_inputs
 
 
@@ -286,13 +291,6 @@ def check_reduction(reduction):
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {', '.join(map(repr, REDUCTIONS))}, got "
                          f"{reduction!r}")
-
-
-def mean_square(inputs, rows):
-    """Per-sample mean of (sum_k rows[:, k] * inputs[k])^2 over each sample's elements, fused:
-    rows is [B, K] and the combination is never written out."""
-    coeffs = rows[:, None, :].to(_ops.math_dtype(inputs[0].dtype))
-    return _ops.affine_sqnorm(inputs, coeffs) / _count_per_sample(inputs[0], rows.shape[0])
 
 
 def _divisor(reduction, batch, count):
@@ -303,12 +301,6 @@ def _divisor(reduction, batch, count):
 
 def _count_per_sample(x, batch):
     return x.numel() // batch if batch else 0
-
-
-def reduce(per_sample, reduction):
-    if reduction == "none":
-        return per_sample
-    return per_sample.mean() if reduction == "mean" else per_sample.sum()
 
 
 def _check_weight(weight, batch, device):

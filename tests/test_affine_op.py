@@ -187,6 +187,17 @@ def test_affine_dot_matches_reference(backend, m, k, dtype, layout):
     _assert_dot_close(torch.ops.fastflow.affine_dot(a, b, groups), a, b, groups)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_affine_dot_sums_in_fp64(backend, dtype):
+    # Products past fp32's range: the Triton kernel summed in fp32, to inf - inf = NaN where the
+    # CPU kernel and the reference (fp64 sums, one rounding) give 0 and 3e38.
+    a = torch.tensor([[1e20, 1e20], [3e19, 3e19]], device=backend).to(dtype)
+    b = torch.tensor([[1e20, -1e20], [2e19, -1e19]], device=backend).to(dtype)
+    got = torch.ops.fastflow.affine_dot([a], [b], 2)
+    want = (a.double() * b.double()).sum(1).float()
+    assert torch.equal(got[:, 0, 0].cpu(), want.cpu()) and torch.isfinite(want).all()
+
+
 def _determinism_case(device):
     # Several kDotChunk-sized chunks per group and several parallel tasks on the CPU kernels.
     a = _streams(2, (2, 40000), torch.float32, device, seed=3)

@@ -425,6 +425,24 @@ def test_native_coefficients_reject_bad_calls(args, message):
         compiled_extension().path_coefficients_cpu(*args, False)
 
 
+def test_every_builder_refuses_16_bit_coefficients(backend):
+    # The Triton builders stored 16-bit coefficients with one rounding (PyTorch's .to rounds
+    # twice, through fp32) and their residual rows failed a static assert; the CPU's refuse.
+    kernels = fastflow._backends.kernels(fastflow._backends.select(backend))
+    t = torch.rand(3, dtype=torch.float64, device=backend)
+    rows = torch.zeros(3, 2, 2, dtype=torch.float64, device=backend)
+    builds = []
+    if kernels.path_coefficients is not None:
+        builds.append(lambda dtype: kernels.path_coefficients(t, "cond_ot", [0.0], dtype, False))
+    if kernels.conversion_coefficients is not None:
+        builds.append(lambda dtype: kernels.conversion_coefficients(rows, "epsilon", "velocity",
+                                                                    1e-6, dtype))
+    for build in builds:
+        for dtype in (torch.float16, torch.bfloat16):
+            with pytest.raises(ValueError, match="dtype must be float32 or float64"):
+                build(dtype)
+
+
 @pytest.mark.parametrize("path", [paths.ConstantNoise(0.5), paths.SchrodingerBridge(0.5),
                                   paths.CondOT(0.1)], ids=repr)
 def test_integer_times_give_the_coefficients_of_their_float_values(path):

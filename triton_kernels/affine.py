@@ -11,9 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETING, LAUNCH_OPTIONS, narrow, on_tensors_device
-
-_BLOCK = 4096 if INTERPRETING else 1024
+from . import LAUNCH_OPTIONS, TILE, narrow, on_tensors_device, row_tile
 
 
 @triton.jit
@@ -58,13 +56,15 @@ def _reduction_tile(groups, n, tiles_per_group, ROWS: tl.constexpr, BLOCK: tl.co
 
 @triton.jit
 def _dot_kernel(a, b, partial_ptr, groups, n, tiles_per_group, M: tl.constexpr, K: tl.constexpr,
-                ROWS: tl.constexpr, BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr):
+                ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # In fp64 whatever the streams' type, as the CPU kernels sum: the products of fp32 or 16-bit
+    # values are exact there, and sums that overflow fp32 (to inf, then inf - inf = NaN) do not.
     rows, offs, mask, slot = _reduction_tile(groups, n, tiles_per_group, ROWS, BLOCK)
     out = partial_ptr + slot * (M * K)
     for m in tl.static_range(M):
-        am = tl.load(a[m] + offs, mask=mask, other=0).to(ACC_DTYPE)
+        am = tl.load(a[m] + offs, mask=mask, other=0).to(tl.float64)
         for k in tl.static_range(K):
-            bk = tl.load(b[k] + offs, mask=mask, other=0).to(ACC_DTYPE)
+            bk = tl.load(b[k] + offs, mask=mask, other=0).to(tl.float64)
             tl.store(out + m * K + k, tl.sum(am * bk, axis=1), mask=rows < groups)
 
 
@@ -80,14 +80,16 @@ def _sqnorm_kernel(ins, coeffs_ptr, partial_ptr, groups, n, tiles_per_group, K: 
         c = tl.load(coeff + k)
         r = r + c * tl.load(ins[k] + offs, mask=mask, other=0).to(c.dtype)
     # Padding lanes out: their zeros times an infinite coefficient are NaN, not the loss's inf.
-    r = tl.where(mask, r, 0.0)
+    # Squared and summed in fp64, as the CPU kernels do: r * r overflows fp32 from |r| = 2^64.
+    r = tl.where(mask, r, 0.0).to(tl.float64)
     tl.store(partial_ptr + slot, tl.sum(r * r, axis=1), mask=rows < groups)
 
 
-def _reduction_grid(groups, n):
-    """(rows, block, tiles_per_group) of the [ROWS, BLOCK] tiles the reductions use."""
-    block = min(_BLOCK, triton.next_power_of_2(n))
-    return _BLOCK // block, block, triton.cdiv(n, block)
+def _reduction_grid(n):
+    """(rows, block, tiles_per_group) of the [ROWS, BLOCK] tiles over groups of n elements
+    that the reductions use."""
+    rows, block = row_tile(n)
+    return rows, block, triton.cdiv(n, block)
 
 
 @on_tensors_device
@@ -98,10 +100,10 @@ def affine(inputs, coeffs, outputs):
         return
     groups = coeffs.shape[0]
     n = numel // groups
-    tile_in_group = n >= _BLOCK // 2
-    grid = (groups * triton.cdiv(n, _BLOCK),) if tile_in_group else (triton.cdiv(numel, _BLOCK),)
+    tile_in_group = n >= TILE // 2
+    grid = (groups * triton.cdiv(n, TILE),) if tile_in_group else (triton.cdiv(numel, TILE),)
     _affine_kernel[grid](tuple(inputs), tuple(outputs), coeffs, numel, n, K=len(inputs),
-                         M=len(outputs), BLOCK=_BLOCK, TILE_IN_GROUP=tile_in_group,
+                         M=len(outputs), BLOCK=TILE, TILE_IN_GROUP=tile_in_group,
                          **LAUNCH_OPTIONS)
 
 
@@ -113,15 +115,14 @@ def affine_dot(a, b, groups):
     if numel == 0 or groups == 0:
         return torch.zeros(groups, len(a), len(b), dtype=math, device=a[0].device)
     n = numel // groups
-    rows, block, tiles_per_group = _reduction_grid(groups, n)
-    partial = torch.empty(groups, tiles_per_group, len(a), len(b), dtype=math, device=a[0].device)
+    rows, block, tiles_per_group = _reduction_grid(n)
+    partial = torch.empty(groups, tiles_per_group, len(a), len(b), dtype=torch.float64,
+                          device=a[0].device)
     grid = (triton.cdiv(groups, rows) * tiles_per_group,)
     _dot_kernel[grid](tuple(a), tuple(b), partial, groups, n, tiles_per_group, M=len(a), K=len(b),
-                      ROWS=rows, BLOCK=block,
-                      ACC_DTYPE=tl.float64 if math == torch.float64 else tl.float32,
-                      **LAUNCH_OPTIONS)
+                      ROWS=rows, BLOCK=block, **LAUNCH_OPTIONS)
     # Fold the per-tile sums in a fixed order, in fp64: deterministic run to run.
-    return partial.double().sum(dim=1).to(math)
+    return partial.sum(dim=1).to(math)
 
 
 @on_tensors_device
@@ -131,9 +132,9 @@ def affine_sqnorm(inputs, coeffs):
     if numel == 0 or groups == 0:
         return torch.zeros(groups, dtype=coeffs.dtype, device=coeffs.device)
     n = numel // groups
-    rows, block, tiles_per_group = _reduction_grid(groups, n)
-    partial = torch.empty(groups, tiles_per_group, dtype=coeffs.dtype, device=coeffs.device)
+    rows, block, tiles_per_group = _reduction_grid(n)
+    partial = torch.empty(groups, tiles_per_group, dtype=torch.float64, device=coeffs.device)
     grid = (triton.cdiv(groups, rows) * tiles_per_group,)
     _sqnorm_kernel[grid](tuple(inputs), coeffs, partial, groups, n, tiles_per_group,
                          K=len(inputs), ROWS=rows, BLOCK=block, **LAUNCH_OPTIONS)
-    return partial.double().sum(dim=1).to(coeffs.dtype)
+    return partial.sum(dim=1).to(coeffs.dtype)

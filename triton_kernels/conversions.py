@@ -70,6 +70,9 @@ def _conversion_kernel(pc_ptr, eps: tl.float64, out_ptr, groups, stride_g, strid
 @on_tensors_device
 def conversion_coefficients(path_coeffs, src, dst, eps, dtype):
     """[G, 1, 2] rows of fastflow.convert from the float64 path coefficients [G, 2, 2]."""
+    if dtype not in (torch.float32, torch.float64):   # as csrc/conversions_cpu.cpp
+        raise ValueError(f"fastflow conversion_coefficients: dtype must be float32 or float64, "
+                         f"got {dtype}")
     groups = path_coeffs.shape[0]
     out = torch.empty(groups, 1, 2, dtype=dtype, device=path_coeffs.device)
     if groups:

@@ -104,6 +104,9 @@ def path_coefficients(t, path, params, dtype, residual):
     this backend does not build."""
     if path not in _PATHS:
         return None
+    if dtype not in (torch.float32, torch.float64):   # as csrc/paths_cpu.cpp
+        raise ValueError(f"fastflow path_coefficients: dtype must be float32 or float64, got "
+                         f"{dtype}")
     kind, columns = _PATHS[path]
     p0, p1 = (*params, 0.0, 0.0)[:2]
     shape = (1, 1 + columns) if residual else (2, columns)

@@ -13,7 +13,7 @@ _LOG_POLY = (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-
              1.4249322787e-1, -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1,
              3.3333331174e-1)
 _SQRT_HALF = 0.707106781186547524
-# Cephes' sinf and cosf polynomials on |x| <= pi/4 (those of csrc/embedding_cpu.cpp).
+# Cephes' sinf and cosf polynomials on |x| <= pi/4 (those of csrc/sincos_poly.h).
 _SIN_POLY = (-1.9515295891e-4, 8.3321608736e-3, -1.6666654611e-1)
 _COS_POLY = (2.443315711809948e-5, -1.388731625493765e-3, 4.166664568298827e-2)
 _TWO_PI = 6.283185307179586
@@ -23,7 +23,7 @@ _ROUND_MAGIC = 12582912.0   # 1.5 * 2^23: adding and subtracting it rounds to an
 def gaussian(seed, ids, step, shape, dtype=torch.float32):
     """Standard normal noise of `shape` ([B, ...]) on ids' device, sample b a function of
     (seed, ids[b], step) only. seed and step: Python ints; ids: [B] integers."""
-    batch, n = shape[0], 1
+    n = 1
     for size in shape[1:]:
         n *= size
     k0, k1 = (k[:, None] for k in sample_keys(seed, ids.to(torch.int64), step))   # [B, 1]

@@ -21,9 +21,9 @@ def sample(model, x_init, time_grid, method="euler", prediction="velocity", path
     `prediction` is guided (v_u + w (v_c - v_u), or CFG-Zero*'s projected form) and converted to
     a velocity (a "sigma"-convention velocity is dx/dsigma = -dx/dt). The first
     `zero_init_steps` steps use a zero velocity without calling the model. A prediction is never
-    converted where it has no velocity (a divisor below 1e-6, an infinite derivative of the
-    path): where the last step would evaluate it at the end of the grid, that step is a midpoint
-    step; any other such time raises a ValueError."""
+    converted where it has no velocity (a divisor below DIVISOR_EPS = 1e-6, an infinite
+    derivative of the path): where the last step would evaluate it at the end of the grid,
+    that step is a midpoint step; any other such time raises a ValueError."""
     model_kwargs = model_kwargs or {}
     x = x_init.to(state_dtype)
     batch = x.shape[0]

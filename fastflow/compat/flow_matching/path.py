@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from ... import _ops
+from ..._checks import FLOAT_DTYPES
 from . import delegating_getattr
 from . import scheduler
 from .scheduler import CondOTScheduler, Scheduler
@@ -183,7 +184,6 @@ def _per_sample(value, x, name):
     return value.reshape(-1, *([1] * (x.ndim - 1)))
 
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
@@ -221,7 +221,7 @@ def _fused(rows, inputs):
     tensor that broadcasts against them over leading dimensions only (constant over the
     trailing ones); every term of the eager expression of one result dtype."""
     x = inputs[0]
-    if type(x) not in _PLAIN or x.dtype not in _FLOATS or x.ndim == 0 or x.numel() == 0:
+    if type(x) not in _PLAIN or x.dtype not in FLOAT_DTYPES or x.ndim == 0 or x.numel() == 0:
         return None
     for v in inputs[1:]:
         if (type(v) not in _PLAIN or v.shape != x.shape or v.dtype != x.dtype

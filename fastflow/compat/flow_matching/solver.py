@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from ... import _ops, sampling as _sampling
+from ..._checks import FLOAT_DTYPES
 from . import delegating_getattr, original
 
 # (MixtureDiscreteEulerSolver and RiemannianODESolver, flow_matching's own, are attributes too,
@@ -63,7 +64,6 @@ __path__ = []
 
 #: ODESolver methods (torchdiffeq's names) that run on fastflow.Sampler, and its name for each.
 FUSED_METHODS = {"euler": "euler", "midpoint": "midpoint", "heun2": "heun", "rk4": "rk4_38"}
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 _DELEGATED = {
     "MixtureDiscreteEulerSolver": "flow_matching.solver.discrete_solver",
@@ -153,7 +153,7 @@ def _delegation_reason(x_init, step_size, method, time_grid, enable_grad):
         return "enable_grad=True"
     if _ops.transforming():
         return "a torch.func transform or forward-mode AD"
-    if (not isinstance(x_init, Tensor) or x_init.dtype not in _FLOATS or x_init.numel() == 0
+    if (not isinstance(x_init, Tensor) or x_init.dtype not in FLOAT_DTYPES or x_init.numel() == 0
             or x_init.layout != torch.strided):
         return "this x_init"
     if (not isinstance(time_grid, Tensor) or time_grid.ndim != 1 or time_grid.numel() < 2
