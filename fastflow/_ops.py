@@ -54,14 +54,10 @@ _lib.define("sinusoid_backward(Tensor grad, Tensor t, Tensor freqs, float scale,
 _lib.define("gaussian_out(Tensor ids, int seed, int step, Tensor(a!) out) -> ()")
 
 
-def math_dtype(dtype):
-    """The type the kernels compute in for tensors stored as `dtype`."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def streams_math_dtype(*streams):
-    """The type the kernels compute in for these streams: fp64 if one is fp64, else fp32."""
-    return torch.float64 if any(x.dtype == torch.float64 for x in streams) else torch.float32
+def math_dtype(*dtypes):
+    """The type the kernels compute in for streams stored as `dtypes`: fp64 if one is fp64,
+    else fp32."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def _check_streams(tensors, what, count_limit, ref, one_dtype=True):
@@ -90,7 +86,7 @@ def _check_affine_args(inputs, coeffs, num_outputs, outputs=(), one_dtype=True):
     if coeffs.dim() != 3 or tuple(coeffs.shape[1:]) != (num_outputs, len(inputs)):
         raise ValueError(f"fastflow affine: coeffs must have shape [G, {num_outputs}, "
                          f"{len(inputs)}], got {list(coeffs.shape)}")
-    math = streams_math_dtype(*inputs, *outputs)
+    math = math_dtype(*(x.dtype for x in (*inputs, *outputs)))
     if coeffs.dtype != math or coeffs.device != ref.device:
         raise ValueError(f"fastflow affine: coeffs must be {math} on {ref.device}, got "
                          f"{coeffs.dtype} on {coeffs.device}")
@@ -461,7 +457,7 @@ def _affine_out_fake(inputs, coeffs, out):
 @torch.library.register_fake("fastflow::affine_dot")
 def _affine_dot_fake(a, b, groups):
     _check_dot_args(a, b, groups)
-    return a[0].new_empty((groups, len(a), len(b)), dtype=streams_math_dtype(*a, *b))
+    return a[0].new_empty((groups, len(a), len(b)), dtype=math_dtype(*(x.dtype for x in (*a, *b))))
 
 
 @torch.library.register_fake("fastflow::affine_sqnorm")

@@ -136,7 +136,7 @@ def _times(t):
         raise TypeError(f"t: expected a 1-D tensor of times, got {describe(t)}")
     if t.dim() != 1:
         raise ValueError(f"t: expected a 1-D tensor [B] of times, got shape {tuple(t.shape)}")
-    return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+    return t.to(_ops.math_dtype(t.dtype))
 
 
 def _check_dim(dim):

@@ -488,9 +488,8 @@ class Sampler:
     def _tables(self, x_init):
         """(state dtype, shared, plan, model times) of a run from x_init; shared: whether the
         model reads the state itself (same dtype) rather than a copy."""
-        state_dtype = self.state_dtype or (torch.float64 if x_init.dtype == torch.float64
-                                           else torch.float32)
-        math = _ops.streams_math_dtype(x_init, torch.empty(0, dtype=state_dtype, device="meta"))
+        state_dtype = self.state_dtype or _ops.math_dtype(x_init.dtype)
+        math = _ops.math_dtype(x_init.dtype, state_dtype)
         shared = x_init.dtype == state_dtype and not self.doubled_batch
         return (state_dtype, shared, *self._plan(x_init.device, math, shared))
 
@@ -821,16 +820,18 @@ class _Layout:
     def __init__(self, x_init):
         self.device = x_init.device
         self.order = None   # the dimensions from outermost to innermost in memory
+        # conform(x): a model's output x in this layout, called once per model call.
         if _ops._flat_layout([x_init], 1):
             # The batch outermost whatever its stride: a batch of one may have any (an image
             # permuted from HWC, say), and the doubled batch of guidance must not interleave.
             self.order = [0] + sorted(range(1, x_init.dim()), key=lambda d: (-x_init.stride(d), d))
+            self.conform = self._permuted
         elif _ops.takes_any_layout(self.device):
             # The CPU kernels read a model's output as it lies: a slice of a wider output (the
             # velocity half of a network that also predicts a variance) in place, other layouts
             # through a copy of their own.
             self.conform = _as_is
-        else:   # called once per model call: no Python in between
+        else:   # no Python in between
             self.conform = torch.Tensor.contiguous
 
     def empty(self, shape, dtype):
@@ -845,9 +846,9 @@ class _Layout:
             step *= shape[d]
         return tuple(strides)
 
-    def conform(self, x):
-        """x in this layout (the strides of dimensions of size 1 do not matter): itself when it
-        is, else a copy."""
+    def _permuted(self, x):
+        """x in the permuted layout (the strides of dimensions of size 1 do not matter): itself
+        when it is, else a copy."""
         if x.numel() == 0 or all(n == 1 or a == b for n, a, b in
                                  zip(x.shape, x.stride(), self.strides(x.shape))):
             return x

@@ -259,7 +259,7 @@ def _fused(rows, inputs):
         dtype = term
     group = shape[:lead]
     groups = math.prod(group)
-    math_dtype = torch.float64 if torch.float64 in (x.dtype, dtype) else torch.float32
+    math_dtype = _ops.math_dtype(x.dtype, dtype)
     # Each tensor coefficient with one value per group, or one in all: as it comes (the common
     # [B, 1, ..., 1]), else broadcast over the group's dimensions first.
     entries = [c if not isinstance(c, Tensor) or c.numel() in (1, groups)
