@@ -11,7 +11,7 @@ import numbers
 import torch
 import torch.distributed as dist
 
-from .sampling import Sampler
+from .sampling import Sampler, _Layout
 
 
 def sample_distributed(model, x_init, *, group=None, model_kwargs=None, uncond_kwargs=None,
@@ -75,7 +75,19 @@ def sample_distributed(model, x_init, *, group=None, model_kwargs=None, uncond_k
     if failed.item():
         raise RuntimeError(f"sample_distributed: {failed.item()} other rank(s) of the group "
                            f"failed (their errors say why); rank {rank} had no error")
-    return _gather(local, bounds, group)
+    result = _gather(local, bounds, group)
+    layout = _Layout(x_init)
+    if layout.order is None:
+        return result
+    # The final state in the layout fastflow.sample gives it (channels_last, say), which the
+    # concatenation does not keep.
+    if isinstance(result, tuple):
+        return _laid_out(result[0], layout), result[1]
+    return _laid_out(result, layout)
+
+
+def _laid_out(x, layout):
+    return layout.empty(x.shape, x.dtype).copy_(x)
 
 
 def _gather(local, bounds, group):

@@ -667,6 +667,11 @@ class _TimeViews:
                     [t.expand(batch) for t in row.unbind(0)] for row in copy.unbind(0)])
         return entry[2]
 
+    def __getstate__(self):
+        # A copy (copy.deepcopy, pickle) makes views of its own table when first asked: copied,
+        # the views would not be views of it, and deepcopy bumps its version counter.
+        return {"table": self.table, "views": {}}
+
     def check_unmodified(self, batch, dtype):
         """Raise if the model wrote into the times of `get(batch, dtype)`, dropping them."""
         copy, version, _ = self.views[batch, dtype]

@@ -159,11 +159,22 @@ def _edge_job(rank):
             guidance_scale=torch.tensor([2.0]), **SAMPLE_OPTIONS)
         out["ids"] = fastflow.sample_distributed(
             model, x0, sample_ids=torch.arange(100, 100 + SAMPLE_BATCH), **SAMPLE_OPTIONS)
+        # In the layout fastflow.sample gives (the concatenation of the shards was contiguous).
+        out["channels_last"] = fastflow.sample_distributed(_decay, _images(), steps=2)
         try:
             fastflow.sample_distributed(_failing_on_rank_one, x0, steps=2)
         except Exception as err:
             out["error"] = f"{type(err).__name__}: {err}"
     return out
+
+
+def _decay(x, t):
+    return -x * t.view(-1, *[1] * (x.dim() - 1))
+
+
+def _images():
+    return torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(7)).contiguous(
+        memory_format=torch.channels_last)
 
 
 def test_sample_distributed_edges(tmp_path):
@@ -175,10 +186,12 @@ def test_sample_distributed_edges(tmp_path):
                                               uncond_kwargs={}, guidance_scale=torch.tensor([2.0]),
                                               **SAMPLE_OPTIONS),
                 "ids": fastflow.sample(model, x0, sample_ids=torch.arange(100, 100 + SAMPLE_BATCH),
-                                       **SAMPLE_OPTIONS)}
+                                       **SAMPLE_OPTIONS),
+                "channels_last": fastflow.sample(_decay, _images(), steps=2)}
     errors = ["RuntimeError: sample_distributed: 1 other rank(s) of the group failed (their "
               "errors say why); rank 0 had no error", "ValueError: rank 1's model failed"]
     for rank, got in enumerate(results):
         for name, value in want.items():
             torch.testing.assert_close(got[name], value, rtol=1e-6, atol=1e-6)
+            assert got[name].stride() == value.stride(), name
         assert got["error"] == errors[rank]

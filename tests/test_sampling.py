@@ -871,6 +871,32 @@ def test_the_plan_cache_keeps_every_option_apart():
             assert bits_equal(run(variants[i]), alone[i]), variants[i]
 
 
+def _decay(x, t):   # a model that pickles
+    return -x * t[:, None]
+
+
+def test_a_copy_of_a_used_sampler_samples_as_it_does():
+    # deepcopy (an EMA or trainer copy) bumped the copied time table's version counter, and the
+    # copy's first call blamed the model for writing into its t.
+    import copy
+    import pickle
+
+    sampler = fastflow.Sampler(_decay, steps=4, method="heun")
+    x = torch.randn(3, 2)
+    want = sampler(x)
+    for clone in (copy.deepcopy(sampler), pickle.loads(pickle.dumps(sampler))):
+        assert bits_equal(clone(x), want) and bits_equal(clone(x), want)
+
+    def writes_its_t(x, t):   # and a copy still catches a model that writes into its t
+        t.mul_(2)
+        return -x
+    used = fastflow.Sampler(writes_its_t, steps=2)
+    with pytest.raises(RuntimeError, match="modified its t in place"):
+        used(torch.randn(1, 2))
+    with pytest.raises(RuntimeError, match="modified its t in place"):
+        copy.deepcopy(used)(torch.randn(1, 2))
+
+
 @pytest.mark.parametrize("method", ["euler", "heun", "rk4"])
 def test_zero_init_steps_never_read_the_model(method):
     # CFG-Zero*'s first steps use a zero prediction: a model singular at t = 0 (log-t Fourier
