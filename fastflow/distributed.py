@@ -75,27 +75,24 @@ def sample_distributed(model, x_init, *, group=None, model_kwargs=None, uncond_k
     if failed.item():
         raise RuntimeError(f"sample_distributed: {failed.item()} other rank(s) of the group "
                            f"failed (their errors say why); rank {rank} had no error")
-    result = _gather(local, bounds, group)
+    if isinstance(local, tuple):   # (final, intermediates [steps + 1, b, ...])
+        final, trail = local
+        # Gathered batch first, then contiguous as fastflow.sample returns them.
+        trail = _gather(trail.transpose(0, 1).contiguous(), bounds, group)
+        final = _as_sampled(_gather(final, bounds, group), x_init)
+        return final, trail.transpose(0, 1).contiguous()
+    return _as_sampled(_gather(local, bounds, group), x_init)
+
+
+def _as_sampled(final, x_init):
+    """The gathered final state in the layout fastflow.sample gives it (channels_last, say),
+    which the concatenation does not keep."""
     layout = _Layout(x_init)
-    if layout.order is None:
-        return result
-    # The final state in the layout fastflow.sample gives it (channels_last, say), which the
-    # concatenation does not keep.
-    if isinstance(result, tuple):
-        return _laid_out(result[0], layout), result[1]
-    return _laid_out(result, layout)
-
-
-def _laid_out(x, layout):
-    return layout.empty(x.shape, x.dtype).copy_(x)
+    return final if layout.order is None else layout.empty(final.shape, final.dtype).copy_(final)
 
 
 def _gather(local, bounds, group):
     """Concatenate the ranks' shards in rank order (shards may differ in size by one)."""
-    if isinstance(local, tuple):  # (final, intermediates): intermediates are [steps + 1, b, ...]
-        final, trail = local
-        trail = _gather(trail.transpose(0, 1).contiguous(), bounds, group).transpose(0, 1)
-        return _gather(final, bounds, group), trail
     largest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
     padded = local.new_zeros((largest, *local.shape[1:]))
     padded[:local.shape[0]] = local

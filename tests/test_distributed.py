@@ -160,7 +160,8 @@ def _edge_job(rank):
         out["ids"] = fastflow.sample_distributed(
             model, x0, sample_ids=torch.arange(100, 100 + SAMPLE_BATCH), **SAMPLE_OPTIONS)
         # In the layout fastflow.sample gives (the concatenation of the shards was contiguous).
-        out["channels_last"] = fastflow.sample_distributed(_decay, _images(), steps=2)
+        out["channels_last"], out["intermediates"] = fastflow.sample_distributed(
+            _decay, _images(), steps=2, return_intermediates=True)
         try:
             fastflow.sample_distributed(_failing_on_rank_one, x0, steps=2)
         except Exception as err:
@@ -188,6 +189,8 @@ def test_sample_distributed_edges(tmp_path):
                 "ids": fastflow.sample(model, x0, sample_ids=torch.arange(100, 100 + SAMPLE_BATCH),
                                        **SAMPLE_OPTIONS),
                 "channels_last": fastflow.sample(_decay, _images(), steps=2)}
+        _, want["intermediates"] = fastflow.sample(_decay, _images(), steps=2,
+                                                   return_intermediates=True)
     errors = ["RuntimeError: sample_distributed: 1 other rank(s) of the group failed (their "
               "errors say why); rank 0 had no error", "ValueError: rank 1's model failed"]
     for rank, got in enumerate(results):
