@@ -77,10 +77,8 @@ def sample_distributed(model, x_init, *, group=None, model_kwargs=None, uncond_k
                            f"failed (their errors say why); rank {rank} had no error")
     if isinstance(local, tuple):   # (final, intermediates [steps + 1, b, ...])
         final, trail = local
-        # Gathered batch first, then contiguous as fastflow.sample returns them.
-        trail = _gather(trail.transpose(0, 1).contiguous(), bounds, group)
-        final = _as_sampled(_gather(final, bounds, group), x_init)
-        return final, trail.transpose(0, 1).contiguous()
+        return (_as_sampled(_gather(final, bounds, group), x_init),
+                _gather(trail, bounds, group, dim=1))
     return _as_sampled(_gather(local, bounds, group), x_init)
 
 
@@ -91,11 +89,15 @@ def _as_sampled(final, x_init):
     return final if layout.order is None else layout.empty(final.shape, final.dtype).copy_(final)
 
 
-def _gather(local, bounds, group):
-    """Concatenate the ranks' shards in rank order (shards may differ in size by one)."""
+def _gather(local, bounds, group, dim=0):
+    """Concatenate the ranks' shards along their batch dimension `dim`, in rank order (shards
+    may differ in size by one): contiguous, as fastflow.sample returns intermediates."""
     largest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
-    padded = local.new_zeros((largest, *local.shape[1:]))
-    padded[:local.shape[0]] = local
+    shape = list(local.shape)
+    shape[dim] = largest
+    padded = local.new_zeros(shape)
+    padded.narrow(dim, 0, local.shape[dim]).copy_(local)
     parts = [torch.empty_like(padded) for _ in range(len(bounds) - 1)]
     dist.all_gather(parts, padded, group=group)
-    return torch.cat([p[:b - a] for p, a, b in zip(parts, bounds[:-1], bounds[1:])])
+    return torch.cat([p.narrow(dim, 0, b - a) for p, a, b in zip(parts, bounds[:-1], bounds[1:])],
+                     dim=dim)

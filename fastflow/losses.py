@@ -193,9 +193,9 @@ def _recorded_loss(reduction, backend, coeffs, weight, inputs):
 
 
 def weighted_mean_square(inputs, coeffs, weight, reduction, backend=None):
-    """reduce(weight * per-sample mean of the squared residual), recorded op by op. `coeffs`:
-    the residual's [G, 1, K] rows over the inputs, one group per sample or (weight None,
-    reduction not "none") one for the whole batch."""
+    """The loss (weight * per-sample mean of the squared residual, reduced), recorded op by op.
+    `coeffs`: the residual's [G, 1, K] rows over the inputs, one group per sample or (weight
+    None, reduction not "none") one for the whole batch."""
     return _loss(_ops.affine_sqnorm(inputs, coeffs, backend), inputs[0], weight, reduction,
                  backend)
 

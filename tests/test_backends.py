@@ -54,7 +54,6 @@ def test_the_avx2_clones_are_vectorised():
     # must hold packed arithmetic on 256-bit registers (a clone that loses it in one of its
     # variants only would pass).
     import platform
-    import shutil
 
     from conftest import compiled_extension
 
