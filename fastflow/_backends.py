@@ -34,7 +34,7 @@ class BackendStatus:
 
 
 @lru_cache(maxsize=None)
-def _extension():
+def extension():
     """The compiled module fastflow._C, or the reason it cannot be loaded."""
     if os.environ.get("FASTFLOW_SKIP_EXTENSION", "0") == "1":
         return None, "extension not built (FASTFLOW_SKIP_EXTENSION=1)"
@@ -64,7 +64,7 @@ def _status(name, device_type):
     if name == "reference":
         return True, "plain PyTorch"
     if name == "cpu":
-        ext, why = _extension()
+        ext, why = extension()
         if ext is None:
             return False, why
         return device_type == "cpu", "C++ kernels" if device_type == "cpu" else "CPU tensors only"
@@ -78,7 +78,7 @@ def _status(name, device_type):
             return True, "Triton interpreter (TRITON_INTERPRET=1)"
         return False, "no CUDA device" if device_type == "cpu" else f"no Triton for {device_type}"
     if name == "cuda":
-        ext, why = _extension()
+        ext, why = extension()
         if ext is None:
             return False, why
         if not ext.cuda_built:
@@ -106,7 +106,7 @@ def backends():
         kind = "cpu" if name == "cpu" else device_type
         report[name] = BackendStatus(name, *_status(name, kind))
     if report["cpu"].available:  # which build of the kernels this CPU runs
-        isa = _extension()[0].cpu_isa()
+        isa = extension()[0].cpu_isa()
         report["cpu"] = replace(report["cpu"], reason=f"C++ kernels, {isa} instruction set")
     return report
 
@@ -215,7 +215,7 @@ def _reference_kernels():
 
 
 def _cpu_kernels():
-    ext = _extension()[0]
+    ext = extension()[0]
     return _Kernels(ext.affine_cpu, ext.affine_dot_cpu, ext.affine_sqnorm_cpu, ext.sinusoid_cpu,
                     ext.sinusoid_backward_cpu, ext.gaussian_cpu, ext.path_coefficients_cpu,
                     ext.conversion_coefficients_cpu, ext.affine_fresh_cpu, ext.affine_out_cpu,
@@ -226,7 +226,7 @@ def _cuda_kernels():
     # Only the affine map has a CUDA C++ kernel: the rest is Triton's where it is installed, else
     # the reference's.
     rest = _triton_kernels() if _triton()[0] is not None else _reference_kernels()
-    return replace(rest, affine=_extension()[0].affine_cuda)
+    return replace(rest, affine=extension()[0].affine_cuda)
 
 
 def _triton_kernels():

@@ -71,7 +71,7 @@ def check_outputs(outs, names, ref, ref_name, inputs):
         raise _not_differentiable("an input")
     for i in range(1, len(outs)):
         for j in range(i):
-            if outs[i] is outs[j] or (not compiling and _overlap(outs[i], outs[j])):
+            if outs[i] is outs[j] or (not compiling and overlap(outs[i], outs[j])):
                 raise ValueError(f"out: {names[j]} and {names[i]} overlap in memory (first to "
                                  f"last element); expected separate tensors (an output may "
                                  f"alias an input, not another output)")
@@ -84,7 +84,7 @@ def _extension_accepts(outs, ref, inputs):
     torch.compile traces, which cannot call it."""
     if _is_compiling():
         return False
-    ext = _backends._extension()[0]
+    ext = _backends.extension()[0]
     return (ext is not None and all(type(o) is torch.Tensor for o in outs)
             and ext.outputs_acceptable(outs, ref, inputs))
 
@@ -99,7 +99,7 @@ def _not_differentiable(culprit):
                         f"for differentiable outputs")
 
 
-def _overlap(a, b):
+def overlap(a, b):
     """Whether the byte spans of two tensors on one device intersect. Addresses, not storages:
     two storages may share memory too (torch.frombuffer, DLPack). No device sync. False for
     tensors without addresses: meta and fake tensors (address 0), functorch's wrappers (which

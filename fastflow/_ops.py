@@ -37,7 +37,7 @@ import functools
 import torch
 
 from . import _backends
-from ._checks import FLOAT_DTYPES, _overlap
+from ._checks import FLOAT_DTYPES, overlap
 
 MAX_INPUTS = 5
 MAX_OUTPUTS = 4
@@ -121,7 +121,7 @@ def coefficient_matrix(entries, outputs, inputs, groups=None, dtype=None, device
                 [c for c in entries if isinstance(c, torch.Tensor)], device):
             # Gradients or not: the extension's ATen ops record them.
             backend = _backends.select(device)
-        native = _backends._extension()[0] if backend not in (None, "reference") else None
+        native = _backends.extension()[0] if backend not in (None, "reference") else None
         if native is not None:
             return native.coefficient_matrix(entries, outputs, inputs, groups, dtype, device)
         entries = [_column(c, groups, dtype, device) for c in entries]
@@ -142,7 +142,7 @@ def _packed_for(backend, coeffs):
     return coeffs if backend == "cpu" else coeffs.contiguous()
 
 
-def _flat_layout(tensors, groups):
+def flat_layout(tensors, groups):
     """Whether the kernels may stream `tensors` in place though they are not contiguous: all
     share one shape and one dense layout with the batch outermost (channels_last, say), so each
     sample is one run of memory, its elements in the same order in every tensor, and each of
@@ -171,17 +171,17 @@ def _shared_dense_layout(tensors):
     return True
 
 
-def _flat(x):
-    """The memory of x (in a _flat_layout) as a contiguous [B, n] view."""
+def flat_view(x):
+    """The memory of x (in a flat_layout) as a contiguous [B, n] view."""
     n = x.numel() // x.shape[0]
     return x.as_strided((x.shape[0], n), (n, 1))
 
 
 def _streamed(tensors, groups, kernels=None):
-    """The tensors as `kernels` stream them: views of their own memory in a _flat_layout, else
+    """The tensors as `kernels` stream them: views of their own memory in a flat_layout, else
     as they are for kernels that take any layout, else contiguous (copies of the others)."""
-    if _flat_layout(tensors, groups):
-        return [_flat(x) for x in tensors]
+    if flat_layout(tensors, groups):
+        return [flat_view(x) for x in tensors]
     if kernels is not None and kernels.any_layout:
         return tensors
     return [x.contiguous() for x in tensors]
@@ -206,7 +206,7 @@ def _empty_output(x, shape=None, dtype=None, layout_of_x=False):
         out = torch.empty(x.shape if shape is None else shape, dtype=dtype or x.dtype,
                           device=x.device)
     if out.device.type == "cpu":
-        ext, _ = _backends._extension()
+        ext, _ = _backends.extension()
         if ext is not None:
             ext.advise_huge_pages(out)
     return out
@@ -220,7 +220,7 @@ def _backend_of(streams):
 def _affine(inputs, coeffs, name=None):
     name = name or _backend_of(inputs)
     kernels = _backends.kernels(name)
-    # Inputs in a _flat_layout (channels_last, say) are read in place and the outputs get their
+    # Inputs in a flat_layout (channels_last, say) are read in place and the outputs get their
     # layout, as PyTorch's elementwise ops give: a contiguous copy would cost more than the pass.
     # Other dense layouts the outputs take too (the C++ kernels stream some in place, x.T).
     if kernels.affine_fresh is not None:
@@ -228,12 +228,12 @@ def _affine(inputs, coeffs, name=None):
         # layout (_Kernels.any_layout): on a small tensor the same steps in Python take ten
         # times the kernel.
         return kernels.affine_fresh(inputs, coeffs)
-    flat = coeffs.dim() == 3 and _flat_layout(inputs, coeffs.shape[0])
+    flat = coeffs.dim() == 3 and flat_layout(inputs, coeffs.shape[0])
     _check_affine_args(inputs, coeffs, coeffs.shape[1] if coeffs.dim() == 3 else 0)
     keep = flat or _shared_dense_layout(inputs)
     outputs = [_empty_output(inputs[0], layout_of_x=keep) for _ in range(coeffs.shape[1])]
     if flat:
-        _launch(name, [_flat(x) for x in inputs], coeffs, [_flat(o) for o in outputs])
+        _launch(name, [flat_view(x) for x in inputs], coeffs, [flat_view(o) for o in outputs])
     elif keep:   # through contiguous stand-ins
         _affine_out(inputs, coeffs, outputs, name)
     else:
@@ -249,10 +249,10 @@ def _affine_out(inputs, coeffs, out, name=None):
     _check_affine_args(inputs, coeffs, len(out), out, one_dtype=False)
     if not torch.is_inference_mode_enabled() and any(o.is_inference() for o in out):
         raise RuntimeError(_INFERENCE_OUTPUT)   # as csrc/affine_cpu.cpp, before writing
-    if any(_overlap(coeffs, o) for o in out):   # csrc's coefficients_apart
+    if any(overlap(coeffs, o) for o in out):   # csrc's coefficients_apart
         coeffs = coeffs.clone()
-    if coeffs.dim() == 3 and _flat_layout([*inputs, *out], coeffs.shape[0]):
-        inputs, out = [_flat(x) for x in inputs], [_flat(o) for o in out]
+    if coeffs.dim() == 3 and flat_layout([*inputs, *out], coeffs.shape[0]):
+        inputs, out = [flat_view(x) for x in inputs], [flat_view(o) for o in out]
     staged = [o if _writable_in_place(o, inputs, m == len(out) - 1)
               else torch.empty_like(o, memory_format=torch.contiguous_format)
               for m, o in enumerate(out)]
@@ -276,7 +276,7 @@ def _check_separate(outputs):
     other."""
     for i, y in enumerate(outputs):
         for j in range(i):
-            if _overlap(y, outputs[j]):
+            if overlap(y, outputs[j]):
                 raise ValueError(f"fastflow affine: outputs {j} and {i} share memory (their byte "
                                  f"spans intersect); expected separate tensors")
 
@@ -300,7 +300,7 @@ def _writable_in_place(out, inputs, last):
     if not out.is_contiguous():
         return False
     for x in inputs:
-        if _overlap(x, out) and not (last and x.data_ptr() == out.data_ptr()
+        if overlap(x, out) and not (last and x.data_ptr() == out.data_ptr()
                                      and x.dtype == out.dtype and _same_layout(x, out)):
             return False
     return True
@@ -517,7 +517,7 @@ def _sinusoid_double_backward(ctx, grad_t, grad_freqs):
 torch.library.register_autograd("fastflow::sinusoid_backward", _sinusoid_double_backward)
 
 
-def _take(x, dim, indices):
+def take(x, dim, indices):
     """x at `indices` (increasing) along dim: a view when they are a run, as they usually are.
     Never an index tensor: one made from a list would be copied from the host, a sync on GPUs."""
     if indices[-1] - indices[0] + 1 == len(indices):
@@ -543,7 +543,7 @@ def _affine_backward(ctx, grads):
     if not present:
         return grad_inputs, None
     gs = [grads[m] for m in present]
-    grad_inputs = _mixed(gs, _take(coeffs, 1, present).transpose(1, 2), ctx.input_needs_grad)
+    grad_inputs = _mixed(gs, take(coeffs, 1, present).transpose(1, 2), ctx.input_needs_grad)
     grad_coeffs = None
     if ctx.coeffs_needs_grad:
         dots = affine_dot(gs, xs, coeffs.shape[0])
@@ -590,7 +590,7 @@ def _mixed(streams, coeffs, needed):
     wanted = [m for m, n in enumerate(needed) if n]
     for start in range(0, len(wanted), MAX_OUTPUTS):
         rows = wanted[start:start + MAX_OUTPUTS]
-        for m, x in zip(rows, affine(streams, _take(coeffs, 1, rows))):
+        for m, x in zip(rows, affine(streams, take(coeffs, 1, rows))):
             out[m] = x
     return out
 
@@ -686,24 +686,25 @@ def _nobody_intercepts(tensors, device=None):
 def _misread(tensors):
     """Whether a kernel would misread one of `tensors` through its data pointer: a tensor with
     the negative bit (x.conj().imag holds -x in memory; the dispatcher's fallback resolves it)
-    or batched gradients (`_batched`). One call into the extension where it is built: Python's
-    Tensor.is_neg releases and retakes the GIL, about 1K instructions a tensor. Never while
-    torch.compile traces, which cannot call the checks and has no such tensors."""
+    or batched gradients (`batched_gradients`). One call into the extension where it is built:
+    Python's Tensor.is_neg releases and retakes the GIL, about 1K instructions a tensor. Never
+    while torch.compile traces, which cannot call the checks and has no such tensors."""
     return not _is_compiling() and _misread_check()(tensors)
 
 
 @functools.lru_cache(maxsize=None)
 def _misread_check():
-    ext, _ = _backends._extension()
+    ext, _ = _backends.extension()
     if ext is not None:
         return ext.misread
-    return lambda tensors: _batched(tensors) or any(x.is_neg() or x.is_conj() for x in tensors)
+    return lambda tensors: (batched_gradients(tensors)
+                            or any(x.is_neg() or x.is_conj() for x in tensors))
 
 
 _legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda x: False)
 
 
-def _batched(tensors):
+def batched_gradients(tensors):
     """Whether some of `tensors` are the batched gradients of torch.autograd.grad(
     is_grads_batched=True) (jacobian(vectorize=True), gradcheck's batched check): tensors
     without storage, under no functorch interpreter. Never while torch.compile traces (its
@@ -833,7 +834,7 @@ def _call(name, tensors, *args, backend=None):
             spec, flat = _flatten(args)
             out = _EagerAutograd.apply(name, spec, *flat)
             return list(out) if isinstance(out, tuple) else out
-    if transforming() or _batched(tensors):
+    if transforming() or batched_gradients(tensors):
         return _transformable(name, args)
     return getattr(torch.ops.fastflow, name)(*args)
 

@@ -62,7 +62,7 @@ def _constant_residual(path, prediction, x1, math, whole_batch, direct=False):
     # parameters of our own paths (floats).
     kind = value_key(path) if prediction == "velocity" else path.uses_noise
     device = x1.device
-    row = _constant_rows.get((kind, prediction, math, device), device, lambda: _ops._take(
+    row = _constant_rows.get((kind, prediction, math, device), device, lambda: _ops.take(
         _residual_coeffs(target_coefficients(path, batch_time(0.0, x1), prediction), math), 2,
         _read(path, prediction)), direct)
     return row if whole_batch else row.expand(x1.shape[0], -1, -1)
@@ -162,9 +162,9 @@ def flow_matching_loss(pred, x0, x1, t, path=None, prediction="velocity", noise=
             residual = velocity_residual(path, t, math, backend)
         if residual is None:
             target = target_coefficients(path, t, prediction, backend=None if t_grad else backend)
-            residual = _ops._take(_residual_coeffs(target, math), 2, read)
+            residual = _ops.take(_residual_coeffs(target, math), 2, read)
     streams = [streams[k] for k in read]
-    if recording and not _ops._is_compiling():   # (the tracer cannot ask)
+    if recording and not torch.compiler.is_compiling():   # (the tracer cannot ask)
         # Autograd cannot save inference tensors (data made under torch.inference_mode, such
         # as latents encoded there), copies it can; eager's mse_loss(pred, x1 - x0) saves the
         # target it computes.
@@ -187,7 +187,7 @@ def _recorded_loss(reduction, backend, coeffs, weight, inputs):
     if (pred_loss is not None and reduction != "none" and count
             and not coeffs.requires_grad and not (weight is not None and weight.requires_grad)
             and not any(x.requires_grad for x in inputs[1:])
-            and not _ops._flat_layout(inputs, coeffs.shape[0])):
+            and not _ops.flat_layout(inputs, coeffs.shape[0])):
         return pred_loss(inputs[0], inputs[1:], coeffs, weight, _divisor(reduction, batch, count))
     return _LossNode.apply(reduction, backend, coeffs, weight, *inputs)
 
@@ -278,7 +278,7 @@ class _LossNode(torch.autograd.Function):
             # Only pred, as in training: the rows are (1, -target), so dL/dpred = 2 g (pred -
             # target) is the residual with its rows scaled, and there is no [B, K, K] mixing
             # matrix to build (a handful of tiny tensor ops, most of a small batch's backward).
-            direct = not (recording or _ops._batched([grad]))
+            direct = not (recording or _ops.batched_gradients([grad]))
             (grad_pred,) = _ops.affine(inputs, coeffs * (2 * grad_squares)[..., None],
                                        ctx.backend if direct else None)
             return None, None, None, grad_weight, grad_pred, *([None] * (len(inputs) - 1))

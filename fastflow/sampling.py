@@ -819,14 +819,14 @@ def _as_is(x):
 
 class _Layout:
     """The memory layout of the sampler's buffers: x_init's when it is dense with the batch
-    outermost (channels_last, say: ``_ops._flat_layout``), else contiguous. The passes stream
+    outermost (channels_last, say: ``_ops.flat_layout``), else contiguous. The passes stream
     such buffers through contiguous [B, n] views of their memory."""
 
     def __init__(self, x_init):
         self.device = x_init.device
         self.order = None   # the dimensions from outermost to innermost in memory
         # conform(x): a model's output x in this layout, called once per model call.
-        if _ops._flat_layout([x_init], 1):
+        if _ops.flat_layout([x_init], 1):
             # The batch outermost whatever its stride: a batch of one may have any (an image
             # permuted from HWC, say), and the doubled batch of guidance must not interleave.
             self.order = [0] + sorted(range(1, x_init.dim()), key=lambda d: (-x_init.stride(d), d))
@@ -863,7 +863,7 @@ class _Layout:
         """`launch` (inputs, coeffs, outputs) on the streams' contiguous views."""
         if self.order is None:
             return launch
-        flat = _ops._flat
+        flat = _ops.flat_view
         return lambda inputs, coeffs, outputs: launch([flat(x) for x in inputs], coeffs,
                                                       [flat(o) for o in outputs])
 

@@ -71,7 +71,7 @@ class RecordOps(TorchDispatchMode):
 
 def compiled_extension():
     """fastflow._C, or skip the test where it is not built."""
-    ext, reason = _backends._extension()
+    ext, reason = _backends.extension()
     if ext is None:
         pytest.skip(reason)
     return ext

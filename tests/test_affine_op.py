@@ -724,7 +724,7 @@ def _use_builder(native, monkeypatch):
     if not native and os.environ.get(_backends.ENV_VAR) == "cpu":
         pytest.skip("the cpu backend is the extension")
     ext = _CountingExtension(compiled_extension()) if native else None
-    monkeypatch.setattr(_backends, "_extension", lambda: (ext, "disabled by the test"))
+    monkeypatch.setattr(_backends, "extension", lambda: (ext, "disabled by the test"))
     return ext
 
 
