@@ -755,10 +755,16 @@ class DeviceCache:
         """Drop every entry. A CUDA entry may still be read by kernels in flight on another
         stream than the one it was built on (a Sampler warms up on a side stream, then runs on
         the main one), and the caching allocator would hand its memory to the building stream at
-        once: the devices finish their work first. One host sync per `maxsize` new entries."""
-        for device in {v.device for v in self._entries.values() if v.is_cuda}:
+        once: the devices finish their work first. One host sync per `maxsize` new entries.
+
+        The entries are swapped out for an empty dict first, in one step: another thread may
+        insert an entry meanwhile (`get`), and iterating the dict it inserts into would raise
+        "dictionary changed size during iteration". The old entries stay referenced until the
+        devices are done with them."""
+        entries, self._entries = self._entries, {}
+        for device in {v.device for v in entries.values() if v.is_cuda}:
             torch.cuda.synchronize(device)
-        self._entries.clear()
+        entries.clear()
 
     def __len__(self):
         return len(self._entries)

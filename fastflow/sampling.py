@@ -42,6 +42,10 @@ _MAX_IN, _MAX_OUT = _ops.MAX_INPUTS, _ops.MAX_OUTPUTS
 _PLANS = {}
 _PLANS_LOCK = threading.Lock()
 _PLAN_CACHE_SIZE = 32
+# The model's times per plan are kept for this many (batch, dtype) pairs (_TimeViews), emptied
+# when full: a server sampling batches of every size from 1 to N would otherwise keep N copies
+# of the views for every plan.
+_TIME_VIEWS_SIZE = 16
 # CFG-Zero*: alpha = <v_c, v_u> / (|v_u|^2 + _ZERO_STAR_EPS), per sample.
 _ZERO_STAR_EPS = 1e-8
 
@@ -131,7 +135,8 @@ class Sampler:
         progress: show a tqdm progress bar (if tqdm is installed).
         capture: on CUDA, record the whole loop as one CUDA graph on the first call for a
             shape and replay it afterwards (model kwargs are copied into static buffers); on
-            other devices the loop runs normally.
+            other devices the loop runs normally. A capturing sampler serves one thread at a
+            time (its graphs share static buffers); without capture, threads may share one.
 
     The model's input x is also a buffer that later stages overwrite, and t a view of the
     sampler's time table, shared by samplers with the same options: the model must not modify
@@ -493,11 +498,16 @@ class Sampler:
         shared = x_init.dtype == state_dtype and not self.doubled_batch
         return (state_dtype, shared, *self._plan(x_init.device, math, shared))
 
-    def _run(self, x_init, uncond_kwargs, model_kwargs, sample_ids=None):
+    def _run(self, x_init, uncond_kwargs, model_kwargs, sample_ids=None, keep=None):
+        """The loop; `keep`: a list that gets the times' entry (_TimeViews.entry) the run read,
+        for a captured graph to hold."""
         state_dtype, shared, plan, model_t = self._tables(x_init)
         batch = x_init.shape[0]
         model_batch = batch * (2 if self.doubled_batch else 1)
-        times = model_t.get(model_batch, _ops.math_dtype(x_init.dtype))
+        times_entry = model_t.entry(model_batch, _ops.math_dtype(x_init.dtype))
+        if keep is not None:
+            keep.append(times_entry)
+        times = times_entry[2]
         layout = _Layout(x_init)
         launch = layout.launcher(_ops.affine_out_launcher(x_init.device, mixed_dtypes=True))
         # fp32 tables read streams of at most fp32: an fp64 output is narrowed to them.
@@ -557,7 +567,7 @@ class Sampler:
                 trail[i + 1].copy_(buf["x"])
             if self.callback is not None and (i + 1) % self.callback_every == 0:
                 self.callback(i + 1, self.grid[i + 1], buf["x"])
-        model_t.check_unmodified(model_batch, _ops.math_dtype(x_init.dtype))
+        model_t.check_unmodified(model_batch, _ops.math_dtype(x_init.dtype), times_entry)
         out = buf["x"].to(x_init.dtype, copy=True)
         return (out, trail) if trail is not None else out
 
@@ -591,11 +601,12 @@ class Sampler:
                 self._run(static_x, static_uncond, static_kw, static_ids)
             torch.cuda.current_stream(x_init.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
+            held = []
             with torch.cuda.graph(graph):
-                result = self._run(static_x, static_uncond, static_kw, static_ids)
+                result = self._run(static_x, static_uncond, static_kw, static_ids, keep=held)
             # The graph reads the coefficient and time tables by address: hold them for its
-            # lifetime, whatever the plan cache evicts.
-            tables = self._tables(static_x)
+            # lifetime, whatever the plan cache and the times' cache evict.
+            tables = (*self._tables(static_x), held)
             self._graphs[key] = graph, static_x, static_ids, static_kw, static_uncond, result, tables
         graph, static_x, static_ids, static_kw, static_uncond, result, _ = self._graphs[key]
         static_x.copy_(x_init)
@@ -658,25 +669,34 @@ class _TimeViews:
         self.table = table
         self.views = {}   # (batch, dtype) -> (the table's copy, its version, the views)
 
-    def get(self, batch, dtype):
+    def entry(self, batch, dtype):
+        """(the table's copy, its version, the views) for `batch` and `dtype`; at most
+        _TIME_VIEWS_SIZE are kept (all dropped when full, as DeviceCache does). A run holds the
+        entry it read and checks that one (`check_unmodified`): another run, in another thread,
+        may drop it from the cache meanwhile."""
         entry = self.views.get((batch, dtype))
         if entry is None:
             with torch.inference_mode(False):   # kept for later calls, as the plan
                 copy = self.table.to(dtype, copy=True)
-                entry = self.views[batch, dtype] = (copy, copy._version, [
+                entry = (copy, copy._version, [
                     [t.expand(batch) for t in row.unbind(0)] for row in copy.unbind(0)])
-        return entry[2]
+            if len(self.views) >= _TIME_VIEWS_SIZE:
+                self.views.clear()
+            self.views[batch, dtype] = entry
+        return entry
 
     def __getstate__(self):
         # A copy (copy.deepcopy, pickle) makes views of its own table when first asked: copied,
         # the views would not be views of it, and deepcopy bumps its version counter.
         return {"table": self.table, "views": {}}
 
-    def check_unmodified(self, batch, dtype):
-        """Raise if the model wrote into the times of `get(batch, dtype)`, dropping them."""
-        copy, version, _ = self.views[batch, dtype]
+    def check_unmodified(self, batch, dtype, entry):
+        """Raise if the model wrote into the times of `entry` (from `entry(batch, dtype)`),
+        dropping them."""
+        copy, version, _ = entry
         if copy._version != version:
-            del self.views[batch, dtype]
+            if self.views.get((batch, dtype)) is entry:
+                self.views.pop((batch, dtype), None)
             raise RuntimeError(_T_WRITTEN)
 
 
