@@ -419,18 +419,23 @@ _KERNELS = {"affine": _affine, "affine_out": _affine_out, "affine_dot": _affine_
             "sinusoid_backward": _sinusoid_backward, "gaussian_out": _gaussian_out}
 
 
+def _refuse_forward_ad(name):
+    """Raise under forward-mode AD: torch.library has no forward-mode rule to register, so a
+    tangent would be dropped silently (zeros). The public functions never bring one here:
+    under forward AD they run the ops' PyTorch formulas (`transforming`). Asked by the kernels
+    and by the fake kernels, which torch.compile runs while it traces a jvp or jacfwd."""
+    if _forward_ad._current_level >= 0:
+        raise RuntimeError(
+            f"torch.ops.fastflow.{name} has no forward-mode derivative (torch.func.jvp, "
+            f"jacfwd, torch.autograd.forward_ad); call fastflow's public functions instead "
+            f"(fastflow.interpolate, flow_matching_loss, convert, timestep_embedding, ...), "
+            f"which compute it with PyTorch's operators there")
+
+
 def _without_forward_ad(name, kernel):
-    """`kernel` as the dispatcher calls it, refusing forward-mode AD: torch.library has no
-    forward-mode rule to register, so a tangent would be dropped silently (zeros). The public
-    functions never bring one here: under forward AD they run the ops' PyTorch formulas
-    (`transforming`)."""
+    """`kernel` as the dispatcher calls it, refusing forward-mode AD (`_refuse_forward_ad`)."""
     def kernel_outside_forward_ad(*args):
-        if _forward_ad._current_level >= 0:
-            raise RuntimeError(
-                f"torch.ops.fastflow.{name} has no forward-mode derivative (torch.func.jvp, "
-                f"jacfwd, torch.autograd.forward_ad); call fastflow's public functions instead "
-                f"(fastflow.interpolate, flow_matching_loss, convert, timestep_embedding, ...), "
-                f"which compute it with PyTorch's operators there")
+        _refuse_forward_ad(name)
         return kernel(*args)
     return kernel_outside_forward_ad
 
@@ -442,6 +447,7 @@ for _name, _kernel in _KERNELS.items():
 
 @torch.library.register_fake("fastflow::affine")
 def _affine_fake(inputs, coeffs):
+    _refuse_forward_ad("affine")
     _check_affine_args(inputs, coeffs, coeffs.shape[1] if coeffs.dim() == 3 else 0)
     x = inputs[0]
     if _shared_dense_layout(inputs):   # as _affine: the inputs' layout
@@ -451,17 +457,20 @@ def _affine_fake(inputs, coeffs):
 
 @torch.library.register_fake("fastflow::affine_out")
 def _affine_out_fake(inputs, coeffs, out):
+    _refuse_forward_ad("affine_out")
     _check_affine_args(inputs, coeffs, len(out), out, one_dtype=False)
 
 
 @torch.library.register_fake("fastflow::affine_dot")
 def _affine_dot_fake(a, b, groups):
+    _refuse_forward_ad("affine_dot")
     _check_dot_args(a, b, groups)
     return a[0].new_empty((groups, len(a), len(b)), dtype=math_dtype(*(x.dtype for x in (*a, *b))))
 
 
 @torch.library.register_fake("fastflow::affine_sqnorm")
 def _affine_sqnorm_fake(inputs, coeffs):
+    _refuse_forward_ad("affine_sqnorm")
     _check_affine_args(inputs, coeffs, 1)
     return coeffs.new_empty((coeffs.shape[0],))
 
@@ -474,12 +483,14 @@ def _gaussian_out_fake(ids, seed, step, out):
 
 @torch.library.register_fake("fastflow::sinusoid")
 def _sinusoid_fake(t, freqs, scale, cos_first, dim, dtype):
+    _refuse_forward_ad("sinusoid")
     _check_sinusoid_args(t, freqs, dim, dtype)
     return t.new_empty((t.shape[0], dim), dtype=dtype)
 
 
 @torch.library.register_fake("fastflow::sinusoid_backward")
 def _sinusoid_backward_fake(grad, t, freqs, scale, cos_first, t_grad, freqs_grad):
+    _refuse_forward_ad("sinusoid_backward")
     _check_sinusoid_backward_args(grad, t, freqs)
     return t.new_empty((t.shape[0] if t_grad else 0,)), freqs.new_empty(
         (freqs.shape[0] if freqs_grad else 0,))
@@ -655,11 +666,14 @@ def transforming():
     (grad, vmap, jvp, jacrev, ...) or forward-mode AD (a dual level). Their rules exist for
     PyTorch's own operators only: the kernels would drop the tangents of dual tensors, and
     torch.library's autograd is not functorch's. `_call` then runs the ops' plain PyTorch
-    formulas (`_transformable`), which every transform sees through. Not while torch.compile
-    traces: its tracers take the ops as they are (fake kernels, registered autograd), and run
-    under functorch interpreters of their own."""
-    return not _is_compiling() and (_functorch_level() is not None
-                                    or _forward_ad._current_level >= 0)
+    formulas (`_transformable`), which every transform sees through. While torch.compile
+    traces, its tracers take the ops as they are (fake kernels, registered autograd) under
+    functorch interpreters of their own, except under forward-mode AD (a jvp, jacfwd or dual
+    level inside the compiled code, which sets the dual level while it traces): the ops have
+    no forward-mode rule there, and the traced graph would return zero tangents without a
+    word, so the formulas are traced instead."""
+    return _forward_ad._current_level >= 0 or (not _is_compiling()
+                                               and _functorch_level() is not None)
 
 
 def _nobody_intercepts(tensors, device=None):

@@ -205,3 +205,70 @@ def test_jit_trace_with_cold_caches():
     assert traced(t).shape == (4, 32)
     args = (torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4), torch.rand(3))
     torch.jit.trace(lambda p, a, b, s: fastflow.flow_matching_loss(p, a, b, s), args)
+
+
+# torch.compile of code that takes forward-mode derivatives (func.jvp, jacfwd, a dual level,
+# as MeanFlow's target does): the traced ops have no forward-mode rule, so the compiled tangents
+# came back as zeros (or None) without a word; they must equal eager's.
+_X0, _X1 = torch.randn(4, 3), torch.randn(4, 3)
+_T = torch.tensor([0.15, 0.4, 0.6, 0.85])
+COMPILED = {
+    "interpolate": lambda s: fastflow.interpolate(_X0, _X1, s, "cosine")[0],
+    "loss": lambda s: fastflow.flow_matching_loss(_X0 * s[:, None], _X0, _X1, s, "cosine"),
+    "convert": lambda s: fastflow.convert(_X0, _X1, s, "vp", src="epsilon", dst="velocity"),
+    "timestep_embedding": lambda s: fastflow.timestep_embedding(s, 8),
+}
+
+
+@pytest.mark.parametrize("name", COMPILED)
+def test_compiled_jvp_matches_eager(name):
+    f = COMPILED[name]
+    tangent = torch.ones_like(_T)
+    want = func.jvp(f, (_T,), (tangent,))[1]
+    assert want.abs().max() > 0
+    torch._dynamo.reset()
+    got = torch.compile(lambda s: func.jvp(f, (s,), (torch.ones_like(s),)), backend="aot_eager",
+                        fullgraph=True)(_T)[1]
+    torch.testing.assert_close(got, want)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(func.jacfwd(f), backend="aot_eager",
+                                             fullgraph=True)(_T), func.jacfwd(f)(_T))
+
+
+def test_compiled_dual_level_matches_eager():
+    def tangent_of(s):
+        with fwAD.dual_level():
+            out = fastflow.interpolate(_X0, _X1, fwAD.make_dual(s, torch.ones_like(s)), "vp")[0]
+            return fwAD.unpack_dual(out).tangent
+
+    torch._dynamo.reset()
+    got = torch.compile(tangent_of, backend="aot_eager")(_T)
+    assert got is not None
+    torch.testing.assert_close(got, tangent_of(_T))
+
+
+def test_compiled_code_without_forward_ad_keeps_the_fused_ops():
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(lambda s: fastflow.interpolate(_X0, _X1, s, "cosine"), backend=backend,
+                  fullgraph=True)(_T)
+    assert any(name.startswith("fastflow.affine") for name in seen), seen
+
+
+def test_the_registered_ops_refuse_a_compiled_jvp():
+    # Called directly, the ops refuse forward-mode AD in eager; traced by torch.compile they
+    # returned zero tangents.
+    b, c = torch.randn(4, 3), torch.randn(4, 1, 2)
+
+    def jvp_of_op(a):
+        return func.jvp(lambda x: torch.ops.fastflow.affine([x, b], c)[0], (a,),
+                        (torch.ones_like(a),))
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="fastflow.affine has no forward-mode derivative"):
+        torch.compile(jvp_of_op, backend="aot_eager", fullgraph=True)(torch.randn(4, 3))
