@@ -58,7 +58,15 @@ def _want_cuda(torch_cuda_version, cuda_home):
 def _extensions():
     if os.environ.get("FASTFLOW_SKIP_EXTENSION", "0") == "1":
         return [], {}
-    import torch
+    try:
+        import torch
+    except ImportError:
+        # pip's default build runs in an isolated environment without the installed torch.
+        raise SystemExit(
+            "fastflow: the extension fastflow._C compiles against the installed torch, which this "
+            "build cannot import. Install torch first, then build without pip's build isolation: "
+            "pip install --no-build-isolation . (or set FASTFLOW_SKIP_EXTENSION=1 for the "
+            "pure-Python package).") from None
     from torch.utils import cpp_extension
 
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))

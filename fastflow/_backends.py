@@ -12,6 +12,8 @@ every call, and fails loudly when the forced backend cannot run on the tensors i
 """
 import importlib
 import os
+import re
+import warnings
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -19,6 +21,7 @@ import torch
 
 NAMES = ("reference", "cpu", "triton", "cuda")
 ENV_VAR = "FASTFLOW_BACKEND"
+TRITON_OLDEST = (3, 6)   # the oldest Triton the kernels are written for
 
 
 @dataclass(frozen=True)
@@ -41,13 +44,31 @@ def extension():
     try:
         return importlib.import_module("fastflow._C"), None
     except ImportError as exc:
-        return None, f"extension not built ({exc})"
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "fastflow._C":
+            return None, f"extension not built ({exc})"
+        # Built, but it does not load: most often compiled against another torch than this one
+        # (an undefined symbol after `pip install -U torch`). Say so once, rather than running
+        # every CPU op on the unfused reference without a word.
+        why = (f"extension does not load ({exc}); rebuild it against torch {torch.__version__}: "
+               "pip install --no-build-isolation --no-deps --force-reinstall fastflow (or .)")
+        warnings.warn(f"fastflow: the C++ kernels are not used, the reference runs instead: {why}",
+                      RuntimeWarning, stacklevel=2)
+        return None, why
 
 
 @lru_cache(maxsize=None)
 def _triton():
     """The Triton kernel modules (affine, embedding, paths, conversions, noise), or the reason
     they cannot be imported."""
+    try:
+        import triton
+    except ImportError as exc:
+        return None, f"triton not importable ({exc})"
+    found = re.match(r"(\d+)\.(\d+)", getattr(triton, "__version__", ""))
+    if found is None or (int(found[1]), int(found[2])) < TRITON_OLDEST:
+        # Older Tritons (3.0 to 3.5, as torch 2.4 to 2.9 pin them) fail inside the kernels.
+        return None, (f"triton {getattr(triton, '__version__', '?')} is older than "
+                      f"{'.'.join(map(str, TRITON_OLDEST))}, the oldest the kernels support")
     try:
         return tuple(importlib.import_module(f"fastflow._triton.{name}")
                      for name in ("affine", "embedding", "paths", "conversions", "noise")), None

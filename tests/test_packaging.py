@@ -1,0 +1,98 @@
+"""The source distribution and the build script: what `pip install fastflow-*.tar.gz` (or a wheel
+built from the sdist) needs, and what a build without torch says."""
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "setup.py")),
+                                reason="needs the source tree (setup.py beside tests/)")
+
+
+def _source_copy(tmp_path):
+    source = tmp_path / "source"
+    skip = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info", "_triton", "build")
+    for folder in ("fastflow", "triton_kernels", "csrc", "tests"):
+        shutil.copytree(os.path.join(ROOT, folder), source / folder, ignore=skip)
+    for name in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "LICENSE"):
+        if os.path.exists(os.path.join(ROOT, name)):
+            shutil.copy(os.path.join(ROOT, name), source / name)
+    return source
+
+
+def test_the_sdist_holds_what_the_build_and_the_tests_need(tmp_path):
+    # setuptools puts the sources named in setup.py into the sdist, not the headers they include
+    # nor the .cu files of a CPU build: a wheel built from the sdist failed at
+    # `#include "affine.h"`. Nor tests/conftest.py and its helpers.
+    source = _source_copy(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=source,
+        env={**os.environ, "FASTFLOW_SKIP_EXTENSION": "1"}, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stderr
+    (sdist,) = (tmp_path / "dist").glob("fastflow-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        held = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    wanted = {os.path.relpath(path, source) for pattern in
+              ("csrc/*", "triton_kernels/*.py", "fastflow/**/*.py", "tests/*.py")
+              for path in glob.glob(str(source / pattern), recursive=True)}
+    wanted |= {"setup.py", "pyproject.toml", "README.md", "LICENSE"}
+    assert wanted - held == set()
+
+
+def test_a_build_without_torch_says_how_to_build(tmp_path):
+    # pip's default isolated build (`pip install .`, `pip install fastflow-*.tar.gz`) hides the
+    # installed torch: the build must say to use --no-build-isolation, not end in a traceback.
+    code = ("import sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--name']; "
+            "exec(compile(open('setup.py').read(), 'setup.py', 'exec'), "
+            "{'__file__': 'setup.py', '__name__': '__main__'})")
+    env = {k: v for k, v in os.environ.items() if k != "FASTFLOW_SKIP_EXTENSION"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "--no-build-isolation" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_the_readme_install_names_every_build_requirement():
+    # `pip install --no-build-isolation` builds with what is installed: a Python 3.12 venv has no
+    # setuptools, so the README's install lines must name every [build-system] requirement.
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        requires = tomllib.load(f)["build-system"]["requires"]
+    text = open(os.path.join(ROOT, "README.md")).read()
+    block = re.search(r"## Install\n+```bash\n(.*?)```", text, re.S).group(1)
+    installed = set()
+    for line in block.splitlines():
+        words = line.split("#")[0].split()
+        if words[:2] == ["pip", "install"]:
+            installed |= {re.split(r"[<>=!~\[ ]", w.strip("'\""))[0].lower() for w in words[2:]
+                          if not w.startswith("-") and w != "."}
+    missing = {re.split(r"[<>=!~\[ ]", r)[0].lower() for r in requires} - installed
+    assert missing == set(), f"README's Install section does not install {sorted(missing)}"
+
+
+def test_the_wheel_holds_every_module(tmp_path):
+    # A plain (not editable) install has only the packages setup.py names: fastflow.compat was
+    # missing from them, so `from fastflow.compat.torchcfm import ...` failed after `pip install .`
+    source = _source_copy(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "-w", str(tmp_path / "wheel"), str(source)],
+        env={**os.environ, "FASTFLOW_SKIP_EXTENSION": "1"}, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stderr
+    (wheel,) = (tmp_path / "wheel").glob("fastflow-*.whl")
+    held = set(zipfile.ZipFile(wheel).namelist())
+    modules = {os.path.join("fastflow", os.path.relpath(path, source / "fastflow"))
+               for path in glob.glob(str(source / "fastflow" / "**" / "*.py"), recursive=True)}
+    modules |= {os.path.join("fastflow", "_triton", os.path.basename(path))
+                for path in glob.glob(str(source / "triton_kernels" / "*.py"))}
+    assert modules - held == set()
