@@ -121,8 +121,11 @@ class TimestepEmbedder(nn.Module):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"t: expected a 1-D tensor of times, got {type(t).__name__}")
         # The embedding comes out in the dtype of the first Linear (autocast decides otherwise;
-        # asked only where it exists: meta tensors have none).
+        # asked only where it exists: meta tensors have none). CPU and CUDA have it without
+        # asking torch.amp.is_autocast_available, which torch.compile before PyTorch 2.13
+        # cannot trace (a graph break fullgraph refuses).
         device = t.device.type
-        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        autocast = ((device in ("cpu", "cuda") or torch.amp.is_autocast_available(device))
+                    and torch.is_autocast_enabled(device))
         dtype = None if autocast else self.mlp[0].weight.dtype
         return self.mlp(self.embedding(t, dtype=dtype))

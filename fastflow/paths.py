@@ -251,8 +251,11 @@ _NATIVE = {
 
 def value_key(path):
     """A hashable value that names the path's formulas, for caches of what they compute; None
-    for a path of the user's own, whose formulas may change under the same parameters."""
-    return (type(path), tuple(vars(path).items())) if type(path) in _NATIVE else None
+    for a path of the user's own, whose formulas may change under the same parameters. From
+    _NATIVE's parameters (all a built-in path holds), not vars(path): torch.compile before
+    PyTorch 2.13 cannot trace ``vars(path).items()`` (a graph break fullgraph refuses)."""
+    native = _NATIVE.get(type(path))
+    return None if native is None else (type(path), *native(path)[1])
 
 
 def coefficients(path, t, dtype, backend=None):

@@ -76,8 +76,10 @@ def test_the_avx2_clones_are_vectorised():
 def test_gpu_backends_on_a_cpu_machine():
     report = fastflow.backends()
     assert not report["cuda"].available
-    if not SKIP_EXTENSION:
-        assert report["cuda"].reason == "extension built without CUDA"
+    if not SKIP_EXTENSION:   # the extension may hold the CUDA kernels (built with nvcc here)
+        built = _backends.extension()[0].cuda_built
+        assert report["cuda"].reason == ("no CUDA device" if built else
+                                         "extension built without CUDA")
     # The test session runs Triton in its interpreter (see conftest.py).
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     assert report["triton"].available == (interpreting and _backends._triton()[0] is not None)

@@ -416,3 +416,17 @@ def test_the_layers_check_their_arguments():
         FourierEmbedding(8, scale=torch.ones(2, 4))   # built a [2, 4] weight
     with pytest.raises(TypeError, match="t: expected a 1-D tensor of times, got list"):
         TimestepEmbedder(16)([0.1])
+
+
+def test_timestep_embedder_asks_no_autocast_availability_on_cpu(monkeypatch):
+    # torch.amp.is_autocast_available is opaque to torch.compile before PyTorch 2.13: asked on
+    # every call, it broke the fullgraph compile of TimestepEmbedder there (test_compiled_*).
+    def refuse(device_type):
+        raise AssertionError(f"asked torch.amp.is_autocast_available({device_type!r})")
+
+    embedder = TimestepEmbedder(16, 8)
+    t = torch.rand(3)
+    monkeypatch.setattr(torch.amp, "is_autocast_available", refuse)
+    assert embedder(t).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert embedder(t).dtype == torch.bfloat16

@@ -483,3 +483,19 @@ def test_the_cpu_builders_take_float8_as_the_ops_do():
     assert bits_equal(got[:, 0, 0], t.float()) and bits_equal(got[:, 0, 1], torch.ones(4))
     with pytest.raises(ValueError, match=r"t must be a 1-D floating-point CPU tensor \(float16, bfloat16"):
         compiled_extension().path_coefficients_cpu(t, "cond_ot", [0.0], torch.float32, False)
+
+
+def test_value_key_reads_no_instance_dict(monkeypatch):
+    # torch.compile before PyTorch 2.13 cannot trace vars(path).items(): the key read it, a graph
+    # break inside flow_matching_loss that fullgraph refused (test_losses' compiled steps).
+    import builtins
+
+    keys = {type(p): paths.value_key(p) for p in (paths.CondOT(0.1), paths.VP(0.2, 19.0))}
+
+    def refuse(*args):
+        raise AssertionError("vars() called")
+
+    monkeypatch.setattr(builtins, "vars", refuse)
+    assert paths.value_key(paths.CondOT(0.1)) == keys[paths.CondOT]
+    assert paths.value_key(paths.VP(0.2, 19.0)) == keys[paths.VP]
+    assert paths.value_key(paths.CondOT(0.2)) != keys[paths.CondOT]
