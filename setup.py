@@ -60,13 +60,13 @@ def _extensions():
         return [], {}
     try:
         import torch
-    except ImportError:
+    except ImportError as exc:
         # pip's default build runs in an isolated environment without the installed torch.
         raise SystemExit(
-            "fastflow: the extension fastflow._C compiles against the installed torch, which this "
-            "build cannot import. Install torch first, then build without pip's build isolation: "
-            "pip install --no-build-isolation . (or set FASTFLOW_SKIP_EXTENSION=1 for the "
-            "pure-Python package).") from None
+            f"fastflow: the extension fastflow._C compiles against the installed torch, which this "
+            f"build cannot import ({exc}). Install torch first, then build without pip's build "
+            f"isolation: pip install --no-build-isolation . (or set FASTFLOW_SKIP_EXTENSION=1 for "
+            f"the pure-Python package).") from None
     from torch.utils import cpp_extension
 
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))

@@ -150,7 +150,7 @@ void check_affine_args(const std::vector<at::Tensor>& inputs, const at::Tensor& 
 at::Tensor coefficients_apart(const at::Tensor& coeffs, const std::vector<at::Tensor>& outputs);
 
 // Whether the byte spans of a and b, from first element to the end of the last, intersect
-// (fastflow._checks._overlap): none does for an empty tensor.
+// (fastflow._checks.overlap): none does for an empty tensor.
 bool spans_intersect(const at::Tensor& a, const at::Tensor& b);
 
 // Whether fastflow._checks.check_outputs would accept `outputs` as the out= of a public op whose

@@ -50,7 +50,8 @@ def extension():
         # (an undefined symbol after `pip install -U torch`). Say so once, rather than running
         # every CPU op on the unfused reference without a word.
         why = (f"extension does not load ({exc}); rebuild it against torch {torch.__version__}: "
-               "pip install --no-build-isolation --no-deps --force-reinstall fastflow (or .)")
+               "pip install --no-build-isolation --no-deps --force-reinstall fastflow "
+               "(or -e . in a checkout)")
         warnings.warn(f"fastflow: the C++ kernels are not used, the reference runs instead: {why}",
                       RuntimeWarning, stacklevel=2)
         return None, why
@@ -72,8 +73,9 @@ def _triton():
     try:
         return tuple(importlib.import_module(f"fastflow._triton.{name}")
                      for name in ("affine", "embedding", "paths", "conversions", "noise")), None
-    except ImportError as exc:
-        return None, f"triton not importable ({exc})"
+    except ImportError as exc:   # triton imports: fastflow's kernel modules do not
+        return None, (f"fastflow's Triton kernels do not import with triton "
+                      f"{triton.__version__} ({exc})")
 
 
 def _interpreting():

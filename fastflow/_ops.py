@@ -776,7 +776,7 @@ class DeviceCache:
         "dictionary changed size during iteration". The old entries stay referenced until the
         devices are done with them."""
         entries, self._entries = self._entries, {}
-        for device in {v.device for v in entries.values() if v.is_cuda}:
+        for device in {v.device for v in list(entries.values()) if v.is_cuda}:
             torch.cuda.synchronize(device)
         entries.clear()
 

@@ -179,7 +179,7 @@ def _recorded_loss(reduction, backend, coeffs, weight, inputs):
     """The loss of an eager call that records a gradient, as one autograd node: the backend's
     own (`pred_loss`, C++ on CPU: csrc/loss_cpu.cpp) for the training step's case, a number
     whose gradient goes to pred alone, where Python's autograd.Function costs more than the
-    kernels on a small batch; else _LossNode. Streams in a _flat_layout (channels_last) take
+    kernels on a small batch; else _LossNode. Streams in a flat_layout (channels_last) take
     _LossNode too, which streams them as they lie (the C++ node would copy them)."""
     pred_loss = _backends.kernels(backend).pred_loss
     batch = inputs[0].shape[0]

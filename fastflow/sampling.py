@@ -659,7 +659,8 @@ class _Pass:
 
 class _TimeViews:
     """The model's time per (step, stage) as [B] views of one device table, made once per batch
-    size and type, so the loop hands the model a tensor without running an op. The type is
+    size and type (for the last _TIME_VIEWS_SIZE of them), so the loop hands the model a tensor
+    without running an op. The type is
     that of the model's input x (fp32 for 16-bit models; fp64 only for fp64 x, whatever the
     state's type). A model that writes into its t would change the times of every later call
     (PyTorch refuses the write into a view expanded over a batch, not into a batch of one's):
@@ -680,8 +681,14 @@ class _TimeViews:
                 copy = self.table.to(dtype, copy=True)
                 entry = (copy, copy._version, [
                     [t.expand(batch) for t in row.unbind(0)] for row in copy.unbind(0)])
+            if _ops.capturing(copy.device):
+                # Filled only by the graph's replays: not for other runs (`keep` holds it).
+                return entry
             if len(self.views) >= _TIME_VIEWS_SIZE:
-                self.views.clear()
+                old, self.views = self.views, {}
+                if copy.is_cuda:   # runs on other streams may still read them (DeviceCache.clear)
+                    torch.cuda.synchronize(copy.device)
+                old.clear()
             self.views[batch, dtype] = entry
         return entry
 

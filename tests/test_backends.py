@@ -77,7 +77,8 @@ def test_gpu_backends_on_a_cpu_machine():
     report = fastflow.backends()
     assert not report["cuda"].available
     if not SKIP_EXTENSION:   # the extension may hold the CUDA kernels (built with nvcc here)
-        built = _backends.extension()[0].cuda_built
+        from conftest import compiled_extension
+        built = compiled_extension().cuda_built
         assert report["cuda"].reason == ("no CUDA device" if built else
                                          "extension built without CUDA")
     # The test session runs Triton in its interpreter (see conftest.py).
@@ -188,3 +189,16 @@ def test_a_triton_older_than_the_kernels_is_not_used(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__="3.0.0"))
     mods, why = _backends._triton.__wrapped__()
     assert mods is None and "3.0.0" in why and "older" in why
+
+
+def test_kernels_that_do_not_import_are_not_blamed_on_triton(monkeypatch):
+    # Triton itself imports (and is new enough): a failure in fastflow's kernel modules must not
+    # be reported as "triton not importable".
+    def failing(name):
+        raise ImportError(f"cannot import name 'libdevice' (while importing {name})")
+
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__="3.9.0"))
+    monkeypatch.setattr(_backends, "importlib", types.SimpleNamespace(import_module=failing))
+    mods, why = _backends._triton.__wrapped__()
+    assert mods is None and "libdevice" in why
+    assert "triton not importable" not in why and "3.9.0" in why

@@ -9,7 +9,7 @@ from fastflow import _ops, sampling
 
 def test_device_cache_clear_tolerates_an_insertion_meanwhile():
     # A full cache empties itself in get(); another thread's get() may insert while clear()
-    # walks the entries (the GIL switches between any two bytecodes): that raised
+    # walks the entries (the GIL may pass between bytecodes): that raised
     # "RuntimeError: dictionary changed size during iteration" in the thread that cleared.
     cpu = torch.device("cpu")
     cache = _ops.DeviceCache(maxsize=2)
@@ -75,3 +75,19 @@ def test_a_run_checks_the_times_it_read_when_another_run_dropped_them():
 
     with pytest.raises(RuntimeError, match="modified its t in place"):
         fastflow.Sampler(writing, steps=3)(x)
+
+
+def test_time_views_built_while_capturing_are_not_shared(monkeypatch):
+    # A capture that finds its times evicted (another thread's run, after the warm-up) builds
+    # them inside the graph: the copy holds the times only once the graph replays, so it must
+    # not be handed to other runs from the cache.
+    sampler = fastflow.Sampler(_decay, steps=3)
+    x = torch.randn(2, 3)
+    sampler(x)
+    times = sampler._plans[torch.device("cpu"), torch.float32, True][1]
+    times.views.clear()
+    monkeypatch.setattr(sampling._ops, "capturing", lambda device: True)
+    entry = times.entry(2, torch.float32)
+    assert (2, torch.float32) not in times.views
+    monkeypatch.undo()
+    assert times.entry(2, torch.float32) is not entry
