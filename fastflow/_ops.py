@@ -419,35 +419,31 @@ _KERNELS = {"affine": _affine, "affine_out": _affine_out, "affine_dot": _affine_
             "sinusoid_backward": _sinusoid_backward, "gaussian_out": _gaussian_out}
 
 
-def _refuse_forward_ad(name):
-    """Raise under forward-mode AD: torch.library has no forward-mode rule to register, so a
-    tangent would be dropped silently (zeros). The public functions never bring one here:
-    under forward AD they run the ops' PyTorch formulas (`transforming`). Asked by the kernels
-    and by the fake kernels, which torch.compile runs while it traces a jvp or jacfwd."""
-    if _forward_ad._current_level >= 0:
-        raise RuntimeError(
-            f"torch.ops.fastflow.{name} has no forward-mode derivative (torch.func.jvp, "
-            f"jacfwd, torch.autograd.forward_ad); call fastflow's public functions instead "
-            f"(fastflow.interpolate, flow_matching_loss, convert, timestep_embedding, ...), "
-            f"which compute it with PyTorch's operators there")
-
-
 def _without_forward_ad(name, kernel):
-    """`kernel` as the dispatcher calls it, refusing forward-mode AD (`_refuse_forward_ad`)."""
-    def kernel_outside_forward_ad(*args):
-        _refuse_forward_ad(name)
-        return kernel(*args)
+    """`kernel` (or a fake kernel, which torch.compile runs while it traces a jvp or jacfwd) as
+    the dispatcher calls it, refusing forward-mode AD: torch.library has no forward-mode rule to
+    register, so a tangent would be dropped silently (zeros). The public functions never bring
+    one here: under forward AD they run the ops' PyTorch formulas (`transforming`). The
+    sampler's noise, which nothing differentiates, goes as it is."""
+    if name == "gaussian_out":
+        return kernel
+
+    def kernel_outside_forward_ad(*args, **kwargs):
+        if _forward_ad._current_level >= 0:
+            raise RuntimeError(
+                f"torch.ops.fastflow.{name} has no forward-mode derivative (torch.func.jvp, "
+                f"jacfwd, torch.autograd.forward_ad); call fastflow's public functions instead "
+                f"(fastflow.interpolate, flow_matching_loss, convert, timestep_embedding, ...), "
+                f"which compute it with PyTorch's operators there")
+        return kernel(*args, **kwargs)
     return kernel_outside_forward_ad
 
 
 for _name, _kernel in _KERNELS.items():
-    _lib.impl(_name, _kernel if _name == "gaussian_out" else _without_forward_ad(_name, _kernel),
-              "CompositeExplicitAutograd")
+    _lib.impl(_name, _without_forward_ad(_name, _kernel), "CompositeExplicitAutograd")
 
 
-@torch.library.register_fake("fastflow::affine")
 def _affine_fake(inputs, coeffs):
-    _refuse_forward_ad("affine")
     _check_affine_args(inputs, coeffs, coeffs.shape[1] if coeffs.dim() == 3 else 0)
     x = inputs[0]
     if _shared_dense_layout(inputs):   # as _affine: the inputs' layout
@@ -455,45 +451,42 @@ def _affine_fake(inputs, coeffs):
     return [torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(coeffs.shape[1])]
 
 
-@torch.library.register_fake("fastflow::affine_out")
 def _affine_out_fake(inputs, coeffs, out):
-    _refuse_forward_ad("affine_out")
     _check_affine_args(inputs, coeffs, len(out), out, one_dtype=False)
 
 
-@torch.library.register_fake("fastflow::affine_dot")
 def _affine_dot_fake(a, b, groups):
-    _refuse_forward_ad("affine_dot")
     _check_dot_args(a, b, groups)
-    return a[0].new_empty((groups, len(a), len(b)), dtype=math_dtype(*(x.dtype for x in (*a, *b))))
+    dtype = math_dtype(*(x.dtype for x in (*a, *b)))
+    return a[0].new_empty((groups, len(a), len(b)), dtype=dtype)
 
 
-@torch.library.register_fake("fastflow::affine_sqnorm")
 def _affine_sqnorm_fake(inputs, coeffs):
-    _refuse_forward_ad("affine_sqnorm")
     _check_affine_args(inputs, coeffs, 1)
     return coeffs.new_empty((coeffs.shape[0],))
 
 
-@torch.library.register_fake("fastflow::gaussian_out")
 def _gaussian_out_fake(ids, seed, step, out):
     _check_gaussian_seed(seed)
     _check_gaussian_args(ids, out)
 
 
-@torch.library.register_fake("fastflow::sinusoid")
 def _sinusoid_fake(t, freqs, scale, cos_first, dim, dtype):
-    _refuse_forward_ad("sinusoid")
     _check_sinusoid_args(t, freqs, dim, dtype)
     return t.new_empty((t.shape[0], dim), dtype=dtype)
 
 
-@torch.library.register_fake("fastflow::sinusoid_backward")
 def _sinusoid_backward_fake(grad, t, freqs, scale, cos_first, t_grad, freqs_grad):
-    _refuse_forward_ad("sinusoid_backward")
     _check_sinusoid_backward_args(grad, t, freqs)
     return t.new_empty((t.shape[0] if t_grad else 0,)), freqs.new_empty(
         (freqs.shape[0] if freqs_grad else 0,))
+
+
+_FAKES = {"affine": _affine_fake, "affine_out": _affine_out_fake, "affine_dot": _affine_dot_fake,
+          "affine_sqnorm": _affine_sqnorm_fake, "gaussian_out": _gaussian_out_fake,
+          "sinusoid": _sinusoid_fake, "sinusoid_backward": _sinusoid_backward_fake}
+for _name, _fake in _FAKES.items():
+    torch.library.register_fake(f"fastflow::{_name}")(_without_forward_ad(_name, _fake))
 
 
 def _sinusoid_setup_context(ctx, inputs, output):
@@ -746,6 +739,7 @@ class DeviceCache:
     records ("Inference tensors cannot be saved for backward")."""
 
     def __init__(self, maxsize=64):
+        # Entries are tensors, or anything with their device and is_cuda attributes.
         self.maxsize = maxsize
         self._entries = {}
 
@@ -779,6 +773,14 @@ class DeviceCache:
         for device in {v.device for v in list(entries.values()) if v.is_cuda}:
             torch.cuda.synchronize(device)
         entries.clear()
+
+    def discard(self, key, value):
+        """Drop `key`'s entry if it is still `value` (another thread may have replaced it)."""
+        if self._entries.get(key) is value:
+            self._entries.pop(key, None)
+
+    def __contains__(self, key):
+        return key in self._entries
 
     def __len__(self):
         return len(self._entries)

@@ -19,8 +19,9 @@ never synchronises with the host, and on CUDA it can be recorded as one CUDA gra
 import inspect
 import numbers
 import threading
-from collections.abc import Mapping
 import warnings
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 
@@ -507,7 +508,7 @@ class Sampler:
         times_entry = model_t.entry(model_batch, _ops.math_dtype(x_init.dtype))
         if keep is not None:
             keep.append(times_entry)
-        times = times_entry[2]
+        times = times_entry.views
         layout = _Layout(x_init)
         launch = layout.launcher(_ops.affine_out_launcher(x_init.device, mixed_dtypes=True))
         # fp32 tables read streams of at most fp32: an fp64 output is narrowed to them.
@@ -660,51 +661,51 @@ class _Pass:
 class _TimeViews:
     """The model's time per (step, stage) as [B] views of one device table, made once per batch
     size and type (for the last _TIME_VIEWS_SIZE of them), so the loop hands the model a tensor
-    without running an op. The type is
-    that of the model's input x (fp32 for 16-bit models; fp64 only for fp64 x, whatever the
-    state's type). A model that writes into its t would change the times of every later call
-    (PyTorch refuses the write into a view expanded over a batch, not into a batch of one's):
-    `check_unmodified` tells, from the table's version counter."""
+    without running an op. The type is that of the model's input x (fp32 for 16-bit models;
+    fp64 only for fp64 x, whatever the state's type). A model that writes into its t would
+    change the times of every later call (PyTorch refuses the write into a view expanded over a
+    batch, not into a batch of one's): `check_unmodified` tells, from the table's version
+    counter."""
 
     def __init__(self, table):
         self.table = table
-        self.views = {}   # (batch, dtype) -> (the table's copy, its version, the views)
+        self.views = _ops.DeviceCache(_TIME_VIEWS_SIZE)   # (batch, dtype) -> _Times
 
     def entry(self, batch, dtype):
-        """(the table's copy, its version, the views) for `batch` and `dtype`; at most
-        _TIME_VIEWS_SIZE are kept (all dropped when full, as DeviceCache does). A run holds the
-        entry it read and checks that one (`check_unmodified`): another run, in another thread,
-        may drop it from the cache meanwhile."""
-        entry = self.views.get((batch, dtype))
-        if entry is None:
-            with torch.inference_mode(False):   # kept for later calls, as the plan
+        """The _Times for `batch` and `dtype`, from the cache (DeviceCache: bounded, bypassed
+        while a CUDA graph captures). A run holds the entry it read and checks that one
+        (`check_unmodified`): another run, in another thread, may drop it from the cache
+        meanwhile."""
+        def build():
+            with torch.inference_mode(False):   # a version counter to check, also in a capture
                 copy = self.table.to(dtype, copy=True)
-                entry = (copy, copy._version, [
+                return _Times(copy, copy._version, [
                     [t.expand(batch) for t in row.unbind(0)] for row in copy.unbind(0)])
-            if _ops.capturing(copy.device):
-                # Filled only by the graph's replays: not for other runs (`keep` holds it).
-                return entry
-            if len(self.views) >= _TIME_VIEWS_SIZE:
-                old, self.views = self.views, {}
-                if copy.is_cuda:   # runs on other streams may still read them (DeviceCache.clear)
-                    torch.cuda.synchronize(copy.device)
-                old.clear()
-            self.views[batch, dtype] = entry
-        return entry
+        return self.views.get((batch, dtype), self.table.device, build, direct=True)
 
     def __getstate__(self):
         # A copy (copy.deepcopy, pickle) makes views of its own table when first asked: copied,
         # the views would not be views of it, and deepcopy bumps its version counter.
-        return {"table": self.table, "views": {}}
+        return {"table": self.table, "views": _ops.DeviceCache(_TIME_VIEWS_SIZE)}
 
     def check_unmodified(self, batch, dtype, entry):
         """Raise if the model wrote into the times of `entry` (from `entry(batch, dtype)`),
         dropping them."""
-        copy, version, _ = entry
-        if copy._version != version:
-            if self.views.get((batch, dtype)) is entry:
-                self.views.pop((batch, dtype), None)
+        if entry.copy._version != entry.version:
+            self.views.discard((batch, dtype), entry)
             raise RuntimeError(_T_WRITTEN)
+
+
+class _Times(NamedTuple):
+    """The model's times for one batch size and type: a copy of the table, its version when
+    made, and the [B] views of it per (step, stage)."""
+    copy: torch.Tensor
+    version: int
+    views: list
+
+    # Where DeviceCache finds it.
+    device = property(lambda self: self.copy.device)
+    is_cuda = property(lambda self: self.copy.is_cuda)
 
 
 _T_WRITTEN = ("model: it modified its t in place (t.mul_(1000), t += 1, ...), and the sampler "
