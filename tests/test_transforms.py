@@ -1,6 +1,7 @@
 """torch.func transforms and forward-mode AD: the ops run their plain PyTorch formulas there
-(fastflow._ops.transforming), so every transform gets the reference's derivatives; the
-in-place forms (out=, the sampler) refuse, and the drop-ins hand the call to the originals."""
+(fastflow._ops.transforming), so every transform gets the reference's derivatives, except under
+vmap alone, where the kernels run through the ops' vmap rules; the in-place forms (out=, the
+sampler) refuse, and the drop-ins hand the call to the originals."""
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -91,6 +92,108 @@ def test_func_vmap_matches_the_batched_call(backend):
             fastflow.timestep_embedding(t, 8))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+# vmap alone runs the kernels (the vmapped dimension folded into the groups), never the
+# formulas: each case against the loop of its calls, with the formulas made to raise.
+_E, _B = 3, 4
+VMAPPED = {
+    "interpolate": lambda x0, x1, t, w: fastflow.interpolate(x0, x1, t, "vp"),
+    "interpolate with noise": lambda x0, x1, t, w: fastflow.interpolate(
+        x0, x1, t, "schrodinger_bridge", noise=x0.flip(-1)),
+    "convert": lambda x0, x1, t, w: fastflow.convert(x0, x1, t, "cosine", src="data",
+                                                     dst="velocity"),
+    "loss": lambda x0, x1, t, w: fastflow.flow_matching_loss(x0 * x1, x0, x1, t, "cosine"),
+    "loss per sample, weighted": lambda x0, x1, t, w: fastflow.flow_matching_loss(
+        x0 * x1, x0, x1, t, "linear_vp", weight=w, reduction="none"),
+    "timestep_embedding": lambda x0, x1, t, w: fastflow.timestep_embedding(t, 9),
+    "fourier_embedding, own weights": lambda x0, x1, t, w: fastflow.fourier_embedding(t, w),
+}
+# in_dims of (x0, x1, t, w): all vmapped; the data alone; the times alone; dimension 1.
+IN_DIMS = {"all": (0, 0, 0, 0), "data": (0, 0, None, None), "times": (None, None, 0, 0),
+           "dim 1": (1, 1, 1, 1)}
+
+
+@pytest.mark.parametrize("in_dims", IN_DIMS)
+@pytest.mark.parametrize("case", VMAPPED)
+def test_vmap_runs_the_kernels(backend, monkeypatch, case, in_dims):
+    g = torch.Generator().manual_seed(7)
+    x0, x1 = (torch.randn(_E, _B, 5, generator=g).to(backend) for _ in range(2))
+    t = (0.1 + 0.8 * torch.rand(_E, _B, generator=g)).to(backend)
+    w = torch.rand(_E, _B, generator=g).to(backend)
+    if case.startswith("fourier"):
+        w = torch.randn(_E, 6, generator=g).to(backend)
+    dims = IN_DIMS[in_dims]
+    args = [a[0] if d is None else a for a, d in zip((x0, x1, t, w), dims)]  # shared: one member's
+    f = VMAPPED[case]
+    want = [f(*(a if d is None else a[e] for a, d in zip(args, dims))) for e in range(_E)]
+    want = [torch.stack(w) for w in zip(*want)] if isinstance(want[0], tuple) else torch.stack(want)
+    monkeypatch.setattr(fastflow._ops, "_transformable", _raises)
+    got = func.vmap(f, in_dims=dims)(*(a if d is None else a.movedim(0, d)
+                                        for a, d in zip(args, dims)))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def _raises(*args):
+    raise AssertionError("the formulas ran under vmap alone")
+
+
+def test_vmap_nested_chunked_and_over_constants(monkeypatch):
+    monkeypatch.setattr(fastflow._ops, "_transformable", _raises)
+    x0, x1, t = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5), torch.rand(2, 3, 4)
+    want = fastflow.interpolate(x0.reshape(24, 5), x1.reshape(24, 5), t.reshape(24))
+    got = func.vmap(func.vmap(fastflow.interpolate))(x0, x1, t)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w.view(2, 3, 4, 5))
+    got = func.vmap(fastflow.interpolate, chunk_size=1)(x0[0], x1[0], t[0])
+    for g, w in zip(got, want):
+        assert torch.equal(g, w[:12].view(3, 4, 5))
+    # An op on tensors that are not vmapped, inside a vmapped function.
+    got = func.vmap(lambda y: fastflow.interpolate(x0[0, 0], x1[0, 0], t[0, 0])[0] + y)(x0[0])
+    assert torch.equal(got, fastflow.interpolate(x0[0, 0], x1[0, 0], t[0, 0])[0] + x0[0])
+
+
+def test_gradients_through_vmap_match_the_loop():
+    pred, x0, x1 = torch.randn(3, 4, 5, dtype=torch.float64).unbind(0)
+    pred, x0, x1 = (x.reshape(2, 2, 5) for x in (pred, x0, x1))
+    t = torch.rand(2, 2, dtype=torch.float64)
+
+    def loss(p, s):
+        return fastflow.flow_matching_loss(p, x0[0], x1[0], s, "vp", reduction="sum")
+
+    leaves = [pred.clone().requires_grad_(), t.clone().requires_grad_()]
+    func.vmap(loss, in_dims=(0, 0))(*leaves).sum().backward()
+    looped = [pred.clone().requires_grad_(), t.clone().requires_grad_()]
+    sum(loss(looped[0][e], looped[1][e]) for e in range(2)).backward()
+    for a, b in zip(leaves, looped):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_ensembles_over_stacked_modules_run_the_kernels(monkeypatch):
+    import copy
+    torch.manual_seed(0)
+    members = [fastflow.nn.FourierEmbedding(8, learnable=True) for _ in range(3)]
+    params, buffers = func.stack_module_state(members)
+    base = copy.deepcopy(members[0]).to("meta")
+    t = torch.rand(5)
+    monkeypatch.setattr(fastflow._ops, "_transformable", _raises)
+    got = func.vmap(lambda p, b: func.functional_call(base, (p, b), (t,)))(params, buffers)
+    torch.testing.assert_close(got, torch.stack([m(t) for m in members]), rtol=0, atol=0)
+
+
+def test_compiled_vmap_matches_eager():
+    # torch.compile of a vmapped function stopped at the ops ("Batching rule not implemented
+    # for fastflow::affine") before they had vmap rules.
+    x0, x1, t = torch.randn(3, 4, 5), torch.randn(3, 4, 5), torch.rand(3, 4)
+
+    def per_member(a, b, s):
+        x_t, u_t = fastflow.interpolate(a, b, s, "cosine")
+        return (fastflow.flow_matching_loss(x_t, a, b, s, "cosine", reduction="none"),
+                fastflow.timestep_embedding(s, 8), u_t)
+
+    torch._dynamo.reset()
+    got = torch.compile(func.vmap(per_member), backend="aot_eager", fullgraph=True)(x0, x1, t)
+    torch.testing.assert_close(got, func.vmap(per_member)(x0, x1, t), rtol=0, atol=0)
 
 
 def test_func_jvp_and_jacrev_in_t(backend):
