@@ -2,7 +2,7 @@
 //
 // Eager PyTorch evaluates sin and cos with SLEEF's vectorised routines, so a scalar libm call per
 // element would lose to it. The fp32 path computes sin and cos together from one shared range
-// reduction, in a branch-free loop that the compiler vectorises and clones for AVX2
+// reduction, in a branch-free loop that the compiler vectorises and clones for AVX2 and AVX-512
 // (simd_clones.h), so results do not depend on the CPU. Error: a few 1e-8 against sin
 // and cos of the same fp32 argument, for |a| <= kFastLimit; rows whose arguments can exceed that
 // (or are not finite) take the exact path: libm in double precision, rounded once.

@@ -4,7 +4,7 @@
 // formulas are 4 to 20 tensor ops on B numbers, and each op's dispatch costs more than the
 // affine kernel itself on a small batch. This file repeats the formulas operation for operation
 // in double (the type paths.py computes them in on CPU), with no contraction, a tile of samples
-// at a time in loops that vectorise (AVX2 clones, simd_clones.h):
+// at a time in loops that vectorise (AVX2 and AVX-512 clones, simd_clones.h):
 // - CondOT, Target-CFM, the constant-noise path and Polynomial with n = 1, 2 or 3 (which
 //   torch.pow computes by multiplication) are + - * / only: the results are PyTorch's bits;
 // - exp, pow, sin and cos come from vector_math.h here (within an ulp or two of the C library,
@@ -216,7 +216,7 @@ template <int kColumns, void (*kEntries)(double, const Params&, double*, VectorM
 [[gnu::always_inline]] inline bool any_tile(const double* t, int64_t n, const Params p, void* out,
                                             bool doubles, bool residual, int64_t groups,
                                             uint64_t* redo) {
-  // (No lambda here: GCC may leave one out of line, compiled without the clone's AVX2.)
+  // (No lambda here: GCC may leave one out of line, compiled without the clone's instructions.)
   constexpr Rows kMatrix = Rows::kMatrix, kResidual = Rows::kResidual;
   auto* as_doubles = static_cast<double*>(out);
   auto* as_floats = static_cast<float*>(out);
@@ -228,7 +228,7 @@ template <int kColumns, void (*kEntries)(double, const Params&, double*, VectorM
                  : vector_tile<kMatrix, kColumns, kEntries>(t, n, p, as_floats, groups, redo);
 }
 
-// One plain function per path, since simd_clones.h compiles those again for AVX2, not
+// One plain function per path, since simd_clones.h compiles those again per instruction set, not
 // templates. The parameters come by value: stores through `out` cannot change them, so the loop
 // reads them once.
 #define FASTFLOW_VECTOR_TILE(path, columns)                                                  \

@@ -1127,9 +1127,9 @@ def test_cpu_kernels_run_avx512_only_where_pytorch_does(capability):
 
 def test_only_the_avx2_and_avx512_kernels_use_avx():
     # Code compiled for AVX2 must stay in its namespaces (or GCC's .avx2 clones), code compiled
-    # for AVX-512 in its own, and AVX512_BF16's conversions in theirs: a function defined inline
-    # in a header and compiled in a target region could be the copy the linker keeps for every
-    # caller, and crash CPUs without those instructions.
+    # for AVX-512 in its own (or the .avx512f clones), and AVX512_BF16's conversions in theirs:
+    # a function defined inline in a header and compiled in a target region could be the copy
+    # the linker keeps for every caller, and crash CPUs without those instructions.
     import shutil
     import subprocess
 
@@ -1148,7 +1148,8 @@ def test_only_the_avx2_and_avx512_kernels_use_avx():
             function = line
         elif "\t" in line and line.split("\t")[1].startswith("v"):  # VEX or EVEX: AVX and up
             in_bf16 = "fastflow::avx512_bf16::" in function
-            in_avx512 = in_bf16 or "fastflow::avx512::" in function
+            in_avx512 = (in_bf16 or "fastflow::avx512::" in function
+                         or ".avx512f" in function)
             if avx512.search(line) and not in_avx512 or bf16.search(line) and not in_bf16:
                 offenders.add(function)
             if not (in_avx512 or "fastflow::avx2::" in function or ".avx2" in function):
