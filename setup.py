@@ -2,8 +2,10 @@
 
 Environment switches:
   FASTFLOW_SKIP_EXTENSION=1     install the pure-Python package only (reference on CPU, Triton on GPU)
-  FASTFLOW_BUILD_CUDA=auto|0|1  compile csrc/*.cu; auto builds them when torch has CUDA and a CUDA
-                                toolkit is found, 1 insists (and fails without them), 0 never does
+  FASTFLOW_BUILD_CUDA=auto|0|1  compile csrc/*.cu; auto builds them when torch has CUDA, a CUDA
+                                toolkit is found and there are GPUs to compile for (visible ones,
+                                or TORCH_CUDA_ARCH_LIST), 1 insists (and fails without them), 0
+                                never does
 
 Install torch first, then: pip install --no-build-isolation -e .
 """
@@ -30,7 +32,7 @@ def _nvcc_release(cuda_home):
     return f"{found[1]}.{found[2]}" if found else None
 
 
-def _want_cuda(torch_cuda_version, cuda_home):
+def _want_cuda(torch_cuda_version, cuda_home, visible_gpus):
     mode = os.environ.get("FASTFLOW_BUILD_CUDA", "auto").lower()
     if mode not in ("auto", "0", "1"):
         raise SystemExit(f"FASTFLOW_BUILD_CUDA must be auto, 0 or 1, got {mode!r}")
@@ -46,6 +48,11 @@ def _want_cuda(torch_cuda_version, cuda_home):
         if release is None or release.split(".")[0] != torch_cuda_version.split(".")[0]:
             problem = (f"the CUDA toolkit at {cuda_home} (nvcc {release}) does not match the CUDA "
                        f"{torch_cuda_version} that torch was built with")
+        elif not visible_gpus and os.environ.get("TORCH_CUDA_ARCH_LIST", "") in ("", "native"):
+            # Without a list, cpp_extension compiles for the GPUs visible here; with none (a
+            # container build, a CPU machine with the toolkit) it fails with an IndexError.
+            problem = ("no GPU is visible to compile for: set TORCH_CUDA_ARCH_LIST to the GPUs' "
+                       "compute capabilities (9.0, say)")
     if problem is None:
         return True
     if mode == "1":
@@ -82,7 +89,8 @@ def _extensions():
     extra = {"cxx": cxx}
     sources = list(cpu_sources)
     ext_type = cpp_extension.CppExtension
-    if cuda_sources and _want_cuda(torch.version.cuda, cpp_extension.CUDA_HOME):
+    if cuda_sources and _want_cuda(torch.version.cuda, cpp_extension.CUDA_HOME,
+                                   torch.cuda.device_count()):
         sources += cuda_sources
         ext_type = cpp_extension.CUDAExtension
         cxx.append("-DFASTFLOW_WITH_CUDA")

@@ -1,5 +1,6 @@
 """The source distribution and the build script: what `pip install fastflow-*.tar.gz` (or a wheel
 built from the sdist) needs, and what a build without torch says."""
+import ast
 import glob
 import os
 import re
@@ -59,6 +60,41 @@ def test_a_build_without_torch_says_how_to_build(tmp_path):
     assert result.returncode != 0
     assert "--no-build-isolation" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
+
+
+def _setup_functions():
+    """setup.py's imports and functions, without the build that its last lines run."""
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        tree = ast.parse(f.read())
+    tree.body = [node for node in tree.body
+                 if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef))]
+    namespace = {}
+    exec(compile(tree, "setup.py", "exec"), namespace)
+    return namespace
+
+
+def test_a_cuda_build_with_no_gpu_to_compile_for_leaves_the_cuda_kernels_out(tmp_path, monkeypatch):
+    # cpp_extension compiles for the GPUs visible at build time unless TORCH_CUDA_ARCH_LIST names
+    # some: with a CUDA torch and a toolkit but no GPU (a container build), the automatic build
+    # ended in an IndexError inside torch.
+    torch = pytest.importorskip("torch")
+    from torch.utils import cpp_extension
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.parent.mkdir()
+    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.88'\n")
+    nvcc.chmod(0o755)
+    want_cuda = _setup_functions()["_want_cuda"]
+    monkeypatch.setenv("FASTFLOW_BUILD_CUDA", "auto")
+    for arch_list in ("", "native", "9.0"):
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
+        if want_cuda("13.2", str(tmp_path), torch.cuda.device_count()):
+            assert cpp_extension._get_cuda_arch_flags()   # what the CUDA build will ask torch
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "")
+    assert not want_cuda("13.2", str(tmp_path), 0)
+    assert want_cuda("13.2", str(tmp_path), 1)
+    monkeypatch.setenv("FASTFLOW_BUILD_CUDA", "1")
+    with pytest.raises(SystemExit, match="TORCH_CUDA_ARCH_LIST"):
+        want_cuda("13.2", str(tmp_path), 0)
 
 
 def test_the_readme_install_names_every_build_requirement():
