@@ -7,8 +7,8 @@ of that.
 
 The ops' vmap rules fold the vmapped dimension into the groups (8 members of 64 samples are 512
 groups), so vmap runs one fused pass ("fused"), and torch.compile of the vmapped function traces
-it ("fused, compiled"). "eager" is fastflow's own route before the rules, too: under vmap the
-ops ran their plain PyTorch formulas. "fused, loop" calls fastflow once per member, for scale.
+it ("fused, compiled"). "eager" is much what fastflow ran before the rules: under vmap the ops
+took their plain PyTorch formulas. "fused, loop" calls fastflow once per member, for scale.
 Sizes are the elements of each tensor over all members. Reports ms, effective GB/s
 (interpolate: two reads, two writes; the loss: pred and the data read twice, the gradient
 written), speedups and the fraction of the copy bandwidth. Writes
