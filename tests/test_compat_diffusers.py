@@ -638,7 +638,12 @@ def test_get_timestep_embedding_matches_diffusers(dim):
             if dim // 2 == shift:
                 continue
             args = (t, dim, flip, shift, scale, max_period)
-            want = diffusers_embeddings.get_timestep_embedding(*args)
+            if name == "empty" and dim % 2:
+                # diffusers appends the odd zero column with F.pad(emb, (0, 1, 0, 0)), which
+                # PyTorch before 2.10 refuses for 0 rows ("negative output size").
+                want = torch.zeros(0, dim)
+            else:
+                want = diffusers_embeddings.get_timestep_embedding(*args)
             got = compat.get_timestep_embedding(*args)
             assert got.dtype == want.dtype == torch.float32 and got.shape == want.shape, name
             if want.numel():

@@ -40,7 +40,9 @@ def timestep_embedding(t, dim, max_period=10000, flip_sin_to_cos=False, downscal
     if flip_sin_to_cos:
         emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
     if dim % 2 == 1:
-        emb = torch.nn.functional.pad(emb, (0, 1, 0, 0))
+        # diffusers pads (0, 1, 0, 0): the same zero column, which PyTorch before 2.10 refuses to
+        # append to 0 rows ("negative output size").
+        emb = torch.nn.functional.pad(emb, (0, 1))
     return emb
 
 
