@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 
+import setuptools
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -102,8 +103,18 @@ def _extensions():
     return [ext], {"build_ext": build_ext}
 
 
+def _licence(setuptools_version):
+    """The licence in the form this setuptools takes: an SPDX expression from setuptools 77 (which
+    deprecates the older free-text field and, from 2027-02-18, refuses pyproject's table form of
+    it), the free-text field before (which refuses the expression). Builds without isolation use
+    whatever setuptools the machine has."""
+    major = int(re.match(r"\d+", setuptools_version).group())
+    return {"license_expression" if major >= 77 else "license": "Apache-2.0"}
+
+
 ext_modules, cmdclass = _extensions()
 setup(
+    **_licence(setuptools.__version__),
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
     ext_modules=ext_modules,

@@ -132,3 +132,16 @@ def test_the_wheel_holds_every_module(tmp_path):
     modules |= {os.path.join("fastflow", "_triton", os.path.basename(path))
                 for path in glob.glob(str(source / "triton_kernels" / "*.py"))}
     assert modules - held == set()
+    # The licence travels in the metadata, in the form this setuptools writes.
+    (metadata,) = [name for name in held if name.endswith(".dist-info/METADATA")]
+    fields = zipfile.ZipFile(wheel).read(metadata).decode()
+    assert re.search(r"^License(-Expression)?: Apache-2\.0$", fields, re.M), fields
+
+
+def test_the_licence_takes_the_form_the_setuptools_takes():
+    # setuptools 77 deprecates the free-text licence (pyproject's table form is refused from
+    # 2027-02-18) for an SPDX expression, which setuptools before 77 refuses.
+    licence = _setup_functions()["_licence"]
+    assert licence("84.2.1") == {"license_expression": "Apache-2.0"}
+    assert licence("77.0.0") == {"license_expression": "Apache-2.0"}
+    assert licence("70.3.0.post1") == {"license": "Apache-2.0"}
