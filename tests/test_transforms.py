@@ -115,9 +115,24 @@ IN_DIMS = {"all": (0, 0, 0, 0), "data": (0, 0, None, None), "times": (None, None
            "dim 1": (1, 1, 1, 1)}
 
 
+def _route(monkeypatch, route):
+    """Eager vmap takes the ops' rules directly (`_ops._vmapped`); "dispatcher" makes it take
+    torch.library's vmap dispatch instead, as it does under a dispatch mode or a subclass.
+    Returns the list that records the direct calls."""
+    calls = []
+    if route == "dispatcher":
+        monkeypatch.setattr(fastflow._ops, "_vmap_to_lower", lambda tensors: None)
+    else:
+        vmapped = fastflow._ops._vmapped
+        monkeypatch.setattr(fastflow._ops, "_vmapped",
+                            lambda *args: calls.append(args[0]) or vmapped(*args))
+    return calls
+
+
+@pytest.mark.parametrize("route", ["direct", "dispatcher"])
 @pytest.mark.parametrize("in_dims", IN_DIMS)
 @pytest.mark.parametrize("case", VMAPPED)
-def test_vmap_runs_the_kernels(backend, monkeypatch, case, in_dims):
+def test_vmap_runs_the_kernels(backend, monkeypatch, case, in_dims, route):
     g = torch.Generator().manual_seed(7)
     x0, x1 = (torch.randn(_E, _B, 5, generator=g).to(backend) for _ in range(2))
     t = (0.1 + 0.8 * torch.rand(_E, _B, generator=g)).to(backend)
@@ -130,9 +145,43 @@ def test_vmap_runs_the_kernels(backend, monkeypatch, case, in_dims):
     want = [f(*(a if d is None else a[e] for a, d in zip(args, dims))) for e in range(_E)]
     want = [torch.stack(w) for w in zip(*want)] if isinstance(want[0], tuple) else torch.stack(want)
     monkeypatch.setattr(fastflow._ops, "_transformable", _raises)
+    calls = _route(monkeypatch, route)
     got = func.vmap(f, in_dims=dims)(*(a if d is None else a.movedim(0, d)
                                         for a, d in zip(args, dims)))
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert bool(calls) == (route == "direct")
+
+
+@pytest.mark.parametrize("in_dims", IN_DIMS)
+def test_vmap_builds_the_coefficients_in_one_call(monkeypatch, in_dims):
+    # Under vmap the coefficients of every member come from the backend's builder in one call
+    # (the vmapped times folded into its rows), not from the paths' twenty-odd tensor ops: the
+    # formulas raise here. Nested vmaps too; with a t that needs a gradient, the formulas run.
+    from fastflow import _backends
+    if _backends.kernels(_backends.select(torch.device("cpu"))).path_coefficients is None:
+        pytest.skip("the CPU backend has no coefficient builder (the extension is not built)")
+    g = torch.Generator().manual_seed(3)
+    x0, x1 = (torch.randn(2, _E, _B, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    t = (0.1 + 0.8 * torch.rand(2, _E, _B, generator=g)).double()
+    dims = IN_DIMS[in_dims][:3]
+    cases = [lambda a, b, s: fastflow.interpolate(a, b, s, "vp"),
+             lambda a, b, s: fastflow.convert(a, b, s, "vp", src="data", dst="score"),
+             lambda a, b, s: fastflow.flow_matching_loss(a * b, a, b, s, "vp", reduction="none")]
+    def member(x, d, v, e):   # the input of member e of outer sample v
+        return x[v, 0] if d is None else x[v, e]
+
+    wants = [[[f(*(member(x, d, v, e) for x, d in zip((x0, x1, t), dims))) for e in range(_E)]
+              for v in range(2)] for f in cases]
+    monkeypatch.setattr(paths.VP, "coefficients", _raises)
+    args = [x[:, 0] if d is None else x.movedim(1, d + 1) for x, d in zip((x0, x1, t), dims)]
+    for f, want in zip(cases, wants):
+        got = func.vmap(func.vmap(f, in_dims=dims))(*args)
+        for v in range(2):
+            for e in range(_E):
+                one = [o[v, e] for o in got] if isinstance(got, tuple) else got[v, e]
+                torch.testing.assert_close(one, want[v][e], rtol=1e-12, atol=1e-12)
+    with pytest.raises(AssertionError, match="formulas ran"):
+        func.vmap(cases[0])(x0[0], x1[0], t[0].requires_grad_())
 
 
 def _raises(*args):
