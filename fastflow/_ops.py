@@ -490,6 +490,61 @@ for _name, _fake in _FAKES.items():
     torch.library.register_fake(f"fastflow::{_name}")(_without_forward_ad(_name, _fake))
 
 
+from torch._functorch.utils import enable_single_level_autograd_function as _single_level_functions_allowed  # noqa: E402
+from torch.autograd.function import _SingleLevelFunction  # noqa: E402
+
+
+def _register_autograd(name, backward, setup_context):
+    """Op `name`'s autograd: an autograd.Function whose forward runs the op below autograd, with
+    `setup_context` and `backward` in torch.library.register_autograd's signatures; what
+    register_autograd registers, except under torch.func's grad transforms (grad, vjp, jacrev;
+    met by torch.compile while it traces a function applying them): there register_autograd's
+    Function raises "must override the setup_context staticmethod" (pytorch/pytorch#168393).
+    The Function is applied as autograd applies it outside transforms: inside the dispatcher's
+    Autograd kernel a grad transform has already made its inputs tensors that record the
+    gradient of its level, as it does for PyTorch's own operators, and the forward below
+    autograd meets the transforms beneath (a vmap's rule: per-sample gradients)."""
+    op = getattr(torch.ops.fastflow, name).default
+
+    def forward(spec, *flat):
+        with torch._C._AutoDispatchBelowAutograd():
+            out = op(*_unflatten(spec, flat))
+        return tuple(out) if isinstance(out, list) else out   # a Function returns tensors
+
+    def setup(ctx, inputs, output):
+        spec, *flat = inputs
+        ctx.listed = isinstance(output, tuple)
+        setup_context(ctx, _unflatten(spec, flat), list(output) if ctx.listed else output)
+
+    def backward_flat(ctx, *grads):
+        grads = backward(ctx, list(grads) if ctx.listed else grads[0])
+        return (None, *_flatten(grads if isinstance(grads, tuple) else (grads,))[1])
+
+    function = type(f"{name}_autograd", (_SingleLevelFunction,), {
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup),
+        "backward": staticmethod(backward_flat)})
+
+    def autograd_kernel(*args):
+        spec, flat = _flatten(args)
+        if not (torch.is_grad_enabled() and any(
+                x.requires_grad for x in flat if isinstance(x, torch.Tensor))):
+            with torch._C._AutoDispatchBelowAutograd():
+                return op(*args)
+        if _nested_grads():
+            raise NotImplementedError(
+                f"torch.ops.fastflow.{name} under nested grad transforms (grad of grad, "
+                f"hessian, jacrev of jacrev) would give wrong second derivatives. In eager "
+                f"mode fastflow's public functions (fastflow.interpolate, flow_matching_loss, "
+                f"convert, timestep_embedding, ...) compute them with PyTorch's operators; "
+                f"under torch.compile they cannot tell nested grads apart, so take the "
+                f"second derivatives outside the compiled function")
+        with _single_level_functions_allowed():
+            out = function.apply(spec, *flat)
+        return list(out) if isinstance(out, tuple) else out
+
+    _lib.impl(name, autograd_kernel, "Autograd")
+
+
 def _sinusoid_setup_context(ctx, inputs, output):
     t, freqs, scale, cos_first, _, _ = inputs
     ctx.scale, ctx.cos_first = scale, cos_first
@@ -505,8 +560,7 @@ def _sinusoid_grad(ctx, grad):
     return (grad_t if t_grad else None), (grad_freqs if freqs_grad else None), None, None, None, None
 
 
-torch.library.register_autograd("fastflow::sinusoid", _sinusoid_grad,
-                                setup_context=_sinusoid_setup_context)
+_register_autograd("sinusoid", _sinusoid_grad, _sinusoid_setup_context)
 
 
 def _sinusoid_double_backward(ctx, grad_t, grad_freqs):
@@ -561,8 +615,7 @@ def _affine_backward(ctx, grads):
     return grad_inputs, grad_coeffs
 
 
-torch.library.register_autograd("fastflow::affine", _affine_backward,
-                                setup_context=_affine_setup_context)
+_register_autograd("affine", _affine_backward, _affine_setup_context)
 
 
 def _dot_setup_context(ctx, inputs, output):
@@ -600,8 +653,7 @@ def _mixed(streams, coeffs, needed):
     return out
 
 
-torch.library.register_autograd("fastflow::affine_dot", _dot_backward,
-                                setup_context=_dot_setup_context)
+_register_autograd("affine_dot", _dot_backward, _dot_setup_context)
 
 
 def _sqnorm_setup_context(ctx, inputs, output):
@@ -634,8 +686,7 @@ def sqnorm_gradients(coeffs, xs, grad, input_needs_grad, coeffs_needs_grad):
     return grad_inputs, grad_coeffs
 
 
-torch.library.register_autograd("fastflow::affine_sqnorm", _sqnorm_backward,
-                                setup_context=_sqnorm_setup_context)
+_register_autograd("affine_sqnorm", _sqnorm_backward, _sqnorm_setup_context)
 
 
 # vmap: the op on the vmapped dimension folded into the groups. V vmapped samples of G groups
@@ -714,6 +765,7 @@ _forward_ad = torch.autograd.forward_ad
 _functorch_interpreters = torch._functorch.pyfunctorch.retrieve_all_functorch_interpreters
 _current_interpreter = torch._functorch.pyfunctorch.retrieve_current_functorch_interpreter
 _VMAP = torch._C._functorch.TransformType.Vmap
+_GRAD = torch._C._functorch.TransformType.Grad
 # What torch.library's vmap dispatch uses itself to unwrap and wrap a level's batched tensors.
 # Private to functorch: where a PyTorch lacks them, vmap takes that dispatch (`_vmap_to_lower`).
 _unwrap_batched = getattr(torch._C._functorch, "_unwrap_batched", None)
@@ -723,12 +775,13 @@ _get_unwrapped = getattr(torch._C._functorch, "get_unwrapped", None)
 
 
 def transforming():
-    """Whether a transform that cannot see into the kernels is active: a torch.func transform
-    (grad, vmap, jvp, jacrev, ...) or forward-mode AD (a dual level). Their rules exist for
-    PyTorch's own operators only: the kernels would drop the tangents of dual tensors, and
-    torch.library's autograd is not functorch's. `_call` then runs the ops' plain PyTorch
-    formulas (`_transformable`), which every transform sees through, or, under vmap alone,
-    the functional ops through their vmap rules (`_vmap_alone`). While torch.compile
+    """Whether a transform that cannot see into the kernels directly is active: a torch.func
+    transform (grad, vmap, jvp, jacrev, ...) or forward-mode AD (a dual level). Their rules exist
+    for PyTorch's own operators and for what the ops register: a vmap rule and autograd, no
+    forward-mode rule (the kernels would drop the tangents of dual tensors). `_call` then runs
+    the functional ops through the dispatcher under vmaps and grads (`_ops_compose`), and
+    otherwise their plain PyTorch formulas (`_transformable`), which every transform sees
+    through. While torch.compile
     traces, its tracers take the ops as they are (fake kernels, registered autograd) under
     functorch interpreters of their own, except under forward-mode AD (a jvp, jacfwd or dual
     level inside the compiled code, which sets the dual level while it traces): the ops have
@@ -739,15 +792,30 @@ def transforming():
 
 
 def _vmap_alone():
-    """Whether every active transform is a vmap, whose rules the functional ops have
-    (`_VMAP_RULES`): the kernels then run on the vmapped dimension folded into the groups.
-    torch.library's autograd is not functorch's, so grad and jacrev take the formulas."""
+    """Whether every active transform is a vmap, whose level `_vmapped` may then unwrap itself
+    (no grad transform needs to see the unwrapped tensors)."""
     return _forward_ad._current_level < 0 and all(
         interpreter.key() == _VMAP for interpreter in _functorch_interpreters())
 
 
 # What torch.library gives a vmap rule as its `info` (torch._functorch's VmapInfo).
 _VmapInfo = collections.namedtuple("VmapInfo", ["batch_size", "randomness"])
+
+
+def _ops_compose():
+    """Whether every active transform is one the functional ops (`_VMAP_RULES`) compose with:
+    vmap, through their vmap rules, and one grad (vjp, jacrev), through their autograd
+    (`_register_autograd`). Forward-mode AD (jvp, jacfwd, a dual level) has no rule to use,
+    and nested grads (grad of grad, hessian) are refused by that autograd (`_nested_grads`)."""
+    if _forward_ad._current_level >= 0:
+        return False
+    keys = [interpreter.key() for interpreter in _functorch_interpreters()]
+    return keys.count(_GRAD) <= 1 and all(key in (_VMAP, _GRAD) for key in keys)
+
+
+def _nested_grads():
+    """Whether more than one grad transform (grad, vjp, jacrev) is active."""
+    return sum(interpreter.key() == _GRAD for interpreter in _functorch_interpreters()) > 1
 
 
 def _vmap_to_lower(tensors):
@@ -1025,7 +1093,7 @@ def _call(name, tensors, *args, backend=None):
             spec, flat = _flatten(args)
             out = _EagerAutograd.apply(name, spec, *flat)
             return list(out) if isinstance(out, tuple) else out
-    if (transforming() and not (name in _VMAP_RULES and _vmap_alone())
+    if (transforming() and not (name in _VMAP_RULES and _ops_compose())
             or batched_gradients(tensors)):
         return _transformable(name, args)
     if name in _VMAP_RULES:

@@ -1,7 +1,8 @@
-"""torch.func transforms and forward-mode AD: the ops run their plain PyTorch formulas there
-(fastflow._ops.transforming), so every transform gets the reference's derivatives, except under
-vmap alone, where the kernels run through the ops' vmap rules; the in-place forms (out=, the
-sampler) refuse, and the drop-ins hand the call to the originals."""
+"""torch.func transforms and forward-mode AD: under vmap and one grad (vjp, jacrev) the kernels
+run, through the ops' vmap rules and autograd; elsewhere (forward-mode AD, nested grads) the ops
+run their plain PyTorch formulas (fastflow._ops.transforming), so every transform gets the
+reference's derivatives; the in-place forms (out=, the sampler) refuse, and the drop-ins hand
+the call to the originals."""
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -425,3 +426,96 @@ def test_the_registered_ops_refuse_a_compiled_jvp():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="fastflow.affine has no forward-mode derivative"):
         torch.compile(jvp_of_op, backend="aot_eager", fullgraph=True)(torch.randn(4, 3))
+
+
+# grad, vjp and jacrev compose with the functional ops' autograd (fastflow._ops._register_autograd):
+# each case against the reference's derivatives, with the formulas made to raise (the
+# embeddings' backward, fastflow::sinusoid_backward, keeps its formula under transforms).
+GRADS = {
+    "loss in pred and t": (lambda p, s, a, b: fastflow.flow_matching_loss(p, a, b, s, "cosine"),
+                           lambda p, s, a, b: reference.flow_matching_loss(p, a, b, s, "cosine")),
+    "weighted loss": (lambda p, s, a, b: fastflow.flow_matching_loss(p, a, b, s, "vp", weight=s),
+                      lambda p, s, a, b: reference.flow_matching_loss(p, a, b, s, "vp", weight=s)),
+    "interpolate": (lambda p, s, a, b: fastflow.interpolate(p, b, s, "linear_vp")[1].square().sum(),
+                    lambda p, s, a, b: reference.interpolate(p, b, s, "linear_vp")[1].square().sum()),
+    "convert": (lambda p, s, a, b: fastflow.convert(p, b, s, "vp", src="epsilon", dst="data").sum(),
+                lambda p, s, a, b: reference.convert(p, b, s, "vp", src="epsilon", dst="data").sum()),
+}
+
+
+def _per_sample(f):
+    """grad of f in (pred, t) for each sample alone (a batch of one), vmapped over the batch."""
+    def one(p, s, a, b):
+        return f(p[None], s[None], a[None], b[None])
+    return func.vmap(func.grad(one, argnums=(0, 1)))
+
+
+@pytest.mark.parametrize("case", GRADS)
+def test_grad_transforms_run_the_kernels(monkeypatch, case):
+    fused, ref = GRADS[case]
+    args = (torch.randn(4, 3), _T.clone(), _X0, _X1)
+    want = [func.grad(ref, argnums=(0, 1))(*args), _per_sample(ref)(*args),
+            func.jacrev(ref, argnums=(0, 1))(*args)]
+    monkeypatch.setattr(fastflow._ops, "_transformable", _raises)
+    got = [func.grad(fused, argnums=(0, 1))(*args), _per_sample(fused)(*args),
+           func.jacrev(fused, argnums=(0, 1))(*args)]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", GRADS)
+def test_compiled_grad_matches_eager(case):
+    # torch.compile of a function applying grad stopped at the ops: torch.library's autograd
+    # Function has no setup_context, which functorch requires ("must override the setup_context
+    # staticmethod", pytorch/pytorch#168393).
+    fused, _ = GRADS[case]
+    args = (torch.randn(4, 3), _T.clone(), _X0, _X1)
+    for transform in (lambda f: func.grad(f, argnums=(0, 1)), _per_sample):
+        torch._dynamo.reset()
+        got = torch.compile(transform(fused), backend="aot_eager", fullgraph=True)(*args)
+        torch.testing.assert_close(got, transform(fused)(*args))
+
+
+def test_the_registered_ops_under_grad_transforms():
+    # Called directly under grad, vmap(grad) and jacrev, against the same sums and products in
+    # PyTorch; nested grads (whose second derivatives came out wrong) raise.
+    g = torch.Generator().manual_seed(11)
+    a, b, c = (torch.randn(4, 6, generator=g, dtype=torch.float64) for _ in range(3))
+    coeffs = torch.randn(4, 2, 3, generator=g, dtype=torch.float64)
+
+    def by_hand(x, k):
+        return [k[:, m, 0, None] * x + k[:, m, 1, None] * b + k[:, m, 2, None] * c
+                for m in range(k.shape[1])]
+
+    ops = {
+        "affine": (lambda x, k: sum(o.square().sum() for o in torch.ops.fastflow.affine([x, b, c], k)),
+                   lambda x, k: sum(o.square().sum() for o in by_hand(x, k))),
+        "affine_sqnorm": (lambda x, k: torch.ops.fastflow.affine_sqnorm([x, b, c], k[:, :1]).sum(),
+                          lambda x, k: by_hand(x, k[:, :1])[0].square().sum()),
+        "affine_dot": (lambda x, k: (torch.ops.fastflow.affine_dot([x, b], [c, x], 4) * k[:, :, :2]).sum(),
+                       lambda x, k: sum((k[:, m, j, None] * u * v).sum() for m, u in enumerate((x, b))
+                                        for j, v in enumerate((c, x)))),
+    }
+    members = coeffs * torch.rand(3, 1, 1, 1, generator=g, dtype=torch.float64)
+    transforms = [(lambda f: func.grad(f, argnums=(0, 1)), coeffs),
+                  (lambda f: func.vmap(func.grad(f, argnums=(0, 1)), in_dims=(None, 0)), members),
+                  (lambda f: func.jacrev(f, argnums=(0, 1)), coeffs)]
+    for name, (op, hand) in ops.items():
+        for transform, k in transforms:
+            torch.testing.assert_close(transform(op)(a, k), transform(hand)(a, k), rtol=1e-10,
+                                       atol=1e-10, msg=name)
+        with pytest.raises(NotImplementedError, match="nested grad transforms"):
+            func.grad(lambda x: func.grad(op)(x, coeffs).square().sum())(a)
+
+
+@pytest.mark.parametrize("case", GRADS)
+def test_nested_grads_of_the_public_functions_match_reference(case):
+    # Second derivatives through the ops' autograd under nested grad transforms came out wrong;
+    # the public functions take their formulas there.
+    fused, ref = GRADS[case]
+    args = (torch.randn(4, 3, dtype=torch.float64), _T.double(), _X0.double(), _X1.double())
+
+    def second(f):
+        return func.grad(lambda p, s: func.grad(f, argnums=(0, 1))(p, s, *args[2:])[0].square()
+                         .sum(), argnums=(0, 1))(*args[:2])
+
+    torch.testing.assert_close(second(fused), second(ref), rtol=1e-10, atol=1e-10)
