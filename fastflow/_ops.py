@@ -36,6 +36,9 @@ import collections
 import functools
 
 import torch
+from torch._functorch.utils import (
+    enable_single_level_autograd_function as _single_level_functions_allowed)
+from torch.autograd.function import _SingleLevelFunction
 
 from . import _backends
 from ._checks import FLOAT_DTYPES, overlap
@@ -490,61 +493,6 @@ for _name, _fake in _FAKES.items():
     torch.library.register_fake(f"fastflow::{_name}")(_without_forward_ad(_name, _fake))
 
 
-from torch._functorch.utils import enable_single_level_autograd_function as _single_level_functions_allowed  # noqa: E402
-from torch.autograd.function import _SingleLevelFunction  # noqa: E402
-
-
-def _register_autograd(name, backward, setup_context):
-    """Op `name`'s autograd: an autograd.Function whose forward runs the op below autograd, with
-    `setup_context` and `backward` in torch.library.register_autograd's signatures; what
-    register_autograd registers, except under torch.func's grad transforms (grad, vjp, jacrev;
-    met by torch.compile while it traces a function applying them): there register_autograd's
-    Function raises "must override the setup_context staticmethod" (pytorch/pytorch#168393).
-    The Function is applied as autograd applies it outside transforms: inside the dispatcher's
-    Autograd kernel a grad transform has already made its inputs tensors that record the
-    gradient of its level, as it does for PyTorch's own operators, and the forward below
-    autograd meets the transforms beneath (a vmap's rule: per-sample gradients)."""
-    op = getattr(torch.ops.fastflow, name).default
-
-    def forward(spec, *flat):
-        with torch._C._AutoDispatchBelowAutograd():
-            out = op(*_unflatten(spec, flat))
-        return tuple(out) if isinstance(out, list) else out   # a Function returns tensors
-
-    def setup(ctx, inputs, output):
-        spec, *flat = inputs
-        ctx.listed = isinstance(output, tuple)
-        setup_context(ctx, _unflatten(spec, flat), list(output) if ctx.listed else output)
-
-    def backward_flat(ctx, *grads):
-        grads = backward(ctx, list(grads) if ctx.listed else grads[0])
-        return (None, *_flatten(grads if isinstance(grads, tuple) else (grads,))[1])
-
-    function = type(f"{name}_autograd", (_SingleLevelFunction,), {
-        "forward": staticmethod(forward), "setup_context": staticmethod(setup),
-        "backward": staticmethod(backward_flat)})
-
-    def autograd_kernel(*args):
-        spec, flat = _flatten(args)
-        if not (torch.is_grad_enabled() and any(
-                x.requires_grad for x in flat if isinstance(x, torch.Tensor))):
-            with torch._C._AutoDispatchBelowAutograd():
-                return op(*args)
-        if _nested_grads():
-            raise NotImplementedError(
-                f"torch.ops.fastflow.{name} under nested grad transforms (grad of grad, "
-                f"hessian, jacrev of jacrev) would give wrong second derivatives. In eager "
-                f"mode fastflow's public functions (fastflow.interpolate, flow_matching_loss, "
-                f"convert, timestep_embedding, ...) compute them with PyTorch's operators; "
-                f"under torch.compile they cannot tell nested grads apart, so take the "
-                f"second derivatives outside the compiled function")
-        with _single_level_functions_allowed():
-            out = function.apply(spec, *flat)
-        return list(out) if isinstance(out, tuple) else out
-
-    _lib.impl(name, autograd_kernel, "Autograd")
-
-
 def _sinusoid_setup_context(ctx, inputs, output):
     t, freqs, scale, cos_first, _, _ = inputs
     ctx.scale, ctx.cos_first = scale, cos_first
@@ -558,9 +506,6 @@ def _sinusoid_grad(ctx, grad):
     grad_t, grad_freqs = sinusoid_backward(
         grad, t, freqs, ctx.scale, ctx.cos_first, t_grad, freqs_grad)
     return (grad_t if t_grad else None), (grad_freqs if freqs_grad else None), None, None, None, None
-
-
-_register_autograd("sinusoid", _sinusoid_grad, _sinusoid_setup_context)
 
 
 def _sinusoid_double_backward(ctx, grad_t, grad_freqs):
@@ -615,9 +560,6 @@ def _affine_backward(ctx, grads):
     return grad_inputs, grad_coeffs
 
 
-_register_autograd("affine", _affine_backward, _affine_setup_context)
-
-
 def _dot_setup_context(ctx, inputs, output):
     a, b, _ = inputs
     ctx.a_needs_grad = [x.requires_grad for x in a]
@@ -653,9 +595,6 @@ def _mixed(streams, coeffs, needed):
     return out
 
 
-_register_autograd("affine_dot", _dot_backward, _dot_setup_context)
-
-
 def _sqnorm_setup_context(ctx, inputs, output):
     xs, coeffs = inputs
     ctx.input_needs_grad = [x.requires_grad for x in xs]
@@ -684,9 +623,6 @@ def sqnorm_gradients(coeffs, xs, grad, input_needs_grad, coeffs_needs_grad):
         # Elementwise, not einsum: under autocast a matrix product would run in 16 bits.
         grad_coeffs = (gram * scaled[:, :, None]).sum(1)[:, None, :]
     return grad_inputs, grad_coeffs
-
-
-_register_autograd("affine_sqnorm", _sqnorm_backward, _sqnorm_setup_context)
 
 
 # vmap: the op on the vmapped dimension folded into the groups. V vmapped samples of G groups
@@ -746,11 +682,88 @@ _VMAP_RULES = {"affine": _affine_vmap, "affine_sqnorm": _affine_sqnorm_vmap,
 for _name, _rule in _VMAP_RULES.items():
     torch.library.register_vmap(f"fastflow::{_name}", _rule)
 
-# (setup_context, backward) of the ops that _call may run through _EagerAutograd.
+# (setup_context, backward) of the differentiable ops, in torch.library.register_autograd's
+# signatures, which `_autograd_function` applies.
 _AUTOGRAD = {"affine": (_affine_setup_context, _affine_backward),
              "affine_dot": (_dot_setup_context, _dot_backward),
              "affine_sqnorm": (_sqnorm_setup_context, _sqnorm_backward),
              "sinusoid": (_sinusoid_setup_context, _sinusoid_grad)}
+
+
+def _autograd_function(name, direct):
+    """Op `name`'s autograd.Function (setup_context style), its forward the op's kernel itself
+    (`direct`: for _call, which found that nothing but autograd must see the call, and skips
+    the dispatcher's two crossings into Python kernels, about 0.2 ms a call with argument
+    flattening) or the op below autograd (the dispatcher's Autograd kernel,
+    `_autograd_kernel`). autograd.Function tracks only tensors passed directly, so list
+    arguments travel expanded (`_flatten`), their lengths in `spec`."""
+    setup_context, backward = _AUTOGRAD[name]
+    op = getattr(torch.ops.fastflow, name).default
+
+    def forward(spec, *flat):
+        args = _unflatten(spec, flat)
+        if direct:
+            out = _KERNELS[name](*args)
+        else:
+            with torch._C._AutoDispatchBelowAutograd():
+                out = op(*args)
+        return tuple(out) if isinstance(out, list) else out   # a Function returns tensors
+
+    def setup(ctx, inputs, output):
+        spec, *flat = inputs
+        ctx.listed = isinstance(output, tuple)
+        setup_context(ctx, _unflatten(spec, flat), list(output) if ctx.listed else output)
+
+    def backward_flat(ctx, *grads):
+        grads = backward(ctx, list(grads) if ctx.listed else grads[0])
+        return (None, *_flatten(grads if isinstance(grads, tuple) else (grads,))[1])
+
+    # The dispatcher's kernel applies its Function as a single-level one (see _autograd_kernel);
+    # _call's direct route runs with no transform active, where Function.apply also unwraps the
+    # dead wrappers that a transform's saved tensors become once it has returned (jacrev).
+    base = torch.autograd.Function if direct else _SingleLevelFunction
+    return type(f"fastflow_{name}{'_direct' if direct else ''}", (base,), {
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup),
+        "backward": staticmethod(backward_flat)})
+
+
+_DIRECT_FUNCTIONS = {name: _autograd_function(name, direct=True) for name in _AUTOGRAD}
+
+
+def _autograd_kernel(name):
+    """Op `name`'s kernel for the dispatcher's Autograd key: what torch.library.register_autograd
+    registers, except under torch.func's grad transforms (grad, vjp, jacrev, met by
+    torch.compile too while it traces a function applying them), where register_autograd's
+    Function raises "must override the setup_context staticmethod" (pytorch/pytorch#168393).
+    Here the Function is applied as autograd applies it outside transforms: a grad transform
+    has already made the kernel's inputs tensors that record the gradient of its level, as it
+    does for PyTorch's own operators, and the forward below autograd meets the transforms
+    beneath (a vmap's rule: per-sample gradients)."""
+    op = getattr(torch.ops.fastflow, name).default
+    function = _autograd_function(name, direct=False)
+
+    def autograd_kernel(*args):
+        spec, flat = _flatten(args)
+        if not (torch.is_grad_enabled() and any(
+                x.requires_grad for x in flat if isinstance(x, torch.Tensor))):
+            with torch._C._AutoDispatchBelowAutograd():
+                return op(*args)
+        if _nested_grads():
+            raise NotImplementedError(
+                f"torch.ops.fastflow.{name} under nested grad transforms (grad of grad, "
+                f"hessian, jacrev of jacrev) would give wrong second derivatives. In eager "
+                f"mode fastflow's public functions (fastflow.interpolate, flow_matching_loss, "
+                f"convert, timestep_embedding, ...) compute them with PyTorch's operators; "
+                f"under torch.compile they cannot tell nested grads apart, so take the "
+                f"second derivatives outside the compiled function")
+        with _single_level_functions_allowed():
+            out = function.apply(spec, *flat)
+        return list(out) if isinstance(out, tuple) else out
+    return autograd_kernel
+
+
+for _name in _AUTOGRAD:
+    _lib.impl(_name, _autograd_kernel(_name), "Autograd")
 
 
 _DIRECT_DEVICE_TYPES = ("cpu", "cuda")
@@ -805,7 +818,7 @@ _VmapInfo = collections.namedtuple("VmapInfo", ["batch_size", "randomness"])
 def _ops_compose():
     """Whether every active transform is one the functional ops (`_VMAP_RULES`) compose with:
     vmap, through their vmap rules, and one grad (vjp, jacrev), through their autograd
-    (`_register_autograd`). Forward-mode AD (jvp, jacfwd, a dual level) has no rule to use,
+    (`_autograd_kernel`). Forward-mode AD (jvp, jacfwd, a dual level) has no rule to use,
     and nested grads (grad of grad, hessian) are refused by that autograd (`_nested_grads`)."""
     if _forward_ad._current_level >= 0:
         return False
@@ -1036,26 +1049,6 @@ def coefficient_builder(t, name, backend=None):
     return functools.partial(_build_vmapped, vmap, build)
 
 
-class _EagerAutograd(torch.autograd.Function):
-    """An op of _AUTOGRAD with a gradient to record, when nothing else must see the call: the
-    op's kernel, and the setup and backward registered for the op, without the dispatcher.
-    autograd.Function tracks only tensors passed directly, so list arguments travel expanded
-    (`_flatten`), their lengths in `spec`."""
-
-    @staticmethod
-    def forward(ctx, name, spec, *flat):
-        args = _unflatten(spec, flat)
-        out = _KERNELS[name](*args)
-        _AUTOGRAD[name][0](ctx, args, out)
-        ctx.name, ctx.listed = name, isinstance(out, list)
-        return tuple(out) if ctx.listed else out   # a Function returns tensors or tuples
-
-    @staticmethod
-    def backward(ctx, *grads):
-        grads = list(grads) if ctx.listed else grads[0]
-        return (None, None, *_flatten(_AUTOGRAD[ctx.name][1](ctx, grads))[1])
-
-
 def _flatten(args):
     """(spec, flat): the arguments with each list expanded in place, and their lengths."""
     spec, flat = [], []
@@ -1080,7 +1073,7 @@ def _unflatten(spec, flat):
 def _call(name, tensors, *args, backend=None):
     """Op `name` on `args` (whose tensors are `tensors`): on `backend` directly when the caller
     decided it (`direct_backend`); else, when nothing but autograd must see the call, its kernel
-    directly, or through _EagerAutograd when there is a gradient to record; under a transform
+    directly, or through its autograd.Function when there is a gradient to record; under a transform
     (`transforming`) other than vmap alone, or on batched gradients, its plain PyTorch
     formulas; under eager vmaps alone, its vmap rule (`_VMAP_RULES`) on the unwrapped tensors
     (`_vmapped`); else through torch.ops (whose vmap dispatch runs the same rule)."""
@@ -1091,7 +1084,7 @@ def _call(name, tensors, *args, backend=None):
             return _KERNELS[name](*args)
         if name in _AUTOGRAD:
             spec, flat = _flatten(args)
-            out = _EagerAutograd.apply(name, spec, *flat)
+            out = _DIRECT_FUNCTIONS[name].apply(spec, *flat)
             return list(out) if isinstance(out, tuple) else out
     if (transforming() and not (name in _VMAP_RULES and _ops_compose())
             or batched_gradients(tensors)):
