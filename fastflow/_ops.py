@@ -705,7 +705,11 @@ def _autograd_function(name, direct):
         if direct:
             out = _KERNELS[name](*args)
         else:
-            with torch._C._AutoDispatchBelowAutograd():
+            # A Function's forward runs with gradients off, which would reach the transforms
+            # below through the dispatcher (the outer grad of grad of grad), as functorch's own
+            # single-level Functions know: on again, for them; this level records nothing below
+            # autograd.
+            with torch.enable_grad(), torch._C._AutoDispatchBelowAutograd():
                 out = op(*args)
         return tuple(out) if isinstance(out, list) else out   # a Function returns tensors
 
@@ -748,14 +752,6 @@ def _autograd_kernel(name):
                 x.requires_grad for x in flat if isinstance(x, torch.Tensor))):
             with torch._C._AutoDispatchBelowAutograd():
                 return op(*args)
-        if _nested_grads():
-            raise NotImplementedError(
-                f"torch.ops.fastflow.{name} under nested grad transforms (grad of grad, "
-                f"hessian, jacrev of jacrev) would give wrong second derivatives. In eager "
-                f"mode fastflow's public functions (fastflow.interpolate, flow_matching_loss, "
-                f"convert, timestep_embedding, ...) compute them with PyTorch's operators; "
-                f"under torch.compile they cannot tell nested grads apart, so take the "
-                f"second derivatives outside the compiled function")
         with _single_level_functions_allowed():
             out = function.apply(spec, *flat)
         return list(out) if isinstance(out, tuple) else out
@@ -778,7 +774,7 @@ _forward_ad = torch.autograd.forward_ad
 _functorch_interpreters = torch._functorch.pyfunctorch.retrieve_all_functorch_interpreters
 _current_interpreter = torch._functorch.pyfunctorch.retrieve_current_functorch_interpreter
 _VMAP = torch._C._functorch.TransformType.Vmap
-_GRAD = torch._C._functorch.TransformType.Grad
+_COMPOSING = (_VMAP, torch._C._functorch.TransformType.Grad)
 # What torch.library's vmap dispatch uses itself to unwrap and wrap a level's batched tensors.
 # Private to functorch: where a PyTorch lacks them, vmap takes that dispatch (`_vmap_to_lower`).
 _unwrap_batched = getattr(torch._C._functorch, "_unwrap_batched", None)
@@ -817,18 +813,11 @@ _VmapInfo = collections.namedtuple("VmapInfo", ["batch_size", "randomness"])
 
 def _ops_compose():
     """Whether every active transform is one the functional ops (`_VMAP_RULES`) compose with:
-    vmap, through their vmap rules, and one grad (vjp, jacrev), through their autograd
-    (`_autograd_kernel`). Forward-mode AD (jvp, jacfwd, a dual level) has no rule to use,
-    and nested grads (grad of grad, hessian) are refused by that autograd (`_nested_grads`)."""
-    if _forward_ad._current_level >= 0:
-        return False
-    keys = [interpreter.key() for interpreter in _functorch_interpreters()]
-    return keys.count(_GRAD) <= 1 and all(key in (_VMAP, _GRAD) for key in keys)
-
-
-def _nested_grads():
-    """Whether more than one grad transform (grad, vjp, jacrev) is active."""
-    return sum(interpreter.key() == _GRAD for interpreter in _functorch_interpreters()) > 1
+    vmap, through their vmap rules, and grad (vjp, jacrev, nested to any depth), through their
+    autograd (`_autograd_kernel`). Forward-mode AD (jvp, jacfwd, hessian, a dual level) has no
+    rule to use."""
+    return _forward_ad._current_level < 0 and all(
+        interpreter.key() in _COMPOSING for interpreter in _functorch_interpreters())
 
 
 def _vmap_to_lower(tensors):
