@@ -781,6 +781,7 @@ _unwrap_batched = getattr(torch._C._functorch, "_unwrap_batched", None)
 _add_batch_dim = getattr(torch._C._functorch, "_add_batch_dim", None)
 _is_batched = getattr(torch._C._functorch, "is_batchedtensor", None)
 _get_unwrapped = getattr(torch._C._functorch, "get_unwrapped", None)
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def transforming():
@@ -820,17 +821,24 @@ def _ops_compose():
         interpreter.key() in _COMPOSING for interpreter in _functorch_interpreters())
 
 
+def _only_transforms(tensors):
+    """Whether eager torch.func transforms that the ops compose with (`_ops_compose`) are all
+    that must see a call on `tensors`: no compiler, tracer, dispatch mode, tensor subclass or
+    profiler."""
+    if (_is_compiling() or _dispatch_modes() or _profiling() or _tracing_state() is not None
+            or _functorch_level() is None or not _ops_compose()):
+        return False
+    return all(type(x) is torch.Tensor for x in tensors)
+
+
 def _vmap_to_lower(tensors):
     """The innermost transform when only eager vmaps are active (`_vmap_alone`) and nothing else
-    must see a call on `tensors` (no compiler, tracer, dispatch mode, tensor subclass or
-    profiler): the vmap whose level `_vmapped` or a coefficient builder unwraps. None
-    otherwise: the op then takes the dispatcher and its registered vmap rule."""
-    if (_get_unwrapped is None or _is_compiling() or _dispatch_modes() or _profiling()
-            or _tracing_state() is not None or _functorch_level() is None or not _vmap_alone()):
+    must see a call on `tensors` (`_only_transforms`): the vmap whose level `_vmapped` or a
+    coefficient builder unwraps. None otherwise: the op then takes the dispatcher and its
+    registered vmap rule."""
+    # _only_transforms first: torch.compile cannot trace the interpreters' list.
+    if _get_unwrapped is None or not _only_transforms(tensors) or not _vmap_alone():
         return None
-    for x in tensors:
-        if type(x) is not torch.Tensor:
-            return None
     return _current_interpreter()
 
 
@@ -869,6 +877,28 @@ def _vmapped_value(x):
     while _is_batched(x):
         x = _get_unwrapped(x)
     return x
+
+
+def _constant_value(x):
+    """The plain tensor inside x's grad-transform wrappers when none records a gradient (times
+    made inside grad from constants: constants to it), x itself when it has no wrappers; None
+    where x is vmapped or differentiated."""
+    while _is_wrapped(x):
+        if _is_batched(x) or x.requires_grad:
+            return None
+        x = _get_unwrapped(x)
+    return x
+
+
+def _build_constant(build, first, *args):
+    """A coefficient builder `build` on rows (`first`: times, or a path's coefficients) that are
+    constants to the active grad transforms (`_constant_value`): plain rows, which the
+    transforms take as constants too. With the transforms popped: they would wrap the tensors
+    the builder allocates, whose memory it then could not write."""
+    if _functorch_level() is None:
+        return build(_constant_value(first), *args)
+    with _current_interpreter().lower():
+        return _build_constant(build, first, *args)
 
 
 def _build_vmapped(interpreter, build, first, *args):
@@ -1018,23 +1048,32 @@ def coefficient_builder(t, name, backend=None):
     formulas; something traces the call; or the backend has no such builder. The builders
     repeat those formulas in float64 and give their bits. `backend`: the call's direct backend
     (see `direct_backend`), when its caller decided it."""
-    vmap = None
+    vmap, value = None, t
     if backend is None:
         if t.requires_grad and torch.is_grad_enabled():
             return None
         if not _nobody_intercepts((t,)):
-            vmap = _vmap_to_lower((t,))
-            if vmap is None:
+            if not _only_transforms((t,)):
                 return None
-            # A vmapped t says it needs no gradient: the tensor it wraps knows.
-            value = _vmapped_value(t)
-            if (type(value) is not torch.Tensor or value.device.type not in _DIRECT_DEVICE_TYPES
+            # Times that are constants to the transforms (from outside them, or made inside a
+            # grad from constants) build plain rows; vmapped times, `_build_vmapped`'s.
+            value = _constant_value(t)
+            if value is None:
+                vmap = _vmap_to_lower((t,))
+                if vmap is None:
+                    return None
+                # A vmapped t says it needs no gradient: the tensor it wraps knows.
+                value = _vmapped_value(t)
+            if (type(value) is not torch.Tensor or _is_wrapped(value)
+                    or value.device.type not in _DIRECT_DEVICE_TYPES
                     or value.requires_grad and torch.is_grad_enabled() or _misread((value,))):
                 return None
         backend = _backends.select(t.device)
     build = getattr(_backends.kernels(backend), name)
-    if build is None or vmap is None:
+    if build is None or value is t:
         return build
+    if vmap is None:
+        return functools.partial(_build_constant, build)
     return functools.partial(_build_vmapped, vmap, build)
 
 

@@ -525,3 +525,24 @@ def test_nested_grads_of_the_public_functions_run_the_kernels(monkeypatch, case)
     want = second(ref)
     monkeypatch.setattr(fastflow._ops, "_transformable", _raises)
     torch.testing.assert_close(second(fused), want, rtol=1e-10, atol=1e-10)
+
+
+def test_grad_builds_the_coefficients_of_constant_times_in_one_call(monkeypatch):
+    # Under grad, times it does not differentiate (from outside, or made inside from constants,
+    # which functorch wraps) are constants: the backend's builder makes their rows, not the
+    # paths' twenty-odd tensor ops (made to raise here). Differentiated times take the formulas.
+    from fastflow import _backends
+    if _backends.kernels(_backends.select(torch.device("cpu"))).path_coefficients is None:
+        pytest.skip("the CPU backend has no coefficient builder (the extension is not built)")
+    pred, x0, x1 = (torch.randn(4, 3, dtype=torch.float64) for _ in range(3))
+    t = _T.double()
+    cases = [lambda p, s: fastflow.flow_matching_loss(p, x0, x1, s, "vp"),
+             lambda p, s: fastflow.flow_matching_loss(p, x0, x1, s * 1.0, "vp", weight=s),
+             lambda p, s: fastflow.interpolate(x0, p, s, "vp")[1].square().sum(),
+             lambda p, s: fastflow.convert(p, x1, s, "vp", src="data", dst="score").sum()]
+    want = [func.grad(f)(pred, t) for f in cases]
+    monkeypatch.setattr(paths.VP, "coefficients", _raises)
+    for f, w in zip(cases, want):
+        torch.testing.assert_close(func.grad(f)(pred, t), w, rtol=1e-12, atol=1e-12)
+    with pytest.raises(AssertionError, match="formulas ran"):
+        func.grad(cases[0], argnums=1)(pred, t)
