@@ -679,8 +679,19 @@ def _sinusoid_vmap(info, in_dims, t, freqs, scale, cos_first, dim, dtype):
 
 _VMAP_RULES = {"affine": _affine_vmap, "affine_sqnorm": _affine_sqnorm_vmap,
                "affine_dot": _affine_dot_vmap, "sinusoid": _sinusoid_vmap}
-for _name, _rule in _VMAP_RULES.items():
-    torch.library.register_vmap(f"fastflow::{_name}", _rule)
+
+
+def _batching_kernel(name):
+    """Op `name`'s kernel for the dispatcher's FuncTorchBatched key: its vmap rule, through
+    `_vmapped` (torch.library.register_vmap's kernel flattens every call's arguments into
+    pytrees, a third of a small per-sample gradient's time)."""
+    def batching_kernel(*args):
+        return _vmapped(name, _current_interpreter(), args, dispatched=True)
+    return batching_kernel
+
+
+for _name in _VMAP_RULES:
+    _lib.impl(_name, _batching_kernel(_name), "FuncTorchBatched")
 
 # (setup_context, backward) of the differentiable ops, in torch.library.register_autograd's
 # signatures, which `_autograd_function` applies.
@@ -775,13 +786,22 @@ _functorch_interpreters = torch._functorch.pyfunctorch.retrieve_all_functorch_in
 _current_interpreter = torch._functorch.pyfunctorch.retrieve_current_functorch_interpreter
 _VMAP = torch._C._functorch.TransformType.Vmap
 _COMPOSING = (_VMAP, torch._C._functorch.TransformType.Grad)
-# What torch.library's vmap dispatch uses itself to unwrap and wrap a level's batched tensors.
-# Private to functorch: where a PyTorch lacks them, vmap takes that dispatch (`_vmap_to_lower`).
-_unwrap_batched = getattr(torch._C._functorch, "_unwrap_batched", None)
-_add_batch_dim = getattr(torch._C._functorch, "_add_batch_dim", None)
-_is_batched = getattr(torch._C._functorch, "is_batchedtensor", None)
-_get_unwrapped = getattr(torch._C._functorch, "get_unwrapped", None)
+# functorch's own helpers (torch.library.register_vmap's kernel uses the first two) to unwrap
+# and wrap a level's batched tensors, and to see through wrappers.
+_unwrap_batched = torch._C._functorch._unwrap_batched
+_add_batch_dim = torch._C._functorch._add_batch_dim
+_is_batched = torch._C._functorch.is_batchedtensor
+_get_unwrapped = torch._C._functorch.get_unwrapped
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+# Inside the dispatcher's batching kernel (`_batching_kernel`), the rule's calls see the level's
+# batching hidden, as torch.library's vmap kernel hides it.
+_BATCHED_KEY = torch._C.DispatchKey.FuncTorchBatched
+_BATCHING_OFF = functools.partial(torch._C._ExcludeDispatchKeyGuard,
+                                  torch._C.DispatchKeySet(_BATCHED_KEY))
+
+
+def _batching_excluded():
+    return torch._C._dispatch_tls_is_dispatch_key_excluded(_BATCHED_KEY)
 
 
 def transforming():
@@ -808,7 +828,7 @@ def _vmap_alone():
         interpreter.key() == _VMAP for interpreter in _functorch_interpreters())
 
 
-# What torch.library gives a vmap rule as its `info` (torch._functorch's VmapInfo).
+# A vmap rule's `info`, as torch.library.register_vmap gives it (torch._functorch's VmapInfo).
 _VmapInfo = collections.namedtuple("VmapInfo", ["batch_size", "randomness"])
 
 
@@ -833,22 +853,26 @@ def _only_transforms(tensors):
 
 def _vmap_to_lower(tensors):
     """The innermost transform when only eager vmaps are active (`_vmap_alone`) and nothing else
-    must see a call on `tensors` (`_only_transforms`): the vmap whose level `_vmapped` or a
-    coefficient builder unwraps. None otherwise: the op then takes the dispatcher and its
-    registered vmap rule."""
+    must see a call on `tensors` (`_only_transforms`), and the call is not one of a batching
+    rule's inside the dispatcher's batching kernel: the vmap whose level `_vmapped` or a
+    coefficient builder unwraps and pops. None otherwise: the op then takes the dispatcher
+    and its batching kernel (`_batching_kernel`)."""
     # _only_transforms first: torch.compile cannot trace the interpreters' list.
-    if _get_unwrapped is None or not _only_transforms(tensors) or not _vmap_alone():
+    if not _only_transforms(tensors) or not _vmap_alone() or _batching_excluded():
         return None
     return _current_interpreter()
 
 
-def _vmapped(name, interpreter, args):
-    """Op `name` on `args` under the vmap `interpreter` (see `_vmap_to_lower`): the op's rule
-    (`_VMAP_RULES`) on the tensors unwrapped from the vmap's level, the vmap popped meanwhile,
-    so that the rule's own calls run the kernels directly (or meet the vmap below: nested vmaps
-    unwrap one level a call), and the outputs wrapped back. What torch.library's vmap dispatch
-    does, without its argument flattening and its second trip through the dispatcher: about
-    0.3 ms a call on CPU, more than the kernel below a few million elements."""
+def _vmapped(name, interpreter, args, dispatched=False):
+    """Op `name` on `args` under the vmap `interpreter`: the op's rule (`_VMAP_RULES`) on the
+    tensors unwrapped from the vmap's level, and the outputs wrapped back; what
+    torch.library.register_vmap's kernel does, without its argument flattening (pytrees).
+    From _call (`_vmap_to_lower`: eager vmaps alone), the vmap is popped meanwhile, so that
+    the rule's own calls run the kernels directly, or meet the vmap below (nested vmaps unwrap
+    one level a call), without a trip through the dispatcher: together about 0.3 ms a call on
+    CPU, more than the kernel below a few million elements. `dispatched`: the dispatcher's
+    FuncTorchBatched kernel (a vmap beneath a grad: per-sample gradients), which may not pop
+    the vmap and hides the level's batching from the rule's calls instead."""
     level = interpreter.level()
     unwrapped, in_dims = [], []
     for a in args:
@@ -861,7 +885,7 @@ def _vmapped(name, interpreter, args):
             dim = None
         unwrapped.append(a)
         in_dims.append(dim)
-    with interpreter.lower():
+    with _BATCHING_OFF() if dispatched else interpreter.lower():
         if all(d is None or isinstance(d, list) and all(e is None for e in d) for d in in_dims):
             tensors = [x for x in _flatten(unwrapped)[1] if isinstance(x, torch.Tensor)]
             return _call(name, tensors, *unwrapped)   # nothing vmapped at this level

@@ -117,9 +117,9 @@ IN_DIMS = {"all": (0, 0, 0, 0), "data": (0, 0, None, None), "times": (None, None
 
 
 def _route(monkeypatch, route):
-    """Eager vmap takes the ops' rules directly (`_ops._vmapped`); "dispatcher" makes it take
-    torch.library's vmap dispatch instead, as it does under a dispatch mode or a subclass.
-    Returns the list that records the direct calls."""
+    """Eager vmap takes the ops' rules directly (`_ops._vmapped` from _call); "dispatcher" makes
+    it take the dispatcher's batching kernel instead, as it does under a dispatch mode or a
+    subclass. Returns the list that records the direct calls."""
     calls = []
     if route == "dispatcher":
         monkeypatch.setattr(fastflow._ops, "_vmap_to_lower", lambda tensors: None)
