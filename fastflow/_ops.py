@@ -811,12 +811,11 @@ def transforming():
     forward-mode rule (the kernels would drop the tangents of dual tensors). `_call` then runs
     the functional ops through the dispatcher under vmaps and grads (`_ops_compose`), and
     otherwise their plain PyTorch formulas (`_transformable`), which every transform sees
-    through. While torch.compile
-    traces, its tracers take the ops as they are (fake kernels, registered autograd) under
-    functorch interpreters of their own, except under forward-mode AD (a jvp, jacfwd or dual
-    level inside the compiled code, which sets the dual level while it traces): the ops have
-    no forward-mode rule there, and the traced graph would return zero tangents without a
-    word, so the formulas are traced instead."""
+    through. While torch.compile traces, its tracers take the ops as they are (fake kernels,
+    registered autograd) under functorch interpreters of their own, except under forward-mode
+    AD (a jvp, jacfwd or dual level inside the compiled code, which sets the dual level while
+    it traces): the ops have no forward-mode rule there, and the traced graph would return
+    zero tangents without a word, so the formulas are traced instead."""
     return _forward_ad._current_level >= 0 or (not _is_compiling()
                                                and _functorch_level() is not None)
 
@@ -843,22 +842,22 @@ def _ops_compose():
 
 def _only_transforms(tensors):
     """Whether eager torch.func transforms that the ops compose with (`_ops_compose`) are all
-    that must see a call on `tensors`: no compiler, tracer, dispatch mode, tensor subclass or
-    profiler."""
+    that must see a call on `tensors` (no compiler, tracer, dispatch mode, tensor subclass or
+    profiler), and the call is not a batching rule's inside the dispatcher's batching kernel,
+    where the transforms may not be popped."""
     if (_is_compiling() or _dispatch_modes() or _profiling() or _tracing_state() is not None
-            or _functorch_level() is None or not _ops_compose()):
+            or _functorch_level() is None or not _ops_compose() or _batching_excluded()):
         return False
     return all(type(x) is torch.Tensor for x in tensors)
 
 
 def _vmap_to_lower(tensors):
     """The innermost transform when only eager vmaps are active (`_vmap_alone`) and nothing else
-    must see a call on `tensors` (`_only_transforms`), and the call is not one of a batching
-    rule's inside the dispatcher's batching kernel: the vmap whose level `_vmapped` or a
+    must see a call on `tensors` (`_only_transforms`): the vmap whose level `_vmapped` or a
     coefficient builder unwraps and pops. None otherwise: the op then takes the dispatcher
     and its batching kernel (`_batching_kernel`)."""
     # _only_transforms first: torch.compile cannot trace the interpreters' list.
-    if not _only_transforms(tensors) or not _vmap_alone() or _batching_excluded():
+    if not _only_transforms(tensors) or not _vmap_alone():
         return None
     return _current_interpreter()
 
