@@ -793,6 +793,7 @@ _add_batch_dim = torch._C._functorch._add_batch_dim
 _is_batched = torch._C._functorch.is_batchedtensor
 _get_unwrapped = torch._C._functorch.get_unwrapped
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_maybe_level = torch._C._functorch.maybe_get_level
 # Inside the dispatcher's batching kernel (`_batching_kernel`), the rule's calls see the level's
 # batching hidden, as torch.library's vmap kernel hides it.
 _BATCHED_KEY = torch._C.DispatchKey.FuncTorchBatched
@@ -895,54 +896,40 @@ def _vmapped(name, interpreter, args, dispatched=False):
     return _add_batch_dim(out, out_dims, level)
 
 
-def _vmapped_value(x):
-    """The tensor inside x's vmap wrappers (x itself where there are none)."""
-    while _is_batched(x):
-        x = _get_unwrapped(x)
-    return x
-
-
-def _constant_value(x):
-    """The plain tensor inside x's grad-transform wrappers when none records a gradient (times
-    made inside grad from constants: constants to it), x itself when it has no wrappers; None
-    where x is vmapped or differentiated."""
+def _transformed_value(x):
+    """The plain tensor inside x's wrappers (vmap and grad transforms'), when none of its grad
+    wrappers records a gradient: times from outside the transforms, made inside a grad from
+    constants, or vmapped; None where a grad transform differentiates x. A vmapped x says it
+    needs no gradient: the tensor it wraps knows."""
     while _is_wrapped(x):
-        if _is_batched(x) or x.requires_grad:
+        if not _is_batched(x) and x.requires_grad:
             return None
         x = _get_unwrapped(x)
     return x
 
 
-def _build_constant(build, first, *args):
-    """A coefficient builder `build` on rows (`first`: times, or a path's coefficients) that are
-    constants to the active grad transforms (`_constant_value`): plain rows, which the
-    transforms take as constants too. With the transforms popped: they would wrap the tensors
-    the builder allocates, whose memory it then could not write."""
+def _build_lowered(build, first, *args):
+    """A coefficient builder `build` on rows (`first`: times, or a path's coefficients) under the
+    active vmaps and grads (`coefficient_builder` checked that no grad differentiates them),
+    the transforms popped one at a time from the innermost: a vmap folds its dimension into the
+    rows, so every vmapped sample's rows go in one call; a grad takes them as constants. Popped:
+    the transforms would wrap the tensors the builder allocates, whose memory it then could not
+    write."""
     if _functorch_level() is None:
-        return build(_constant_value(first), *args)
-    with _current_interpreter().lower():
-        return _build_constant(build, first, *args)
-
-
-def _build_vmapped(interpreter, build, first, *args):
-    """A coefficient builder `build` under the vmap `interpreter` (see `_vmap_to_lower`): the
-    builders make one row of coefficients per row of `first` (times, or a path's coefficients),
-    so the vmapped samples' rows go through in one call, the vmapped dimension folded into the
-    rows; nested vmaps unwrap one level a call."""
+        return build(first, *args)
+    interpreter = _current_interpreter()
     level = interpreter.level()
+    if interpreter.key() != _VMAP:
+        if _maybe_level(first) == level:   # constant to this grad: its wrapper goes
+            first = _get_unwrapped(first)
+        with interpreter.lower():
+            return _build_lowered(build, first, *args)
     x, dim = _unwrap_batched(first, level)
     with interpreter.lower():
-        if dim is not None:
-            x = x.movedim(dim, 0)
-            rows = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
-        else:
-            rows = x
-        if _functorch_level() is None:
-            out = build(rows, *args)
-        else:
-            out = _build_vmapped(_current_interpreter(), build, rows, *args)
         if dim is None:
-            return out
+            return _build_lowered(build, x, *args)
+        x = x.movedim(dim, 0)
+        out = _build_lowered(build, x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), *args)
         out = out.view(x.shape[0], x.shape[1], *out.shape[1:])
     return _add_batch_dim(out, 0, level)
 
@@ -1071,33 +1058,21 @@ def coefficient_builder(t, name, backend=None):
     formulas; something traces the call; or the backend has no such builder. The builders
     repeat those formulas in float64 and give their bits. `backend`: the call's direct backend
     (see `direct_backend`), when its caller decided it."""
-    vmap, value = None, t
+    lowered = False
     if backend is None:
         if t.requires_grad and torch.is_grad_enabled():
             return None
         if not _nobody_intercepts((t,)):
-            if not _only_transforms((t,)):
-                return None
-            # Times that are constants to the transforms (from outside them, or made inside a
-            # grad from constants) build plain rows; vmapped times, `_build_vmapped`'s.
-            value = _constant_value(t)
-            if value is None:
-                vmap = _vmap_to_lower((t,))
-                if vmap is None:
-                    return None
-                # A vmapped t says it needs no gradient: the tensor it wraps knows.
-                value = _vmapped_value(t)
-            if (type(value) is not torch.Tensor or _is_wrapped(value)
+            # Under vmaps and grads, times that no grad differentiates: `_build_lowered`.
+            value = _transformed_value(t) if _only_transforms((t,)) else None
+            if (value is None or type(value) is not torch.Tensor
                     or value.device.type not in _DIRECT_DEVICE_TYPES
                     or value.requires_grad and torch.is_grad_enabled() or _misread((value,))):
                 return None
+            lowered = True
         backend = _backends.select(t.device)
     build = getattr(_backends.kernels(backend), name)
-    if build is None or value is t:
-        return build
-    if vmap is None:
-        return functools.partial(_build_constant, build)
-    return functools.partial(_build_vmapped, vmap, build)
+    return functools.partial(_build_lowered, build) if build is not None and lowered else build
 
 
 def _flatten(args):

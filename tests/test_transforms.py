@@ -529,8 +529,9 @@ def test_nested_grads_of_the_public_functions_run_the_kernels(monkeypatch, case)
 
 def test_grad_builds_the_coefficients_of_constant_times_in_one_call(monkeypatch):
     # Under grad, times it does not differentiate (from outside, or made inside from constants,
-    # which functorch wraps) are constants: the backend's builder makes their rows, not the
-    # paths' twenty-odd tensor ops (made to raise here). Differentiated times take the formulas.
+    # which functorch wraps; vmapped beneath it) are constants: the backend's builder makes their
+    # rows, not the paths' twenty-odd tensor ops (made to raise here). Differentiated times take
+    # the formulas.
     from fastflow import _backends
     if _backends.kernels(_backends.select(torch.device("cpu"))).path_coefficients is None:
         pytest.skip("the CPU backend has no coefficient builder (the extension is not built)")
@@ -540,6 +541,11 @@ def test_grad_builds_the_coefficients_of_constant_times_in_one_call(monkeypatch)
              lambda p, s: fastflow.flow_matching_loss(p, x0, x1, s * 1.0, "vp", weight=s),
              lambda p, s: fastflow.interpolate(x0, p, s, "vp")[1].square().sum(),
              lambda p, s: fastflow.convert(p, x1, s, "vp", src="data", dst="score").sum()]
+    # Per-sample gradients: each sample's time vmapped beneath the grad.
+    def one(q, a, b, u):
+        return fastflow.flow_matching_loss(q[None], a[None], b[None], u[None], "vp")
+
+    cases += [lambda p, s: func.vmap(func.grad(one))(p, x0, x1, s).square().sum()]
     want = [func.grad(f)(pred, t) for f in cases]
     monkeypatch.setattr(paths.VP, "coefficients", _raises)
     for f, w in zip(cases, want):
