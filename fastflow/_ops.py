@@ -704,9 +704,9 @@ _AUTOGRAD = {"affine": (_affine_setup_context, _affine_backward),
 def _autograd_function(name, direct):
     """Op `name`'s autograd.Function (setup_context style), its forward the op's kernel itself
     (`direct`: for _call, which found that nothing but autograd must see the call, and skips
-    the dispatcher's crossings into Python kernels) or the op below autograd (the dispatcher's Autograd kernel,
-    `_autograd_kernel`). autograd.Function tracks only tensors passed directly, so list
-    arguments travel expanded (`_flatten`), their lengths in `spec`."""
+    the dispatcher's crossings into Python kernels) or the op below autograd (the dispatcher's
+    Autograd kernel, `_autograd_kernel`). autograd.Function tracks only tensors passed
+    directly, so list arguments travel expanded (`_flatten`), their lengths in `spec`."""
     setup_context, backward = _AUTOGRAD[name]
     op = getattr(torch.ops.fastflow, name).default
 
@@ -821,24 +821,18 @@ def transforming():
                                                and _functorch_level() is not None)
 
 
-def _vmap_alone():
-    """Whether every active transform is a vmap, whose level `_vmapped` may then unwrap itself
-    (no grad transform needs to see the unwrapped tensors)."""
-    return _forward_ad._current_level < 0 and all(
-        interpreter.key() == _VMAP for interpreter in _functorch_interpreters())
-
-
 # A vmap rule's `info`, as torch.library.register_vmap gives it (torch._functorch's VmapInfo).
 _VmapInfo = collections.namedtuple("VmapInfo", ["batch_size", "randomness"])
 
 
-def _ops_compose():
+def _ops_compose(kinds=_COMPOSING):
     """Whether every active transform is one the functional ops (`_VMAP_RULES`) compose with:
     vmap, through their vmap rules, and grad (vjp, jacrev, nested to any depth), through their
     autograd (`_autograd_kernel`). Forward-mode AD (jvp, jacfwd, hessian, a dual level) has no
-    rule to use."""
+    rule to use. `kinds=(_VMAP,)`: vmaps alone, whose level `_vmapped` may unwrap and pop (no
+    grad needs to see the unwrapped tensors)."""
     return _forward_ad._current_level < 0 and all(
-        interpreter.key() in _COMPOSING for interpreter in _functorch_interpreters())
+        interpreter.key() in kinds for interpreter in _functorch_interpreters())
 
 
 def _only_transforms(tensors):
@@ -853,12 +847,12 @@ def _only_transforms(tensors):
 
 
 def _vmap_to_lower(tensors):
-    """The innermost transform when only eager vmaps are active (`_vmap_alone`) and nothing else
+    """The innermost transform when only eager vmaps are active (`_ops_compose`) and nothing else
     must see a call on `tensors` (`_only_transforms`): the vmap whose level `_vmapped` or a
     coefficient builder unwraps and pops. None otherwise: the op then takes the dispatcher
     and its batching kernel (`_batching_kernel`)."""
     # _only_transforms first: torch.compile cannot trace the interpreters' list.
-    if not _only_transforms(tensors) or not _vmap_alone():
+    if not _only_transforms(tensors) or not _ops_compose((_VMAP,)):
         return None
     return _current_interpreter()
 
@@ -1099,10 +1093,11 @@ def _unflatten(spec, flat):
 def _call(name, tensors, *args, backend=None):
     """Op `name` on `args` (whose tensors are `tensors`): on `backend` directly when the caller
     decided it (`direct_backend`); else, when nothing but autograd must see the call, its kernel
-    directly, or through its autograd.Function when there is a gradient to record; under a transform
-    (`transforming`) other than vmap alone, or on batched gradients, its plain PyTorch
-    formulas; under eager vmaps alone, its vmap rule (`_VMAP_RULES`) on the unwrapped tensors
-    (`_vmapped`); else through torch.ops (whose vmap dispatch runs the same rule)."""
+    directly, or through its autograd.Function when there is a gradient to record; under
+    transforms other than vmaps and grads (`transforming`, `_ops_compose`), or on batched
+    gradients, its plain PyTorch formulas; under eager vmaps alone, its vmap rule
+    (`_VMAP_RULES`) on the unwrapped tensors (`_vmapped`); else through torch.ops, whose
+    Autograd and batching kernels run the same Function and rule."""
     if backend is not None:
         return _KERNELS[name](*args, backend)
     if _nobody_intercepts(tensors):

@@ -436,10 +436,12 @@ GRADS = {
                            lambda p, s, a, b: reference.flow_matching_loss(p, a, b, s, "cosine")),
     "weighted loss": (lambda p, s, a, b: fastflow.flow_matching_loss(p, a, b, s, "vp", weight=s),
                       lambda p, s, a, b: reference.flow_matching_loss(p, a, b, s, "vp", weight=s)),
-    "interpolate": (lambda p, s, a, b: fastflow.interpolate(p, b, s, "linear_vp")[1].square().sum(),
-                    lambda p, s, a, b: reference.interpolate(p, b, s, "linear_vp")[1].square().sum()),
-    "convert": (lambda p, s, a, b: fastflow.convert(p, b, s, "vp", src="epsilon", dst="data").sum(),
-                lambda p, s, a, b: reference.convert(p, b, s, "vp", src="epsilon", dst="data").sum()),
+    "interpolate": (
+        lambda p, s, a, b: fastflow.interpolate(p, b, s, "linear_vp")[1].square().sum(),
+        lambda p, s, a, b: reference.interpolate(p, b, s, "linear_vp")[1].square().sum()),
+    "convert": (
+        lambda p, s, a, b: fastflow.convert(p, b, s, "vp", src="epsilon", dst="data").sum(),
+        lambda p, s, a, b: reference.convert(p, b, s, "vp", src="epsilon", dst="data").sum()),
 }
 
 
@@ -491,14 +493,23 @@ def test_the_registered_ops_under_grad_transforms():
         return [k[:, m, 0, None] * x + k[:, m, 1, None] * b + k[:, m, 2, None] * c
                 for m in range(k.shape[1])]
 
+    def affine(x, k):
+        return sum(o.square().sum() for o in torch.ops.fastflow.affine([x, b, c], k))
+
+    def sqnorm(x, k):
+        return torch.ops.fastflow.affine_sqnorm([x, b, c], k[:, :1]).sum()
+
+    def dot(x, k):
+        return (torch.ops.fastflow.affine_dot([x, b], [c, x], 4) * k[:, :, :2]).sum()
+
+    def dot_by_hand(x, k):
+        return sum((k[:, m, j, None] * u * v).sum() for m, u in enumerate((x, b))
+                   for j, v in enumerate((c, x)))
+
     ops = {
-        "affine": (lambda x, k: sum(o.square().sum() for o in torch.ops.fastflow.affine([x, b, c], k)),
-                   lambda x, k: sum(o.square().sum() for o in by_hand(x, k))),
-        "affine_sqnorm": (lambda x, k: torch.ops.fastflow.affine_sqnorm([x, b, c], k[:, :1]).sum(),
-                          lambda x, k: by_hand(x, k[:, :1])[0].square().sum()),
-        "affine_dot": (lambda x, k: (torch.ops.fastflow.affine_dot([x, b], [c, x], 4) * k[:, :, :2]).sum(),
-                       lambda x, k: sum((k[:, m, j, None] * u * v).sum() for m, u in enumerate((x, b))
-                                        for j, v in enumerate((c, x)))),
+        "affine": (affine, lambda x, k: sum(o.square().sum() for o in by_hand(x, k))),
+        "affine_sqnorm": (sqnorm, lambda x, k: by_hand(x, k[:, :1])[0].square().sum()),
+        "affine_dot": (dot, dot_by_hand),
     }
     members = coeffs * torch.rand(3, 1, 1, 1, generator=g, dtype=torch.float64)
     transforms = [(lambda f: func.grad(f, argnums=(0, 1)), coeffs),
