@@ -701,26 +701,31 @@ _AUTOGRAD = {"affine": (_affine_setup_context, _affine_backward),
              "sinusoid": (_sinusoid_setup_context, _sinusoid_grad)}
 
 
-def _autograd_function(name, direct):
-    """Op `name`'s autograd.Function (setup_context style), its forward the op's kernel itself
-    (`direct`: for _call, which found that nothing but autograd must see the call, and skips
-    the dispatcher's crossings into Python kernels) or the op below autograd (the dispatcher's
-    Autograd kernel, `_autograd_kernel`). autograd.Function tracks only tensors passed
-    directly, so list arguments travel expanded (`_flatten`), their lengths in `spec`."""
+def _autograd_function(name, route):
+    """Op `name`'s autograd.Function (setup_context style). Its forward, by `route`: "direct",
+    the op's kernel itself (for _call, which found that nothing but autograd must see the call,
+    and skips the dispatcher's crossings into Python kernels); "grad", the op below the
+    innermost grad transform (`_grad_lowered`, for _call under eager grads and vmaps);
+    "dispatcher", the op below autograd (the dispatcher's Autograd kernel, `_autograd_kernel`).
+    autograd.Function tracks only tensors passed directly, so list arguments travel expanded
+    (`_flatten`), their lengths in `spec`."""
     setup_context, backward = _AUTOGRAD[name]
     op = getattr(torch.ops.fastflow, name).default
 
     def forward(spec, *flat):
         args = _unflatten(spec, flat)
-        if direct:
+        if route == "direct":
             out = _KERNELS[name](*args)
         else:
             # A Function's forward runs with gradients off, which would reach the transforms
-            # below through the dispatcher (the outer grad of grad of grad), as functorch's own
-            # single-level Functions know: on again, for them; this level records nothing below
-            # autograd.
-            with torch.enable_grad(), torch._C._AutoDispatchBelowAutograd():
-                out = op(*args)
+            # below (the outer grad of grad of grad), as functorch's own single-level Functions
+            # know: on again, for them; this level records nothing below autograd.
+            with torch.enable_grad():
+                if route == "grad":
+                    out = _grad_lowered(name, _current_interpreter(), args)
+                else:
+                    with torch._C._AutoDispatchBelowAutograd():
+                        out = op(*args)
         return tuple(out) if isinstance(out, list) else out   # a Function returns tensors
 
     def setup(ctx, inputs, output):
@@ -735,13 +740,15 @@ def _autograd_function(name, direct):
     # A single-level Function: applied by C++ directly, where torch.autograd.Function.apply
     # binds default arguments through inspect.signature first (about 10 us a call); the
     # dispatcher's kernel applies it as autograd does outside transforms (_autograd_kernel),
-    # and _call's direct route with no transform active.
-    return type(f"fastflow_{name}{'_direct' if direct else ''}", (_SingleLevelFunction,), {
+    # _call with no transform active, or at the innermost grad transform's level.
+    suffix = "" if route == "dispatcher" else f"_{route}"
+    return type(f"fastflow_{name}{suffix}", (_SingleLevelFunction,), {
         "forward": staticmethod(forward), "setup_context": staticmethod(setup),
         "backward": staticmethod(backward_flat)})
 
 
-_DIRECT_FUNCTIONS = {name: _autograd_function(name, direct=True) for name in _AUTOGRAD}
+_DIRECT_FUNCTIONS = {name: _autograd_function(name, "direct") for name in _AUTOGRAD}
+_GRAD_FUNCTIONS = {name: _autograd_function(name, "grad") for name in _AUTOGRAD}
 
 
 def _autograd_kernel(name):
@@ -754,7 +761,7 @@ def _autograd_kernel(name):
     does for PyTorch's own operators, and the forward below autograd meets the transforms
     beneath (a vmap's rule: per-sample gradients)."""
     op = getattr(torch.ops.fastflow, name).default
-    function = _autograd_function(name, direct=False)
+    function = _autograd_function(name, "dispatcher")
 
     def autograd_kernel(*args):
         spec, flat = _flatten(args)
@@ -781,7 +788,7 @@ _tracing_state = torch._C._get_tracing_state
 _increment_version = torch.autograd.graph.increment_version
 _profiling = torch._C._autograd._profiler_enabled
 _forward_ad = torch.autograd.forward_ad
-_functorch_interpreters = torch._functorch.pyfunctorch.retrieve_all_functorch_interpreters
+_interpreter_stack = torch._C._functorch.get_interpreter_stack
 _current_interpreter = torch._functorch.pyfunctorch.retrieve_current_functorch_interpreter
 _VMAP = torch._C._functorch.TransformType.Vmap
 _COMPOSING = (_VMAP, torch._C._functorch.TransformType.Grad)
@@ -794,6 +801,8 @@ _get_unwrapped = torch._C._functorch.get_unwrapped
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _maybe_level = torch._C._functorch.maybe_get_level
 _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+_unwrap_for_grad = torch._C._functorch._unwrap_for_grad
+_wrap_for_grad = torch._C._functorch._wrap_for_grad
 # Inside the dispatcher's batching kernel (`_batching_kernel`), the rule's calls see the level's
 # batching hidden, as torch.library's vmap kernel hides it.
 _BATCHED_KEY = torch._C.DispatchKey.FuncTorchBatched
@@ -810,7 +819,7 @@ def transforming():
     transform (grad, vmap, jvp, jacrev, ...) or forward-mode AD (a dual level). Their rules exist
     for PyTorch's own operators and for what the ops register: a vmap rule and autograd, no
     forward-mode rule (the kernels would drop the tangents of dual tensors). `_call` then runs
-    the functional ops through the dispatcher under vmaps and grads (`_ops_compose`), and
+    the functional ops' vmap rules and autograd under vmaps and grads (`_ops_compose`), and
     otherwise their plain PyTorch formulas (`_transformable`), which every transform sees
     through. While torch.compile traces, its tracers take the ops as they are (fake kernels,
     registered autograd) under functorch interpreters of their own, except under forward-mode
@@ -825,14 +834,14 @@ def transforming():
 _VmapInfo = collections.namedtuple("VmapInfo", ["batch_size", "randomness"])
 
 
-def _ops_compose(kinds=_COMPOSING):
+def _ops_compose():
     """Whether every active transform is one the functional ops (`_VMAP_RULES`) compose with:
     vmap, through their vmap rules, and grad (vjp, jacrev, nested to any depth), through their
-    autograd (`_autograd_kernel`). Forward-mode AD (jvp, jacfwd, hessian, a dual level) has no
-    rule to use. `kinds=(_VMAP,)`: vmaps alone, whose level `_vmapped` may unwrap and pop (no
-    grad needs to see the unwrapped tensors)."""
+    autograd (`_GRAD_FUNCTIONS`, `_autograd_kernel`). Forward-mode AD (jvp, jacfwd, hessian, a
+    dual level) has no rule to use."""
+    # functorch's C++ interpreters: its Python ones cost a few microseconds each to make.
     return _forward_ad._current_level < 0 and all(
-        interpreter.key() in kinds for interpreter in _functorch_interpreters())
+        interpreter.key() in _COMPOSING for interpreter in _interpreter_stack() or ())
 
 
 def _only_transforms(tensors):
@@ -846,27 +855,25 @@ def _only_transforms(tensors):
     return all(type(x) is torch.Tensor for x in tensors)
 
 
-def _vmap_to_lower(tensors):
-    """The innermost transform when only eager vmaps are active (`_ops_compose`) and nothing else
-    must see a call on `tensors` (`_only_transforms`): the vmap whose level `_vmapped` or a
-    coefficient builder unwraps and pops. None otherwise: the op then takes the dispatcher
-    and its batching kernel (`_batching_kernel`)."""
-    # _only_transforms first: torch.compile cannot trace the interpreters' list.
-    if not _only_transforms(tensors) or not _ops_compose((_VMAP,)):
-        return None
-    return _current_interpreter()
+def _transform_to_lower(tensors):
+    """The innermost transform when only eager vmaps and grads are active and nothing else must
+    see a call on `tensors` (`_only_transforms`): the vmap or grad whose level `_vmapped` or
+    `_grad_transformed` unwraps and pops. None otherwise: the op then takes the dispatcher,
+    its Autograd and batching kernels (`_autograd_kernel`, `_batching_kernel`)."""
+    return _current_interpreter() if _only_transforms(tensors) else None
 
 
 def _vmapped(name, interpreter, args, dispatched=False):
     """Op `name` on `args` under the vmap `interpreter`: the op's rule (`_VMAP_RULES`) on the
     tensors unwrapped from the vmap's level, and the outputs wrapped back; what
     torch.library.register_vmap's kernel does, without its argument flattening (pytrees).
-    From _call (`_vmap_to_lower`: eager vmaps alone), the vmap is popped meanwhile, so that
-    the rule's own calls run the kernels directly, or meet the vmap below (nested vmaps unwrap
-    one level a call), without a trip through the dispatcher: together about 0.3 ms a call on
-    CPU, more than the kernel below a few million elements. `dispatched`: the dispatcher's
-    FuncTorchBatched kernel (a vmap beneath a grad: per-sample gradients), which may not pop
-    the vmap and hides the level's batching from the rule's calls instead."""
+    From _call (`_transform_to_lower`), the vmap is popped meanwhile, so that the rule's own
+    calls run the kernels directly, or meet the transform below (nested vmaps unwrap one level
+    a call), without a trip through the dispatcher: together about 0.3 ms a call on CPU, more
+    than the kernel below a few million elements. `dispatched`: the dispatcher's
+    FuncTorchBatched kernel (a vmap beneath a grad, called through torch.ops or while a
+    dispatch mode is active), which may not pop the vmap and hides the level's batching from
+    the rule's calls instead."""
     level = interpreter.level()
     unwrapped, in_dims = [], []
     for a in args:
@@ -888,6 +895,50 @@ def _vmapped(name, interpreter, args, dispatched=False):
     if isinstance(out, list):
         return [_add_batch_dim(x, d, level) for x, d in zip(out, out_dims)]
     return _add_batch_dim(out, out_dims, level)
+
+
+def _map_tensors(fn, args):
+    """args with fn applied to each tensor, in lists too."""
+    return [fn(a) if isinstance(a, torch.Tensor)
+            else [fn(x) for x in a] if isinstance(a, list) else a for a in args]
+
+
+def _grad_transformed(name, interpreter, args):
+    """Op `name` on `args` under the grad transform `interpreter` (grad, vjp, jacrev), innermost:
+    what its level does for PyTorch's own operators, without the dispatcher's two crossings
+    into Python kernels (the Autograd kernel, then the backend's) and their argument
+    conversions, about 90 us of a small op's 100 on CPU. Tensors from outside the level become
+    its constants (functorch's materialized wrappers), and where one of the level's tensors
+    records a gradient, the op's Function records it (`_GRAD_FUNCTIONS`) around the op below
+    the level (`_grad_lowered`)."""
+    level = interpreter.level()
+
+    def at_level(x):
+        x = _unwrap_if_dead(x)   # a transform's saved tensors, once it has returned
+        return x if _maybe_level(x) == level else _wrap_for_grad(x, level)
+
+    args = _map_tensors(at_level, args)
+    spec, flat = _flatten(args)
+    if torch.is_grad_enabled() and any(
+            x.requires_grad for x in flat if isinstance(x, torch.Tensor)):
+        with _single_level_functions_allowed():
+            out = _GRAD_FUNCTIONS[name].apply(spec, *flat)
+        return list(out) if isinstance(out, tuple) else out
+    return _grad_lowered(name, interpreter, args)
+
+
+def _grad_lowered(name, interpreter, args):
+    """Op `name` on `args` (tensors of the grad transform `interpreter`'s level) below that level:
+    on the tensors they wrap, with the level popped, so that the call runs the kernels directly
+    or meets the transform beneath (a vmap: per-sample gradients); the outputs wrapped back."""
+    level = interpreter.level()
+    args = _map_tensors(lambda x: _unwrap_for_grad(x, level), args)
+    with interpreter.lower():
+        tensors = [x for x in _flatten(args)[1] if isinstance(x, torch.Tensor)]
+        out = _call(name, tensors, *args)
+    if isinstance(out, list):
+        return [_wrap_for_grad(x, level) for x in out]
+    return _wrap_for_grad(out, level)
 
 
 def _transformed_value(x):
@@ -1095,9 +1146,10 @@ def _call(name, tensors, *args, backend=None):
     decided it (`direct_backend`); else, when nothing but autograd must see the call, its kernel
     directly, or through its autograd.Function when there is a gradient to record; under
     transforms other than vmaps and grads (`transforming`, `_ops_compose`), or on batched
-    gradients, its plain PyTorch formulas; under eager vmaps alone, its vmap rule
-    (`_VMAP_RULES`) on the unwrapped tensors (`_vmapped`); else through torch.ops, whose
-    Autograd and batching kernels run the same Function and rule."""
+    gradients, its plain PyTorch formulas; under eager vmaps and grads, the innermost level
+    popped: a vmap's rule (`_VMAP_RULES`) on the unwrapped tensors (`_vmapped`), a grad's
+    Function around the op below it (`_grad_transformed`); else through torch.ops, whose
+    Autograd and batching kernels run the same Functions and rules."""
     if backend is not None:
         return _KERNELS[name](*args, backend)
     if _nobody_intercepts(tensors):
@@ -1114,9 +1166,11 @@ def _call(name, tensors, *args, backend=None):
             or batched_gradients(tensors)):
         return _transformable(name, args)
     if name in _VMAP_RULES:
-        vmap = _vmap_to_lower(tensors)
-        if vmap is not None:
-            return _vmapped(name, vmap, args)
+        interpreter = _transform_to_lower(tensors)
+        if interpreter is not None:
+            if interpreter.key() == _VMAP:
+                return _vmapped(name, interpreter, args)
+            return _grad_transformed(name, interpreter, args)
     return getattr(torch.ops.fastflow, name)(*args)
 
 

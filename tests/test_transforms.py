@@ -116,17 +116,18 @@ IN_DIMS = {"all": (0, 0, 0, 0), "data": (0, 0, None, None), "times": (None, None
            "dim 1": (1, 1, 1, 1)}
 
 
-def _route(monkeypatch, route):
-    """Eager vmap takes the ops' rules directly (`_ops._vmapped` from _call); "dispatcher" makes
-    it take the dispatcher's batching kernel instead, as it does under a dispatch mode or a
-    subclass. Returns the list that records the direct calls."""
+def _route(monkeypatch, route, direct="_vmapped"):
+    """Eager vmaps and grads pop their levels from _call (`_ops._vmapped`, `_grad_transformed`:
+    `direct`); "dispatcher" makes the ops take the dispatcher's batching and Autograd kernels
+    instead, as they do under a dispatch mode or a subclass. Returns the list that records the
+    direct calls."""
     calls = []
     if route == "dispatcher":
-        monkeypatch.setattr(fastflow._ops, "_vmap_to_lower", lambda tensors: None)
+        monkeypatch.setattr(fastflow._ops, "_transform_to_lower", lambda tensors: None)
     else:
-        vmapped = fastflow._ops._vmapped
-        monkeypatch.setattr(fastflow._ops, "_vmapped",
-                            lambda *args: calls.append(args[0]) or vmapped(*args))
+        run = getattr(fastflow._ops, direct)
+        monkeypatch.setattr(fastflow._ops, direct,
+                            lambda *args: calls.append(args[0]) or run(*args))
     return calls
 
 
@@ -428,7 +429,7 @@ def test_the_registered_ops_refuse_a_compiled_jvp():
         torch.compile(jvp_of_op, backend="aot_eager", fullgraph=True)(torch.randn(4, 3))
 
 
-# grad, vjp and jacrev compose with the functional ops' autograd (fastflow._ops._register_autograd):
+# grad, vjp and jacrev compose with the functional ops' autograd (fastflow._ops._GRAD_FUNCTIONS):
 # each case against the reference's derivatives, with the formulas made to raise (the
 # embeddings' backward, fastflow::sinusoid_backward, keeps its formula under transforms).
 GRADS = {
@@ -452,16 +453,19 @@ def _per_sample(f):
     return func.vmap(func.grad(one, argnums=(0, 1)))
 
 
+@pytest.mark.parametrize("route", ["direct", "dispatcher"])
 @pytest.mark.parametrize("case", GRADS)
-def test_grad_transforms_run_the_kernels(monkeypatch, case):
+def test_grad_transforms_run_the_kernels(monkeypatch, case, route):
     fused, ref = GRADS[case]
     args = (torch.randn(4, 3), _T.clone(), _X0, _X1)
     want = [func.grad(ref, argnums=(0, 1))(*args), _per_sample(ref)(*args),
             func.jacrev(ref, argnums=(0, 1))(*args)]
     monkeypatch.setattr(fastflow._ops, "_transformable", _raises)
+    calls = _route(monkeypatch, route, direct="_grad_transformed")
     got = [func.grad(fused, argnums=(0, 1))(*args), _per_sample(fused)(*args),
            func.jacrev(fused, argnums=(0, 1))(*args)]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert bool(calls) == (route == "direct")
 
 
 @pytest.mark.parametrize("case", GRADS)
@@ -480,11 +484,14 @@ def test_compiled_grad_matches_eager(case):
         torch.testing.assert_close(got, transform(fused)(*args))
 
 
-def test_the_registered_ops_under_grad_transforms():
-    # Called directly under grad, vmap(grad), jacrev and grad of grad, against the same sums and
-    # products in PyTorch. Grad of grad came out wrong (0 for the second derivative of (3x)^2)
-    # while the ops' Function ran its forward with gradients off, which the outer grad's level
-    # beneath the dispatcher then inherited.
+@pytest.mark.parametrize("caller", ["torch.ops", "_call"])
+def test_the_ops_under_grad_transforms(caller):
+    # Called under grad, vmap(grad), jacrev and grad of grad, against the same sums and products
+    # in PyTorch: as registered (the dispatcher's Autograd and batching kernels) and as the
+    # public functions call them (_call, which pops the levels itself). Grad of grad came out
+    # wrong (0 for the second derivative of (3x)^2) while the ops' Function ran its forward with
+    # gradients off, which the outer grad's level beneath the dispatcher then inherited.
+    lib = torch.ops.fastflow if caller == "torch.ops" else fastflow._ops
     g = torch.Generator().manual_seed(11)
     a, b, c = (torch.randn(4, 6, generator=g, dtype=torch.float64) for _ in range(3))
     coeffs = torch.randn(4, 2, 3, generator=g, dtype=torch.float64)
@@ -494,13 +501,13 @@ def test_the_registered_ops_under_grad_transforms():
                 for m in range(k.shape[1])]
 
     def affine(x, k):
-        return sum(o.square().sum() for o in torch.ops.fastflow.affine([x, b, c], k))
+        return sum(o.square().sum() for o in lib.affine([x, b, c], k))
 
     def sqnorm(x, k):
-        return torch.ops.fastflow.affine_sqnorm([x, b, c], k[:, :1]).sum()
+        return lib.affine_sqnorm([x, b, c], k[:, :1]).sum()
 
     def dot(x, k):
-        return (torch.ops.fastflow.affine_dot([x, b], [c, x], 4) * k[:, :, :2]).sum()
+        return (lib.affine_dot([x, b], [c, x], 4) * k[:, :, :2]).sum()
 
     def dot_by_hand(x, k):
         return sum((k[:, m, j, None] * u * v).sum() for m, u in enumerate((x, b))
@@ -524,8 +531,9 @@ def test_the_registered_ops_under_grad_transforms():
                                        atol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize("route", ["direct", "dispatcher"])
 @pytest.mark.parametrize("case", GRADS)
-def test_nested_grads_of_the_public_functions_run_the_kernels(monkeypatch, case):
+def test_nested_grads_of_the_public_functions_run_the_kernels(monkeypatch, case, route):
     fused, ref = GRADS[case]
     args = (torch.randn(4, 3, dtype=torch.float64), _T.double(), _X0.double(), _X1.double())
 
@@ -535,7 +543,9 @@ def test_nested_grads_of_the_public_functions_run_the_kernels(monkeypatch, case)
 
     want = second(ref)
     monkeypatch.setattr(fastflow._ops, "_transformable", _raises)
+    calls = _route(monkeypatch, route, direct="_grad_transformed")
     torch.testing.assert_close(second(fused), want, rtol=1e-10, atol=1e-10)
+    assert bool(calls) == (route == "direct")
 
 
 def test_grad_builds_the_coefficients_of_constant_times_in_one_call(monkeypatch):
