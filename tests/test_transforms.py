@@ -453,17 +453,25 @@ def _per_sample(f):
     return func.vmap(func.grad(one, argnums=(0, 1)))
 
 
+def _of_pairs(f):
+    """grad of f in (pred, t) summed over the batch vmapped as two pairs: a vmap beneath the
+    grad, each member's call a batch of two."""
+    def summed(*args):
+        return func.vmap(f)(*(x.reshape(2, 2, *x.shape[1:]) for x in args)).sum()
+    return func.grad(summed, argnums=(0, 1))
+
+
 @pytest.mark.parametrize("route", ["direct", "dispatcher"])
 @pytest.mark.parametrize("case", GRADS)
 def test_grad_transforms_run_the_kernels(monkeypatch, case, route):
     fused, ref = GRADS[case]
     args = (torch.randn(4, 3), _T.clone(), _X0, _X1)
-    want = [func.grad(ref, argnums=(0, 1))(*args), _per_sample(ref)(*args),
-            func.jacrev(ref, argnums=(0, 1))(*args)]
+    transforms = [lambda f: func.grad(f, argnums=(0, 1)), _per_sample, _of_pairs,
+                  lambda f: func.jacrev(f, argnums=(0, 1))]
+    want = [transform(ref)(*args) for transform in transforms]
     monkeypatch.setattr(fastflow._ops, "_transformable", _raises)
     calls = _route(monkeypatch, route, direct="_grad_transformed")
-    got = [func.grad(fused, argnums=(0, 1))(*args), _per_sample(fused)(*args),
-           func.jacrev(fused, argnums=(0, 1))(*args)]
+    got = [transform(fused)(*args) for transform in transforms]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert bool(calls) == (route == "direct")
 
