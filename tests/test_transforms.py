@@ -492,6 +492,17 @@ def test_compiled_grad_matches_eager(case):
         torch.testing.assert_close(got, transform(fused)(*args))
 
 
+
+def test_inductor_compiles_grad_and_per_sample_gradients():
+    # The default backend (the tests above use aot_eager, whose graphs run the ops as traced):
+    # inductor calls the ops from its generated code, around its own fused kernels.
+    fused, _ = GRADS["loss in pred and t"]
+    args = (torch.randn(4, 3), _T.clone(), _X0, _X1)
+    for transform in (lambda f: func.grad(f, argnums=(0, 1)), _per_sample):
+        torch._dynamo.reset()
+        got = torch.compile(transform(fused), fullgraph=True)(*args)
+        torch.testing.assert_close(got, transform(fused)(*args))
+
 @pytest.mark.parametrize("caller", ["torch.ops", "_call"])
 def test_the_ops_under_grad_transforms(caller):
     # Called under grad, vmap(grad), jacrev and grad of grad, against the same sums and products
