@@ -907,7 +907,7 @@ def _grad_transformed(name, interpreter, args):
     """Op `name` on `args` under the grad transform `interpreter` (grad, vjp, jacrev), innermost:
     what its level does for PyTorch's own operators, without the dispatcher's two crossings
     into Python kernels (the Autograd kernel, then the backend's) and their argument
-    conversions, about 90 us of a small op's 100 on CPU. Tensors from outside the level become
+    conversions, half a small op's time under vjp on CPU. Tensors from outside the level become
     its constants (functorch's materialized wrappers), and where one of the level's tensors
     records a gradient, the op's Function records it (`_GRAD_FUNCTIONS`) around the op below
     the level (`_grad_lowered`)."""
