@@ -567,6 +567,32 @@ def test_nested_grads_of_the_public_functions_run_the_kernels(monkeypatch, case,
     assert bool(calls) == (route == "direct")
 
 
+
+@pytest.mark.parametrize("route", ["direct", "dispatcher"])
+def test_a_vjp_taken_inside_a_grad_matches_the_reference(monkeypatch, route):
+    # The vjp's function runs after its level has ended, inside the grad's: its saved tensors
+    # are dead wrappers of the grad's live ones.
+    x0, x1 = _X0.double(), _X1.double()
+    t = _T.double()
+
+    def outer(lib):
+        def f(p):
+            return (lib.interpolate(p, x1, t, "vp")[1].square().sum()
+                    * lib.flow_matching_loss(p, x0, x1, t, "cosine"))
+
+        def vjp_times_p(p):
+            out, vjp_fn = func.vjp(f, p)
+            return (vjp_fn(torch.ones_like(out))[0] * p).sum()
+        return vjp_times_p
+
+    p = torch.randn(4, 3, dtype=torch.float64)
+    want = [func.grad(outer(reference))(p), func.jacrev(func.jacrev(outer(reference)))(p)]
+    monkeypatch.setattr(fastflow._ops, "_transformable", _raises)
+    calls = _route(monkeypatch, route, direct="_grad_transformed")
+    got = [func.grad(outer(fastflow))(p), func.jacrev(func.jacrev(outer(fastflow)))(p)]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert bool(calls) == (route == "direct")
+
 def test_grad_builds_the_coefficients_of_constant_times_in_one_call(monkeypatch):
     # Under grad, times it does not differentiate (from outside, or made inside from constants,
     # which functorch wraps; vmapped beneath it) are constants: the backend's builder makes their
