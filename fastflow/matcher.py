@@ -62,6 +62,12 @@ class FlowMatcher:
             "cond_ot" becomes I-CFM (ConstantNoise) for sigma > 0, and "constant_noise",
             "schrodinger_bridge" and "target_cfm" take it as their sigma.
         logit_mean, logit_std: parameters of the logit-normal sampler.
+
+    Example::
+
+        >>> fm = fastflow.FlowMatcher("cosine", prediction="epsilon")
+        >>> loss = fm.loss(model, x1)                        # t and x0 drawn on x1's device
+        >>> t, x_t, target, _ = fm.sample_location_and_target(torch.randn_like(x1), x1)
     """
 
     def __init__(self, path="cond_ot", prediction="velocity", time_sampler="uniform", sigma=None,

@@ -59,6 +59,12 @@ def sample(model, x_init, *, model_kwargs=None, uncond_kwargs=None, sample_ids=N
     The model is called as ``model(x, t, **model_kwargs)`` with t a [B] tensor on x's device.
     Every other option is the :class:`Sampler`'s; this is ``Sampler(model, **options)(x_init,
     uncond_kwargs=uncond_kwargs, sample_ids=sample_ids, **model_kwargs)``.
+
+    Example::
+
+        >>> x = fastflow.sample(model, torch.randn(16, 2), steps=50, method="heun")
+        >>> x = fastflow.sample(model, noise, steps=28, model_kwargs={"y": labels},
+        ...                     uncond_kwargs={"y": null_labels}, guidance_scale=4.0)
     """
     unknown = sorted(set(options) - _OPTIONS)
     if unknown:
@@ -145,6 +151,14 @@ class Sampler:
 
     torch.compile: compile the model, not the sampler, whose options become host tables when
     it is built; ``capture=True`` records the whole loop on CUDA instead.
+
+    Example::
+
+        >>> sigmas = fastflow.schedules.flow_match_sigmas(28, shift=3.0)
+        >>> sampler = fastflow.Sampler(model, method="euler", sigmas=sigmas,
+        ...                            time_convention="sigma", time_scale=1000,
+        ...                            guidance_scale=4.5, capture=True)
+        >>> images = sampler(latents, uncond_kwargs={"y": null_labels}, y=labels)
     """
 
     def __init__(self, model, *, method="euler", steps=None, time_grid=None, sigmas=None,
