@@ -131,6 +131,10 @@ def sampler(results):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] in (["-h"], ["--help"]):
+        sys.exit(print(__doc__))
+    if len(sys.argv) > 2:
+        sys.exit(__doc__)
     folder = sys.argv[1] if len(sys.argv) > 1 else os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results")
     for table in (interpolate, loss, embedding, convert, paths, sampler):
