@@ -208,9 +208,10 @@ void check_dot_args(const std::vector<at::Tensor>& a, const std::vector<at::Tens
                     int64_t groups);
 
 // Whether a kernel would misread one of `tensors` through its data pointer: memory that holds
-// other values than the tensor's (the negative or conjugate bit) or none of its own (the legacy
-// batched tensors of batched gradients). Such calls go through the dispatcher, which resolves
-// or unbatches them (fastflow._ops._misread).
+// other values than the tensor's (the negative or conjugate bit) or none of its own (functorch's
+// tensors: the legacy batched ones of batched gradients, or wrappers leaked from a transform
+// whose level has ended). Such calls go through the dispatcher, which resolves, unbatches or
+// unwraps them (fastflow._ops._misread).
 bool misread(const std::vector<at::Tensor>& tensors);
 
 // The floating type the kernels compute in: fp64 when a stream is stored in fp64, else fp32.

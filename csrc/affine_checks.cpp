@@ -1,6 +1,5 @@
 #include "affine.h"
 
-#include <ATen/LegacyBatchedTensorImpl.h>
 #include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
 
@@ -90,7 +89,8 @@ at::Tensor coefficients_apart(const at::Tensor& coeffs, const std::vector<at::Te
 
 bool misread(const std::vector<at::Tensor>& tensors) {
   for (const auto& x : tensors)
-    if (x.is_neg() || x.is_conj() || at::isBatchedTensor(x)) return true;
+    if (x.is_neg() || x.is_conj() || x.key_set().has_any(c10::functorch_transforms_ks))
+      return true;
   return false;
 }
 

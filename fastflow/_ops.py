@@ -877,10 +877,13 @@ def _vmapped(name, interpreter, args, dispatched=False):
     level = interpreter.level()
     unwrapped, in_dims = [], []
     for a in args:
+        # Dead wrappers first, as functorch's dispatch does: a vjp's saved tensors, once its
+        # level has ended, may wrap this vmap's batched tensors (a vjp under per-sample
+        # gradients).
         if isinstance(a, torch.Tensor):
-            a, dim = _unwrap_batched(a, level)
+            a, dim = _unwrap_batched(_unwrap_if_dead(a), level)
         elif isinstance(a, list):
-            pairs = [_unwrap_batched(x, level) for x in a]
+            pairs = [_unwrap_batched(_unwrap_if_dead(x), level) for x in a]
             a, dim = [x for x, _ in pairs], [d for _, d in pairs]
         else:
             dim = None
@@ -1002,10 +1005,12 @@ def _nobody_intercepts(tensors, device=None):
 
 def _misread(tensors):
     """Whether a kernel would misread one of `tensors` through its data pointer: a tensor with
-    the negative bit (x.conj().imag holds -x in memory; the dispatcher's fallback resolves it)
-    or batched gradients (`batched_gradients`). One call into the extension where it is built:
-    Python's Tensor.is_neg releases and retakes the GIL, about 1K instructions a tensor. Never
-    while torch.compile traces, which cannot call the checks and has no such tensors."""
+    the negative bit (x.conj().imag holds -x in memory; the dispatcher's fallback resolves it),
+    batched gradients (`batched_gradients`) or a functorch wrapper leaked from a transform whose
+    level has ended (no storage; functorch's dispatch unwraps it). One call into the
+    extension where it is built: Python's Tensor.is_neg releases and retakes the GIL, about 1K
+    instructions a tensor. Never while torch.compile traces, which cannot call the checks and
+    has no such tensors."""
     return not _is_compiling() and _misread_check()(tensors)
 
 
@@ -1015,7 +1020,7 @@ def _misread_check():
     if ext is not None:
         return ext.misread
     return lambda tensors: (batched_gradients(tensors)
-                            or any(x.is_neg() or x.is_conj() for x in tensors))
+                            or any(x.is_neg() or x.is_conj() or _is_wrapped(x) for x in tensors))
 
 
 _legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda x: False)

@@ -593,6 +593,25 @@ def test_a_vjp_taken_inside_a_grad_matches_the_reference(monkeypatch, route):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     assert bool(calls) == (route == "direct")
 
+
+def test_tensors_leaked_from_a_grad_work_outside_it():
+    # Tensors kept from inside a grad outlive its level: wrappers without storage, which
+    # PyTorch's operators unwrap. The direct route read their data pointer ("Cannot access data
+    # pointer of Tensor that doesn't have storage"); they take the dispatcher now.
+    x, x0, x1, t = _X0, _X1, torch.randn(4, 3), _T
+    leaked = []
+    func.grad(lambda p: leaked.append((p * 1.0, t * 1.0)) or p.sum())(x)
+    lx, lt = leaked[0]
+    assert torch._C._functorch.is_functorch_wrapped_tensor(lx)
+    cases = [lambda a, s, lib: lib.interpolate(a, x1, s, "vp")[0],
+             lambda a, s, lib: lib.flow_matching_loss(a, x0, x1, s, "cosine"),
+             lambda a, s, lib: lib.convert(a, x1, s, "vp", src="data", dst="velocity"),
+             lambda a, s, lib: lib.timestep_embedding(s, 8),
+             lambda a, s, lib: func.grad(lambda p: lib.flow_matching_loss(p, a, x1, s, "vp"))(x1)]
+    for case in cases:
+        torch.testing.assert_close(case(lx, lt, fastflow), case(x, t, reference), rtol=1e-5,
+                                   atol=1e-5)
+
 def test_grad_builds_the_coefficients_of_constant_times_in_one_call(monkeypatch):
     # Under grad, times it does not differentiate (from outside, or made inside from constants,
     # which functorch wraps; vmapped beneath it) are constants: the backend's builder makes their
