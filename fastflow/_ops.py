@@ -877,13 +877,10 @@ def _vmapped(name, interpreter, args, dispatched=False):
     level = interpreter.level()
     unwrapped, in_dims = [], []
     for a in args:
-        # Dead wrappers first, as functorch's dispatch does: a vjp's saved tensors, once its
-        # level has ended, may wrap this vmap's batched tensors (a vjp under per-sample
-        # gradients).
         if isinstance(a, torch.Tensor):
-            a, dim = _unwrap_batched(_unwrap_if_dead(a), level)
+            a, dim = _unwrap_batched(a, level)
         elif isinstance(a, list):
-            pairs = [_unwrap_batched(_unwrap_if_dead(x), level) for x in a]
+            pairs = [_unwrap_batched(x, level) for x in a]
             a, dim = [x for x, _ in pairs], [d for _, d in pairs]
         else:
             dim = None
@@ -916,11 +913,8 @@ def _grad_transformed(name, interpreter, args):
     the level (`_grad_lowered`)."""
     level = interpreter.level()
 
-    def at_level(x):
-        x = _unwrap_if_dead(x)   # a transform's saved tensors, once it has returned
-        return x if _maybe_level(x) == level else _wrap_for_grad(x, level)
-
-    args = _map_tensors(at_level, args)
+    args = _map_tensors(
+        lambda x: x if _maybe_level(x) == level else _wrap_for_grad(x, level), args)
     spec, flat = _flatten(args)
     if torch.is_grad_enabled() and any(
             x.requires_grad for x in flat if isinstance(x, torch.Tensor)):
@@ -1162,10 +1156,7 @@ def _call(name, tensors, *args, backend=None):
             return _KERNELS[name](*args)
         if name in _AUTOGRAD:
             spec, flat = _flatten(args)
-            # A transform's saved tensors become dead wrappers once it has returned (jacrev's
-            # backward, vmapped): their values, as Function.apply would take.
-            out = _DIRECT_FUNCTIONS[name].apply(spec, *[
-                _unwrap_if_dead(x) if isinstance(x, torch.Tensor) else x for x in flat])
+            out = _DIRECT_FUNCTIONS[name].apply(spec, *flat)
             return list(out) if isinstance(out, tuple) else out
     if (transforming() and not (name in _VMAP_RULES and _ops_compose())
             or batched_gradients(tensors)):
@@ -1173,6 +1164,9 @@ def _call(name, tensors, *args, backend=None):
     if name in _VMAP_RULES:
         interpreter = _transform_to_lower(tensors)
         if interpreter is not None:
+            # A transform's saved tensors are dead wrappers once its level has ended (a vjp's
+            # function, jacrev's backward): their values first, as functorch's dispatch takes.
+            args = _map_tensors(_unwrap_if_dead, args)
             if interpreter.key() == _VMAP:
                 return _vmapped(name, interpreter, args)
             return _grad_transformed(name, interpreter, args)
