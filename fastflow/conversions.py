@@ -93,10 +93,10 @@ def convert(pred, x_t, t, path=None, src="epsilon", dst="velocity", eps=DIVISOR_
     Divisions by alpha_t, sigma_t (and, from velocity, by alpha d_sigma - sigma d_alpha) are
     unsafe where these vanish, at an end of [0, 1] for most paths: each divisor is moved away
     from zero to at least `eps` in magnitude, so the result stays finite (and large) there.
-    Where the path's derivative itself is infinite (VP and LinearVP at t = 1) the conversions
-    that read it are not finite: inf or NaN, as in the reference, except epsilon -> velocity
-    and data -> velocity, whose folded rows (inf and -inf on x_t and pred) give NaN in entries
-    where the reference's unfolded formula gives inf.
+    Where the path's derivative itself is infinite (VP and LinearVP at t = 1, Polynomial with
+    n < 1 at t = 0) the conversions that read it are not finite: inf or NaN, as in the
+    reference, except that the folded rows (one coefficient on x_t and one on pred, infinite
+    both) give NaN in entries where the reference's unfolded formula gives inf.
 
     Args:
         pred: the network output, any shape with a leading batch dimension.

@@ -43,11 +43,11 @@ def flow_map_loss(model, x0, x1, t, s=None, u=None, path=None, match_weight=1.0,
         raise TypeError(f"path: flow-map matching needs an affine path, got {path!r}")
     check_reduction(reduction)
     path_inputs(path, x0, x1, None)
-    match_weight, consistency_weight, identity_weight = (
-        _term_weight(w, name) for w, name in ((match_weight, "match_weight"),
-                                              (consistency_weight, "consistency_weight"),
-                                              (identity_weight, "identity_weight")))
     batch = x1.shape[0]
+    match_weight, consistency_weight, identity_weight = (
+        _term_weight(w, name, x1) for w, name in ((match_weight, "match_weight"),
+                                                  (consistency_weight, "consistency_weight"),
+                                                  (identity_weight, "identity_weight")))
     times = {name: (batch_time(v, x1, name).expand(batch) if v is not None else None)
              for name, v in (("t", t), ("s", s), ("u", u))}
     t = times["t"]
@@ -99,9 +99,21 @@ def _reduce(per_sample, reduction):
     return per_sample.mean() if reduction == "mean" else per_sample.sum()
 
 
-def _term_weight(value, name):
-    """A term's weight: a tensor as it is, else a finite number."""
-    return value if isinstance(value, torch.Tensor) else real_number(value, name)
+def _term_weight(value, name, x1):
+    """A term's weight: a finite number, or a float tensor of shape [], [1] or [B] on x1's
+    device (a 0-d one may stay on the CPU): a [B, 1] weight would broadcast the per-sample
+    terms to [B, B], and its mean is not the mean of the weighted terms."""
+    if not isinstance(value, torch.Tensor):
+        return real_number(value, name)
+    batch = x1.shape[0]
+    if not value.is_floating_point():
+        raise TypeError(f"{name}: expected a number or a floating-point tensor, got {value.dtype}")
+    if value.dim() > 1 or value.numel() not in (1, batch):
+        raise ValueError(f"{name}: expected a number or a tensor of shape [{batch}] (one weight "
+                         f"per sample) or [1], got shape {tuple(value.shape)}")
+    if value.device != x1.device and not (value.dim() == 0 and value.device.type == "cpu"):
+        raise ValueError(f"{name}: expected a tensor on {x1.device}, got {value.device}")
+    return value
 
 
 def _runs(weight):

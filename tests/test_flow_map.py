@@ -119,3 +119,13 @@ def test_term_weights_are_numbers_or_tensors():
         fastflow.flow_map_loss(phi, x0, x1, t, match_weight="1")
     with pytest.raises(ValueError, match="identity_weight must be finite"):
         fastflow.flow_map_loss(phi, x0, x1, t, identity_weight=float("nan"))
+    # A [B, 1] weight broadcast the [B] terms to [B, B] (its mean the product of the means).
+    for shape in ((4, 1), (1, 4), (3,)):
+        with pytest.raises(ValueError, match=r"match_weight: expected .* shape \[4\]"):
+            fastflow.flow_map_loss(phi, x0, x1, t, match_weight=torch.ones(shape))
+    with pytest.raises(TypeError, match="consistency_weight: expected .* floating-point"):
+        fastflow.flow_map_loss(phi, x0, x1, t, consistency_weight=torch.ones(4, dtype=torch.long))
+    for w in (torch.tensor(2.0), torch.tensor([2.0])):   # one weight for the batch
+        torch.testing.assert_close(
+            fastflow.flow_map_loss(phi, x0, x1, t, match_weight=w, reduction="none"),
+            unmatched + 2 * (terms - unmatched))

@@ -495,6 +495,21 @@ def test_empty_batch_gradients(backend):
     assert loss.item() == 0 and pred.grad.shape == (0, 3)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_samples_without_elements_give_t_the_references_gradient(backend, reduction):
+    # Each mean is 0 / 0; its gradient to t, a sum over no elements, is 0 in the reference,
+    # and was NaN here (inf times the Gram matrix's 0 in the coefficients' gradient).
+    empty = torch.zeros(2, 0, dtype=torch.float64, device=backend)
+    for path, prediction in (("cosine", "velocity"), ("vp", "score")):
+        grads = []
+        for loss_fn in (fastflow.flow_matching_loss, reference_loss):
+            t = torch.tensor([0.3, 0.6], dtype=torch.float64, device=backend, requires_grad=True)
+            loss = loss_fn(empty, empty, empty, t, path, prediction=prediction,
+                           reduction=reduction)
+            grads.append(torch.autograd.grad(loss.sum(), t)[0])
+        torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
 def test_deterministic(backend):
     pred, x0, x1, t, _, _ = _batch((3, 5000), torch.float32, backend, paths.CondOT())
     first = fastflow.flow_matching_loss(pred, x0, x1, t, reduction="none")
