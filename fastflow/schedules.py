@@ -32,7 +32,9 @@ The legacy behaviour of the scheduler is kept on purpose, since models were tune
 Where diffusers would return NaN or complex values, a ValueError says why instead: a
 ``shift_terminal`` stretch whose last shifted sigma is 1 (one step, say), a shift <= 0, a
 Karras grid with a negative end, a linear time shift with mu <= 0, a shift, mu or
-shift_terminal that is not finite.
+shift_terminal that is not finite, and any other config whose sigmas come out NaN (a mu so
+negative that e^mu is 0, say). A ``shift_terminal`` outside [0, 1), which diffusers stretches
+to sigmas below 0 or above 1, is refused too.
 """
 import math
 import numbers
@@ -98,7 +100,8 @@ def flow_match_sigmas(num_steps=None, *, sigmas=None, mu=None, num_train_timeste
                       use_dynamic_shifting=False, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                       max_image_seq_len=4096, invert_sigmas=False, shift_terminal=None,
                       use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
-                      time_shift_type="exponential", device=None):
+                      time_shift_type="exponential", stochastic_sampling=False, device=None,
+                      **config_metadata):
     """The sigmas of diffusers' FlowMatchEulerDiscreteScheduler, bit-identical, as fp32.
 
     Equal to ``FlowMatchEulerDiscreteScheduler(**config).set_timesteps(num_steps, sigmas=sigmas,
@@ -117,9 +120,12 @@ def flow_match_sigmas(num_steps=None, *, sigmas=None, mu=None, num_train_timeste
         num_train_timesteps, shift, use_dynamic_shifting, invert_sigmas, shift_terminal,
             use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, time_shift_type: the
             scheduler config. Beta respacing needs scipy.
-        base_shift, max_shift, base_image_seq_len, max_image_seq_len: accepted so that a whole
-            scheduler config can be passed; they do not change the result (pipelines turn them
-            into ``mu`` with :func:`calculate_shift`).
+        base_shift, max_shift, base_image_seq_len, max_image_seq_len, stochastic_sampling:
+            accepted so that a whole scheduler config can be passed
+            (``flow_match_sigmas(28, **scheduler.config)``); they do not change the result
+            (pipelines turn the first four into ``mu`` with :func:`calculate_shift`).
+        **config_metadata: the config's own entries (``_class_name``, ``_diffusers_version``,
+            ``_use_default_values``), ignored; any other name is an error.
         device: where the result goes; it is always computed on the CPU, then moved.
 
     Returns:
@@ -127,10 +133,14 @@ def flow_match_sigmas(num_steps=None, *, sigmas=None, mu=None, num_train_timeste
         configs (increasing to a final 1 with ``invert_sigmas``).
     """
     # Argument checks, with the scheduler's own errors where it has one.
+    unknown = sorted(name for name in config_metadata if not name.startswith("_"))
+    if unknown:
+        raise TypeError(f"flow_match_sigmas() got an unexpected keyword argument {unknown[0]!r}")
     if num_steps is not None:
         _check_number("num_steps", num_steps, low=1, integer=True)
     _check_number("num_train_timesteps", num_train_timesteps, low=1, integer=True)
-    _check_number("shift", shift, low=0, low_open=True)
+    if not use_dynamic_shifting:   # the dynamic shift ignores it, as diffusers does
+        _check_number("shift", shift, low=0, low_open=True)
     if time_shift_type not in TIME_SHIFT_TYPES:
         raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {time_shift_type!r}")
     chosen = [name for name, on in zip(RESPACINGS, (use_karras_sigmas, use_exponential_sigmas,
@@ -140,9 +150,13 @@ def flow_match_sigmas(num_steps=None, *, sigmas=None, mu=None, num_train_timeste
     if use_dynamic_shifting:
         if mu is None:
             raise ValueError("mu must be passed when use_dynamic_shifting=True (see calculate_shift)")
+        if isinstance(mu, torch.Tensor) and mu.numel() == 1:   # math.exp reads it in diffusers
+            mu = mu.item()
         _check_number("mu", mu)
         if time_shift_type == "linear" and mu <= 0:
             raise ValueError(f"mu must be > 0 with time_shift_type='linear', got {mu!r}")
+    if shift_terminal is False:   # a config's "off", as diffusers' truth test reads it
+        shift_terminal = None
     if shift_terminal is not None:
         _check_number("shift_terminal", shift_terminal, low=0)
         if shift_terminal >= 1:
@@ -169,7 +183,8 @@ def flow_match_sigmas(num_steps=None, *, sigmas=None, mu=None, num_train_timeste
     n = len(grid)
 
     # Shift, in numpy and in the grid's dtype (Python scalars do not promote float32 arrays).
-    with np.errstate(divide="ignore"):  # a sigma of 0 goes through 1 / 0 = inf to 0, as in diffusers
+    # A sigma of 0 goes through 1 / 0 = inf to 0, as in diffusers; NaN is refused below.
+    with np.errstate(divide="ignore", invalid="ignore"):
         if not use_dynamic_shifting:
             grid = shift * grid / (1 + (shift - 1) * grid)
         elif time_shift_type == "exponential":
@@ -208,6 +223,11 @@ def flow_match_sigmas(num_steps=None, *, sigmas=None, mu=None, num_train_timeste
             grid = lo + ppf * (hi - lo)
 
     out = torch.from_numpy(np.asarray(grid)).to(torch.float32)
+    if out.isnan().any():
+        cause = f"mu={mu!r}" if use_dynamic_shifting else f"shift={shift!r}"
+        raise ValueError(f"the sigmas of this config are NaN from step "
+                         f"{int(out.isnan().nonzero()[0])} (diffusers returns them so): check "
+                         f"{cause} and the grid")
     # The final value is appended in fp32 explicitly (diffusers uses the default dtype there).
     if invert_sigmas:
         out = torch.cat([1.0 - out, torch.ones(1, dtype=torch.float32, device="cpu")])

@@ -280,6 +280,17 @@ def test_bad_input_raises_clear_errors():
             compat.SchrodingerBridgeConditionalFlowMatcher(sigma=sigma)
 
 
+@pytest.mark.parametrize("name", CLASSES)
+def test_a_numpy_sigma_works_as_its_float(name):
+    # np.float32(0.5) became an array in pad_t_like_x, then a pybind11 argument error (torchcfm
+    # fails there too): it now gives what float(sigma) gives.
+    x0, x1, t = torch.randn(8, 3), torch.randn(8, 3), torch.rand(8)
+    for value in (np.float32(0.5), np.float64(0.25), np.int64(1)):
+        sampled = [_seeded(getattr(compat, name)(sigma=sigma).sample_location_and_conditional_flow,
+                           x0, x1, t=t) for sigma in (value, float(value))]
+        _assert_equal(*sampled)
+
+
 def test_small_sigma_warns_like_torchcfm():
     _torchcfm()
     with pytest.warns(UserWarning, match="Small sigma"):

@@ -123,6 +123,32 @@ def test_quirks_match_diffusers(scheduler_cls):
     _check_parity(scheduler_cls, 20, shift=2.0, **config)                 # no effect on sigmas
 
 
+def test_a_whole_scheduler_config_can_be_passed(scheduler_cls):
+    # The config's stochastic_sampling and its own "_" entries raised TypeError; a dynamic
+    # shift rejected a static shift it ignores; a 0-d tensor mu was refused.
+    scheduler = scheduler_cls(shift=3.0, stochastic_sampling=True)
+    scheduler.set_timesteps(6)
+    config = {**scheduler.config, "_class_name": "FlowMatchEulerDiscreteScheduler"}
+    assert torch.equal(flow_match_sigmas(6, **config), scheduler.sigmas)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'use_karas_sigmas'"):
+        flow_match_sigmas(6, use_karas_sigmas=True)
+    _check_parity(scheduler_cls, 6, use_dynamic_shifting=True, mu=1.0, shift=0.0)
+    _check_parity(scheduler_cls, 6, use_dynamic_shifting=True, mu=torch.tensor(0.7))
+    _check_parity(scheduler_cls, 6, shift=3.0, shift_terminal=False)     # off, as 0 and None
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("config", [dict(use_dynamic_shifting=True, mu=-800.0),
+                                    dict(shift=1e-40)], ids=["mu", "shift"])
+def test_configs_whose_sigmas_are_nan_are_refused(scheduler_cls, config):
+    mu = config.pop("mu", None)
+    scheduler = scheduler_cls(**config)
+    scheduler.set_timesteps(4, mu=mu)
+    assert scheduler.sigmas.isnan().any()
+    with pytest.raises(ValueError, match="sigmas of this config are NaN from step 0"):
+        flow_match_sigmas(4, mu=mu, **config)
+
+
 def test_shift_terminal_one_step(scheduler_cls):
     # The only sigma is 1, so the stretch divides 0 by 0: diffusers returns nan, we raise.
     scheduler = scheduler_cls(shift_terminal=0.1)
@@ -273,6 +299,7 @@ def test_device_and_grids():
     (dict(num_steps=4, use_karras_sigmas=True, use_exponential_sigmas=True), ValueError,
      "only one of .*use_karras_sigmas, use_exponential_sigmas"),
     (dict(num_steps=4, shift=0.0), ValueError, "shift must be > 0"),
+    (dict(num_steps=4, shift_terminal=True), TypeError, "shift_terminal must be a real number"),
     # Not finite: NaN passed the range checks, and every sigma came back NaN.
     (dict(num_steps=4, shift=float("nan")), ValueError, "shift must be finite"),
     (dict(num_steps=4, shift=float("inf")), ValueError, "shift must be finite"),

@@ -30,6 +30,7 @@ import it by name.
 import functools
 import importlib
 import math
+import numbers
 import warnings
 from typing import Union
 
@@ -151,6 +152,10 @@ class ConditionalFlowMatcher:
     _flow_scale = None
 
     def __init__(self, sigma: Union[float, int] = 0.0):
+        # A NumPy scalar would become an array in pad_t_like_x (and fail there, in torchcfm
+        # too): its value as a Python float instead.
+        if isinstance(sigma, numbers.Real) and type(sigma) not in (int, float, bool):
+            sigma = float(sigma)
         self.sigma = sigma
 
     # Per-sample coefficients, written as torchcfm writes its formulas (t already padded).
