@@ -73,6 +73,10 @@ def sample(model, x_init, *, model_kwargs=None, uncond_kwargs=None, sample_ids=N
     if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
         raise TypeError(f"model_kwargs: expected a dict of the model's keyword arguments, got "
                         f"{type(model_kwargs).__name__}")
+    taken = sorted(set(model_kwargs or ()) & {"x_init", "uncond_kwargs", "sample_ids"})
+    if taken:
+        raise ValueError(f"model_kwargs: {taken[0]!r} is an argument of the sampler itself, so "
+                         f"the model cannot take a keyword argument of that name")
     return Sampler(model, **options)(x_init, uncond_kwargs=uncond_kwargs, sample_ids=sample_ids,
                                      **(model_kwargs or {}))
 
@@ -307,9 +311,6 @@ class Sampler:
         """Per step, whether it runs guidance: inside the interval, with a scale other than 1
         (w = 1 is the conditional prediction alone, CFG-Zero*'s included). A doubled batch
         still evaluates both halves outside; the step then reads the conditional one."""
-        steps = len(self.grid) - 1
-        if self.guidance_weights is None:
-            return [False] * steps
         lo, hi = -float("inf"), float("inf")
         if interval is not None:
             try:
@@ -320,6 +321,8 @@ class Sampler:
             if not lo <= hi:
                 raise ValueError(f"guidance_interval: expected (t_lo, t_hi) with t_lo <= t_hi, "
                                  f"got {interval!r}")
+        if self.guidance_weights is None:
+            return [False] * (len(self.grid) - 1)
         return [lo <= t <= hi and not bool((w == 1).all())
                 for t, w in zip(self.grid[:-1], self.guidance_weights)]
 
@@ -335,14 +338,24 @@ class Sampler:
             Kcur  this stage's velocity, stored when one pass would need too many streams
             E     the stochastic sampler's fresh noise
         """
-        c, a, b = TABLEAUS[method]
-        last = stage == len(c) - 1
         h = [t1 - t0 for t0, t1 in zip(self.grid[:-1], self.grid[1:])]
         alpha, beta = self._velocity_rows(method, stage)
         here = "x" if stage == 0 else "S"
         k = {} if self.prediction == "velocity" else {here: alpha}
         for name in (("Pu", "Pc") if guided else ("P",)):
             k[name] = beta
+        out, copies = self._outputs(method, stage, h, k, shared)
+        if len(_streams(out)) > _MAX_IN:
+            # Store the velocity first; the rest then reads it as one stream.
+            stored, copies = self._outputs(method, stage, h, {"Kcur": [1.0] * len(h)}, shared)
+            return [({"Kcur": k}, []), (stored, copies)]
+        return [(out, copies)]
+
+    def _outputs(self, method, stage, h, k, shared):
+        """`_passes`'s outputs and copies for one pass, the stage's velocity given as k: its
+        combo of the stage's streams, or the stored stream Kcur."""
+        c, a, b = TABLEAUS[method]
+        last = stage == len(c) - 1
         out = {}
         if not last:
             nxt = {"x": [1.0] * len(h)}
@@ -375,11 +388,7 @@ class Sampler:
         if len(out) > _MAX_OUT:  # the conditional half of a doubled model input is a copy
             del out["Mc"]
             copies.append(("Mc", "Mu"))
-        if len(_streams(out)) > _MAX_IN:
-            # Store the velocity first; the rest then reads it as one stream.
-            stored = {name: _substitute(combo, k) for name, combo in out.items()}
-            return [({"Kcur": k}, []), (stored, copies)]
-        return [(out, copies)]
+        return out, copies
 
     def _velocity_rows(self, method, stage):
         """Per step, the velocity k = alpha * x_stage + beta * prediction at the stage's time;
@@ -466,7 +475,9 @@ class Sampler:
     def __call__(self, x_init, uncond_kwargs=None, sample_ids=None, **model_kwargs):
         """Sample from x_init ([B, ...] noise, or data with a reversed grid). Returns the final
         state in x_init's dtype (and the [N + 1, ...] intermediates if asked). sample_ids ([B]
-        integers, default 0..B-1) name the samples for the stochastic sampler's noise."""
+        integers, default 0..B-1) name the samples for the stochastic sampler's noise. The
+        other keyword arguments are the model's (so it cannot take one named x_init,
+        uncond_kwargs or sample_ids)."""
         if (not isinstance(x_init, torch.Tensor) or x_init.dtype not in FLOAT_DTYPES
                 or x_init.dim() < 1):
             raise TypeError(f"x_init: expected a float tensor [B, ...] (float32, float64, bfloat16 "
@@ -526,7 +537,8 @@ class Sampler:
         layout = _Layout(x_init)
         launch = layout.launcher(_ops.affine_out_launcher(x_init.device, mixed_dtypes=True))
         # fp32 tables read streams of at most fp32: an fp64 output is narrowed to them.
-        narrow = torch.float64 not in (x_init.dtype, state_dtype)
+        math = _ops.math_dtype(x_init.dtype, state_dtype)
+        narrow = math != torch.float64
         # Every buffer in x_init's layout (empty_like keeps it), so a channels_last model
         # reads and returns channels_last tensors that the passes stream as they are.
         buf = {"x": layout.empty(x_init.shape, state_dtype).copy_(x_init)}
@@ -544,7 +556,11 @@ class Sampler:
                 for p in passes:
                     for name in p.outputs:
                         if name[0] == "K" and name not in buf:
-                            buf[name] = torch.empty_like(buf["x"])
+                            # Kcur, split off a pass too wide for the kernel, in the tables'
+                            # type: the two passes then round as the one would (and a pass of
+                            # fp32 streams alone would refuse fp64 tables).
+                            buf[name] = torch.empty_like(buf["x"], dtype=math if name == "Kcur"
+                                                         else None)
         steps = len(self.grid) - 1
         if self.stochastic:
             ids = _sample_ids(sample_ids, batch, x_init.device)
@@ -749,21 +765,6 @@ def _add(combo, term, scale):
     for name, coeff in term.items():
         current = combo.setdefault(name, [0.0] * len(scale))
         combo[name] = [cur + s * c for cur, s, c in zip(current, scale, coeff)]
-
-
-def _substitute(combo, k):
-    """combo with the velocity k's terms replaced by the stored stream Kcur. Every combo that
-    mentions k does so as a multiple: recover the multiple from any of k's streams."""
-    probe = next(name for name in k if name[0] == "P")   # prediction streams appear only in k
-    if probe not in combo:
-        return combo
-    factor = [c / kc if kc else 0.0 for c, kc in zip(combo[probe], k[probe])]
-    rest = {name: coeff for name, coeff in combo.items() if name not in k}
-    # x may be both in k (stage 0, non-velocity prediction) and in the combo on its own.
-    if "x" in k and "x" in combo:
-        rest["x"] = [c - f * kc for c, f, kc in zip(combo["x"], factor, k["x"])]
-    rest["Kcur"] = factor
-    return rest
 
 
 def _sample_ids(ids, batch, device):

@@ -364,6 +364,25 @@ def test_a_model_that_returns_its_input(options):
         assert _scaled_error(got, want) < 1e-6
 
 
+@pytest.mark.parametrize("x_dtype, state_dtype, out_dtype", [
+    (torch.float64, torch.float32, torch.float32), (torch.float64, torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.bfloat16, torch.float32), (torch.float64, torch.float32, torch.bfloat16)])
+def test_a_split_pass_with_a_state_narrower_than_its_tables(x_dtype, state_dtype, out_dtype):
+    # Guided rk4_38 stages read more streams than one pass takes: the velocity is stored first
+    # (Kcur). With fp64 x_init, an fp32 state and an fp32 model, that pass read and wrote fp32
+    # streams alone and refused the fp64 tables ("coeffs must be Float for Float streams").
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(4, 3, generator=g).to(x_dtype) for _ in range(2))
+    model = lambda x, t, y: (y.to(out_dtype) - x.to(out_dtype)) * (1 + t[:, None].to(out_dtype))  # noqa: E731
+    grid = [0.0, 0.3, 0.7, 1.0]
+    options = dict(method="rk4_38", guidance_scale=2.0, uncond_kwargs={"y": torch.zeros_like(y)},
+                   model_kwargs={"y": y}, state_dtype=state_dtype)
+    out = fastflow.sample(model, x, time_grid=grid, **options)
+    ref = reference.sample(model, x, grid, **options)
+    assert out.dtype == x_dtype
+    assert _scaled_error(out, ref) < (1e-6 if state_dtype == torch.float32 else 2 ** -6)
+
+
 def test_the_model_gets_times_in_the_type_of_its_input():
     # A float64 state beside a float32 model: t is float32, like x (a Linear on t needs it).
     seen = []
@@ -475,6 +494,9 @@ def test_bad_input():
         (dict(steps=4, time_scale=-1.0), ValueError, "time_scale: expected a finite positive"),
         (dict(steps=4, guidance_scale=2.0, guidance_interval=0.5), ValueError,
          r"guidance_interval: expected \(t_lo, t_hi\), got 0.5"),
+        # Without a scale the interval went unread, and unchecked.
+        (dict(steps=4, guidance_interval=(0.8, 0.2)), ValueError, "guidance_interval"),
+        (dict(steps=4, guidance_interval="ab"), ValueError, "guidance_interval: expected"),
         (dict(steps=4, guidance_scale="3"), ValueError, "guidance_scale: expected a real number"),
         (dict(steps=4, guidance_scale=1 + 2j), ValueError, "guidance_scale: expected a real"),
         (dict(steps=4, guidance_scale=torch.tensor([])), ValueError, "guidance_scale: expected"),
@@ -502,6 +524,9 @@ def test_bad_input():
         fastflow.sample(model, x0, steps=2, guidance_scale=2.0)
     with pytest.raises(TypeError, match="model_kwargs: expected a dict .* got list"):
         fastflow.sample(model, x0, steps=2, model_kwargs=[1])
+    with pytest.raises(ValueError, match="model_kwargs: 'sample_ids' is an argument of the "
+                                         "sampler itself"):   # was "got multiple values"
+        fastflow.sample(model, x0, steps=2, model_kwargs={"sample_ids": 1})
     with pytest.raises(TypeError, match="uncond_kwargs: expected a dict .* got tuple"):
         fastflow.sample(model, x0, steps=2, guidance_scale=2.0, uncond_kwargs=())
     with pytest.raises(ValueError, match=r"model: expected an output of shape \(4, 2\)"):
