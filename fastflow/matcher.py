@@ -16,7 +16,8 @@ from . import _ops
 from ._checks import batch_time, check_stream, path_inputs, real_number
 from .conversions import _check_kind
 from .losses import flow_matching_loss, target_coefficients
-from .paths import ConstantNoise, Path, SchrodingerBridge, TargetCFM, coefficients, get_path
+from .paths import (AffinePath, ConstantNoise, Path, SchrodingerBridge, TargetCFM, coefficients,
+                    get_path)
 
 TIME_SAMPLERS = ("uniform", "logit_normal")
 
@@ -74,6 +75,9 @@ class FlowMatcher:
                  logit_mean=0.0, logit_std=1.0):
         self.path = _resolve_path(path, None if sigma is None else real_number(sigma, "sigma"))
         _check_kind(prediction, "prediction")
+        if prediction == "score" and not isinstance(self.path, AffinePath):   # not at the first step
+            raise TypeError(f"prediction: 'score' needs an affine path (alpha_t, sigma_t), got "
+                            f"{self.path!r}")
         self.prediction = prediction
         if not callable(time_sampler) and time_sampler not in TIME_SAMPLERS:
             raise ValueError(f"time_sampler: expected one of {', '.join(map(repr, TIME_SAMPLERS))} "
@@ -85,7 +89,8 @@ class FlowMatcher:
         self.time_sampler = time_sampler
 
     def sample_t(self, batch, device, generator=None):
-        """One time per sample, [batch] fp32 on `device`."""
+        """One time per sample, [batch] on `device` in torch's default float type (fp32 unless
+        changed), or what a callable time_sampler returns."""
         if callable(self.time_sampler):
             return self.time_sampler(batch, device, generator)
         if self.time_sampler == "uniform":
@@ -126,7 +131,8 @@ class FlowMatcher:
         torch.autocast: its output may be of another float type than x1 (see
         ``flow_matching_loss`` for the loss's type). generator: the torch.Generator of the
         draws; reduction ("mean", "sum" or "none") and weight (one per sample) as in
-        ``flow_matching_loss``."""
+        ``flow_matching_loss``. The other keyword arguments are the model's (so it cannot take
+        one named like these)."""
         x0, t, noise = self._draw(x1, x0, t, generator)
         inputs, times = path_inputs(self.path, x0, x1, noise), batch_time(t, x1, keep_type=True)
         backend = _ops.direct_backend((*inputs, times))
