@@ -12,7 +12,7 @@
     fastflow::affine_sqnorm(Tensor[] inputs, Tensor coeffs) -> Tensor
         sq[g] = sum_i r[g, i]^2 with r = affine(inputs, coeffs) (one output), never written:
         the reduction of the fused losses
-    fastflow::sinusoid(Tensor t, Tensor freqs, float scale, bool cos_first, int dim,
+    fastflow::sinusoid(Tensor t, Tensor freqs, float scale, bool cos_first, SymInt dim,
                        ScalarType dtype) -> Tensor
         out[b] = [sin a, cos a] (or [cos a, sin a]) with a = (t[b] * freqs) * scale, [B, dim],
         dim = 2H or 2H + 1 (a zero last column): every sinusoidal time embedding
@@ -51,7 +51,7 @@ _lib.define("affine(Tensor[] inputs, Tensor coeffs) -> Tensor[]")
 _lib.define("affine_out(Tensor[] inputs, Tensor coeffs, Tensor(a!)[] out) -> ()")
 _lib.define("affine_dot(Tensor[] a, Tensor[] b, SymInt groups) -> Tensor")
 _lib.define("affine_sqnorm(Tensor[] inputs, Tensor coeffs) -> Tensor")
-_lib.define("sinusoid(Tensor t, Tensor freqs, float scale, bool cos_first, int dim, "
+_lib.define("sinusoid(Tensor t, Tensor freqs, float scale, bool cos_first, SymInt dim, "
             "ScalarType dtype) -> Tensor")
 _lib.define("sinusoid_backward(Tensor grad, Tensor t, Tensor freqs, float scale, bool cos_first, "
             "bool t_grad, bool freqs_grad) -> (Tensor, Tensor)")

@@ -268,6 +268,24 @@ def test_compiled_with_dynamic_shapes():
         torch.testing.assert_close(compiled(t, 2.0), embed(t, 2.0))
 
 
+def test_a_dynamic_fourier_width_compiles_once():
+    # The op took its width as an int, which specialised it: a recompile per width of W.
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fastflow.fourier_embedding, fullgraph=True, dynamic=True,
+                             backend=counter)
+    frames = []
+    for width in (6, 10, 7):
+        t, W = torch.rand(5, requires_grad=True), torch.randn(width, requires_grad=True)
+        got, want = compiled(t, W), reference.fourier_embedding(t, W)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(torch.autograd.grad(got.sum(), (t, W)),
+                                   torch.autograd.grad(want.sum(), (t, W)))
+        frames.append(counter.frame_count)
+    assert frames[1:] == frames[:1] * 2, frames
+
+
 def test_timestep_embedder_on_meta_tensors():
     # It asked whether autocast was on for the meta device, which has none (a RuntimeError).
     out = TimestepEmbedder(32, 16).to("meta")(torch.rand(3, device="meta"))
