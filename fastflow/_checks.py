@@ -19,6 +19,8 @@ def check_stream(x, name):
                         f"got {x.dtype}")
     if x.dim() == 0:
         raise ValueError(f"{name}: expected a tensor with a batch dimension, got a 0-d tensor")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name}: expected a dense tensor, got a {x.layout} one (x.to_dense())")
 
 
 def check_like(x, ref, name, ref_name):
@@ -156,6 +158,21 @@ def real_number(value, name, why="it is taken as a constant (no gradient would r
     if not -math.inf < value < math.inf:
         raise ValueError(f"{name} must be finite, got {value}")
     return float(value)
+
+
+def as_device(device, name="device"):
+    """None, or `device` (a torch.device, a string such as "cuda:0", or an index) as a
+    torch.device. Checked first because ``Tensor.to(device)`` also takes a dtype or a tensor,
+    and would then convert the values instead of moving them."""
+    if device is None or isinstance(device, torch.device):
+        return device
+    if isinstance(device, (str, int)) and not isinstance(device, bool):
+        try:
+            return torch.device(device)
+        except RuntimeError as err:
+            raise ValueError(f"{name}: {err}") from None
+    raise TypeError(f"{name}: expected a torch.device or a string such as 'cuda', got "
+                    f"{describe(device)}")
 
 
 def check_positive(x, name):

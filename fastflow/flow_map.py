@@ -38,6 +38,10 @@ def flow_map_loss(model, x0, x1, t, s=None, u=None, path=None, match_weight=1.0,
         >>> loss = fastflow.flow_map_loss(phi, x0, x1, torch.rand(B))
         >>> loss.backward()
     """
+    if not callable(model):
+        raise TypeError(f"model: expected a callable model(x, s, t), got {type(model).__name__}")
+    if t is None:
+        raise TypeError("t: expected a float or a tensor (the target time of the jumps), got None")
     path = get_path(path)
     if not isinstance(path, AffinePath):
         raise TypeError(f"path: flow-map matching needs an affine path, got {path!r}")
@@ -141,6 +145,8 @@ def sample_flow_map(model, x_init, steps=None, time_grid=None, **model_kwargs):
     """
     from .sampling import _host_grid
 
+    if not callable(model):
+        raise TypeError(f"model: expected a callable model(x, s, t), got {type(model).__name__}")
     if not isinstance(x_init, torch.Tensor) or x_init.dtype not in FLOAT_DTYPES or x_init.dim() < 1:
         raise TypeError(f"x_init: expected a float tensor [B, ...] (float32, float64, bfloat16 or "
                         f"float16), got {describe(x_init)}")
@@ -155,11 +161,12 @@ def sample_flow_map(model, x_init, steps=None, time_grid=None, **model_kwargs):
     x = x_init
     for i in range(len(grid) - 1):
         x = model(x, times[i].expand(batch), times[i + 1].expand(batch), **model_kwargs)
-        if not isinstance(x, torch.Tensor) or x.shape != x_init.shape or x.dtype != x_init.dtype:
-            got = (f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor)
-                   else type(x).__name__)
+        if (not isinstance(x, torch.Tensor) or x.shape != x_init.shape or x.dtype != x_init.dtype
+                or x.device != x_init.device or x.layout != x_init.layout):
+            got = (f"a {x.layout} {x.dtype} of shape {tuple(x.shape)} on {x.device}"
+                   if isinstance(x, torch.Tensor) else type(x).__name__)
             raise ValueError(f"model: expected the map to return a {x_init.dtype} tensor of shape "
-                             f"{tuple(x_init.shape)} (like x_init), got {got}")
+                             f"{tuple(x_init.shape)} on {x_init.device} (like x_init), got {got}")
     if times._version != version:   # a batch of one's times are writable views of the cache
         _times.clear()
         raise RuntimeError("model: it modified its s or t in place (t.mul_(1000), ...), and "

@@ -133,6 +133,8 @@ class FlowMatcher:
         draws; reduction ("mean", "sum" or "none") and weight (one per sample) as in
         ``flow_matching_loss``. The other keyword arguments are the model's (so it cannot take
         one named like these)."""
+        if not callable(model):
+            raise TypeError(f"model: expected a callable model(x_t, t), got {type(model).__name__}")
         x0, t, noise = self._draw(x1, x0, t, generator)
         inputs, times = path_inputs(self.path, x0, x1, noise), batch_time(t, x1, keep_type=True)
         backend = _ops.direct_backend((*inputs, times))

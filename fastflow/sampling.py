@@ -847,6 +847,8 @@ def _checked(out, shape, narrow, model_input):
     if out.device != model_input.device:
         raise ValueError(f"model: expected an output on {model_input.device} (its input's "
                          f"device), got {out.device}")
+    if out.layout != torch.strided:
+        raise TypeError(f"model: expected a dense output, got a {out.layout} one")
     if narrow and out.dtype == torch.float64:
         out = out.float()
     elif out.untyped_storage().data_ptr() == model_input.untyped_storage().data_ptr():

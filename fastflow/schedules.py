@@ -42,6 +42,8 @@ import numbers
 import numpy as np
 import torch
 
+from ._checks import as_device
+
 __all__ = ["calculate_shift", "flow_match_sigmas", "time_grid", "uniform_time_grid"]
 
 TIME_SHIFT_TYPES = ("exponential", "linear")
@@ -133,6 +135,7 @@ def flow_match_sigmas(num_steps=None, *, sigmas=None, mu=None, num_train_timeste
         configs (increasing to a final 1 with ``invert_sigmas``).
     """
     # Argument checks, with the scheduler's own errors where it has one.
+    device = as_device(device)
     unknown = sorted(name for name in config_metadata if not name.startswith("_"))
     if unknown:
         raise TypeError(f"flow_match_sigmas() got an unexpected keyword argument {unknown[0]!r}")

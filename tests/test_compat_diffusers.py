@@ -563,6 +563,11 @@ def test_bad_input_errors():
         for s in (orig, fast):
             with pytest.raises(ValueError, match="integer indices"):
                 s.step(x, bad, x)
+    # The original passes device to Tensor.to, which also takes a dtype and converts: it
+    # raises for the dtype (a TypeError) and takes a tensor's dtype; here both raise.
+    for not_a_device in (torch.float16, x):
+        with pytest.raises(TypeError, match="device: expected a torch.device"):
+            fast.set_timesteps(4, device=not_a_device)
     for s in (orig, fast):  # shapes that do not broadcast: the original's error
         with pytest.raises(RuntimeError):
             s.step(torch.randn(3, 4), s.timesteps[0], torch.randn(2, 4))

@@ -275,6 +275,10 @@ def test_bad_input_raises_clear_errors():
         fm.compute_mu_t([1.0], x1, torch.rand(4))
     with pytest.raises(RuntimeError):  # torchcfm's own failure: no normal draw for integers
         fm.sample_location_and_conditional_flow(x0.long(), x1.long())
+    # A meta t made TargetCFM's in-place division a no-op: u_t without its division.
+    with pytest.raises(ValueError, match="t: expected a tensor on cpu"):
+        compat.TargetConditionalFlowMatcher(0.5).compute_conditional_flow(
+            x0, x1, torch.full((4,), 0.5, device="meta"), x1)
     for sigma in (0, -1.0):
         with pytest.raises(ValueError, match="strictly positive"):
             compat.SchrodingerBridgeConditionalFlowMatcher(sigma=sigma)

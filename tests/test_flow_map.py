@@ -119,6 +119,10 @@ def test_term_weights_are_numbers_or_tensors():
         fastflow.flow_map_loss(phi, x0, x1, t, match_weight="1")
     with pytest.raises(ValueError, match="identity_weight must be finite"):
         fastflow.flow_map_loss(phi, x0, x1, t, identity_weight=float("nan"))
+    with pytest.raises(TypeError, match="t: expected a float or a tensor"):
+        fastflow.flow_map_loss(phi, x0, x1, None)   # a zeros_like error from inside before
+    with pytest.raises(TypeError, match="model: expected a callable"):
+        fastflow.flow_map_loss("phi", x0, x1, t)
     # A [B, 1] weight broadcast the [B] terms to [B, B] (its mean the product of the means).
     for shape in ((4, 1), (1, 4), (3,)):
         with pytest.raises(ValueError, match=r"match_weight: expected .* shape \[4\]"):

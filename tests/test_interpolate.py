@@ -397,6 +397,11 @@ class TestBadInput:
         with pytest.raises(ValueError, match="x0: expected a tensor on cpu"):
             fastflow.interpolate(torch.randn(2, 3, device="meta"), torch.randn(2, 3), 0.5)
 
+    def test_sparse_data(self):   # a storage error from the kernel before
+        x = torch.randn(2, 3).to_sparse()
+        with pytest.raises(TypeError, match="x1: expected a dense tensor, got a torch.sparse_coo"):
+            fastflow.interpolate(x, x, 0.5)
+
     @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
     def test_non_float_data(self, dtype):
         x = torch.zeros(2, 3, dtype=dtype)

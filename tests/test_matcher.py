@@ -163,6 +163,8 @@ def test_bad_arguments():
         fastflow.FlowMatcher(prediction="x0")
     with pytest.raises(ValueError, match="logit_std: must be positive"):
         fastflow.FlowMatcher(logit_std=0.0)
+    with pytest.raises(TypeError, match="model: expected a callable"):
+        fastflow.FlowMatcher().loss(None, torch.randn(3, 6))
     for path, sigma in (("schrodinger_bridge", None), ("cond_ot", 0.1)):   # at construction,
         with pytest.raises(TypeError, match="'score' needs an affine path"):   # not the first step
             fastflow.FlowMatcher(path, prediction="score", sigma=sigma)

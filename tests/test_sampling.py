@@ -815,8 +815,16 @@ def test_flow_map_sampler_composes_jumps():
     with pytest.raises(ValueError, match="model: expected the map to return"):
         fastflow.sample_flow_map(lambda x, s, t: x[:, :1], x0)
     with pytest.raises(ValueError, match=r"model: expected the map to return a torch.float32 "
-                                         r"tensor .* got torch.float64"):
+                                         r"tensor .* got a torch.strided torch.float64"):
         fastflow.sample_flow_map(lambda x, s, t: x.double(), x0)
+    # A map's output on another device (meta here) or sparse was returned as it was.
+    for wrong in (lambda x, s, t: torch.empty_like(x, device="meta"), lambda x, s, t: x.to_sparse()):
+        with pytest.raises(ValueError, match="model: expected the map to return .* on cpu"):
+            fastflow.sample_flow_map(wrong, x0)
+    with pytest.raises(TypeError, match="model: expected a callable"):
+        fastflow.sample_flow_map(3, x0)
+    with pytest.raises(TypeError, match="model: expected a dense output, got a torch.sparse_coo"):
+        fastflow.sample(lambda x, t: x.to_sparse(), x0, steps=2)   # a storage error before
     for dtype in (torch.int64, torch.float8_e4m3fn):
         with pytest.raises(TypeError, match=f"x_init: expected a float tensor .* got a {dtype}"):
             fastflow.sample_flow_map(phi, torch.zeros(2, 3).to(dtype))

@@ -273,6 +273,10 @@ def test_invert_sigmas_counts_up():
 def test_device_and_grids():
     assert flow_match_sigmas(4, device="cpu").device.type == "cpu"
     assert flow_match_sigmas(4, device="meta").device.type == "meta"
+    # Tensor.to took a dtype or a tensor as well, and converted: fp16 or bool "sigmas".
+    for not_a_device in (torch.float16, True, torch.zeros(2)):
+        with pytest.raises(TypeError, match="device: expected a torch.device or a string"):
+            flow_match_sigmas(4, device=not_a_device)
     assert torch.equal(uniform_time_grid(4), torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))
     assert uniform_time_grid(3, dtype=torch.float64).dtype == torch.float64
     assert time_grid([1.0, 0.5, 0.0]).tolist() == [0.0, 0.5, 1.0]

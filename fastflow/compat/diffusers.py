@@ -72,6 +72,7 @@ from diffusers.models import embeddings as _diffusers_embeddings  # noqa: E402
 from diffusers.schedulers import scheduling_flow_match_euler_discrete as _diffusers_fm  # noqa: E402
 
 from .. import _ops  # noqa: E402
+from .._checks import as_device  # noqa: E402
 from ..embeddings import timestep_embedding as _timestep_embedding  # noqa: E402
 
 FlowMatchEulerDiscreteSchedulerOutput = _diffusers_fm.FlowMatchEulerDiscreteSchedulerOutput
@@ -124,6 +125,7 @@ class FlowMatchEulerDiscreteScheduler(_diffusers_fm.FlowMatchEulerDiscreteSchedu
         """The original's ``set_timesteps`` (same arguments, same ``.sigmas`` / ``.timesteps``
         bits), computed on the CPU and then moved to ``device``; the host keeps a copy of the
         timestep lookup so that ``step`` never has to read the device."""
+        device = as_device(device)   # Tensor.to would also take a dtype, and convert
         super().set_timesteps(num_inference_steps, device=None, sigmas=sigmas, mu=mu,
                               timesteps=timesteps)
         self._remember_timesteps(self.timesteps)

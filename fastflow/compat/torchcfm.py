@@ -321,6 +321,10 @@ class TargetConditionalFlowMatcher(ConditionalFlowMatcher):
         del x0
         t = pad_t_like_x(t, x1)
         (num,) = _fused({"x1": x1, "xt": xt}, [{"x1": 1, "xt": -(1 - self.sigma)}])
+        if isinstance(t, torch.Tensor) and t.device != num.device:
+            # A meta t made the in-place division below a silent no-op.
+            raise ValueError(f"t: expected a tensor on {num.device} (the device of x1), got "
+                             f"{t.device}")
         sigma_t = 1 - (1 - self.sigma) * t
         # In place where the quotient keeps num's dtype (fp64 t would promote, as in torchcfm).
         if isinstance(sigma_t, torch.Tensor) and torch.result_type(num, sigma_t) == num.dtype:
