@@ -4,8 +4,8 @@ intermediates, callbacks, capture; bad input."""
 import math
 
 import pytest
-from hypothesis import given, settings, strategies as st
 import torch
+from hypothesis import given, settings, strategies as st
 
 import fastflow
 from conftest import bits_equal

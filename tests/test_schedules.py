@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from fastflow import schedules
 from fastflow.schedules import calculate_shift, flow_match_sigmas, time_grid, uniform_time_grid
@@ -147,6 +148,30 @@ def test_configs_whose_sigmas_are_nan_are_refused(scheduler_cls, config):
     assert scheduler.sigmas.isnan().any()
     with pytest.raises(ValueError, match="sigmas of this config are NaN from step 0"):
         flow_match_sigmas(4, mu=mu, **config)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@settings(max_examples=100, deadline=None)
+@given(num_steps=st.integers(1, 60), explicit=st.booleans(), shift=st.floats(0.25, 8.0),
+       dynamic=st.booleans(), mu=st.floats(0.05, 3.0), linear=st.booleans(),
+       terminal=st.one_of(st.none(), st.floats(0.0, 0.5)), respacing=st.sampled_from(RESPACINGS),
+       invert=st.booleans(), num_train_timesteps=st.sampled_from([1, 100, 1000]))
+def test_random_configs_match_diffusers(scheduler_cls, num_steps, explicit, shift, dynamic, mu,
+                                        linear, terminal, respacing, invert, num_train_timesteps):
+    config = _configs(respacing, invert, terminal, shift=shift, use_dynamic_shifting=dynamic,
+                      time_shift_type="linear" if linear else "exponential",
+                      num_train_timesteps=num_train_timesteps)
+    if respacing == "use_beta_sigmas":
+        pytest.importorskip("scipy")
+    sigmas, mu = (_flux_sigmas(num_steps) if explicit else None), (mu if dynamic else None)
+    scheduler = scheduler_cls(**config)
+    scheduler.set_timesteps(num_steps, sigmas=sigmas, mu=mu)
+    if scheduler.sigmas.isnan().any():   # a stretch of a last sigma of 1, say
+        with pytest.raises(ValueError):
+            flow_match_sigmas(num_steps, sigmas=sigmas, mu=mu, **config)
+    else:
+        assert torch.equal(flow_match_sigmas(num_steps, sigmas=sigmas, mu=mu, **config),
+                           scheduler.sigmas)
 
 
 def test_shift_terminal_one_step(scheduler_cls):
