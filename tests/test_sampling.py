@@ -71,7 +71,7 @@ def test_matches_reference_loop(backend, method, prediction, convention):
         assert _scaled_error(out, ref) < tol, name
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True)   # the same draws in every CI run
 @given(method=st.sampled_from(METHODS), guidance=st.sampled_from(list(GUIDANCE)),
        prediction=st.sampled_from(["velocity", "epsilon", "data", "score"]),
        path=st.sampled_from(["cond_ot", "cosine", "vp", "linear_vp"]),

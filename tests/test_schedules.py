@@ -151,7 +151,7 @@ def test_configs_whose_sigmas_are_nan_are_refused(scheduler_cls, config):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, derandomize=True)   # the same draws in every CI run
 @given(num_steps=st.integers(1, 60), explicit=st.booleans(), shift=st.floats(0.25, 8.0),
        dynamic=st.booleans(), mu=st.floats(0.05, 3.0), linear=st.booleans(),
        terminal=st.one_of(st.none(), st.floats(0.0, 0.5)), respacing=st.sampled_from(RESPACINGS),
