@@ -160,6 +160,12 @@ def real_number(value, name, why="it is taken as a constant (no gradient would r
     return float(value)
 
 
+def check_callable(value, name, signature):
+    """`value` is callable, as `signature` (e.g. "model(x, t)") says it is called."""
+    if not callable(value):
+        raise TypeError(f"{name}: expected a callable {signature}, got {type(value).__name__}")
+
+
 def as_device(device, name="device"):
     """None, or `device` (a torch.device, a string such as "cuda:0", or an index) as a
     torch.device. Checked first because ``Tensor.to(device)`` also takes a dtype or a tensor,

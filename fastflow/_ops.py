@@ -619,13 +619,14 @@ def sqnorm_gradients(coeffs, xs, grad, input_needs_grad, coeffs_needs_grad):
     grad_inputs = _mixed(xs, row[:, :, None] * scaled[:, None, :], input_needs_grad)  # [G, K, K]
     grad_coeffs = None
     if coeffs_needs_grad:
-        gram = affine_dot(xs, xs, coeffs.shape[0])  # [G, K, K]
-        # Elementwise, not einsum: under autocast a matrix product would run in 16 bits.
-        grad_coeffs = (gram * scaled[:, :, None]).sum(1)[:, None, :]
         if xs[0].numel() == 0:
             # Groups without elements: a mean's g is then inf and the Gram matrix 0, whose
             # product would be NaN where the sum over no elements is 0.
-            grad_coeffs = torch.zeros_like(grad_coeffs)
+            grad_coeffs = torch.zeros_like(coeffs)
+        else:
+            gram = affine_dot(xs, xs, coeffs.shape[0])  # [G, K, K]
+            # Elementwise, not einsum: under autocast a matrix product would run in 16 bits.
+            grad_coeffs = (gram * scaled[:, :, None]).sum(1)[:, None, :]
     return grad_inputs, grad_coeffs
 
 

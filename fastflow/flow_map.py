@@ -10,8 +10,8 @@ built inside it, never materialised) and the total is their weighted sum.
 import torch
 
 from . import _ops
-from ._checks import (FLOAT_DTYPES, batch_time, check_like, describe, path_inputs,
-                      real_number)
+from ._checks import (FLOAT_DTYPES, batch_time, check_callable, check_like, describe,
+                      path_inputs, real_number)
 from .losses import check_reduction
 from .paths import AffinePath, coefficients, get_path
 
@@ -38,10 +38,7 @@ def flow_map_loss(model, x0, x1, t, s=None, u=None, path=None, match_weight=1.0,
         >>> loss = fastflow.flow_map_loss(phi, x0, x1, torch.rand(B))
         >>> loss.backward()
     """
-    if not callable(model):
-        raise TypeError(f"model: expected a callable model(x, s, t), got {type(model).__name__}")
-    if t is None:
-        raise TypeError("t: expected a float or a tensor (the target time of the jumps), got None")
+    check_callable(model, "model", "model(x, s, t)")
     path = get_path(path)
     if not isinstance(path, AffinePath):
         raise TypeError(f"path: flow-map matching needs an affine path, got {path!r}")
@@ -52,11 +49,9 @@ def flow_map_loss(model, x0, x1, t, s=None, u=None, path=None, match_weight=1.0,
         _term_weight(w, name, x1) for w, name in ((match_weight, "match_weight"),
                                                   (consistency_weight, "consistency_weight"),
                                                   (identity_weight, "identity_weight")))
-    times = {name: (batch_time(v, x1, name).expand(batch) if v is not None else None)
-             for name, v in (("t", t), ("s", s), ("u", u))}
-    t = times["t"]
-    s = times["s"] if times["s"] is not None else torch.zeros_like(t)
-    u = times["u"] if times["u"] is not None else (s + t) / 2
+    t = batch_time(t, x1).expand(batch)
+    s = batch_time(s, x1, "s").expand(batch) if s is not None else torch.zeros_like(t)
+    u = batch_time(u, x1, "u").expand(batch) if u is not None else (s + t) / 2
     model_t, model_s, model_u = (v.to(torch.float32 if x1.dtype != torch.float64 else x1.dtype)
                                  for v in (t, s, u))
 
@@ -145,8 +140,7 @@ def sample_flow_map(model, x_init, steps=None, time_grid=None, **model_kwargs):
     """
     from .sampling import _host_grid
 
-    if not callable(model):
-        raise TypeError(f"model: expected a callable model(x, s, t), got {type(model).__name__}")
+    check_callable(model, "model", "model(x, s, t)")
     if not isinstance(x_init, torch.Tensor) or x_init.dtype not in FLOAT_DTYPES or x_init.dim() < 1:
         raise TypeError(f"x_init: expected a float tensor [B, ...] (float32, float64, bfloat16 or "
                         f"float16), got {describe(x_init)}")

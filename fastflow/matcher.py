@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 from . import _ops
-from ._checks import batch_time, check_stream, path_inputs, real_number
+from ._checks import batch_time, check_callable, check_stream, path_inputs, real_number
 from .conversions import _check_kind
 from .losses import flow_matching_loss, target_coefficients
 from .paths import (AffinePath, ConstantNoise, Path, SchrodingerBridge, TargetCFM, coefficients,
@@ -133,8 +133,7 @@ class FlowMatcher:
         draws; reduction ("mean", "sum" or "none") and weight (one per sample) as in
         ``flow_matching_loss``. The other keyword arguments are the model's (so it cannot take
         one named like these)."""
-        if not callable(model):
-            raise TypeError(f"model: expected a callable model(x_t, t), got {type(model).__name__}")
+        check_callable(model, "model", "model(x_t, t)")
         x0, t, noise = self._draw(x1, x0, t, generator)
         inputs, times = path_inputs(self.path, x0, x1, noise), batch_time(t, x1, keep_type=True)
         backend = _ops.direct_backend((*inputs, times))

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from . import _noise, _ops
-from ._checks import FLOAT_DTYPES, check_positive, describe, is_integer
+from ._checks import FLOAT_DTYPES, check_callable, check_positive, describe, is_integer
 from ._tableaus import TABLEAUS
 from .conversions import DIVISOR_EPS, KINDS, conversion_coefficients
 from .paths import AffinePath, get_path, value_key
@@ -171,9 +171,7 @@ class Sampler:
                  zero_init_steps=0, doubled_batch=False, stochastic=False, noise_seed=0,
                  state_dtype=None, callback=None, callback_every=1, return_intermediates=False,
                  progress=False, capture=False):
-        if not callable(model):
-            raise TypeError(f"model: expected a callable model(x, t, **kwargs), got "
-                            f"{type(model).__name__}")
+        check_callable(model, "model", "model(x, t, **kwargs)")
         if not isinstance(method, str) or method not in TABLEAUS:
             raise ValueError(f"method: expected one of {', '.join(map(repr, METHODS))}, got "
                              f"{method!r}")
@@ -192,8 +190,8 @@ class Sampler:
                              f"{zero_init_steps!r}")
         if not is_integer(callback_every) or callback_every < 1:
             raise ValueError(f"callback_every: expected a positive integer, got {callback_every!r}")
-        if callback is not None and not callable(callback):
-            raise TypeError("callback: expected a callable callback(step, t, x)")
+        if callback is not None:
+            check_callable(callback, "callback", "callback(step, t, x)")
         if state_dtype is not None and state_dtype not in FLOAT_DTYPES:
             raise TypeError(f"state_dtype: expected None or one of "
                             f"{', '.join(map(str, FLOAT_DTYPES))}, got {state_dtype!r}")
